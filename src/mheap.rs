@@ -1,0 +1,897 @@
+//! The page heap (Go's `mheap`): hands out spans of whole pages.
+//!
+//! `alloc_span(npages, purpose, spanclass, align)` follows seed 003:
+//!
+//! 1. **Under the heap lock**, and only there: take a page run from the page allocator
+//!    (growing the heap by whole arenas if none fits) and take a span record from the
+//!    span-record fixalloc. Nothing else happens with the lock held.
+//! 2. **Without the lock**: re-commit any scavenged pages in the run, decide whether the
+//!    memory needs zeroing, fill in the span's fields, update the counters (one place
+//!    per direction, seed 004).
+//! 3. **Publish** without the lock, in this order (the publication protocol):
+//!    - the span map entries of every page (Release; readers Acquire);
+//!    - the span `state` (Release), the last of the span's own fields to be written;
+//!    - the `pageInUse` bit of the first page (atomic OR, Release; heap spans only);
+//!    - `pages_in_use` (atomic add, Release; heap spans only).
+//!
+//!    It is imperative that the span be completely initialised before the first of
+//!    these stores: from then on other threads can find it. A reader that loads a
+//!    pageInUse bit or `pages_in_use` with Acquire and then follows the span map sees
+//!    the span fully initialised and in state InUse.
+//!
+//! `free_span` mirrors it: unpublish (`pages_in_use`, `pageInUse`, `state` = Dead),
+//! update the counters, and under the lock give the pages back to the page allocator
+//! and the record back to the fixalloc. Span map entries are left pointing at the dead
+//! record; lock-free readers check `state`.
+//!
+//! Shared fields and what protects them:
+//!
+//! | field            | protection                                                         |
+//! |------------------|--------------------------------------------------------------------|
+//! | `locked`         | the heap lock (a futex lock that never allocates): page allocator, span-record fixalloc, growth hint |
+//! | `arenas`         | lock-free reads; new arenas inserted under the heap lock            |
+//! | `pages_in_use`   | atomic (seed 001); written by span publication/release              |
+//! | `stats.*`        | atomic (seed 000); written at span alloc/free/grow/resize           |
+//!
+//! Lock order: the heap lock is a leaf. Nothing is locked while holding it, and it is
+//! never taken by code that already holds it (no allocation happens under it: all
+//! metadata comes from the OS layer or from pages the heap takes for itself).
+
+use core::ptr::{self, NonNull};
+
+use crate::arena::{ArenaIndex, HeapArena, ARENA_SIZE};
+use crate::fixalloc::FixAlloc;
+use crate::mspan::{MSpan, Purpose, SpanInfo, SpanState};
+use crate::os::{MemSource, OsError, PAGE_SHIFT};
+use crate::pagealloc::PageAlloc;
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
+
+/// The largest span, in bytes; larger requests fail with null (2^46 = 64 TiB, half of a
+/// 47-bit user address space).
+pub(crate) const MAX_SPAN_BYTES: usize = 1 << 46;
+/// The largest alignment served; beyond it the address space cannot help.
+pub(crate) const MAX_ALIGN: usize = 1 << 46;
+/// Pages in one chunk of span records (64 KiB: 1,024 records of 64 bytes).
+const SPAN_CHUNK_PAGES: usize = 8;
+
+/// Everything the heap lock protects.
+pub(crate) struct Locked {
+    /// Free/allocated state of every heap page.
+    pages: PageAlloc,
+    /// Span records.
+    spanalloc: FixAlloc<MSpan>,
+    /// Where the next arena reservation is tried first (just past the last one), so
+    /// arenas stay contiguous.
+    hint: usize,
+}
+
+/// Heap counters (seed 000): atomics, updated outside the heap lock, in
+/// [`MHeap::account_alloc`] / [`MHeap::account_free`] / growth / resizing.
+///
+/// Invariants once no span operation is in flight:
+/// `heap_inuse + heap_idle == heap_sys`, `heap_released <= heap_idle`,
+/// `heap_sys + Σ manual purposes == arena bytes mapped`.
+pub(crate) struct HeapStats {
+    /// Bytes of arena memory obtained from the OS, less bytes lent to manual spans.
+    heap_sys: AtomicU64,
+    /// Bytes in free page runs (including released ones).
+    heap_idle: AtomicU64,
+    /// Idle bytes returned to the OS (Prepared pages in free runs).
+    heap_released: AtomicU64,
+    /// Bytes in live spans, per purpose. `by_purpose[Heap]` is Go's `heap_inuse`.
+    by_purpose: [AtomicU64; Purpose::COUNT],
+    /// Bytes of OS memory used for metadata outside the arenas (arena records, index).
+    meta_sys: AtomicU64,
+    /// Arena memory mapped, in bytes.
+    arena_bytes: AtomicU64,
+}
+
+impl HeapStats {
+    #[cfg(not(spanheap_loom))]
+    const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const Z: AtomicU64 = AtomicU64::new(0);
+        HeapStats {
+            heap_sys: Z,
+            heap_idle: Z,
+            heap_released: Z,
+            by_purpose: [Z; Purpose::COUNT],
+            meta_sys: Z,
+            arena_bytes: Z,
+        }
+    }
+    #[cfg(spanheap_loom)]
+    fn new() -> Self {
+        HeapStats {
+            heap_sys: AtomicU64::new(0),
+            heap_idle: AtomicU64::new(0),
+            heap_released: AtomicU64::new(0),
+            by_purpose: core::array::from_fn(|_| AtomicU64::new(0)),
+            meta_sys: AtomicU64::new(0),
+            arena_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+// Statistics are plain event counters: Relaxed everywhere, nothing is ordered by them.
+#[inline]
+fn add(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
+#[inline]
+fn sub(c: &AtomicU64, n: usize) {
+    c.fetch_sub(n as u64, Ordering::Relaxed);
+}
+
+/// A snapshot of the heap counters (not consistent while span operations are in flight).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapCounters {
+    pub heap_sys: u64,
+    pub heap_inuse: u64,
+    pub heap_idle: u64,
+    pub heap_released: u64,
+    /// Bytes in live spans per [`Purpose`] (index `Purpose as usize`).
+    pub by_purpose: [u64; Purpose::COUNT],
+    pub meta_sys: u64,
+    pub arena_bytes: u64,
+    /// Pages in live heap spans (Go's `pagesInUse`).
+    pub pages_in_use: u64,
+}
+
+pub(crate) struct MHeap<M: MemSource> {
+    /// Source of address space and memory-state transitions.
+    mem: M,
+    /// The heap lock and the state it protects.
+    locked: Mutex<Locked>,
+    /// Address -> arena record; lock-free reads.
+    pub(crate) arenas: ArenaIndex,
+    /// Pages in live heap spans (Go's `pagesInUse`). Atomic; updated after the pageInUse
+    /// bit on publication (Release) and before clearing it on release.
+    pages_in_use: AtomicUsize,
+    /// Heap counters, atomic.
+    stats: HeapStats,
+}
+
+impl<M: MemSource> MHeap<M> {
+    #[cfg(not(spanheap_loom))]
+    pub(crate) const fn new(mem: M) -> Self {
+        MHeap {
+            mem,
+            locked: Mutex::new(Locked {
+                pages: PageAlloc::new(),
+                spanalloc: FixAlloc::new(),
+                hint: 0,
+            }),
+            arenas: ArenaIndex::new(),
+            pages_in_use: AtomicUsize::new(0),
+            stats: HeapStats::new(),
+        }
+    }
+    #[cfg(spanheap_loom)]
+    pub(crate) fn new(mem: M) -> Self {
+        MHeap {
+            mem,
+            locked: Mutex::new(Locked {
+                pages: PageAlloc::new(),
+                spanalloc: FixAlloc::new(),
+                hint: 0,
+            }),
+            arenas: ArenaIndex::new(),
+            pages_in_use: AtomicUsize::new(0),
+            stats: HeapStats::new(),
+        }
+    }
+
+    /// Allocates a span of `npages` pages for `purpose`, its base aligned to
+    /// `max(align, PAGE_SIZE)` (`align` a power of two). Returns a fully initialised,
+    /// published span, or `None` if the request is impossible or memory is exhausted.
+    ///
+    /// The heap lock must not be held.
+    pub(crate) fn alloc_span(
+        &self,
+        npages: usize,
+        purpose: Purpose,
+        spanclass: u8,
+        align: usize,
+    ) -> Option<NonNull<MSpan>> {
+        if npages == 0 || npages > MAX_SPAN_BYTES >> PAGE_SHIFT || align > MAX_ALIGN {
+            return None;
+        }
+        let align_pages = (align >> PAGE_SHIFT).max(1);
+
+        // Step 1, under the lock: a span record and pages, nothing else. The record
+        // comes first so that a refill of the record chunk lands below the run rather
+        // than right after it, where it would block the run from growing in place.
+        let (base, scav, s) = self.locked.lock().with(|h| {
+            let s = self.span_record_locked(h)?;
+            match self.alloc_pages_locked(h, npages, align_pages) {
+                Some((base, scav)) => Some((base, scav, s)),
+                None => {
+                    // SAFETY: the record was just taken and never published.
+                    unsafe { h.spanalloc.free(s.as_ptr()) };
+                    None
+                }
+            }
+        })?;
+
+        // Steps 2 and 3, without the lock.
+        self.commit_run(base, npages, scav);
+        // SAFETY: `s` is a record nobody else can reach yet, and the pages are ours.
+        unsafe { self.init_and_publish(s, base, npages, purpose, spanclass, scav) };
+        Some(s)
+    }
+
+    /// Frees a span allocated by [`alloc_span`](Self::alloc_span).
+    ///
+    /// The heap lock must not be held.
+    ///
+    /// # Safety
+    /// `s` is a live span of this heap, and nobody uses its memory any more.
+    pub(crate) unsafe fn free_span(&self, s: NonNull<MSpan>) {
+        // SAFETY: the caller owns the live span, so its fields are stable and visible.
+        let span = unsafe { s.as_ref() };
+        let (base, npages) = (span.base(), span.npages());
+        // SAFETY: as above.
+        let info = unsafe { span.info() };
+        debug_assert_eq!(
+            span.state(),
+            if info.purpose.is_manual() {
+                SpanState::Manual
+            } else {
+                SpanState::InUse
+            }
+        );
+
+        // Unpublish, mirroring the publication order.
+        if !info.purpose.is_manual() {
+            // Release: pairs with readers' Acquire; see `init_and_publish`.
+            self.pages_in_use.fetch_sub(npages, Ordering::Release);
+            self.arenas.clear_in_use(base);
+        }
+        span.set_state(SpanState::Dead);
+        self.account_free(info.purpose, npages << PAGE_SHIFT);
+
+        // Under the lock: give back the pages and the record.
+        self.locked.lock().with(|h| {
+            h.pages.free(base, npages);
+            // SAFETY: the span is dead and unreachable except for validating readers.
+            unsafe { h.spanalloc.free(s.as_ptr()) };
+        });
+    }
+
+    /// Shrinks a live heap span in place to `new_npages` (>= 1) pages, freeing the tail.
+    ///
+    /// # Safety
+    /// `s` is a live heap span whose memory past `new_npages` pages nobody uses, and the
+    /// caller owns it (no concurrent resize or free).
+    pub(crate) unsafe fn shrink_span(&self, s: NonNull<MSpan>, new_npages: usize) {
+        // SAFETY: the caller owns the live span.
+        let span = unsafe { s.as_ref() };
+        let (base, old) = (span.base(), span.npages());
+        debug_assert!(new_npages >= 1 && new_npages < old);
+        let n = old - new_npages;
+        // The record stops covering the tail before the tail's pages become free.
+        span.npages.store(new_npages, Ordering::Relaxed);
+        self.pages_in_use.fetch_sub(n, Ordering::Release);
+        self.account_free(Purpose::Heap, n << PAGE_SHIFT);
+        self.locked
+            .lock()
+            .with(|h| h.pages.free(base + (new_npages << PAGE_SHIFT), n));
+    }
+
+    /// Grows a live heap span in place to `new_npages` pages if the pages after it are
+    /// free. Returns whether it did.
+    ///
+    /// # Safety
+    /// As for [`shrink_span`](Self::shrink_span).
+    pub(crate) unsafe fn grow_span_in_place(&self, s: NonNull<MSpan>, new_npages: usize) -> bool {
+        // SAFETY: the caller owns the live span.
+        let span = unsafe { s.as_ref() };
+        let (base, old) = (span.base(), span.npages());
+        debug_assert!(new_npages > old);
+        if new_npages > MAX_SPAN_BYTES >> PAGE_SHIFT {
+            return false;
+        }
+        let n = new_npages - old;
+        let end = base + (old << PAGE_SHIFT);
+        let scav = self.locked.lock().with(|h| {
+            if h.pages.is_free(end, n) {
+                Some(h.pages.alloc_range(end, n))
+            } else {
+                None
+            }
+        });
+        let Some(scav) = scav else { return false };
+        self.commit_run(end, n, scav);
+        // Record that these pages are being handed out (their contents do not matter:
+        // realloc makes no promise about the new bytes).
+        let _ = self.arenas.needs_zero(end, n);
+        self.account_alloc(Purpose::Heap, n << PAGE_SHIFT, scav);
+        self.arenas.set_spans(end, n, s.as_ptr());
+        span.npages.store(new_npages, Ordering::Relaxed);
+        self.pages_in_use.fetch_add(n, Ordering::Release);
+        true
+    }
+
+    /// The span-map entry for `addr`, without validation: for pointers the caller knows
+    /// are live blocks of this heap. Null if `addr` is outside the heap. Lock-free.
+    #[inline]
+    pub(crate) fn span_of_unchecked(&self, addr: usize) -> *mut MSpan {
+        match self.arenas.arena_of(addr) {
+            Some(a) => a.span_at(addr),
+            None => ptr::null_mut(),
+        }
+    }
+
+    /// The live span containing `addr`, or `None` if `addr` is not in a live span of this
+    /// heap ("not ours"). Lock-free; safe for any address, including foreign ones. For an
+    /// address whose span is being freed concurrently the answer is either.
+    pub(crate) fn span_of(&self, addr: usize) -> Option<NonNull<MSpan>> {
+        let s = NonNull::new(self.span_of_unchecked(addr))?;
+        // SAFETY: span-map entries always point to valid (possibly dead) records; span
+        // records are never unmapped.
+        let span = unsafe { s.as_ref() };
+        // Acquire (inside `state`) pairs with the Release in `init_and_publish`:
+        // base/npages read afterwards are those of the published span.
+        match span.state() {
+            SpanState::Dead => None,
+            _ if span.contains(addr) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether the pageInUse bit is set for the page at `addr`.
+    #[cfg(test)]
+    pub(crate) fn page_marked_in_use(&self, addr: usize) -> bool {
+        self.arenas.is_marked_in_use(addr)
+    }
+
+    /// A snapshot of the counters.
+    pub(crate) fn counters(&self) -> HeapCounters {
+        let st = &self.stats;
+        let mut by_purpose = [0u64; Purpose::COUNT];
+        for (d, c) in by_purpose.iter_mut().zip(st.by_purpose.iter()) {
+            *d = c.load(Ordering::Relaxed);
+        }
+        HeapCounters {
+            heap_sys: st.heap_sys.load(Ordering::Relaxed),
+            heap_inuse: by_purpose[Purpose::Heap as usize],
+            heap_idle: st.heap_idle.load(Ordering::Relaxed),
+            heap_released: st.heap_released.load(Ordering::Relaxed),
+            by_purpose,
+            meta_sys: st.meta_sys.load(Ordering::Relaxed),
+            arena_bytes: st.arena_bytes.load(Ordering::Relaxed),
+            pages_in_use: self.pages_in_use.load(Ordering::Acquire) as u64,
+        }
+    }
+
+    /// Page-allocator view, for tests: (free pages, scavenged free pages, span records in use).
+    #[cfg(test)]
+    pub(crate) fn page_state(&self) -> (usize, usize, usize) {
+        self.locked.lock().with(|h| {
+            (
+                h.pages.free_pages(),
+                h.pages.scavenged_pages(),
+                h.spanalloc.inuse(),
+            )
+        })
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Internals.
+    // ----------------------------------------------------------------------------------
+
+    /// Takes `npages` pages aligned to `align_pages` pages, growing the heap if needed.
+    /// Needs the heap lock (`h`).
+    fn alloc_pages_locked(
+        &self,
+        h: &mut Locked,
+        npages: usize,
+        align_pages: usize,
+    ) -> Option<(usize, usize)> {
+        let found = if align_pages > 1 {
+            h.pages.alloc_aligned(npages, align_pages)
+        } else {
+            h.pages.alloc(npages)
+        };
+        if found.is_some() {
+            return found;
+        }
+        let region = self.grow_locked(h, npages, align_pages).ok()?;
+        if align_pages > 1 {
+            // The new region was reserved with the alignment asked for, so its first
+            // `npages` pages are an aligned free run. Take them directly: a first-fit
+            // search for an aligned run would need `npages + align_pages - 1` free pages.
+            debug_assert!(region % (align_pages << PAGE_SHIFT) == 0);
+            Some((region, h.pages.alloc_range(region, npages)))
+        } else {
+            h.pages.alloc(npages)
+        }
+    }
+
+    /// Grows the heap by whole arenas so that `npages` pages aligned to `align_pages`
+    /// fit. Returns the base of the new region. Needs the heap lock (`h`).
+    fn grow_locked(
+        &self,
+        h: &mut Locked,
+        npages: usize,
+        align_pages: usize,
+    ) -> Result<usize, OsError> {
+        let bytes = npages << PAGE_SHIFT;
+        let size = bytes.checked_add(ARENA_SIZE - 1).ok_or(OsError::TooLarge)? & !(ARENA_SIZE - 1);
+        let align = (align_pages << PAGE_SHIFT).max(ARENA_SIZE);
+        let region = self.mem.reserve(size, align, h.hint)?;
+        let base = region.as_ptr() as usize;
+        // Reserved -> Prepared. The page allocator then treats the whole region as free
+        // and scavenged, and `alloc_span` commits what it hands out.
+        // SAFETY: the range is the reservation we just made.
+        if let Err(e) = unsafe { self.mem.map(region, size) } {
+            // SAFETY: the whole, unused reservation.
+            unsafe { self.mem.release(region, size) };
+            return Err(e);
+        }
+        let mut meta = 0;
+        let result = (|| {
+            let mut a = base;
+            while a < base + size {
+                meta += self.arenas.ensure_l2_locked(&self.mem, a)?;
+                // An address range can come back to us after a failed growth released
+                // it; its record is still in the index and is reused.
+                if self.arenas.arena_of(a).is_none() {
+                    let (rec, n) = HeapArena::new_in(&self.mem)?;
+                    meta += n;
+                    self.arenas.insert_locked(a, rec);
+                }
+                a += ARENA_SIZE;
+            }
+            h.pages.grow(&self.mem, base, size)
+        })();
+        add(&self.stats.meta_sys, meta);
+        if let Err(e) = result {
+            // Arena records already inserted stay (harmless: their span maps are empty
+            // and the page allocator never hands out their pages).
+            // SAFETY: the whole reservation; nothing in it was handed out.
+            unsafe { self.mem.release(region, size) };
+            return Err(e);
+        }
+        add(&self.stats.arena_bytes, size);
+        add(&self.stats.heap_sys, size);
+        add(&self.stats.heap_idle, size);
+        add(&self.stats.heap_released, size);
+        h.hint = base + size;
+        Ok(base)
+    }
+
+    /// A span record, refilling the fixalloc from the heap itself when it is empty.
+    /// Needs the heap lock (`h`).
+    ///
+    /// Records live in manual spans of purpose `SpanRecords`. The span describing a new
+    /// chunk of records is the chunk's own first record, so refilling needs no record
+    /// from elsewhere. This rare path (once per 1,024 records) initialises and publishes
+    /// that span with the lock held.
+    fn span_record_locked(&self, h: &mut Locked) -> Option<NonNull<MSpan>> {
+        if let Some(s) = NonNull::new(h.spanalloc.alloc()) {
+            return Some(s);
+        }
+        let (base, scav) = self.alloc_pages_locked(h, SPAN_CHUNK_PAGES, 1)?;
+        self.commit_run(base, SPAN_CHUNK_PAGES, scav);
+        h.spanalloc.add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
+        let own = NonNull::new(h.spanalloc.alloc())?;
+        // SAFETY: `own` is a fresh record in the chunk it describes; nobody else knows
+        // it or the pages.
+        unsafe {
+            self.init_and_publish(own, base, SPAN_CHUNK_PAGES, Purpose::SpanRecords, 0, scav)
+        };
+        NonNull::new(h.spanalloc.alloc())
+    }
+
+    /// Prepared -> Ready for a run that contained `scav` scavenged bytes.
+    fn commit_run(&self, base: usize, npages: usize, scav: usize) {
+        if scav != 0 {
+            // SAFETY: the run was just taken from the page allocator, so it is heap
+            // memory of ours in the Prepared or Ready state, and nobody else uses it.
+            unsafe {
+                self.mem.commit(
+                    NonNull::new_unchecked(base as *mut u8),
+                    npages << PAGE_SHIFT,
+                )
+            };
+        }
+    }
+
+    /// Fills in an unpublished span and publishes it (the protocol in the module docs).
+    ///
+    /// # Safety
+    /// `s` is a record only this thread can reach, and `[base, base + npages pages)` was
+    /// just taken from the page allocator by this thread.
+    unsafe fn init_and_publish(
+        &self,
+        s: NonNull<MSpan>,
+        base: usize,
+        npages: usize,
+        purpose: Purpose,
+        spanclass: u8,
+        scav: usize,
+    ) {
+        let nbytes = npages << PAGE_SHIFT;
+        // Fresh-from-OS memory (beyond the arena's zeroed_base) and fully scavenged runs
+        // (MADV_DONTNEED reads back as zero) need no clearing. Always ask `needs_zero`: it
+        // also records that this range has now been handed out.
+        let fresh = !self.arenas.needs_zero(base, npages);
+        let needzero = !(fresh || (scav == nbytes && self.mem.decommit_zeroes()));
+
+        // SAFETY: the record is private to this thread (caller's contract).
+        let span = unsafe { s.as_ref() };
+        span.base.store(base, Ordering::Relaxed);
+        span.npages.store(npages, Ordering::Relaxed);
+        // SAFETY: as above, the span is not published yet.
+        unsafe {
+            span.set_info(SpanInfo {
+                purpose,
+                spanclass,
+                needzero,
+            })
+        };
+
+        self.account_alloc(purpose, nbytes, scav);
+
+        // Publication. The span must be completely initialised before this point.
+        // (1) Span map: Release pairs with the Acquire in `HeapArena::span_at`.
+        self.arenas.set_spans(base, npages, s.as_ptr());
+        // (2) State, last of the span's own fields: Release pairs with the Acquire in
+        //     `MSpan::state`; from here a validating reader accepts the span.
+        span.set_state(if purpose.is_manual() {
+            SpanState::Manual
+        } else {
+            SpanState::InUse
+        });
+        if !purpose.is_manual() {
+            // (3) pageInUse: publishes the span to lock-free walkers of the bitmap.
+            self.arenas.mark_in_use(base);
+            // (4) pagesInUse, last: a reader that sees the new count (Acquire) also
+            //     sees the bit and the span.
+            self.pages_in_use.fetch_add(npages, Ordering::Release);
+        }
+    }
+
+    /// Counter updates for `nbytes` taken from idle memory for `purpose`, of which `scav`
+    /// bytes had been released (seed 004: the one place for allocation).
+    fn account_alloc(&self, purpose: Purpose, nbytes: usize, scav: usize) {
+        let st = &self.stats;
+        if scav != 0 {
+            sub(&st.heap_released, scav);
+        }
+        sub(&st.heap_idle, nbytes);
+        add(&st.by_purpose[purpose as usize], nbytes);
+        if purpose.is_manual() {
+            // Manual spans are lent out of the heap: they leave heap_sys.
+            sub(&st.heap_sys, nbytes);
+        }
+    }
+
+    /// Counter updates for `nbytes` given back to idle memory by `purpose` (the one place
+    /// for free).
+    fn account_free(&self, purpose: Purpose, nbytes: usize) {
+        let st = &self.stats;
+        sub(&st.by_purpose[purpose as usize], nbytes);
+        if purpose.is_manual() {
+            add(&st.heap_sys, nbytes);
+        }
+        add(&st.heap_idle, nbytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os::{OsMemory, PAGE_SIZE};
+
+    fn new_heap() -> &'static MHeap<OsMemory> {
+        Box::leak(Box::new(MHeap::new(OsMemory)))
+    }
+
+    /// Checks every counter invariant that holds when no span operation is in flight,
+    /// against the page allocator's own view and a list of the live spans.
+    fn check_counters(h: &MHeap<OsMemory>, live: &[(NonNull<MSpan>, Purpose)]) {
+        let c = h.counters();
+        let (free_pages, scav_pages, records) = h.page_state();
+        assert_eq!(c.heap_inuse + c.heap_idle, c.heap_sys, "{c:?}");
+        assert_eq!(
+            c.heap_idle,
+            (free_pages * PAGE_SIZE) as u64,
+            "idle bytes == free pages: {c:?}"
+        );
+        assert_eq!(
+            c.heap_released,
+            (scav_pages * PAGE_SIZE) as u64,
+            "released == scavenged pages: {c:?}"
+        );
+        assert!(c.heap_released <= c.heap_idle);
+        let manual: u64 = Purpose::ALL
+            .iter()
+            .filter(|p| p.is_manual())
+            .map(|&p| c.by_purpose[p as usize])
+            .sum();
+        assert_eq!(c.heap_sys + manual, c.arena_bytes, "{c:?}");
+        let mut by_purpose = [0u64; Purpose::COUNT];
+        let mut heap_pages = 0u64;
+        for &(s, p) in live {
+            let n = unsafe { s.as_ref() }.npages();
+            by_purpose[p as usize] += (n * PAGE_SIZE) as u64;
+            if !p.is_manual() {
+                heap_pages += n as u64;
+            }
+        }
+        assert_eq!(
+            c.by_purpose[Purpose::Heap as usize],
+            by_purpose[Purpose::Heap as usize]
+        );
+        assert_eq!(c.pages_in_use, heap_pages);
+        // Besides the spans listed, SpanRecords bytes are whole record chunks, enough
+        // for every record in use (one per listed span plus one per chunk).
+        let chunk = SPAN_CHUNK_PAGES * PAGE_SIZE;
+        let chunks_bytes = (c.by_purpose[Purpose::SpanRecords as usize]
+            - by_purpose[Purpose::SpanRecords as usize]) as usize;
+        assert_eq!(chunks_bytes % chunk, 0);
+        assert_eq!(records, live.len() + chunks_bytes / chunk);
+        assert!(chunks_bytes / core::mem::size_of::<MSpan>() >= records);
+    }
+
+    #[test]
+    fn counters_stay_consistent_through_alloc_free_and_growth() {
+        let h = new_heap();
+        let mut live = Vec::new();
+        let mut rng = 0x9E3779B97F4A7C15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for i in 0..3000 {
+            if live.len() > 50 && next() % 3 == 0 {
+                let k = (next() as usize) % live.len();
+                let (s, _) = live.swap_remove(k);
+                unsafe { h.free_span(s) };
+            } else {
+                // Mostly small runs, some larger than an arena to force multi-arena growth.
+                let n = match next() % 100 {
+                    0 => 9000 + (next() % 3000) as usize,
+                    1..=10 => 100 + (next() % 900) as usize,
+                    _ => 1 + (next() % 16) as usize,
+                };
+                let align = if next() % 10 == 0 {
+                    PAGE_SIZE << (next() % 8)
+                } else {
+                    1
+                };
+                let s = h
+                    .alloc_span(n, Purpose::Heap, 0, align)
+                    .expect("alloc_span");
+                let span = unsafe { s.as_ref() };
+                assert_eq!(span.base() % align.max(PAGE_SIZE), 0);
+                assert_eq!(span.npages(), n);
+                live.push((s, Purpose::Heap));
+            }
+            if i % 100 == 0 {
+                check_counters(h, &live);
+            }
+        }
+        check_counters(h, &live);
+        for (s, _) in live.drain(..) {
+            unsafe { h.free_span(s) };
+        }
+        check_counters(h, &live);
+        let c = h.counters();
+        assert_eq!(c.heap_inuse, 0);
+        assert_eq!(c.pages_in_use, 0);
+    }
+
+    #[test]
+    fn manual_spans_are_counted_by_purpose_and_leave_heap_sys() {
+        let h = new_heap();
+        let a = h.alloc_span(4, Purpose::Heap, 0, 1).unwrap();
+        let c0 = h.counters();
+        let m = h.alloc_span(3, Purpose::SpanRecords, 0, 1).unwrap();
+        let c1 = h.counters();
+        assert_eq!(
+            c1.by_purpose[Purpose::SpanRecords as usize],
+            c0.by_purpose[Purpose::SpanRecords as usize] + 3 * PAGE_SIZE as u64
+        );
+        assert_eq!(c1.heap_sys, c0.heap_sys - 3 * PAGE_SIZE as u64);
+        assert_eq!(c1.heap_inuse, c0.heap_inuse);
+        assert_eq!(
+            c1.pages_in_use, c0.pages_in_use,
+            "manual spans are not in pagesInUse"
+        );
+        assert_eq!(unsafe { m.as_ref() }.state(), SpanState::Manual);
+        assert!(
+            !h.page_marked_in_use(unsafe { m.as_ref() }.base()),
+            "manual spans have no pageInUse bit"
+        );
+        check_counters(h, &[(a, Purpose::Heap), (m, Purpose::SpanRecords)]);
+        unsafe { h.free_span(m) };
+        let c2 = h.counters();
+        assert_eq!(
+            (c2.heap_sys, c2.heap_inuse, c2.heap_idle, c2.by_purpose),
+            (c0.heap_sys, c0.heap_inuse, c0.heap_idle, c0.by_purpose)
+        );
+        // The manual span's pages were fresh (released); they come back dirty.
+        assert_eq!(c2.heap_released, c0.heap_released - 3 * PAGE_SIZE as u64);
+        unsafe { h.free_span(a) };
+    }
+
+    #[test]
+    fn span_map_and_page_in_use_answer_for_every_page() {
+        let h = new_heap();
+        // Spans of several sizes, one crossing into a second arena.
+        let sizes = [1usize, 2, 7, 64, 513, 9000];
+        let spans: Vec<_> = sizes
+            .iter()
+            .map(|&n| h.alloc_span(n, Purpose::Heap, 0, 1).unwrap())
+            .collect();
+        for &s in &spans {
+            let span = unsafe { s.as_ref() };
+            let (base, n) = (span.base(), span.npages());
+            assert!(h.page_marked_in_use(base));
+            for p in 0..n {
+                let page = base + p * PAGE_SIZE;
+                assert!(
+                    p == 0 || !h.page_marked_in_use(page),
+                    "only the first page carries the bit"
+                );
+                // First byte, an interior byte and the last byte of every page.
+                for addr in [page, page + 1234, page + PAGE_SIZE - 1] {
+                    assert_eq!(h.span_of(addr), Some(s), "page {p} of a {n}-page span");
+                    assert_eq!(h.span_of_unchecked(addr), s.as_ptr());
+                }
+            }
+        }
+        // Foreign pointers: stack, static, the system allocator, null, high addresses.
+        let local = 5u64;
+        static STATIC: u64 = 7;
+        let boxed = Box::new(9u64);
+        for addr in [
+            &local as *const u64 as usize,
+            &STATIC as *const u64 as usize,
+            &*boxed as *const u64 as usize,
+            0,
+            usize::MAX,
+            1 << 48,
+        ] {
+            assert_eq!(h.span_of(addr), None, "{addr:#x} is not ours");
+        }
+        // A freed span's pages are no longer answered for, even though the map still
+        // points at the dead record.
+        let s = spans[2];
+        let base = unsafe { s.as_ref() }.base();
+        unsafe { h.free_span(s) };
+        assert_eq!(h.span_of(base), None);
+        assert!(!h.page_marked_in_use(base));
+        for &s in &spans[..2] {
+            unsafe { h.free_span(s) };
+        }
+        for &s in &spans[3..] {
+            unsafe { h.free_span(s) };
+        }
+    }
+
+    #[test]
+    fn scavenged_pages_are_committed_and_accounted() {
+        let h = new_heap();
+        let s = h.alloc_span(16, Purpose::Heap, 0, 1).unwrap();
+        let span = unsafe { s.as_ref() };
+        // Fresh from the OS: fully scavenged, zero, needs no clearing.
+        assert!(!unsafe { span.info() }.needzero);
+        let base = span.base();
+        unsafe { core::ptr::write_bytes(base as *mut u8, 0xCD, 16 * PAGE_SIZE) };
+        let released_before = h.counters().heap_released;
+        unsafe { h.free_span(s) };
+        // The same pages come back dirty: not scavenged, so they need zeroing.
+        let s2 = h.alloc_span(16, Purpose::Heap, 0, 1).unwrap();
+        let span2 = unsafe { s2.as_ref() };
+        assert_eq!(span2.base(), base, "first fit reuses the lowest run");
+        assert!(unsafe { span2.info() }.needzero);
+        assert_eq!(
+            h.counters().heap_released,
+            released_before,
+            "reusing dirty pages releases nothing"
+        );
+        unsafe { h.free_span(s2) };
+    }
+
+    #[test]
+    fn resize_in_place_updates_pages_and_counters() {
+        let h = new_heap();
+        let s = h.alloc_span(10, Purpose::Heap, 0, 1).unwrap();
+        let base = unsafe { s.as_ref() }.base();
+        unsafe { h.shrink_span(s, 4) };
+        assert_eq!(unsafe { s.as_ref() }.npages(), 4);
+        assert_eq!(
+            h.span_of(base + 5 * PAGE_SIZE),
+            None,
+            "the tail left the span"
+        );
+        assert_eq!(h.counters().pages_in_use, 4);
+        assert!(unsafe { h.grow_span_in_place(s, 12) });
+        assert_eq!(h.span_of(base + 11 * PAGE_SIZE), Some(s));
+        assert_eq!(h.counters().pages_in_use, 12);
+        // A neighbour blocks growth.
+        let t = h.alloc_span(1, Purpose::Heap, 0, 1).unwrap();
+        assert_eq!(unsafe { t.as_ref() }.base(), base + 12 * PAGE_SIZE);
+        assert!(!unsafe { h.grow_span_in_place(s, 13) });
+        check_counters(h, &[(s, Purpose::Heap), (t, Purpose::Heap)]);
+        unsafe {
+            h.free_span(s);
+            h.free_span(t);
+        }
+    }
+
+    #[test]
+    fn impossible_requests_fail_cleanly() {
+        let h = new_heap();
+        assert!(h.alloc_span(0, Purpose::Heap, 0, 1).is_none());
+        assert!(h.alloc_span(usize::MAX, Purpose::Heap, 0, 1).is_none());
+        assert!(h
+            .alloc_span((MAX_SPAN_BYTES >> PAGE_SHIFT) + 1, Purpose::Heap, 0, 1)
+            .is_none());
+        assert!(h.alloc_span(1, Purpose::Heap, 0, MAX_ALIGN * 2).is_none());
+        // The heap is still usable and consistent afterwards.
+        let s = h.alloc_span(1, Purpose::Heap, 0, 1).unwrap();
+        check_counters(h, &[(s, Purpose::Heap)]);
+        unsafe { h.free_span(s) };
+    }
+
+    #[test]
+    fn four_threads_never_get_overlapping_pages() {
+        use std::sync::Mutex as StdMutex;
+        let h = new_heap();
+        // Each page's owner tag is written into the page itself and checked before free:
+        // an overlap would overwrite another thread's tag.
+        let seen = StdMutex::new(0usize);
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let seen = &seen;
+                sc.spawn(move || {
+                    let mut rng =
+                        0x1234_5678_9ABC_DEF0u64 ^ (t + 1).wrapping_mul(0x9E3779B97F4A7C15);
+                    let mut live: Vec<(NonNull<MSpan>, u64)> = Vec::new();
+                    for i in 0..20_000u64 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        if live.len() > 64 || (rng % 2 == 0 && !live.is_empty()) {
+                            let (s, tag) = live.swap_remove((rng >> 8) as usize % live.len());
+                            let span = unsafe { s.as_ref() };
+                            for p in 0..span.npages() {
+                                let w = (span.base() + p * PAGE_SIZE) as *const u64;
+                                assert_eq!(
+                                    unsafe { w.read() },
+                                    tag,
+                                    "page overwritten by another span"
+                                );
+                            }
+                            unsafe { h.free_span(s) };
+                        } else {
+                            let n = 1 + (rng >> 20) as usize % 20;
+                            let s = h.alloc_span(n, Purpose::Heap, 0, 1).unwrap();
+                            let span = unsafe { s.as_ref() };
+                            let tag = (t << 56) | i;
+                            for p in 0..n {
+                                unsafe { ((span.base() + p * PAGE_SIZE) as *mut u64).write(tag) };
+                            }
+                            live.push((s, tag));
+                        }
+                    }
+                    for (s, _) in live {
+                        unsafe { h.free_span(s) };
+                    }
+                    *seen.lock().unwrap() += 1;
+                });
+            }
+        });
+        assert_eq!(*seen.lock().unwrap(), 4);
+        check_counters(h, &[]);
+        assert_eq!(h.counters().heap_inuse, 0);
+    }
+}

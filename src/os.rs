@@ -1,0 +1,328 @@
+//! The OS layer: every byte spanheap uses enters and leaves through here.
+//!
+//! Address space moves between four states, as in Go's `mem.go`:
+//!
+//! | state      | meaning                                             | entered by            |
+//! |------------|-----------------------------------------------------|-----------------------|
+//! | None       | not ours                                            | [`MemSource::release`]|
+//! | Reserved   | ours, `PROT_NONE`; touching it faults; costs no RAM | [`MemSource::reserve`]|
+//! | Prepared   | readable/writable, but holds no physical pages and   | [`MemSource::map`], [`MemSource::decommit`] |
+//! |            | reads as zero (or old contents, see `decommit`)     |                       |
+//! | Ready      | in use                                              | [`MemSource::commit`] |
+//!
+//! On Linux, Prepared -> Ready costs nothing (the kernel hands out zero pages on first
+//! touch), and Ready -> Prepared is `madvise(MADV_DONTNEED)`, after which the pages read
+//! as zero. Nothing here allocates through the global allocator, and nothing panics:
+//! failures are returned as [`OsError`] and end as a null pointer from `alloc`.
+//!
+//! The layer is a trait so that components can be built and tested against another
+//! source of memory (the page allocator's tests, the loom models).
+
+use core::ptr::NonNull;
+
+/// Size of spanheap's pages: the unit of the span heap (Go's `pageSize`).
+pub const PAGE_SIZE: usize = 8 << 10;
+pub const PAGE_SHIFT: u32 = 13;
+const _: () = assert!(1 << PAGE_SHIFT == PAGE_SIZE);
+
+/// The largest OS page size spanheap supports. Decommitting a heap page must not
+/// discard part of a neighbouring heap page, so the OS page must not be larger than
+/// ours. 16 KiB and 64 KiB kernels (some arm64 systems) are refused at start-up with a
+/// message on stderr, and every allocation returns null.
+pub const MAX_OS_PAGE_SIZE: usize = PAGE_SIZE;
+
+/// Why the OS layer could not do what was asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OsError {
+    /// `mmap` failed (errno given): address space or memory is exhausted.
+    NoMemory(i32),
+    /// The request cannot be satisfied in a 48-bit address space.
+    TooLarge,
+    /// The OS page size (given) is larger than [`MAX_OS_PAGE_SIZE`].
+    UnsupportedPageSize(usize),
+}
+
+/// A source of address space and the transitions between the four memory states.
+///
+/// # Safety
+/// Implementations must return memory that is not handed out twice, aligned as asked,
+/// and must make the state transitions they document.
+pub unsafe trait MemSource: Sync {
+    /// None -> Reserved: `size` bytes aligned to `align` (a power of two, at least the OS
+    /// page size). `hint`, if non-zero, is a preferred address (e.g. just past the
+    /// previous reservation, so that arenas stay contiguous); it is only a preference.
+    fn reserve(&self, size: usize, align: usize, hint: usize) -> Result<NonNull<u8>, OsError>;
+
+    /// Reserved -> Prepared: the range becomes readable and writable and reads as zero.
+    ///
+    /// # Safety
+    /// The range must lie inside one of this source's reservations and be page aligned.
+    unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError>;
+
+    /// Prepared -> Ready: the range is about to be used.
+    ///
+    /// # Safety
+    /// The range must be Prepared or Ready memory of this source.
+    unsafe fn commit(&self, ptr: NonNull<u8>, size: usize);
+
+    /// Ready -> Prepared: the contents are no longer needed and physical memory may be
+    /// returned to the OS. Afterwards the range reads as zero iff
+    /// [`decommit_zeroes`](Self::decommit_zeroes).
+    ///
+    /// # Safety
+    /// The range must be Ready memory of this source that nobody reads or writes.
+    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize);
+
+    /// Whether decommitted memory reads as zero when next committed.
+    fn decommit_zeroes(&self) -> bool;
+
+    /// Any state -> None.
+    ///
+    /// # Safety
+    /// The range must be a whole reservation (or its tail/head) of this source that
+    /// nobody uses any more.
+    unsafe fn release(&self, ptr: NonNull<u8>, size: usize);
+
+    /// None -> Ready in one step, for the allocator's own metadata.
+    fn alloc_meta(&self, size: usize) -> Result<NonNull<u8>, OsError> {
+        let page = os_page_size()?;
+        let size = size.checked_add(page - 1).ok_or(OsError::TooLarge)? & !(page - 1);
+        let p = self.reserve(size, page, 0)?;
+        // SAFETY: `p` is a fresh reservation of exactly `size` bytes.
+        match unsafe { self.map(p, size) } {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                // SAFETY: the whole reservation, never handed out.
+                unsafe { self.release(p, size) };
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The operating system, through `mmap`, `madvise` and `munmap`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OsMemory;
+
+/// The largest address (exclusive) the heap uses: 48-bit user address spaces.
+pub const ADDR_LIMIT: usize = 1 << 48;
+
+// SAFETY: mmap never returns a range that is still mapped; ranges are trimmed to the
+// requested alignment; the transitions below are the documented ones.
+unsafe impl MemSource for OsMemory {
+    fn reserve(&self, size: usize, align: usize, hint: usize) -> Result<NonNull<u8>, OsError> {
+        let page = os_page_size()?;
+        debug_assert!(align.is_power_of_two() && align >= page && size % page == 0);
+        if size == 0 || size >= ADDR_LIMIT || align >= ADDR_LIMIT {
+            return Err(OsError::TooLarge);
+        }
+        // First try exactly at the hint: the common case when the heap grows, and it
+        // keeps arenas contiguous so that large spans can cross arena boundaries.
+        if hint != 0 && hint % align == 0 && hint.checked_add(size).is_some_and(|e| e <= ADDR_LIMIT)
+        {
+            if let Some(p) = mmap_none(hint, size) {
+                if p.as_ptr() as usize == hint {
+                    return Ok(p);
+                }
+                // The kernel put it elsewhere (pre-4.17 kernels ignore NOREPLACE).
+                // SAFETY: we just mapped exactly this range.
+                unsafe { munmap(p, size) };
+            }
+        }
+        // Over-reserve by `align - page`, then trim both ends so the rest is aligned.
+        let total = size.checked_add(align - page).ok_or(OsError::TooLarge)?;
+        let raw = mmap_none(0, total).ok_or_else(|| OsError::NoMemory(errno()))?;
+        let start = raw.as_ptr() as usize;
+        let aligned = (start + align - 1) & !(align - 1);
+        let head = aligned - start;
+        let tail = total - head - size;
+        // SAFETY: the head and tail are parts of the mapping we just made and nobody
+        // else knows about.
+        unsafe {
+            if head != 0 {
+                munmap(raw, head);
+            }
+            if tail != 0 {
+                munmap(NonNull::new_unchecked((aligned + size) as *mut u8), tail);
+            }
+        }
+        if aligned + size > ADDR_LIMIT {
+            // SAFETY: the aligned part is ours and unused.
+            unsafe { munmap(NonNull::new_unchecked(aligned as *mut u8), size) };
+            return Err(OsError::TooLarge);
+        }
+        // SAFETY: `aligned` lies inside a successful mapping, so it is not null.
+        Ok(unsafe { NonNull::new_unchecked(aligned as *mut u8) })
+    }
+
+    unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
+        // MAP_FIXED over our own PROT_NONE reservation: replaces it with zero-filled,
+        // writable, lazily-backed memory. Unlike mprotect this also gives a fresh
+        // mapping if the range was written before.
+        // SAFETY: the caller guarantees the range is inside our reservation, so
+        // MAP_FIXED cannot clobber anybody else's mapping.
+        let p = unsafe {
+            libc::mmap(
+                ptr.as_ptr().cast(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(OsError::NoMemory(errno()));
+        }
+        Ok(())
+    }
+
+    unsafe fn commit(&self, _ptr: NonNull<u8>, _size: usize) {
+        // Prepared memory is already readable and writable on Linux; the kernel
+        // supplies zero pages on first touch.
+    }
+
+    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) {
+        // MADV_DONTNEED: pages are dropped at once and read as zero afterwards, which
+        // lets `alloc_zeroed` skip clearing them. (MADV_FREE is cheaper but leaves
+        // contents undefined until reclaim, and RSS does not drop until then.)
+        // A failure only means the memory stays resident; nothing to report.
+        // SAFETY: the caller guarantees the range is ours and unused.
+        unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTNEED) };
+    }
+
+    fn decommit_zeroes(&self) -> bool {
+        true
+    }
+
+    unsafe fn release(&self, ptr: NonNull<u8>, size: usize) {
+        // SAFETY: the caller guarantees the range is ours and unused.
+        unsafe { munmap(ptr, size) };
+    }
+}
+
+fn mmap_none(hint: usize, size: usize) -> Option<NonNull<u8>> {
+    let flags = libc::MAP_PRIVATE
+        | libc::MAP_ANONYMOUS
+        | libc::MAP_NORESERVE
+        | if hint != 0 {
+            libc::MAP_FIXED_NOREPLACE
+        } else {
+            0
+        };
+    // SAFETY: an anonymous PROT_NONE mapping; without MAP_FIXED the kernel picks a free
+    // range, and MAP_FIXED_NOREPLACE fails rather than replace an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            hint as *mut libc::c_void,
+            size,
+            libc::PROT_NONE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        None
+    } else {
+        NonNull::new(p.cast())
+    }
+}
+
+/// # Safety
+/// The range must be mapped by us and unused.
+unsafe fn munmap(ptr: NonNull<u8>, size: usize) {
+    // SAFETY: forwarded from the caller. munmap of our own range cannot fail in a way
+    // we could act on.
+    unsafe { libc::munmap(ptr.as_ptr().cast(), size) };
+}
+
+fn errno() -> i32 {
+    // SAFETY: __errno_location always returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+/// The OS page size, read once. Errors if it is larger than [`MAX_OS_PAGE_SIZE`]; the
+/// first such error prints one line on stderr.
+pub fn os_page_size() -> Result<usize, OsError> {
+    // Not part of the concurrent core: a racy first read of a constant of the process.
+    use core::sync::atomic::{AtomicUsize, Ordering};
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    let mut p = PAGE.load(Ordering::Relaxed);
+    if p == 0 {
+        // SAFETY: sysconf has no preconditions.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        p = if v > 0 { v as usize } else { 4096 };
+        if PAGE.swap(p, Ordering::Relaxed) == 0 && p > MAX_OS_PAGE_SIZE {
+            write_stderr(b"spanheap: the OS page size is larger than 8 KiB; this build of spanheap does not support it and every allocation will fail\n");
+        }
+    }
+    if p > MAX_OS_PAGE_SIZE || !p.is_power_of_two() {
+        return Err(OsError::UnsupportedPageSize(p));
+    }
+    Ok(p)
+}
+
+/// Writes bytes to stderr without allocating (for the rare diagnostics of the allocator).
+pub(crate) fn write_stderr(msg: &[u8]) {
+    // SAFETY: a plain write(2) from a valid buffer; a short or failed write is ignored.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_supported_here() {
+        let p = os_page_size().unwrap();
+        assert!(p.is_power_of_two() && p <= PAGE_SIZE);
+    }
+
+    #[test]
+    fn reserve_is_aligned_and_map_gives_zeroed_writable_memory() {
+        let os = OsMemory;
+        for &align in &[4096usize, 1 << 16, 64 << 20] {
+            let size = 3 * PAGE_SIZE;
+            let p = os.reserve(size, align, 0).unwrap();
+            assert_eq!(p.as_ptr() as usize % align, 0);
+            unsafe {
+                os.map(p, size).unwrap();
+                os.commit(p, size);
+                let s = core::slice::from_raw_parts_mut(p.as_ptr(), size);
+                assert!(s.iter().all(|&b| b == 0));
+                s.fill(0xAB);
+                os.decommit(p, size);
+                assert!(os.decommit_zeroes());
+                let s = core::slice::from_raw_parts(p.as_ptr(), size);
+                assert!(
+                    s.iter().all(|&b| b == 0),
+                    "MADV_DONTNEED memory must read as zero"
+                );
+                os.release(p, size);
+            }
+        }
+    }
+
+    #[test]
+    fn reserve_at_hint_is_honoured_when_free() {
+        let os = OsMemory;
+        let a = os.reserve(64 << 20, 64 << 20, 0).unwrap();
+        let hint = a.as_ptr() as usize + (64 << 20);
+        // The range right after a fresh reservation is usually free; if the kernel put
+        // something there, the reservation must still succeed elsewhere.
+        let b = os.reserve(64 << 20, 64 << 20, hint).unwrap();
+        assert_eq!(b.as_ptr() as usize % (64 << 20), 0);
+        unsafe {
+            os.release(b, 64 << 20);
+            os.release(a, 64 << 20);
+        }
+    }
+
+    #[test]
+    fn impossible_reservations_fail_cleanly() {
+        let os = OsMemory;
+        assert_eq!(os.reserve(ADDR_LIMIT, 4096, 0), Err(OsError::TooLarge));
+        assert!(os.reserve(1 << 47, 1 << 47, 0).is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! The one synchronisation shim of the concurrent core.
+//!
+//! Every atomic, interior-mutability cell, lock and spin-wait that spanheap's shared
+//! state uses comes from this module. Normally they are the `core` types plus a small
+//! futex lock; under `--cfg spanheap_loom` they are loom's instrumented types, so the
+//! loom models in `loom-tests/` run the *real* allocator code, not a copy of it.
+//!
+//! The cfg is crate-specific (`spanheap_loom`, not `loom`) so that a user who model-checks
+//! their own program with `--cfg loom` does not silently switch the allocator underneath.
+//!
+//! Rules for code outside this module:
+//! - never name `core::sync::atomic` or `core::cell::UnsafeCell` directly for shared state;
+//! - spin loops call [`spin_hint`] (which yields to loom's scheduler under the model);
+//! - arrays of atomics placed in raw OS memory are made valid with [`init_atomics`].
+
+#[cfg(not(spanheap_loom))]
+pub(crate) use core::sync::atomic::{
+    AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
+#[cfg(spanheap_loom)]
+pub(crate) use loom::sync::atomic::{
+    AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
+
+/// Tells the CPU (or loom's scheduler) that this thread is waiting for another one.
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(not(spanheap_loom))]
+    core::hint::spin_loop();
+    #[cfg(spanheap_loom)]
+    loom::thread::yield_now();
+}
+
+/// Makes `n` atomics starting at `ptr` valid, in memory that came zero-filled from the OS.
+///
+/// With the `core` atomics an all-zero bit pattern already is a valid atomic holding
+/// zero / null, so this does nothing and the OS pages stay untouched (not resident)
+/// until used. loom's atomics carry model state and must be constructed.
+///
+/// # Safety
+/// `ptr` must point to `n` writable, zero-filled, suitably aligned slots of `T`.
+#[inline]
+pub(crate) unsafe fn init_atomics<T: ZeroedAtomic>(ptr: *mut T, n: usize) {
+    #[cfg(not(spanheap_loom))]
+    {
+        let _ = (ptr, n);
+    }
+    #[cfg(spanheap_loom)]
+    for i in 0..n {
+        // SAFETY: the caller guarantees `n` writable slots.
+        unsafe { ptr.add(i).write(T::zeroed()) };
+    }
+}
+
+/// Atomic types whose all-zero bit pattern is their zero value.
+pub(crate) trait ZeroedAtomic {
+    #[allow(dead_code)] // used only under loom
+    fn zeroed() -> Self;
+}
+impl ZeroedAtomic for AtomicU8 {
+    fn zeroed() -> Self {
+        AtomicU8::new(0)
+    }
+}
+impl ZeroedAtomic for AtomicU64 {
+    fn zeroed() -> Self {
+        AtomicU64::new(0)
+    }
+}
+impl ZeroedAtomic for AtomicUsize {
+    fn zeroed() -> Self {
+        AtomicUsize::new(0)
+    }
+}
+impl<T> ZeroedAtomic for AtomicPtr<T> {
+    fn zeroed() -> Self {
+        AtomicPtr::new(core::ptr::null_mut())
+    }
+}
+
+/// An `UnsafeCell` with tokio's closure API, so that loom can check each access.
+#[derive(Debug)]
+pub(crate) struct UnsafeCell<T>(
+    #[cfg(not(spanheap_loom))] core::cell::UnsafeCell<T>,
+    #[cfg(spanheap_loom)] loom::cell::UnsafeCell<T>,
+);
+
+impl<T> UnsafeCell<T> {
+    #[cfg(not(spanheap_loom))]
+    pub(crate) const fn new(value: T) -> Self {
+        UnsafeCell(core::cell::UnsafeCell::new(value))
+    }
+    #[cfg(spanheap_loom)]
+    pub(crate) fn new(value: T) -> Self {
+        UnsafeCell(loom::cell::UnsafeCell::new(value))
+    }
+
+    /// Shared access; the caller's protocol must exclude concurrent writers.
+    #[inline]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        #[cfg(not(spanheap_loom))]
+        return f(self.0.get());
+        #[cfg(spanheap_loom)]
+        return self.0.with(f);
+    }
+
+    /// Exclusive access; the caller's protocol must exclude every other access.
+    #[inline]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        #[cfg(not(spanheap_loom))]
+        return f(self.0.get());
+        #[cfg(spanheap_loom)]
+        return self.0.with_mut(f);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The lock.
+// ---------------------------------------------------------------------------------------
+
+const UNLOCKED: u32 = 0;
+/// Held, nobody sleeping on it.
+const LOCKED: u32 = 1;
+/// Held, and at least one thread may be asleep in `futex_wait`.
+const CONTENDED: u32 = 2;
+
+/// The ordering of a successful lock acquisition. The loom suite's mutant
+/// `spanheap_mutant="lock_relaxed"` weakens it to show that the lock model can fail.
+#[cfg(not(spanheap_mutant = "lock_relaxed"))]
+const LOCK_ACQUIRE: Ordering = Ordering::Acquire;
+#[cfg(spanheap_mutant = "lock_relaxed")]
+const LOCK_ACQUIRE: Ordering = Ordering::Relaxed;
+
+/// A mutual-exclusion lock that never allocates, never panics and never unwinds.
+///
+/// Three-state futex lock (Drepper, "Futexes are tricky", mutex #2): an uncontended
+/// lock/unlock pair is one CAS and one swap; a waiter spins briefly, then sleeps in the
+/// kernel. It has no poisoning (the allocator does not panic) and exposes raw
+/// `lock`/`unlock` so that fork handlers can hold it across `fork()`.
+///
+/// Under loom the kernel wait becomes a yield, so the lock itself is model-checked too.
+pub(crate) struct RawMutex {
+    state: AtomicU32,
+    /// Debug builds: the pthread that holds the lock (0 when free), to check that the
+    /// thread unlocking is the one that locked. Written only by the holder.
+    #[cfg(all(debug_assertions, not(spanheap_loom)))]
+    owner: AtomicUsize,
+}
+
+impl RawMutex {
+    #[cfg(not(spanheap_loom))]
+    pub(crate) const fn new() -> Self {
+        RawMutex {
+            state: AtomicU32::new(UNLOCKED),
+            #[cfg(debug_assertions)]
+            owner: AtomicUsize::new(0),
+        }
+    }
+    #[cfg(spanheap_loom)]
+    pub(crate) fn new() -> Self {
+        RawMutex {
+            state: AtomicU32::new(UNLOCKED),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn lock(&self) {
+        // Acquire pairs with the Release in `unlock`: everything the previous holder
+        // wrote under the lock is visible to us.
+        if self
+            .state
+            .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
+            .is_err()
+        {
+            self.lock_slow();
+        }
+        #[cfg(all(debug_assertions, not(spanheap_loom)))]
+        self.owner.store(current_thread_id(), Ordering::Relaxed);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn lock_slow(&self) {
+        // Spin a little first: the heap lock is held for short sections.
+        let backoff = crossbeam_utils::Backoff::new();
+        while !backoff.is_completed() {
+            if self.state.load(Ordering::Relaxed) == UNLOCKED
+                && self
+                    .state
+                    .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return;
+            }
+            #[cfg(spanheap_loom)]
+            spin_hint();
+            #[cfg(not(spanheap_loom))]
+            backoff.snooze();
+        }
+        // Then sleep. Marking the lock CONTENDED tells the holder to wake someone.
+        while self.state.swap(CONTENDED, LOCK_ACQUIRE) != UNLOCKED {
+            wait(&self.state, CONTENDED);
+        }
+    }
+
+    #[inline]
+    pub(crate) fn unlock(&self) {
+        #[cfg(all(debug_assertions, not(spanheap_loom)))]
+        {
+            debug_assert_eq!(self.owner.load(Ordering::Relaxed), current_thread_id());
+            self.owner.store(0, Ordering::Relaxed);
+        }
+        // Release pairs with the Acquire in `lock`.
+        if self.state.swap(UNLOCKED, Ordering::Release) == CONTENDED {
+            wake_one(&self.state);
+        }
+    }
+
+    /// Whether some thread holds the lock (for debug assertions of lock preconditions).
+    #[allow(dead_code)]
+    pub(crate) fn is_locked(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != UNLOCKED
+    }
+}
+
+#[cfg(all(debug_assertions, not(spanheap_loom)))]
+fn current_thread_id() -> usize {
+    // SAFETY: pthread_self has no preconditions and does not allocate.
+    unsafe { libc::pthread_self() as usize }
+}
+
+#[cfg(not(spanheap_loom))]
+fn wait(state: &AtomicU32, expected: u32) {
+    // SAFETY: futex(FUTEX_WAIT_PRIVATE) on a valid, aligned u32 that lives as long as the
+    // lock; it returns immediately if the value is no longer `expected`. Spurious
+    // wake-ups are handled by the caller's loop.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            state.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            core::ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+#[cfg(not(spanheap_loom))]
+fn wake_one(state: &AtomicU32) {
+    // SAFETY: futex(FUTEX_WAKE_PRIVATE) on a valid, aligned u32; waking nobody is fine.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            state.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            1,
+        );
+    }
+}
+
+#[cfg(spanheap_loom)]
+fn wait(_state: &AtomicU32, _expected: u32) {
+    loom::thread::yield_now();
+}
+
+#[cfg(spanheap_loom)]
+fn wake_one(_state: &AtomicU32) {}
+
+/// A value protected by a [`RawMutex`]. The data is reachable only through the guard,
+/// so "this function needs the lock" is checked by the type system: such functions take
+/// `&mut T` that only a guard can produce, and end in `_locked`.
+pub(crate) struct Mutex<T> {
+    raw: RawMutex,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: the data is only reachable through a guard, and guards are exclusive.
+unsafe impl<T: Send> Sync for Mutex<T> {}
+// SAFETY: moving the mutex moves the data with it.
+unsafe impl<T: Send> Send for Mutex<T> {}
+
+impl<T> Mutex<T> {
+    #[cfg(not(spanheap_loom))]
+    pub(crate) const fn new(value: T) -> Self {
+        Mutex {
+            raw: RawMutex::new(),
+            data: UnsafeCell::new(value),
+        }
+    }
+    #[cfg(spanheap_loom)]
+    pub(crate) fn new(value: T) -> Self {
+        Mutex {
+            raw: RawMutex::new(),
+            data: UnsafeCell::new(value),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.raw.lock();
+        MutexGuard { mutex: self }
+    }
+
+    /// The raw lock, for `fork` handlers that must hold it across `fork()`.
+    #[allow(dead_code)]
+    pub(crate) fn raw(&self) -> &RawMutex {
+        &self.raw
+    }
+}
+
+impl<T> core::fmt::Debug for Mutex<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Mutex")
+            .field("locked", &self.raw.is_locked())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct MutexGuard<'a, T> {
+    mutex: &'a Mutex<T>,
+}
+
+impl<T> MutexGuard<'_, T> {
+    /// Runs `f` with exclusive access to the protected data.
+    #[inline]
+    pub(crate) fn with<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
+        // SAFETY: holding the guard means holding the lock, so no other reference to the
+        // data exists; `&mut self` keeps this call the only one on this guard.
+        self.mutex.data.with_mut(|p| f(unsafe { &mut *p }))
+    }
+}
+
+impl<T> Drop for MutexGuard<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.mutex.raw.unlock();
+    }
+}
