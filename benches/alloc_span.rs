@@ -14,7 +14,9 @@ const LIVE_PAGES: usize = 1_000_000;
 fn fragmented_heap() -> (PageHeap, Vec<SpanRef>) {
     let heap = PageHeap::new(spanheap::os::OsMemory);
     // 2M single pages, then free every other one: 1M live pages, 1M one-page holes.
-    let all: Vec<SpanRef> = (0..2 * LIVE_PAGES).map(|_| heap.alloc_span(1, Purpose::Heap, 0).unwrap()).collect();
+    let all: Vec<SpanRef> = (0..2 * LIVE_PAGES)
+        .map(|_| heap.alloc_span(1, Purpose::Heap, 0).unwrap())
+        .collect();
     let mut live = Vec::with_capacity(LIVE_PAGES);
     for (i, s) in all.into_iter().enumerate() {
         if i % 2 == 0 {

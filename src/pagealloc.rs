@@ -44,9 +44,11 @@
 //!   of the heap), tracking a run that crosses entry boundaries from one entry's `end`
 //!   through wholly free entries into the next entry's `start`. (At the root, a bitmap
 //!   of the nonzero root entries lets the scan jump over empty ones.) A run that fits
-//!   across entries is returned at once; otherwise the search descends into the first entry
-//!   whose `max` fits, and at the leaf scans that chunk's bitmap. Cost: O(levels)
-//!   summary reads plus one chunk bitmap, independent of the heap size.
+//!   across entries is returned at once; otherwise the search descends into the first
+//!   entry whose `max` fits, and at the leaf scans that chunk's bitmap. Cost: at most 8
+//!   summary reads per level below the root, the nonzero root entries from the hint on
+//!   (each covers 16 GiB, so a heap has few of them; at most 2^14 word-skipped bits),
+//!   and one chunk bitmap: independent of the heap size.
 //!
 //! * **Search hint.** `search_addr` is a lower bound of the first free page: every heap
 //!   page below it is allocated. Searches start there; each search raises it to the
@@ -680,10 +682,8 @@ impl PageAlloc {
         }
         // The whole root level, so that searches may read any root entry.
         self.map_summaries(mem, 0, 0, LEVEL_ENTRIES[0])?;
-        for l in 1..LEVELS {
-            let lo = base >> LEVEL_SHIFT[l];
-            let hi = ((limit - 1) >> LEVEL_SHIFT[l]) + 1;
-            self.map_summaries(mem, l, lo, hi)?;
+        for (l, &shift) in LEVEL_SHIFT.iter().enumerate().skip(1) {
+            self.map_summaries(mem, l, base >> shift, ((limit - 1) >> shift) + 1)?;
         }
         for j in (c0 >> L2_BITS)..=((c1 - 1) >> L2_BITS) {
             if self.l1[j].is_null() {
@@ -852,7 +852,10 @@ impl PageAlloc {
             // Entries before the hint's entry hold no free page.
             let h = hint >> shift;
             let mut j = if h >= lo && h < hi { h } else { lo };
-            debug_assert!(h < hi, "descended below the search hint");
+            debug_assert!(
+                h < hi,
+                "the search hint lies beyond the block being scanned"
+            );
             let mut first_nonzero = None;
             // A run of free pages reaching the current entry: its length and address.
             let (mut run, mut run_base) = (0usize, 0usize);
@@ -974,7 +977,8 @@ impl PageAlloc {
     }
 
     /// Like [`alloc`](Self::alloc), but the run's address is a multiple of
-    /// `align_pages * PAGE_SIZE` (`align_pages` a power of two).
+    /// `align_pages * PAGE_SIZE` (`align_pages` a power of two; 0 and 1 mean no
+    /// alignment).
     ///
     /// The result is exactly:
     /// 1. `a = align_up(F)` where `F` is the first fit of `npages`, if `[a, a + npages)`
@@ -1374,7 +1378,8 @@ mod tests {
         let full = Sum::FREE_CHUNK;
         let none = Sum::EMPTY;
         let s = |a, b, c| Sum::pack(a, b, c);
-        let cases: &[([Sum; 8], (usize, usize, usize))] = &[
+        type Case = ([Sum; 8], (usize, usize, usize));
+        let cases: &[Case] = &[
             ([none; 8], (0, 0, 0)),
             ([full; 8], (8 * p, 8 * p, 8 * p)),
             (

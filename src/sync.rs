@@ -23,6 +23,7 @@ pub(crate) use loom::sync::atomic::{
 };
 
 /// Tells the CPU (or loom's scheduler) that this thread is waiting for another one.
+#[cfg_attr(not(spanheap_loom), allow(dead_code))] // used by the loom wait
 #[inline]
 pub(crate) fn spin_hint() {
     #[cfg(not(spanheap_loom))]
@@ -145,6 +146,9 @@ pub(crate) struct RawMutex {
     /// thread unlocking is the one that locked. Written only by the holder.
     #[cfg(all(debug_assertions, not(spanheap_loom)))]
     owner: AtomicUsize,
+    /// Under loom, the model of the kernel's futex queue for `state`.
+    #[cfg(spanheap_loom)]
+    futex: (loom::sync::Mutex<()>, loom::sync::Condvar),
 }
 
 impl RawMutex {
@@ -160,6 +164,7 @@ impl RawMutex {
     pub(crate) fn new() -> Self {
         RawMutex {
             state: AtomicU32::new(UNLOCKED),
+            futex: (loom::sync::Mutex::new(()), loom::sync::Condvar::new()),
         }
     }
 
@@ -181,25 +186,26 @@ impl RawMutex {
     #[cold]
     #[inline(never)]
     fn lock_slow(&self) {
-        // Spin a little first: the heap lock is held for short sections.
-        let backoff = crossbeam_utils::Backoff::new();
-        while !backoff.is_completed() {
-            if self.state.load(Ordering::Relaxed) == UNLOCKED
-                && self
-                    .state
-                    .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
-                    .is_ok()
-            {
-                return;
+        // Spin a little first: the heap lock is held for short sections. (Not under
+        // loom: there a spin only multiplies the interleavings without adding any.)
+        #[cfg(not(spanheap_loom))]
+        {
+            let backoff = crossbeam_utils::Backoff::new();
+            while !backoff.is_completed() {
+                if self.state.load(Ordering::Relaxed) == UNLOCKED
+                    && self
+                        .state
+                        .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    return;
+                }
+                backoff.snooze();
             }
-            #[cfg(spanheap_loom)]
-            spin_hint();
-            #[cfg(not(spanheap_loom))]
-            backoff.snooze();
         }
         // Then sleep. Marking the lock CONTENDED tells the holder to wake someone.
         while self.state.swap(CONTENDED, LOCK_ACQUIRE) != UNLOCKED {
-            wait(&self.state, CONTENDED);
+            self.wait(CONTENDED);
         }
     }
 
@@ -212,7 +218,7 @@ impl RawMutex {
         }
         // Release pairs with the Acquire in `lock`.
         if self.state.swap(UNLOCKED, Ordering::Release) == CONTENDED {
-            wake_one(&self.state);
+            self.wake_one();
         }
     }
 
@@ -229,42 +235,58 @@ fn current_thread_id() -> usize {
     unsafe { libc::pthread_self() as usize }
 }
 
-#[cfg(not(spanheap_loom))]
-fn wait(state: &AtomicU32, expected: u32) {
-    // SAFETY: futex(FUTEX_WAIT_PRIVATE) on a valid, aligned u32 that lives as long as the
-    // lock; it returns immediately if the value is no longer `expected`. Spurious
-    // wake-ups are handled by the caller's loop.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            state.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            core::ptr::null::<libc::timespec>(),
-        );
+impl RawMutex {
+    /// Sleeps while `state` holds `expected` (spurious returns are fine).
+    #[cfg(not(spanheap_loom))]
+    fn wait(&self, expected: u32) {
+        // SAFETY: futex(FUTEX_WAIT_PRIVATE) on a valid, aligned u32 that lives as long
+        // as the lock; it returns at once if the value is no longer `expected`.
+        // Spurious wake-ups are handled by the caller's loop.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.state.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                expected,
+                core::ptr::null::<libc::timespec>(),
+            );
+        }
+    }
+
+    /// Wakes one thread sleeping in `wait`, if any.
+    #[cfg(not(spanheap_loom))]
+    fn wake_one(&self) {
+        // SAFETY: futex(FUTEX_WAKE_PRIVATE) on a valid, aligned u32; waking nobody is fine.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.state.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            );
+        }
+    }
+
+    /// The model of `futex_wait`: block until woken while the word holds `expected`.
+    /// Checking the word under the queue mutex gives the kernel's guarantee that a wake
+    /// issued after the check is not lost. (A spin on loads instead would let loom read
+    /// a stale value forever.)
+    #[cfg(spanheap_loom)]
+    fn wait(&self, expected: u32) {
+        let (m, cv) = &self.futex;
+        let mut g = m.lock().unwrap();
+        while self.state.load(Ordering::Relaxed) == expected {
+            g = cv.wait(g).unwrap();
+        }
+    }
+
+    #[cfg(spanheap_loom)]
+    fn wake_one(&self) {
+        let (m, cv) = &self.futex;
+        let _g = m.lock().unwrap();
+        cv.notify_one();
     }
 }
-
-#[cfg(not(spanheap_loom))]
-fn wake_one(state: &AtomicU32) {
-    // SAFETY: futex(FUTEX_WAKE_PRIVATE) on a valid, aligned u32; waking nobody is fine.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            state.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            1,
-        );
-    }
-}
-
-#[cfg(spanheap_loom)]
-fn wait(_state: &AtomicU32, _expected: u32) {
-    loom::thread::yield_now();
-}
-
-#[cfg(spanheap_loom)]
-fn wake_one(_state: &AtomicU32) {}
 
 /// A value protected by a [`RawMutex`]. The data is reachable only through the guard,
 /// so "this function needs the lock" is checked by the type system: such functions take

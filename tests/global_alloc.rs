@@ -63,7 +63,9 @@ fn std_collections_work_and_keep_their_contents() {
         tree.remove(&i);
     }
     assert_eq!(tree.len(), 2_500);
-    assert!(tree.iter().all(|(k, v)| k % 2 == 1 && *v == k.to_string().repeat(3)));
+    assert!(tree
+        .iter()
+        .all(|(k, v)| k % 2 == 1 && *v == k.to_string().repeat(3)));
 
     let mut dq: VecDeque<Box<[u8; 100]>> = VecDeque::new();
     for i in 0..2_000usize {
@@ -78,9 +80,14 @@ fn std_collections_work_and_keep_their_contents() {
         assert!(b.iter().all(|&x| x == ((first + j) % 256) as u8));
     }
 
-    let s: String = (0..10_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let s: String = (0..10_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     assert_eq!(s.len(), 10_000);
-    assert!(s.bytes().enumerate().all(|(i, b)| b == b'a' + (i % 26) as u8));
+    assert!(s
+        .bytes()
+        .enumerate()
+        .all(|(i, b)| b == b'a' + (i % 26) as u8));
 }
 
 #[test]
@@ -108,11 +115,17 @@ fn threads_allocate_free_and_exchange_blocks() {
                 }
                 if local.len() > 30 {
                     let (seed, v) = local.remove(i % local.len());
-                    assert!(v.iter().enumerate().all(|(j, &b)| b == pattern(seed, j)), "block {seed} corrupted");
+                    assert!(
+                        v.iter().enumerate().all(|(j, &b)| b == pattern(seed, j)),
+                        "block {seed} corrupted"
+                    );
                 }
             }
             for (seed, v) in &local {
-                assert!(v.iter().enumerate().all(|(j, &b)| b == pattern(*seed, j)), "block {seed} corrupted");
+                assert!(
+                    v.iter().enumerate().all(|(j, &b)| b == pattern(*seed, j)),
+                    "block {seed} corrupted"
+                );
             }
             local.len()
         }));
@@ -120,7 +133,10 @@ fn threads_allocate_free_and_exchange_blocks() {
     drop(tx);
     let mut received = 0;
     for (seed, v) in rx {
-        assert!(v.iter().enumerate().all(|(j, &b)| b == pattern(seed, j)), "block {seed} corrupted");
+        assert!(
+            v.iter().enumerate().all(|(j, &b)| b == pattern(seed, j)),
+            "block {seed} corrupted"
+        );
         received += 1;
     }
     for h in handles {
@@ -169,7 +185,10 @@ fn sweep_of_sizes_and_alignments_gives_aligned_disjoint_writable_blocks() {
         }
     }
     // No two live blocks overlap.
-    let mut ranges: Vec<(usize, usize)> = live.iter().map(|&(p, l, _)| (p as usize, p as usize + l.size())).collect();
+    let mut ranges: Vec<(usize, usize)> = live
+        .iter()
+        .map(|&(p, l, _)| (p as usize, p as usize + l.size()))
+        .collect();
     ranges.sort();
     for w in ranges.windows(2) {
         assert!(w[0].1 <= w[1].0, "overlap: {:x?}", w);
@@ -190,10 +209,16 @@ fn realloc_keeps_contents_and_alignment() {
         fill(p, 100, align);
         let mut kept = 100usize;
         // Grow across many page counts, then shrink back, then grow again.
-        for &n in &[5_000usize, 9_000, 70_000, 300_000, 2_000_000, 40_000, 8_000, 100, 3_000_000] {
+        for &n in &[
+            5_000usize, 9_000, 70_000, 300_000, 2_000_000, 40_000, 8_000, 100, 3_000_000,
+        ] {
             let q = unsafe { GLOBAL.realloc(p, layout, n) };
             assert!(!q.is_null());
-            assert_eq!(q as usize % align, 0, "realloc must keep the old alignment {align}");
+            assert_eq!(
+                q as usize % align,
+                0,
+                "realloc must keep the old alignment {align}"
+            );
             kept = kept.min(n);
             check(q, kept, align);
             fill(q, n, align);
@@ -231,7 +256,10 @@ fn alloc_zeroed_is_zero_even_over_dirty_memory() {
         unsafe { std::ptr::write_bytes(p, 0xA5, size) };
         unsafe { GLOBAL.dealloc(p, layout) };
         let z = unsafe { GLOBAL.alloc_zeroed(layout) };
-        assert!(sample_offsets(size).all(|i| unsafe { z.add(i).read() } == 0), "round {round}: dirty bytes");
+        assert!(
+            sample_offsets(size).all(|i| unsafe { z.add(i).read() } == 0),
+            "round {round}: dirty bytes"
+        );
         unsafe { std::ptr::write_bytes(z, 0x5A, size) };
         unsafe { GLOBAL.dealloc(z, layout) };
     }
@@ -260,7 +288,8 @@ fn impossible_layouts_return_null() {
 fn blocks_are_ours_and_span_lookups_agree() {
     let layout = Layout::from_size_align(100_000, 8).unwrap();
     let p = unsafe { GLOBAL.alloc(layout) } as usize;
-    let (base, pages) = spanheap::__private::global_span_of(p + 50_000).expect("interior pointer of a live block");
+    let (base, pages) =
+        spanheap::__private::global_span_of(p + 50_000).expect("interior pointer of a live block");
     assert_eq!(base, p);
     assert_eq!(pages, 100_000usize.div_ceil(8192));
     let stack = 0u8;

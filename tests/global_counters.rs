@@ -17,10 +17,16 @@ fn counters_are_consistent_after_a_mixed_workload() {
         blocks.push((p, layout));
     }
     let mid = spanheap::__private::global_counters();
-    let expect_pages: u64 = blocks.iter().map(|(_, l)| l.size().div_ceil(8192) as u64).sum();
+    let expect_pages: u64 = blocks
+        .iter()
+        .map(|(_, l)| l.size().div_ceil(8192) as u64)
+        .sum();
     // The Vec holding the blocks is itself a span of the heap.
     let vec_pages = (2000 * std::mem::size_of::<(*mut u8, Layout)>()).div_ceil(8192) as u64;
-    assert_eq!(mid.pages_in_use - before.pages_in_use, expect_pages + vec_pages);
+    assert_eq!(
+        mid.pages_in_use - before.pages_in_use,
+        expect_pages + vec_pages
+    );
     assert_eq!(mid.heap_inuse, mid.pages_in_use * 8192);
     assert_eq!(mid.heap_inuse + mid.heap_idle, mid.heap_sys);
     for (p, l) in blocks.drain(..) {

@@ -26,7 +26,10 @@ fn lock_excludes_and_publishes() {
         })
     });
     if cfg!(spanheap_mutant = "lock_relaxed") {
-        assert!(result.is_err(), "mutant lock_relaxed was not caught by the model");
+        assert!(
+            result.is_err(),
+            "mutant lock_relaxed was not caught by the model"
+        );
     } else if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
