@@ -325,17 +325,64 @@ fn next_bit(bits: &[u64; CHUNK_WORDS], from: usize, set: bool) -> usize {
     }
 }
 
-/// The longest run of zero bits in `x`.
+/// The lowest bit index at which `x` has `n` (1..=64) consecutive zero bits, or 64.
+///
+/// Go's `findBitRange64`: in `c = !x`, every run of ones is shortened from the top by
+/// `n - 1` bits, doubling the shift each round, so that only the starts of runs of at
+/// least `n` ones survive; the lowest survivor is the answer. O(log n) word operations.
+#[inline]
+fn find_zero_run(x: u64, n: usize) -> usize {
+    debug_assert!((1..=64).contains(&n));
+    let mut c = !x;
+    let mut p = n - 1; // ones still to strip from the top of each run
+    let mut k = 1; // every surviving run is at least k long
+    while p > 0 {
+        if p <= k {
+            c &= c >> p;
+            break;
+        }
+        c &= c >> k;
+        if c == 0 {
+            return 64;
+        }
+        p -= k;
+        k *= 2;
+    }
+    c.trailing_zeros() as usize
+}
+
+/// The longest run of zero bits in `x`, in O(log 64) word operations.
 #[inline]
 fn longest_zero_run(x: u64) -> usize {
-    // After k rounds, bit i of `y` is set iff bits i..i+k of `!x` all are.
-    let mut y = !x;
-    let mut n = 0;
-    while y != 0 {
-        y &= y >> 1;
-        n += 1;
+    // Invariant: bit i of `c` is set iff bits i..i+len of `!x` are all set, so
+    // `c & (c >> k)` keeps exactly the starts of runs at least `len + k` long.
+    let mut c = !x;
+    if c == 0 {
+        return 0;
     }
-    n
+    let mut len = 1;
+    // Double the step while runs that long exist...
+    let mut k = 1;
+    while k < 64 {
+        let t = c & (c >> k);
+        if t == 0 {
+            break;
+        }
+        c = t;
+        len += k;
+        k *= 2;
+    }
+    // ...then the longest run is shorter than `len + k`: binary-search the rest.
+    k /= 2;
+    while k >= 1 {
+        let t = c & (c >> k);
+        if t != 0 {
+            c = t;
+            len += k;
+        }
+        k /= 2;
+    }
+    len
 }
 
 impl Chunk {
@@ -371,15 +418,77 @@ impl Chunk {
     /// none).
     fn find(&self, npages: usize, from: usize) -> (Option<usize>, usize) {
         let first_free = next_bit(&self.alloc, from, false);
-        let mut z = first_free;
-        while z < CHUNK_PAGES {
-            let used = next_bit(&self.alloc, z, true);
-            if used - z >= npages {
-                return (Some(z), first_free);
-            }
-            z = next_bit(&self.alloc, used, false);
+        let pos = if first_free >= CHUNK_PAGES || npages > CHUNK_PAGES - first_free {
+            None
+        } else if npages == 1 {
+            Some(first_free)
+        } else if npages <= 64 {
+            self.find_small(npages, first_free)
+        } else {
+            self.find_large(npages, first_free)
+        };
+        (pos, first_free)
+    }
+
+    /// The alloc word `i`, with the pages below `from` counted as used.
+    #[inline]
+    fn word_from(&self, i: usize, from: usize) -> u64 {
+        let w = self.alloc[i];
+        if i == from / 64 {
+            w | ((1u64 << (from % 64)) - 1)
+        } else {
+            w
         }
-        (None, first_free)
+    }
+
+    /// First fit of `2..=64` pages at or after `from`, a word at a time (Go's
+    /// `findSmallN`): a run either continues the free top of the previous word into the
+    /// bottom of this one, or lies inside one word.
+    fn find_small(&self, npages: usize, from: usize) -> Option<usize> {
+        // Free pages at the top of the previous word.
+        let mut end = 0;
+        for i in from / 64..CHUNK_WORDS {
+            let w = self.word_from(i, from);
+            if w == !0 {
+                end = 0;
+                continue;
+            }
+            if end + w.trailing_zeros() as usize >= npages {
+                return Some(i * 64 - end);
+            }
+            let j = find_zero_run(w, npages);
+            if j < 64 {
+                return Some(i * 64 + j);
+            }
+            end = w.leading_zeros() as usize;
+        }
+        None
+    }
+
+    /// First fit of more than 64 pages at or after `from` (Go's `findLargeN`): such a
+    /// run starts at the free top of a word (or at a word boundary) and continues
+    /// through whole free words into the free bottom of a later word.
+    fn find_large(&self, npages: usize, from: usize) -> Option<usize> {
+        let (mut size, mut start) = (0usize, 0usize);
+        for i in from / 64..CHUNK_WORDS {
+            let w = self.word_from(i, from);
+            if w == 0 {
+                if size == 0 {
+                    start = i * 64;
+                }
+                size += 64;
+                if size >= npages {
+                    return Some(start);
+                }
+                continue;
+            }
+            if size + w.trailing_zeros() as usize >= npages {
+                return Some(start);
+            }
+            size = w.leading_zeros() as usize;
+            start = i * 64 + 64 - size;
+        }
+        None
     }
 
     /// Marks pages `[s, e)` allocated and clears their scavenged bits. Returns how many
@@ -609,6 +718,25 @@ impl PageAlloc {
         }
     }
 
+    /// The 8 sibling entries `first..first + 8` of level `l` (`first` a multiple of 8),
+    /// with one mapping check: a block of siblings is 64 bytes and never straddles a
+    /// mapping unit. An unmapped block reads as "no free pages".
+    #[inline]
+    fn sum_block(&self, l: usize, first: usize) -> [Sum; 8] {
+        debug_assert!(first % 8 == 0);
+        match self.sum_ptr(l, first) {
+            // SAFETY: the block lies in the same mapped unit as its first entry (units
+            // are multiples of 64 bytes and blocks are 64-byte aligned), inside the
+            // level (level sizes are multiples of 8 entries), and `&self` excludes
+            // writers.
+            Some(p) => unsafe { p.cast::<[u64; 8]>().read() }.map(Sum),
+            None => {
+                debug_assert!(false, "read of an unmapped summary block ({l}, {first})");
+                [Sum::EMPTY; 8]
+            }
+        }
+    }
+
     /// Writes entry `i` of level `l` (which must be mapped; otherwise nothing happens).
     #[inline]
     fn set_sum(&mut self, l: usize, i: usize, s: Sum) {
@@ -791,11 +919,7 @@ impl PageAlloc {
             let shift = LEVEL_SHIFT[l] - LOG_CHUNK_SIZE;
             let log_child_pages = LEVEL_SHIFT[l + 1] - PAGE_SHIFT;
             for i in (c0 >> shift)..=((c1 - 1) >> shift) {
-                let first = i << LEVEL_BITS[l + 1];
-                let mut kids = [Sum::EMPTY; 8];
-                for (k, kid) in kids.iter_mut().enumerate() {
-                    *kid = self.sum(l + 1, first + k);
-                }
+                let kids = self.sum_block(l + 1, i << LEVEL_BITS[l + 1]);
                 let new = merge(&kids, log_child_pages);
                 if self.sum(l, i) != new {
                     self.set_sum(l, i, new);
@@ -2493,5 +2617,63 @@ mod tests {
         assert_eq!(rf.chunks.len(), MAX_CHUNKS);
         assert!(rf.pos(BASE - 1).is_none(), "the gap stayed a gap");
         assert!(rf.pos(CHUNK_COUNT - 1).is_some() && rf.pos(1 << 47 >> LOG_CHUNK_SIZE).is_some());
+    }
+}
+
+#[cfg(test)]
+mod find_zero_run_tests {
+    use super::find_zero_run;
+
+    #[test]
+    fn matches_a_bit_by_bit_search() {
+        let naive = |x: u64, n: usize| {
+            (0..=64 - n)
+                .find(|&i| (i..i + n).all(|b| x >> b & 1 == 0))
+                .unwrap_or(64)
+        };
+        let mut r = 0x2545F4914F6CDD1Du64;
+        for _ in 0..20_000 {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            // Sparse and dense words, and long zero runs.
+            let x = match r % 4 {
+                0 => r,
+                1 => r & (r >> 3) & (r >> 7),
+                2 => r | (r >> 5),
+                _ => (r & 0xF0F0_0000_0000_0F0F) << (r % 9),
+            };
+            for n in 1..=64 {
+                assert_eq!(find_zero_run(x, n), naive(x, n), "x={x:#018x} n={n}");
+            }
+        }
+        let naive_longest = |x: u64| {
+            (0..64)
+                .filter(|&i| x >> i & 1 == 0)
+                .map(|i| (i..64).take_while(|&b| x >> b & 1 == 0).count())
+                .max()
+                .unwrap_or(0)
+        };
+        r = 99;
+        for _ in 0..50_000 {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            for x in [
+                r,
+                r & (r >> 9),
+                r | (r >> 3),
+                r << (r % 64),
+                !(r << (r % 64)),
+                r & 0x8000_0000_0000_0001,
+            ] {
+                assert_eq!(super::longest_zero_run(x), naive_longest(x), "x={x:#018x}");
+            }
+        }
+        assert_eq!(super::longest_zero_run(0), 64);
+        assert_eq!(super::longest_zero_run(!0), 0);
+        assert_eq!(find_zero_run(0, 64), 0);
+        assert_eq!(find_zero_run(1, 64), 64);
+        assert_eq!(find_zero_run(!0, 1), 64);
     }
 }
