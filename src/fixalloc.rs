@@ -152,3 +152,62 @@ mod tests {
         unsafe { std::alloc::dealloc(mem as *mut u8, layout) };
     }
 }
+
+/// An untyped fixed-size record allocator, for records whose size is chosen at run
+/// time (small-object bitmaps). Same rules as [`FixAlloc`]; the free-list link is kept
+/// in the record's last word, and [`alloc`](Self::alloc) says whether the record is
+/// freshly carved so the caller can construct what needs constructing once.
+pub(crate) struct RawFixAlloc {
+    /// Record size in bytes (a multiple of 8, at least 8).
+    size: usize,
+    free: *mut u8,
+    chunk: usize,
+    nchunk: usize,
+}
+
+// SAFETY: as for FixAlloc: metadata memory owned by the allocator, access serialised by
+// the owner's lock.
+unsafe impl Send for RawFixAlloc {}
+
+impl RawFixAlloc {
+    pub(crate) const fn new(size: usize) -> Self {
+        RawFixAlloc {
+            size,
+            free: ptr::null_mut(),
+            chunk: 0,
+            nchunk: 0,
+        }
+    }
+
+    /// A record and whether it is fresh (never handed out before), or null if empty.
+    pub(crate) fn alloc(&mut self) -> (*mut u8, bool) {
+        if !self.free.is_null() {
+            let p = self.free;
+            // SAFETY: free records are ours; their last word holds the link.
+            self.free = unsafe { p.add(self.size - 8).cast::<*mut u8>().read() };
+            (p, false)
+        } else if self.nchunk >= self.size {
+            let p = self.chunk as *mut u8;
+            self.chunk += self.size;
+            self.nchunk -= self.size;
+            (p, true)
+        } else {
+            (ptr::null_mut(), false)
+        }
+    }
+
+    /// Returns a record.
+    ///
+    /// # Safety
+    /// `p` came from this allocator and nobody uses its last word any more.
+    pub(crate) unsafe fn free(&mut self, p: *mut u8) {
+        // SAFETY: the record is ours again; its last word becomes the link.
+        unsafe { p.add(self.size - 8).cast::<*mut u8>().write(self.free) };
+        self.free = p;
+    }
+
+    pub(crate) fn add_chunk(&mut self, base: usize, bytes: usize) {
+        self.chunk = base;
+        self.nchunk = bytes;
+    }
+}

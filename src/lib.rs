@@ -31,6 +31,8 @@
 mod arena;
 mod fixalloc;
 mod malloc;
+mod mcache;
+mod mcentral;
 mod mheap;
 mod mspan;
 pub mod os;
@@ -69,24 +71,24 @@ mod global {
     unsafe impl GlobalAlloc for SpanHeap {
         #[inline]
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            malloc::alloc(&HEAP, layout.size(), layout.align(), false)
+            malloc::global::alloc(layout.size(), layout.align())
         }
 
         #[inline]
         unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-            malloc::alloc(&HEAP, layout.size(), layout.align(), true)
+            malloc::global::alloc_zeroed(layout.size(), layout.align())
         }
 
         #[inline]
-        unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-            // SAFETY: GlobalAlloc's contract: `ptr` is a live block from this allocator.
-            unsafe { malloc::dealloc(&HEAP, ptr) }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: GlobalAlloc's contract: `ptr` is a live block allocated with `layout`.
+            unsafe { malloc::global::dealloc(ptr, layout.size(), layout.align()) }
         }
 
         #[inline]
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             // SAFETY: GlobalAlloc's contract: `ptr` is a live block allocated with `layout`.
-            unsafe { malloc::realloc(&HEAP, ptr, layout.size(), layout.align(), new_size) }
+            unsafe { malloc::global::realloc(ptr, layout.size(), layout.align(), new_size) }
         }
     }
 }

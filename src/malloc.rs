@@ -1,9 +1,12 @@
 //! The allocation entry points behind `GlobalAlloc` (Go's `malloc.go`): they turn a
 //! `Layout` into work for the heap.
 //!
-//! At this stage every request is a *large* object: a page span of its own, sized to
-//! whole 8 KiB pages and aligned as asked. The small-object path (size classes, thread
-//! caches) slots in front of these functions.
+//! A request whose `Layout` maps to a size class (up to 32 KiB, alignment up to 8 KiB,
+//! see `sizeclasses::class_for_layout`) is a *small* object, served by the thread cache
+//! (`mcache.rs`); anything else is a *large* object: a page span of its own, sized to
+//! whole 8 KiB pages and aligned as asked. `dealloc` and `realloc` recompute the class
+//! from the `Layout` they are given with the same function, so a block's class at free
+//! time always matches its class at allocation time.
 //!
 //! None of these functions panics or unwinds; failures return null.
 
@@ -127,5 +130,88 @@ pub(crate) unsafe fn usable_size<M: MemSource>(heap: &MHeap<M>, p: *mut u8) -> u
     match unsafe { heap.span_of_unchecked(p as usize).as_ref() } {
         Some(s) => s.npages() << PAGE_SHIFT,
         None => 0,
+    }
+}
+
+/// The process-wide entry points behind `SpanHeap` (small objects through the thread
+/// caches, large ones through the functions above).
+#[cfg(not(spanheap_loom))]
+pub(crate) mod global {
+    use core::ptr::{self, NonNull};
+
+    use crate::global::HEAP;
+    use crate::mcache;
+    use crate::sizeclasses::class_for_layout;
+
+    #[inline]
+    pub(crate) fn alloc(size: usize, align: usize) -> *mut u8 {
+        let class = class_for_layout(size, align);
+        if class != 0 {
+            return mcache::alloc(class as usize);
+        }
+        super::alloc(&HEAP, size, align, false)
+    }
+
+    #[inline]
+    pub(crate) fn alloc_zeroed(size: usize, align: usize) -> *mut u8 {
+        let class = class_for_layout(size, align);
+        if class == 0 {
+            return super::alloc(&HEAP, size, align, true);
+        }
+        let p = mcache::alloc(class as usize);
+        if let Some(s) =
+            NonNull::new(p).and_then(|p| NonNull::new(HEAP.span_of_unchecked(p.as_ptr() as usize)))
+        {
+            // SAFETY: we just allocated `p` from a span our cache owns.
+            if unsafe { mcache::needs_zero(s) } {
+                // SAFETY: the object holds at least `size` bytes.
+                unsafe { ptr::write_bytes(p, 0, size) };
+            }
+        }
+        p
+    }
+
+    /// # Safety
+    /// `p` is a live block allocated with this `size` and `align`.
+    #[inline]
+    pub(crate) unsafe fn dealloc(p: *mut u8, size: usize, align: usize) {
+        let class = class_for_layout(size, align);
+        if class == 0 {
+            // SAFETY: forwarded.
+            return unsafe { super::dealloc(&HEAP, p) };
+        }
+        let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
+            return; // not ours: never panic in dealloc
+        };
+        // SAFETY: `p` is a live object of class `class` in span `s`.
+        unsafe { mcache::dealloc(p, s, class as usize) }
+    }
+
+    /// # Safety
+    /// `p` is a live block allocated with `old_size` and `align`.
+    pub(crate) unsafe fn realloc(
+        p: *mut u8,
+        old_size: usize,
+        align: usize,
+        new_size: usize,
+    ) -> *mut u8 {
+        let old_class = class_for_layout(old_size, align);
+        let new_class = class_for_layout(new_size, align);
+        if old_class != 0 && old_class == new_class {
+            return p; // same object size: stays in place
+        }
+        if old_class == 0 && new_class == 0 {
+            // SAFETY: forwarded (large to large: in place when possible).
+            return unsafe { super::realloc(&HEAP, p, old_size, align, new_size) };
+        }
+        let q = alloc(new_size, align);
+        if !q.is_null() {
+            // SAFETY: distinct live blocks, each at least this long.
+            unsafe {
+                ptr::copy_nonoverlapping(p, q, old_size.min(new_size));
+                dealloc(p, old_size, align);
+            }
+        }
+        q
     }
 }

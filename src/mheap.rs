@@ -40,10 +40,18 @@
 use core::ptr::{self, NonNull};
 
 use crate::arena::{ArenaIndex, HeapArena, ARENA_SIZE};
-use crate::fixalloc::FixAlloc;
-use crate::mspan::{MSpan, Purpose, SpanInfo, SpanState};
+use crate::fixalloc::{FixAlloc, RawFixAlloc};
+#[cfg(not(spanheap_loom))]
+use crate::mcache::MCache;
+use crate::mcentral::MCentral;
+use crate::mspan::{
+    place, rstate, MSpan, Purpose, SmallPrivate, SpanInfo, SpanState, NO_LIST, RSTATE_OWNED,
+};
 use crate::os::{MemSource, OsError, PAGE_SHIFT};
 use crate::pagealloc::PageAlloc;
+use crate::sizeclasses::NUM_CLASSES;
+use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
+use crate::sync::init_atomics;
 use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// The largest span, in bytes; larger requests fail with null (2^46 = 64 TiB, half of a
@@ -51,8 +59,17 @@ use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
 pub(crate) const MAX_SPAN_BYTES: usize = 1 << 46;
 /// The largest alignment served; beyond it the address space cannot help.
 pub(crate) const MAX_ALIGN: usize = 1 << 46;
-/// Pages in one chunk of span records (64 KiB: 1,024 records of 64 bytes).
+/// Pages in one chunk of span records, bitmap records or thread-cache records (64 KiB).
 const SPAN_CHUNK_PAGES: usize = 8;
+/// Bitmap record sizes, in 64-bit words per bitmap (a record holds two bitmaps).
+const BITS_WORDS: [usize; 5] = [1, 2, 4, 8, 16];
+
+/// Index into `BITS_WORDS` for a span of `nelems` objects.
+#[inline]
+fn bits_bucket(nelems: usize) -> usize {
+    let w = nelems.div_ceil(64).max(1);
+    (usize::BITS - (w - 1).leading_zeros()) as usize
+}
 
 /// Everything the heap lock protects.
 pub(crate) struct Locked {
@@ -60,9 +77,33 @@ pub(crate) struct Locked {
     pages: PageAlloc,
     /// Span records.
     spanalloc: FixAlloc<MSpan>,
+    /// Small-object bitmap records, one allocator per size in `BITS_WORDS`.
+    bitsalloc: [RawFixAlloc; 5],
+    /// Thread-cache records (the `GlobalAlloc` front end only).
+    #[cfg(not(spanheap_loom))]
+    cachealloc: FixAlloc<MCache>,
     /// Where the next arena reservation is tried first (just past the last one), so
     /// arenas stay contiguous.
     hint: usize,
+}
+
+impl Locked {
+    const fn new() -> Self {
+        Locked {
+            pages: PageAlloc::new(),
+            spanalloc: FixAlloc::new(),
+            bitsalloc: [
+                RawFixAlloc::new(2 * 8 * BITS_WORDS[0]),
+                RawFixAlloc::new(2 * 8 * BITS_WORDS[1]),
+                RawFixAlloc::new(2 * 8 * BITS_WORDS[2]),
+                RawFixAlloc::new(2 * 8 * BITS_WORDS[3]),
+                RawFixAlloc::new(2 * 8 * BITS_WORDS[4]),
+            ],
+            #[cfg(not(spanheap_loom))]
+            cachealloc: FixAlloc::new(),
+            hint: 0,
+        }
+    }
 }
 
 /// Heap counters (seed 000): atomics, updated outside the heap lock, in
@@ -150,6 +191,8 @@ pub(crate) struct MHeap<M: MemSource> {
     pages_in_use: AtomicUsize,
     /// Heap counters, atomic.
     stats: HeapStats,
+    /// One mcentral per size class (index 0 unused).
+    pub(crate) central: [MCentral; NUM_CLASSES],
 }
 
 impl<M: MemSource> MHeap<M> {
@@ -157,28 +200,22 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) const fn new(mem: M) -> Self {
         MHeap {
             mem,
-            locked: Mutex::new(Locked {
-                pages: PageAlloc::new(),
-                spanalloc: FixAlloc::new(),
-                hint: 0,
-            }),
+            locked: Mutex::new(Locked::new()),
             arenas: ArenaIndex::new(),
             pages_in_use: AtomicUsize::new(0),
             stats: HeapStats::new(),
+            central: [const { MCentral::new() }; NUM_CLASSES],
         }
     }
     #[cfg(spanheap_loom)]
     pub(crate) fn new(mem: M) -> Self {
         MHeap {
             mem,
-            locked: Mutex::new(Locked {
-                pages: PageAlloc::new(),
-                spanalloc: FixAlloc::new(),
-                hint: 0,
-            }),
+            locked: Mutex::new(Locked::new()),
             arenas: ArenaIndex::new(),
             pages_in_use: AtomicUsize::new(0),
             stats: HeapStats::new(),
+            central: core::array::from_fn(|_| MCentral::new()),
         }
     }
 
@@ -202,17 +239,40 @@ impl<M: MemSource> MHeap<M> {
         // Step 1, under the lock: a span record and pages, nothing else. The record
         // comes first so that a refill of the record chunk lands below the run rather
         // than right after it, where it would block the run from growing in place.
-        let (base, scav, s) = self.locked.lock().with(|h| {
+        let (base, scav, s, bits) = self.locked.lock().with(|h| {
             let s = self.span_record_locked(h)?;
+            // Small-object spans also need a bitmap record.
+            let bits = if spanclass != 0 {
+                match self.bits_record_locked(h, CLASS_TO_NOBJS[spanclass as usize] as usize) {
+                    Some(b) => b,
+                    None => {
+                        // SAFETY: the record was just taken and never published.
+                        unsafe { h.spanalloc.free(s.as_ptr()) };
+                        return None;
+                    }
+                }
+            } else {
+                ptr::null_mut()
+            };
             match self.alloc_pages_locked(h, npages, align_pages) {
-                Some((base, scav)) => Some((base, scav, s)),
+                Some((base, scav)) => Some((base, scav, s, bits)),
                 None => {
-                    // SAFETY: the record was just taken and never published.
-                    unsafe { h.spanalloc.free(s.as_ptr()) };
+                    // SAFETY: the records were just taken and never published.
+                    unsafe {
+                        h.spanalloc.free(s.as_ptr());
+                        if !bits.is_null() {
+                            let n = CLASS_TO_NOBJS[spanclass as usize] as usize;
+                            h.bitsalloc[bits_bucket(n)].free(bits.cast());
+                        }
+                    }
                     None
                 }
             }
         })?;
+        if spanclass != 0 {
+            // SAFETY: the span is private to this thread until published below.
+            unsafe { init_small(s, spanclass, bits) };
+        }
 
         // Steps 2 and 3, without the lock.
         self.commit_run(base, npages, scav);
@@ -251,8 +311,19 @@ impl<M: MemSource> MHeap<M> {
         span.set_state(SpanState::Dead);
         self.account_free(info.purpose, npages << PAGE_SHIFT);
 
-        // Under the lock: give back the pages and the record.
+        // Under the lock: give back the pages and the records.
+        let bits = if info.spanclass != 0 {
+            // SAFETY: the caller owns the dead span.
+            let p = unsafe { span.small.private_mut() };
+            (p.bits, p.nelems as usize)
+        } else {
+            (ptr::null_mut(), 0)
+        };
         self.locked.lock().with(|h| {
+            if !bits.0.is_null() {
+                // SAFETY: the bitmap record belonged to the span, which is dead.
+                unsafe { h.bitsalloc[bits_bucket(bits.1)].free(bits.0.cast()) };
+            }
             h.pages.free(base, npages);
             // SAFETY: the span is dead and unreachable except for validating readers.
             unsafe { h.spanalloc.free(s.as_ptr()) };
@@ -485,6 +556,71 @@ impl<M: MemSource> MHeap<M> {
         NonNull::new(h.spanalloc.alloc())
     }
 
+    /// A chunk of `SPAN_CHUNK_PAGES` pages for a record allocator, as a manual span of
+    /// `purpose`. Needs the heap lock (`h`). Like the span-record refill, this rare path
+    /// initialises and publishes the chunk's span with the lock held.
+    fn manual_chunk_locked(&self, h: &mut Locked, purpose: Purpose) -> Option<usize> {
+        let s = self.span_record_locked(h)?;
+        let Some((base, scav)) = self.alloc_pages_locked(h, SPAN_CHUNK_PAGES, 1) else {
+            // SAFETY: the record was just taken and never published.
+            unsafe { h.spanalloc.free(s.as_ptr()) };
+            return None;
+        };
+        self.commit_run(base, SPAN_CHUNK_PAGES, scav);
+        // SAFETY: fresh record and pages, known to nobody else.
+        unsafe { self.init_and_publish(s, base, SPAN_CHUNK_PAGES, purpose, 0, scav) };
+        Some(base)
+    }
+
+    /// A bitmap record for a span of `nelems` objects. Needs the heap lock (`h`).
+    fn bits_record_locked(&self, h: &mut Locked, nelems: usize) -> Option<*mut u64> {
+        let b = bits_bucket(nelems);
+        let (mut p, mut fresh) = h.bitsalloc[b].alloc();
+        if p.is_null() {
+            let base = self.manual_chunk_locked(h, Purpose::SpanBitmaps)?;
+            h.bitsalloc[b].add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
+            (p, fresh) = h.bitsalloc[b].alloc();
+        }
+        if fresh {
+            // The remote-free words are atomics: construct them once, when carved.
+            // SAFETY: a fresh record of 2 * BITS_WORDS[b] words; chunk memory may be
+            // dirty, so zero it first.
+            unsafe {
+                ptr::write_bytes(p, 0, 2 * 8 * BITS_WORDS[b]);
+                init_atomics(p.cast::<crate::sync::AtomicU64>(), BITS_WORDS[b]);
+            }
+        }
+        Some(p.cast())
+    }
+
+    /// A thread-cache record (constructed empty), or null if memory is exhausted.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn alloc_cache_record(&self) -> *mut MCache {
+        self.locked.lock().with(|h| {
+            let p = h.cachealloc.alloc();
+            if !p.is_null() {
+                return p;
+            }
+            match self.manual_chunk_locked(h, Purpose::ThreadCaches) {
+                Some(base) => {
+                    h.cachealloc.add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
+                    h.cachealloc.alloc()
+                }
+                None => ptr::null_mut(),
+            }
+        })
+    }
+
+    /// Returns a thread-cache record.
+    ///
+    /// # Safety
+    /// `p` came from `alloc_cache_record` and is not used any more.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn free_cache_record(&self, p: *mut MCache) {
+        // SAFETY: forwarded.
+        self.locked.lock().with(|h| unsafe { h.cachealloc.free(p) });
+    }
+
     /// Prepared -> Ready for a run that contained `scav` scavenged bytes.
     fn commit_run(&self, base: usize, npages: usize, scav: usize) {
         if scav != 0 {
@@ -524,12 +660,20 @@ impl<M: MemSource> MHeap<M> {
         let span = unsafe { s.as_ref() };
         span.base.store(base, Ordering::Relaxed);
         span.npages.store(npages, Ordering::Relaxed);
+        // Keep the bitmap record `init_small` attached (null for other spans).
+        let bits = if spanclass != 0 {
+            // SAFETY: the span is private; `init_small` ran on this thread.
+            unsafe { span.small.private_mut() }.bits
+        } else {
+            ptr::null_mut()
+        };
         // SAFETY: as above, the span is not published yet.
         unsafe {
             span.set_info(SpanInfo {
                 purpose,
                 spanclass,
                 needzero,
+                bits,
             })
         };
 
@@ -579,6 +723,48 @@ impl<M: MemSource> MHeap<M> {
         }
         add(&st.heap_idle, nbytes);
     }
+}
+
+/// Initialises the small-object state of an unpublished span of class `spanclass`:
+/// every object free, owned by nobody yet (the mcentral hands it to a cache).
+///
+/// # Safety
+/// The span is private to the caller, and `bits` is a bitmap record large enough for
+/// the class.
+unsafe fn init_small(s: NonNull<MSpan>, spanclass: u8, bits: *mut u64) {
+    let nelems = CLASS_TO_NOBJS[spanclass as usize] as usize;
+    let words = BITS_WORDS[bits_bucket(nelems)];
+    // SAFETY: the span is private (caller's contract).
+    let small = unsafe { &s.as_ref().small };
+    // SAFETY: as above.
+    let p = unsafe { small.private_mut() };
+    *p = SmallPrivate {
+        bits,
+        words: words as u8,
+        next_word: 0,
+        nelems: nelems as u16,
+        elemsize: CLASS_TO_SIZE[spanclass as usize] as u32,
+        prev: ptr::null_mut(),
+        next: ptr::null_mut(),
+        list: NO_LIST,
+        dirty: false,
+    };
+    for w in 0..words {
+        // Bits at or past nelems are permanently "allocated".
+        let valid = nelems.saturating_sub(w * 64).min(64);
+        let invalid = if valid == 64 { 0 } else { !0u64 << valid };
+        // SAFETY: w < words; the record is private with the span.
+        unsafe {
+            *p.alloc(w) = invalid;
+            // Relaxed: the span is not published yet; publication orders it.
+            p.remote(w).store(0, Ordering::Relaxed);
+        }
+    }
+    small.owner.store(0, Ordering::Relaxed);
+    small
+        .rstate
+        .store(rstate(RSTATE_OWNED, 0), Ordering::Relaxed);
+    small.place.store(place::CACHED, Ordering::Relaxed);
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! span; `state` is then stored with Release as the last of the span's own fields.
 //! Readers load `state` with Acquire before trusting any other field.
 
-use crate::sync::{AtomicU8, AtomicUsize, Ordering, UnsafeCell};
+use crate::sync::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering, UnsafeCell};
 
 /// Why a span was allocated (Go's `spanAllocType`, seed 004). Statistics are kept per
 /// purpose, in one place for allocation and one for free.
@@ -22,13 +22,22 @@ pub enum Purpose {
     Heap = 0,
     /// Chunks of span records (the span-record fixalloc's backing memory).
     SpanRecords = 1,
+    /// Chunks of small-object span bitmaps (remote-free and alloc bits).
+    SpanBitmaps = 2,
+    /// Chunks of thread-cache records (`MCache`).
+    ThreadCaches = 3,
 }
 
 impl Purpose {
     /// Number of purposes (for per-purpose counter arrays).
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 4;
     /// Every purpose, in counter order.
-    pub const ALL: [Purpose; Purpose::COUNT] = [Purpose::Heap, Purpose::SpanRecords];
+    pub const ALL: [Purpose; Purpose::COUNT] = [
+        Purpose::Heap,
+        Purpose::SpanRecords,
+        Purpose::SpanBitmaps,
+        Purpose::ThreadCaches,
+    ];
 
     /// Whether the span is managed by the allocator itself rather than handed to users.
     /// Manual spans do not count toward `heap_sys` / `heap_inuse`.
@@ -41,6 +50,8 @@ impl Purpose {
         match self {
             Purpose::Heap => "heap",
             Purpose::SpanRecords => "span-records",
+            Purpose::SpanBitmaps => "span-bitmaps",
+            Purpose::ThreadCaches => "thread-caches",
         }
     }
 }
@@ -64,10 +75,11 @@ pub(crate) enum SpanState {
 pub(crate) struct SpanInfo {
     pub(crate) purpose: Purpose,
     /// Size class; 0 for a span holding one large block (or a manual span).
-    #[allow(dead_code)] // read by the small-object path, which is being built next
     pub(crate) spanclass: u8,
     /// Whether the memory may hold non-zero bytes (so `alloc_zeroed` must clear it).
     pub(crate) needzero: bool,
+    /// Small-object spans: the bitmap record (remote-free words first). Null otherwise.
+    pub(crate) bits: *mut u64,
 }
 
 /// One span. Field comments say what protects each field.
@@ -87,10 +99,166 @@ pub(crate) struct MSpan {
     /// Link in the fixalloc free list while the record is free. Protected by the heap
     /// lock (the fixalloc lives under it).
     pub(crate) free_link: UnsafeCell<*mut MSpan>,
+    /// Small-object state; meaningful only for spans with a size class.
+    pub(crate) small: SmallSpan,
 }
 
-// One cache line per record: records of different spans never share a line.
-static_assertions::const_assert_eq!(core::mem::size_of::<MSpan>(), 64);
+// Whole cache lines per record: records of different spans never share a line.
+static_assertions::const_assert!(core::mem::size_of::<MSpan>() <= 192);
+
+/// Value of the high half of [`SmallSpan::rstate`] while a thread cache owns the span.
+pub(crate) const RSTATE_OWNED: u32 = u32::MAX;
+/// Bias of the low half of [`SmallSpan::rstate`]: the count is stored as `BIAS + n`,
+/// so the transient deficit of a merge that ran ahead of an increment (at most the
+/// span's object count) never borrows from the high half, and increments never carry.
+pub(crate) const RSTATE_BIAS: u32 = 1 << 31;
+
+/// Packs a remote-free state word.
+#[inline]
+pub(crate) const fn rstate(high: u32, low: i64) -> u64 {
+    ((high as u64) << 32) | (RSTATE_BIAS as i64 + low) as u32 as u64
+}
+
+/// Unpacks a remote-free state word into (high, signed low).
+#[inline]
+pub(crate) const fn rstate_parts(x: u64) -> (u32, i64) {
+    ((x >> 32) as u32, (x as u32) as i64 - RSTATE_BIAS as i64)
+}
+
+/// Where a small-object span is (`SmallSpan::place`).
+pub(crate) mod place {
+    /// Owned by a thread cache (its current span for the class).
+    pub(crate) const CACHED: u8 = 0;
+    /// In its mcentral's partial list: has free objects.
+    pub(crate) const PARTIAL: u8 = 1;
+    /// In its mcentral's full list: no free object known.
+    pub(crate) const FULL: u8 = 2;
+    /// Pushed on its mcentral's pending stack by a remote free (still linked in the
+    /// list it was in, unless `SmallPrivate::list` says otherwise).
+    pub(crate) const PENDING: u8 = 3;
+}
+
+/// The part of a small-object span that threads other than its owner touch, plus the
+/// owner's private state.
+///
+/// Protocol (see `docs/design.md`, "Explicit free"): a remote free sets the object's bit
+/// in the remote bitmap (atomic OR, Release), then adds one to the low half of `rstate`
+/// (SeqCst). While a cache owns the span the high half is [`RSTATE_OWNED`]; while the
+/// span is in its mcentral, the high half is the number of live objects at the last
+/// merge, so the free that makes the low half reach it freed the span's last object.
+pub(crate) struct SmallSpan {
+    /// High 32 bits: [`RSTATE_OWNED`], or live objects at the last merge while
+    /// unowned. Low 32 bits: remote frees counted since the last merge, biased by
+    /// [`RSTATE_BIAS`] (a merge subtracts the objects it merged). Atomic RMW by remote freers and by the
+    /// span's owner (cache or mcentral lock holder).
+    pub(crate) rstate: AtomicU64,
+    /// Address of the owning thread cache, or 0. Written by the owner when it takes or
+    /// gives up the span; read (Relaxed) by freeing threads: only the owner can see its
+    /// own address here.
+    pub(crate) owner: AtomicUsize,
+    /// One of [`place`]'s values. Transitions into and out of PENDING are CASes (remote
+    /// freers race with the mcentral lock holder); the others happen under the lock.
+    pub(crate) place: AtomicU8,
+    /// Link in the mcentral's pending stack (Treiber push, take-all pop).
+    pub(crate) pending_next: AtomicPtr<MSpan>,
+    /// Owner-private state: accessed only by the owning cache's thread, or under the
+    /// mcentral lock while the span is not cached (ownership passes under that lock).
+    pub(crate) private: UnsafeCell<SmallPrivate>,
+}
+
+/// See [`SmallSpan::private`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SmallPrivate {
+    /// Bitmap record: `words` remote-free words (atomics), then `words` alloc words
+    /// (bit set = allocated; bits at or past `nelems` are always set). Same as
+    /// `SpanInfo::bits`.
+    pub(crate) bits: *mut u64,
+    pub(crate) words: u8,
+    /// The next alloc word to load into a cache window.
+    pub(crate) next_word: u8,
+    pub(crate) nelems: u16,
+    pub(crate) elemsize: u32,
+    /// Doubly linked list of the mcentral (protected by its lock).
+    pub(crate) prev: *mut MSpan,
+    pub(crate) next: *mut MSpan,
+    /// Which list the span is linked in: `place::PARTIAL`, `place::FULL`, or `NO_LIST`.
+    pub(crate) list: u8,
+    /// Whether objects have been freed and handed out again (then `alloc_zeroed` must
+    /// clear them even if the span came zeroed from the OS).
+    pub(crate) dirty: bool,
+}
+
+/// `SmallPrivate::list` when the span is in no list.
+pub(crate) const NO_LIST: u8 = 0xFF;
+
+impl SmallPrivate {
+    const EMPTY: SmallPrivate = SmallPrivate {
+        bits: core::ptr::null_mut(),
+        words: 0,
+        next_word: 0,
+        nelems: 0,
+        elemsize: 0,
+        prev: core::ptr::null_mut(),
+        next: core::ptr::null_mut(),
+        list: NO_LIST,
+        dirty: false,
+    };
+
+    /// The remote-free word `w`.
+    ///
+    /// # Safety
+    /// `bits` is a live bitmap record and `w < words`.
+    #[inline]
+    pub(crate) unsafe fn remote(&self, w: usize) -> &AtomicU64 {
+        // SAFETY: the record starts with `words` atomics (constructed when carved).
+        unsafe { &*(self.bits as *const AtomicU64).add(w) }
+    }
+
+    /// The alloc word `w`.
+    ///
+    /// # Safety
+    /// As for `remote`, and the caller owns the span's private state.
+    #[inline]
+    pub(crate) unsafe fn alloc(&self, w: usize) -> *mut u64 {
+        // SAFETY: alloc words follow the remote words inside the record.
+        unsafe { self.bits.add(self.words as usize + w) }
+    }
+}
+
+impl SmallSpan {
+    #[cfg(not(spanheap_loom))]
+    const fn new() -> Self {
+        SmallSpan {
+            rstate: AtomicU64::new(0),
+            owner: AtomicUsize::new(0),
+            place: AtomicU8::new(place::CACHED),
+            pending_next: AtomicPtr::new(core::ptr::null_mut()),
+            private: UnsafeCell::new(SmallPrivate::EMPTY),
+        }
+    }
+    #[cfg(spanheap_loom)]
+    fn new() -> Self {
+        SmallSpan {
+            rstate: AtomicU64::new(0),
+            owner: AtomicUsize::new(0),
+            place: AtomicU8::new(place::CACHED),
+            pending_next: AtomicPtr::new(core::ptr::null_mut()),
+            private: UnsafeCell::new(SmallPrivate::EMPTY),
+        }
+    }
+
+    /// The private state.
+    ///
+    /// # Safety
+    /// The caller owns the span's private state (see [`SmallSpan::private`]) and holds
+    /// no other reference obtained from this function.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn private_mut(&self) -> &mut SmallPrivate {
+        // SAFETY: exclusive by the caller's contract.
+        self.private.with_mut(|p| unsafe { &mut *p })
+    }
+}
 
 impl MSpan {
     #[cfg(not(spanheap_loom))]
@@ -103,8 +271,10 @@ impl MSpan {
                 purpose: Purpose::Heap,
                 spanclass: 0,
                 needzero: false,
+                bits: core::ptr::null_mut(),
             }),
             free_link: UnsafeCell::new(core::ptr::null_mut()),
+            small: SmallSpan::new(),
         }
     }
     #[cfg(spanheap_loom)]
@@ -117,8 +287,10 @@ impl MSpan {
                 purpose: Purpose::Heap,
                 spanclass: 0,
                 needzero: false,
+                bits: core::ptr::null_mut(),
             }),
             free_link: UnsafeCell::new(core::ptr::null_mut()),
+            small: SmallSpan::new(),
         }
     }
 

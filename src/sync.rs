@@ -15,11 +15,11 @@
 
 #[cfg(not(spanheap_loom))]
 pub(crate) use core::sync::atomic::{
-    AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+    fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 #[cfg(spanheap_loom)]
 pub(crate) use loom::sync::atomic::{
-    AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+    fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 
 /// Tells the CPU (or loom's scheduler) that this thread is waiting for another one.
@@ -222,6 +222,20 @@ impl RawMutex {
         }
     }
 
+    /// Takes the lock if it is free; never waits.
+    #[inline]
+    pub(crate) fn try_lock(&self) -> bool {
+        let ok = self
+            .state
+            .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
+            .is_ok();
+        #[cfg(all(debug_assertions, not(spanheap_loom)))]
+        if ok {
+            self.owner.store(current_thread_id(), Ordering::Relaxed);
+        }
+        ok
+    }
+
     /// Whether some thread holds the lock (for debug assertions of lock preconditions).
     #[allow(dead_code)]
     pub(crate) fn is_locked(&self) -> bool {
@@ -321,6 +335,16 @@ impl<T> Mutex<T> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         self.raw.lock();
         MutexGuard { mutex: self }
+    }
+
+    /// The lock if it is free; never waits.
+    #[inline]
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        if self.raw.try_lock() {
+            Some(MutexGuard { mutex: self })
+        } else {
+            None
+        }
     }
 
     /// The raw lock, for `fork` handlers that must hold it across `fork()`.

@@ -1,0 +1,525 @@
+//! `MCache`: the per-thread front end for small objects (Go's `mcache`).
+//!
+//! Each thread with a cache owns at most one span per size class (its *current* span)
+//! and allocates from it with no lock and no atomic read-modify-write:
+//!
+//! 1. pop the class's local free list (objects of the current span this thread freed);
+//! 2. else take the lowest set bit of `alloc_cache`, a 64-object window of the span's
+//!    alloc bitmap inverted (Go's `allocCache`, count-trailing-zeros);
+//! 3. else `refill`: load the span's next window; when the span is exhausted, merge its
+//!    remote frees and keep it if enough came back, else give it to the mcentral and
+//!    take another span (or grow the heap).
+//!
+//! Freeing is told the size, so the class comes from the `Layout`; the span comes from
+//! the span map. If this thread's cache owns the span, the object goes on the local free
+//! list (no lock, no atomic RMW). Otherwise it is a *remote* free: set the object's bit
+//! in the span's remote bitmap and count it in the span's state word (two atomic RMWs,
+//! lock-free, never lost); the owner merges remote bits when it next sweeps the span,
+//! and an unowned span is announced to its mcentral when it becomes allocatable again
+//! or completely free (then its pages go back to the heap).
+//!
+//! The thread-local pointer starts at a static empty cache whose every class has an
+//! empty window and a sentinel span, so the fast path has no "is there a cache" test:
+//! the first allocation simply misses and the slow path creates the real cache. A
+//! `pthread_key_create` destructor releases the cache at thread exit, independent of
+//! std's TLS destructors; afterwards, and for threads that could not get a cache, the
+//! thread is *cache-less* ("P-less"): it allocates through one shared cache under a lock
+//! and frees through the remote path.
+
+#![cfg(not(spanheap_loom))]
+
+use core::cell::Cell;
+use core::ptr::{self, NonNull};
+
+use crate::fixalloc::Record;
+use crate::global::HEAP;
+use crate::mcentral::{count_free, merge_remote, private};
+use crate::mspan::{rstate_parts, MSpan, Purpose, RSTATE_OWNED};
+use crate::sizeclasses::{obj_index, CLASS_TO_NPAGES, NUM_CLASSES};
+use crate::sync::{AtomicU64, Mutex, Ordering, UnsafeCell};
+
+/// One size class of a cache.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct ClassCache {
+    /// Local free list: objects of `span` freed by this thread, linked through their
+    /// first word.
+    free: *mut u8,
+    /// Free objects of the current window (bit i = object at `window_base + i * elemsize`).
+    alloc_cache: u64,
+    window_base: usize,
+    elemsize: usize,
+    /// The current span, or the sentinel `EMPTY_SPAN`.
+    span: *mut MSpan,
+}
+
+/// A thread cache. Owned by one thread (or, for the shared cache, by the holder of the
+/// shared lock); never touched by others.
+#[repr(C)]
+pub(crate) struct MCache {
+    classes: [ClassCache; NUM_CLASSES],
+    /// Fixalloc free-list link (heap lock).
+    free_link: UnsafeCell<*mut MCache>,
+}
+
+/// The sentinel span of empty cache entries: never allocated from, never freed.
+struct SyncSpan(MSpan);
+// SAFETY: the sentinel is never written.
+unsafe impl Sync for SyncSpan {}
+static EMPTY_SPAN: SyncSpan = SyncSpan(MSpan::new());
+
+const EMPTY_CLASS: ClassCache = ClassCache {
+    free: ptr::null_mut(),
+    alloc_cache: 0,
+    window_base: 0,
+    elemsize: 0,
+    span: &EMPTY_SPAN.0 as *const MSpan as *mut MSpan,
+};
+
+/// The cache every thread starts with (and returns to at exit): all misses.
+struct SyncCache(MCache);
+// SAFETY: the empty cache is never written (every fast path misses on it first).
+unsafe impl Sync for SyncCache {}
+static EMPTY_CACHE: SyncCache = SyncCache(MCache::empty());
+
+impl MCache {
+    const fn empty() -> Self {
+        MCache {
+            classes: [EMPTY_CLASS; NUM_CLASSES],
+            free_link: UnsafeCell::new(ptr::null_mut()),
+        }
+    }
+}
+
+// SAFETY: `free_link` is used only by the fixalloc.
+unsafe impl Record for MCache {
+    fn fresh() -> Self {
+        MCache::empty()
+    }
+    fn free_link(&self) -> &UnsafeCell<*mut Self> {
+        &self.free_link
+    }
+}
+
+const NO_CACHE: u8 = 0;
+const LIVE: u8 = 1;
+const DEAD: u8 = 2;
+
+thread_local! {
+    /// This thread's cache, or the static empty one. Const-initialised, no destructor:
+    /// readable at any point of the thread's life, including TLS teardown.
+    static CACHE: Cell<*mut MCache> = const {
+        Cell::new(&EMPTY_CACHE.0 as *const MCache as *mut MCache)
+    };
+    /// NO_CACHE, LIVE or DEAD (after the exit hook ran).
+    static STATE: Cell<u8> = const { Cell::new(NO_CACHE) };
+}
+
+#[inline]
+fn empty_cache() -> *mut MCache {
+    &EMPTY_CACHE.0 as *const MCache as *mut MCache
+}
+
+#[inline]
+fn empty_span() -> *mut MSpan {
+    &EMPTY_SPAN.0 as *const MSpan as *mut MSpan
+}
+
+/// The fast path shared by thread caches and the shared cache.
+///
+/// # Safety
+/// `c` is this thread's cache, the empty cache, or the shared cache with its lock held.
+#[inline(always)]
+unsafe fn try_alloc(c: *mut MCache, class: usize) -> *mut u8 {
+    // SAFETY: `class < NUM_CLASSES` (from the size-class functions); the entry is ours.
+    // Writes happen only when the entry had something to give, which the empty cache
+    // never has.
+    unsafe {
+        let e = ptr::addr_of_mut!((*c).classes)
+            .cast::<ClassCache>()
+            .add(class);
+        let f = (*e).free;
+        if !f.is_null() {
+            (*e).free = f.cast::<*mut u8>().read();
+            return f;
+        }
+        let ac = (*e).alloc_cache;
+        if ac != 0 {
+            (*e).alloc_cache = ac & (ac - 1);
+            return ((*e).window_base + ac.trailing_zeros() as usize * (*e).elemsize) as *mut u8;
+        }
+    }
+    ptr::null_mut()
+}
+
+/// Allocates an object of size class `class` (1..NUM_CLASSES). Null on failure.
+#[inline]
+pub(crate) fn alloc(class: usize) -> *mut u8 {
+    let c = CACHE.with(Cell::get);
+    // SAFETY: `c` is this thread's cache or the empty one.
+    let p = unsafe { try_alloc(c, class) };
+    if !p.is_null() {
+        return p;
+    }
+    alloc_slow(class)
+}
+
+#[cold]
+#[inline(never)]
+fn alloc_slow(class: usize) -> *mut u8 {
+    let mut c = CACHE.with(Cell::get);
+    match STATE.with(Cell::get) {
+        LIVE => {}
+        NO_CACHE => match create_cache() {
+            Some(n) => c = n,
+            None => return pless_alloc(class),
+        },
+        _ => return pless_alloc(class),
+    }
+    // SAFETY: `c` is this thread's live cache.
+    unsafe {
+        if !refill(c, class) {
+            return ptr::null_mut();
+        }
+        try_alloc(c, class)
+    }
+}
+
+/// Frees an object of class `class` whose span is `s`.
+///
+/// # Safety
+/// `p` is a live small object of span `s` and class `class`, not used afterwards.
+#[inline]
+pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
+    let c = CACHE.with(Cell::get);
+    // SAFETY: span records are never unmapped.
+    let small = unsafe { &s.as_ref().small };
+    // Relaxed: only this thread stores its own cache's address here, so seeing it means
+    // this thread owns the span (and the span is its current one for `class`).
+    if small.owner.load(Ordering::Relaxed) == c as usize {
+        // SAFETY: local free: the span, the entry and the object are ours. The freed
+        // object's link word makes it dirty for `alloc_zeroed`.
+        unsafe {
+            private(s).dirty = true;
+            let e = ptr::addr_of_mut!((*c).classes)
+                .cast::<ClassCache>()
+                .add(class);
+            p.cast::<*mut u8>().write((*e).free);
+            (*e).free = p;
+        }
+        return;
+    }
+    // SAFETY: forwarded.
+    unsafe { remote_free(p, s, class) }
+}
+
+/// The cross-thread free: lock-free, two atomic RMWs, and an announcement to the
+/// mcentral when the span becomes allocatable again or completely free.
+///
+/// # Safety
+/// As for `dealloc`.
+#[cold]
+pub(crate) unsafe fn remote_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
+    // SAFETY: span records are never unmapped; `info` is immutable while the span is
+    // live, and the caller's object keeps it live.
+    let span = unsafe { s.as_ref() };
+    // SAFETY: as above.
+    let bits = unsafe { span.info() }.bits;
+    let idx = obj_index(class as u8, p as usize - span.base());
+    // SAFETY: the record starts with one atomic word per 64 objects, idx < nelems.
+    let word = unsafe { &*bits.cast::<AtomicU64>().add(idx / 64) };
+    // Release: our uses of the object happen-before whoever merges the bit reuses it.
+    word.fetch_or(1 << (idx % 64), Ordering::Release);
+    // SeqCst: ordered with the owner's SeqCst state-word CASes (ownership changes).
+    let old = span.small.rstate.fetch_add(1, Ordering::SeqCst);
+    let (high, low) = rstate_parts(old);
+    if high != RSTATE_OWNED {
+        let last = low + 1 == high as i64;
+        if last || low == 0 {
+            HEAP.central[class].announce(&HEAP, class as u8, s, last);
+        }
+    }
+}
+
+/// Refills class `class` of cache `c`. Returns false if memory is exhausted.
+///
+/// # Safety
+/// `c` is a live cache owned by the caller (thread cache, or shared cache under lock),
+/// and the class's free list and window are empty.
+unsafe fn refill(c: *mut MCache, class: usize) -> bool {
+    // SAFETY: the entry is ours.
+    let e = unsafe {
+        &mut *ptr::addr_of_mut!((*c).classes)
+            .cast::<ClassCache>()
+            .add(class)
+    };
+    if let Some(s) = NonNull::new(e.span).filter(|&s| s.as_ptr() != empty_span()) {
+        // SAFETY: we own the current span.
+        if unsafe { load_window(e, s) } {
+            return true;
+        }
+        // Exhausted: sweep in place (merge remote frees). Keep the span if at least an
+        // eighth of it came back: a producer whose objects are freed elsewhere, or a
+        // steady alloc/free loop, then stays on one span.
+        // SAFETY: as above.
+        let free = unsafe { normalize(e, s, class) };
+        // SAFETY: as above.
+        let nelems = unsafe { private(s) }.nelems as usize;
+        if free >= (nelems / 8).max(1) {
+            // SAFETY: as above.
+            return unsafe { load_window(e, s) };
+        }
+        e.span = empty_span();
+        // SAFETY: we own it and give it up.
+        unsafe { HEAP.central[class].uncache_span(&HEAP, class as u8, s) };
+    }
+    loop {
+        let s = match HEAP.central[class].cache_span(&HEAP, class as u8, c as usize) {
+            Some(s) => s,
+            None => match HEAP.alloc_span(
+                CLASS_TO_NPAGES[class] as usize,
+                Purpose::Heap,
+                class as u8,
+                1,
+            ) {
+                Some(s) => {
+                    // SAFETY: a fresh span, ours alone (init_small made it OWNED, CACHED).
+                    unsafe { s.as_ref() }
+                        .small
+                        .owner
+                        .store(c as usize, Ordering::Relaxed);
+                    s
+                }
+                None => return false,
+            },
+        };
+        e.span = s.as_ptr();
+        // SAFETY: we own the new span.
+        e.elemsize = unsafe { private(s) }.elemsize as usize;
+        // SAFETY: as above.
+        if unsafe { load_window(e, s) } {
+            return true;
+        }
+        // A span the mcentral thought partial had nothing free after all (its frees
+        // were merged by an earlier owner): give it back as full and take another.
+        e.span = empty_span();
+        // SAFETY: we own it and give it up; its window state is reset.
+        unsafe {
+            normalize(e, s, class);
+            HEAP.central[class].uncache_span(&HEAP, class as u8, s);
+        }
+    }
+}
+
+/// Loads the span's next window with a free object into `e`. False if none is left.
+///
+/// # Safety
+/// The caller owns `s`, the current span of `e`.
+unsafe fn load_window(e: &mut ClassCache, s: NonNull<MSpan>) -> bool {
+    // SAFETY: we own the private state.
+    let p = unsafe { private(s) };
+    // SAFETY: span records are never unmapped.
+    let base = unsafe { s.as_ref() }.base();
+    while (p.next_word as usize) < p.words as usize {
+        let w = p.next_word as usize;
+        p.next_word += 1;
+        // SAFETY: w < words.
+        let a = unsafe { *p.alloc(w) };
+        if a != !0 {
+            e.alloc_cache = !a;
+            e.window_base = base + w * 64 * p.elemsize as usize;
+            return true;
+        }
+    }
+    false
+}
+
+/// Makes the span's alloc bitmap exact: windows already handed out become allocated,
+/// the current window's unused objects stay free, local frees and remote frees are
+/// merged. Resets the window. Returns the number of free objects.
+///
+/// # Safety
+/// The caller owns `s`, the current span of `e`.
+unsafe fn normalize(e: &mut ClassCache, s: NonNull<MSpan>, class: usize) -> usize {
+    // SAFETY: we own the private state.
+    let p = unsafe { private(s) };
+    // SAFETY: span records are never unmapped.
+    let base = unsafe { s.as_ref() }.base();
+    if p.next_word > 0 {
+        let cur = p.next_word as usize - 1;
+        for w in 0..cur {
+            // SAFETY: w < words. Every object of an earlier window was handed out.
+            unsafe { *p.alloc(w) = !0 };
+        }
+        // SAFETY: cur < words. Objects of the current window not in `alloc_cache`
+        // were handed out.
+        unsafe { *p.alloc(cur) = !e.alloc_cache };
+    }
+    e.alloc_cache = 0;
+    p.next_word = 0;
+    let mut f = core::mem::replace(&mut e.free, ptr::null_mut());
+    if !f.is_null() {
+        p.dirty = true;
+    }
+    while !f.is_null() {
+        let idx = obj_index(class as u8, f as usize - base);
+        // SAFETY: idx < nelems <= 64 * words; `f` is a free object of ours.
+        unsafe {
+            *p.alloc(idx / 64) &= !(1u64 << (idx % 64));
+            f = f.cast::<*mut u8>().read();
+        }
+    }
+    // SAFETY: we own the private state.
+    let m = unsafe { merge_remote(p) };
+    if m != 0 {
+        // The merged frees leave the remote count (we stay the owner).
+        // SAFETY: span records are never unmapped.
+        let rs = unsafe { &s.as_ref().small.rstate };
+        rs.fetch_sub(m as u64, Ordering::SeqCst);
+    }
+    // SAFETY: as above.
+    unsafe { count_free(p) }
+}
+
+/// Whether an object just allocated from class `class` of this thread's (or the
+/// shared) cache may hold old bytes. Used by `alloc_zeroed` only.
+///
+/// # Safety
+/// `p` was just allocated by this thread and its span is owned by the cache it came from.
+pub(crate) unsafe fn needs_zero(s: NonNull<MSpan>) -> bool {
+    // SAFETY: the owner reads its span.
+    unsafe { s.as_ref().info().needzero || private(s).dirty }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cache creation, thread exit, and cache-less threads.
+// ---------------------------------------------------------------------------------------
+
+/// The pthread key whose destructor releases a thread's cache. Process-wide set-once
+/// state, not part of the modelled concurrent core (core atomics).
+static KEY: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+const KEY_FAILED: usize = usize::MAX;
+
+fn exit_key() -> Option<libc::pthread_key_t> {
+    use core::sync::atomic::Ordering as O;
+    match KEY.load(O::Acquire) {
+        0 => {}
+        KEY_FAILED => return None,
+        k => return Some((k - 1) as libc::pthread_key_t),
+    }
+    let mut k: libc::pthread_key_t = 0;
+    // SAFETY: creating a key with a destructor of the right signature.
+    if unsafe { libc::pthread_key_create(&mut k, Some(on_thread_exit)) } != 0 {
+        let _ = KEY.compare_exchange(0, KEY_FAILED, O::AcqRel, O::Acquire);
+        return exit_key_loaded();
+    }
+    match KEY.compare_exchange(0, k as usize + 1, O::AcqRel, O::Acquire) {
+        Ok(_) => Some(k),
+        Err(_) => {
+            // Another thread won the race; use its key.
+            // SAFETY: our key is unused.
+            unsafe { libc::pthread_key_delete(k) };
+            exit_key_loaded()
+        }
+    }
+}
+
+fn exit_key_loaded() -> Option<libc::pthread_key_t> {
+    match KEY.load(core::sync::atomic::Ordering::Acquire) {
+        0 | KEY_FAILED => None,
+        k => Some((k - 1) as libc::pthread_key_t),
+    }
+}
+
+/// Creates this thread's cache and registers the exit hook. None if either fails (the
+/// thread then stays cache-less).
+fn create_cache() -> Option<*mut MCache> {
+    let key = exit_key()?;
+    let c = HEAP.alloc_cache_record();
+    if c.is_null() {
+        return None;
+    }
+    // SAFETY: setting this thread's value of our key; a non-null value makes the
+    // destructor run at thread exit.
+    if unsafe { libc::pthread_setspecific(key, c.cast()) } != 0 {
+        // SAFETY: the record is unused.
+        unsafe { HEAP.free_cache_record(c) };
+        return None;
+    }
+    CACHE.with(|x| x.set(c));
+    STATE.with(|x| x.set(LIVE));
+    Some(c)
+}
+
+/// The pthread-key destructor: gives every current span back and frees the cache.
+/// From here on the thread is cache-less.
+extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
+    let c = arg.cast::<MCache>();
+    CACHE.with(|x| x.set(empty_cache()));
+    STATE.with(|x| x.set(DEAD));
+    // SAFETY: the cache was this thread's, and nothing refers to it any more.
+    unsafe {
+        release_all(c);
+        HEAP.free_cache_record(c);
+    }
+}
+
+/// Gives every span of the cache back to its mcentral (Go's `releaseAll`).
+///
+/// # Safety
+/// `c` is a live cache owned by the caller, not used afterwards.
+unsafe fn release_all(c: *mut MCache) {
+    for class in 1..NUM_CLASSES {
+        // SAFETY: the entry is ours.
+        let e = unsafe {
+            &mut *ptr::addr_of_mut!((*c).classes)
+                .cast::<ClassCache>()
+                .add(class)
+        };
+        if let Some(s) = NonNull::new(e.span).filter(|&s| s.as_ptr() != empty_span()) {
+            // SAFETY: we own the span.
+            unsafe {
+                normalize(e, s, class);
+                HEAP.central[class].uncache_span(&HEAP, class as u8, s);
+            }
+        }
+        *e = EMPTY_CLASS;
+    }
+}
+
+/// The shared cache of cache-less threads, created on first use. The lock is a leaf
+/// except for the mcentral and heap locks taken by refills.
+struct Shared(*mut MCache);
+// SAFETY: the pointer is only used under the lock.
+unsafe impl Send for Shared {}
+static SHARED: Mutex<Shared> = Mutex::new(Shared(ptr::null_mut()));
+
+#[cold]
+fn pless_alloc(class: usize) -> *mut u8 {
+    SHARED.lock().with(|sh| {
+        if sh.0.is_null() {
+            sh.0 = HEAP.alloc_cache_record();
+            if sh.0.is_null() {
+                return ptr::null_mut();
+            }
+        }
+        let c = sh.0;
+        // SAFETY: the shared cache is ours under the lock.
+        unsafe {
+            let p = try_alloc(c, class);
+            if !p.is_null() {
+                return p;
+            }
+            if !refill(c, class) {
+                return ptr::null_mut();
+            }
+            try_alloc(c, class)
+        }
+    })
+}
+
+/// Whether this thread has a live cache (for tests).
+#[allow(dead_code)]
+pub(crate) fn has_cache() -> bool {
+    STATE.with(Cell::get) == LIVE
+}

@@ -1,0 +1,480 @@
+//! `MCentral`: the spans of one size class that no thread cache owns (Go's `mcentral`).
+//!
+//! A span not owned by a cache is in one of: the **partial** list (it has free
+//! objects), the **full** list (no free object known), the **spare** slot (completely
+//! free, kept so that a class that oscillates around a span boundary does not allocate
+//! and free a span each time), or the **pending** stack (a remote free announced it).
+//!
+//! Lists and the spare are protected by the mcentral lock. The pending stack is a
+//! lock-free Treiber stack: remote freers push (CAS), the lock holder takes the whole
+//! stack at once (swap), so there is no ABA. A span is pushed at most once per
+//! announcement because a push is preceded by a CAS of the span's `place` from
+//! PARTIAL/FULL to PENDING, and only the lock holder moves it out of PENDING.
+//!
+//! Remote frees (see `mcache.rs`) announce a span when they free the first object of a
+//! span that was full, or the last live object of any unowned span. The announcing
+//! thread then *tries* to take the lock and drain the stack; if the lock is busy, the
+//! holder drains after unlocking (a SeqCst fence on both sides makes one of them see the
+//! other), so no announcement is left behind and no freeing thread ever waits.
+//!
+//! Lock order: mcentral lock -> heap lock (retiring a span frees it to the mheap). A
+//! thread never holds two mcentral locks except through `try_lock`, which never waits.
+
+// No loom model drives the mcentral yet (the loom issue adds one).
+#![cfg_attr(spanheap_loom, allow(dead_code))]
+
+use core::ptr::{self, NonNull};
+
+use crate::mheap::MHeap;
+use crate::mspan::{place, rstate, rstate_parts, MSpan, SmallPrivate, NO_LIST, RSTATE_OWNED};
+use crate::os::MemSource;
+use crate::sync::{fence, AtomicPtr, Mutex, Ordering};
+
+/// What the mcentral lock protects.
+struct Lists {
+    /// Spans with free objects (doubly linked through `SmallPrivate::{prev,next}`).
+    partial: *mut MSpan,
+    /// Spans with no free object known.
+    full: *mut MSpan,
+    /// One completely free span, or null.
+    spare: *mut MSpan,
+}
+
+// SAFETY: the pointers are span records of the heap; access is serialised by the lock.
+unsafe impl Send for Lists {}
+
+pub(crate) struct MCentral {
+    /// The mcentral lock and the lists it protects.
+    lists: Mutex<Lists>,
+    /// Spans announced by remote frees: Treiber stack through `SmallSpan::pending_next`.
+    /// Pushed by any thread; taken whole by the lock holder.
+    pending: AtomicPtr<MSpan>,
+}
+
+impl core::fmt::Debug for MCentral {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MCentral").finish_non_exhaustive()
+    }
+}
+
+/// The private state of a span the caller owns.
+///
+/// # Safety
+/// The caller owns the span's private state (a cache owning the span, or the mcentral
+/// lock holder for an unowned span of that class).
+#[inline]
+#[allow(clippy::mut_from_ref)]
+pub(crate) unsafe fn private<'a>(s: NonNull<MSpan>) -> &'a mut SmallPrivate {
+    // SAFETY: forwarded; span records are never unmapped.
+    unsafe { s.as_ref().small.private_mut() }
+}
+
+/// Merges the remote-free bits into the alloc bitmap; returns how many objects it freed.
+///
+/// # Safety
+/// The caller owns the span's private state.
+pub(crate) unsafe fn merge_remote(p: &mut SmallPrivate) -> usize {
+    let mut m = 0;
+    for w in 0..p.words as usize {
+        // SAFETY: w < words; the caller owns the private state.
+        unsafe {
+            // Acquire pairs with the freers' Release fetch_or: their use of the
+            // object happens-before we hand it out again.
+            let r = p.remote(w).swap(0, Ordering::Acquire);
+            if r != 0 {
+                *p.alloc(w) &= !r;
+                m += r.count_ones() as usize;
+            }
+        }
+    }
+    if m != 0 {
+        p.dirty = true;
+    }
+    m
+}
+
+/// Free objects according to the alloc bitmap.
+///
+/// # Safety
+/// The caller owns the span's private state.
+pub(crate) unsafe fn count_free(p: &SmallPrivate) -> usize {
+    // SAFETY: w < words; owned by the caller.
+    (0..p.words as usize)
+        .map(|w| unsafe { (!*p.alloc(w)).count_ones() as usize })
+        .sum()
+}
+
+/// Applies `f` to the remote-free state word with a CAS loop; returns the new value.
+fn update_rstate(s: NonNull<MSpan>, f: impl Fn(u32, i64) -> (u32, i64)) -> u64 {
+    // SAFETY: span records are never unmapped.
+    let word = unsafe { &s.as_ref().small.rstate };
+    let mut old = word.load(Ordering::Relaxed);
+    loop {
+        let (h, l) = rstate_parts(old);
+        let (nh, nl) = f(h, l);
+        let new = rstate(nh, nl);
+        // SeqCst: orders the ownership change against the freers' SeqCst increments
+        // and place CASes (see `MCentral::settle_locked`).
+        match word.compare_exchange_weak(old, new, Ordering::SeqCst, Ordering::Relaxed) {
+            Ok(_) => return new,
+            Err(x) => old = x,
+        }
+    }
+}
+
+impl MCentral {
+    #[cfg(not(spanheap_loom))]
+    pub(crate) const fn new() -> Self {
+        MCentral {
+            lists: Mutex::new(Lists {
+                partial: ptr::null_mut(),
+                full: ptr::null_mut(),
+                spare: ptr::null_mut(),
+            }),
+            pending: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+    #[cfg(spanheap_loom)]
+    pub(crate) fn new() -> Self {
+        MCentral {
+            lists: Mutex::new(Lists {
+                partial: ptr::null_mut(),
+                full: ptr::null_mut(),
+                spare: ptr::null_mut(),
+            }),
+            pending: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// A span of class `class` with free objects, now owned by the cache `owner`, or
+    /// `None` if the mcentral has none (the caller grows with `alloc_span`).
+    pub(crate) fn cache_span<M: MemSource>(
+        &self,
+        heap: &MHeap<M>,
+        class: u8,
+        owner: usize,
+    ) -> Option<NonNull<MSpan>> {
+        self.with_lock(heap, class, |l| {
+            while let Some(s) = NonNull::new(l.partial) {
+                // SAFETY: the span is in our list, so we own its private state.
+                unsafe { unlink(l, s) };
+                // SAFETY: span records are never unmapped.
+                let small = unsafe { &s.as_ref().small };
+                if small
+                    .place
+                    .compare_exchange(
+                        place::PARTIAL,
+                        place::CACHED,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_err()
+                {
+                    // Announced meanwhile (PENDING): the drain places it.
+                    continue;
+                }
+                // SAFETY: unlinked and CACHED: ours until handed over.
+                unsafe { take_ownership(s, owner) };
+                return Some(s);
+            }
+            let s = NonNull::new(core::mem::replace(&mut l.spare, ptr::null_mut()))?;
+            // SAFETY: the spare is ours (no live object, so no remote frees).
+            unsafe { take_ownership(s, owner) };
+            Some(s)
+        })
+    }
+
+    /// Takes back a span from a cache that has normalised it (its alloc bitmap is exact,
+    /// local frees flushed) and merged `m` remote frees since its state word was last
+    /// adjusted.
+    ///
+    /// # Safety
+    /// The calling thread's cache owns `s`, of class `class`, and gives it up.
+    pub(crate) unsafe fn uncache_span<M: MemSource>(
+        &self,
+        heap: &MHeap<M>,
+        class: u8,
+        s: NonNull<MSpan>,
+    ) {
+        self.with_lock(heap, class, |l| {
+            // SAFETY: still owned by the caller until the state word says otherwise; the
+            // lock makes us the next owner of the private state.
+            let p = unsafe { private(s) };
+            // SAFETY: as above.
+            let free = unsafe { count_free(p) };
+            let live = p.nelems as usize - free;
+            // SAFETY: span records are never unmapped.
+            let small = unsafe { &s.as_ref().small };
+            small.owner.store(0, Ordering::Relaxed);
+            // Place it before freers can see it unowned: an announcement needs a place
+            // to CAS from.
+            let target = if free > 0 {
+                place::PARTIAL
+            } else {
+                place::FULL
+            };
+            // SAFETY: we own the private state now.
+            unsafe { link(l, s, target) };
+            small.place.store(target, Ordering::Release);
+            // Publish "unowned, `live` objects live": from here remote frees count
+            // toward announcing the span.
+            let new = update_rstate(s, |_, low| (live as u32, low));
+            // SAFETY: the span is in our lists.
+            unsafe { self.settle_locked(heap, l, s, new) };
+        });
+    }
+
+    /// A remote free has freed the first object of a full span, or (`last`) the last
+    /// live object of an unowned span: announce it to the lock holder.
+    pub(crate) fn announce<M: MemSource>(
+        &self,
+        heap: &MHeap<M>,
+        class: u8,
+        s: NonNull<MSpan>,
+        last: bool,
+    ) {
+        // SAFETY: span records are never unmapped.
+        let small = unsafe { &s.as_ref().small };
+        let cur = small.place.load(Ordering::Relaxed);
+        if !(cur == place::FULL || (last && cur == place::PARTIAL)) {
+            return;
+        }
+        if small
+            .place
+            .compare_exchange(cur, place::PENDING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        self.push_pending(s);
+        self.try_drain(heap, class);
+    }
+
+    fn push_pending(&self, s: NonNull<MSpan>) {
+        // SAFETY: span records are never unmapped.
+        let link = unsafe { &s.as_ref().small.pending_next };
+        let mut head = self.pending.load(Ordering::Relaxed);
+        loop {
+            link.store(head, Ordering::Relaxed);
+            // Release: the link (and the PENDING state) are visible to the drainer.
+            match self.pending.compare_exchange_weak(
+                head,
+                s.as_ptr(),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Drains the pending stack if the lock is free; never waits.
+    fn try_drain<M: MemSource>(&self, heap: &MHeap<M>, class: u8) {
+        loop {
+            // Pairs with the fence in the other side of the hand-off: a pusher fences
+            // between its push and its try_lock, an unlocker between its unlock and this
+            // load, so whichever runs second sees the other's write.
+            fence(Ordering::SeqCst);
+            if self.pending.load(Ordering::Relaxed).is_null() {
+                return;
+            }
+            let Some(mut g) = self.lists.try_lock() else {
+                return;
+            };
+            g.with(|l| self.drain_locked(heap, class, l));
+        }
+    }
+
+    /// Runs `f` under the lock, draining announcements first and after.
+    fn with_lock<M: MemSource, R>(
+        &self,
+        heap: &MHeap<M>,
+        class: u8,
+        f: impl FnOnce(&mut Lists) -> R,
+    ) -> R {
+        let r = self.lists.lock().with(|l| {
+            self.drain_locked(heap, class, l);
+            f(l)
+        });
+        self.try_drain(heap, class);
+        r
+    }
+
+    /// Places every announced span. Needs the mcentral lock (`l`).
+    fn drain_locked<M: MemSource>(&self, heap: &MHeap<M>, class: u8, l: &mut Lists) {
+        // Acquire pairs with the pushers' Release.
+        let mut cur = self.pending.swap(ptr::null_mut(), Ordering::Acquire);
+        while let Some(s) = NonNull::new(cur) {
+            // SAFETY: span records are never unmapped.
+            let small = unsafe { &s.as_ref().small };
+            // Read the link first: once re-placed, the span can be announced again.
+            cur = small.pending_next.load(Ordering::Relaxed);
+            // SAFETY: a PENDING span is live and unowned; its class never changes.
+            let sc = unsafe { s.as_ref().info() }.spanclass;
+            if sc != class {
+                // A stale announcement raced with the span's retirement and the
+                // record's reuse for another class: hand it to its own mcentral.
+                let other = &heap.central[sc as usize];
+                other.push_pending(s);
+                other.try_drain(heap, sc);
+                continue;
+            }
+            // SAFETY: PENDING spans of our class are ours under the lock.
+            let p = unsafe { private(s) };
+            if p.list != NO_LIST {
+                // SAFETY: linked in our lists.
+                unsafe { unlink(l, s) };
+            }
+            // SAFETY: we own the private state.
+            let m = unsafe { merge_remote(p) };
+            // SAFETY: as above.
+            let free = unsafe { count_free(p) };
+            let target = if free > 0 {
+                place::PARTIAL
+            } else {
+                place::FULL
+            };
+            // SAFETY: as above.
+            unsafe { link(l, s, target) };
+            small.place.store(target, Ordering::Release);
+            let new = update_rstate(s, |h, low| (h - m as u32, low - m as i64));
+            // SAFETY: the span is in our lists.
+            unsafe { self.settle_locked(heap, l, s, new) };
+        }
+    }
+
+    /// After a span was placed in a list and its state word published as `state`:
+    /// retire (or keep as spare) a span whose every object is free, and move a "full"
+    /// span that has pending remote frees to the partial list. Every move out of the
+    /// list is a CAS from the list's place, so a concurrent announcement (PENDING) wins
+    /// and the next drain handles the span. Needs the mcentral lock (`l`).
+    ///
+    /// # Safety
+    /// `s` is linked in `l` by the caller.
+    unsafe fn settle_locked<M: MemSource>(
+        &self,
+        heap: &MHeap<M>,
+        l: &mut Lists,
+        s: NonNull<MSpan>,
+        state: u64,
+    ) {
+        // SAFETY: span records are never unmapped.
+        let small = unsafe { &s.as_ref().small };
+        // SAFETY: linked in our lists: ours under the lock.
+        let p = unsafe { private(s) };
+        let (live, low) = rstate_parts(state);
+        debug_assert!(live != RSTATE_OWNED);
+        let cur = p.list;
+        if low == live as i64 {
+            // Every object is free.
+            if small
+                .place
+                .compare_exchange(cur, place::CACHED, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                return;
+            }
+            // SAFETY: linked in our lists.
+            unsafe { unlink(l, s) };
+            if l.spare.is_null() {
+                l.spare = s.as_ptr();
+            } else {
+                // SAFETY: no live object, no owner, in no list: nobody uses the span.
+                unsafe { heap.free_span(s) };
+            }
+        } else if low > 0 && cur == place::FULL {
+            // (`low` can be transiently negative: a merge that ran ahead of a freer's
+            // increment. Only a positive count means unmerged frees exist.)
+            if small
+                .place
+                .compare_exchange(
+                    place::FULL,
+                    place::PARTIAL,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                // SAFETY: linked in our lists.
+                unsafe {
+                    unlink(l, s);
+                    link(l, s, place::PARTIAL);
+                }
+            }
+        }
+    }
+}
+
+/// Makes the cache `owner` the owner of a span taken from the mcentral (partial list or
+/// spare), merging remote frees so its alloc bitmap is exact.
+///
+/// # Safety
+/// The caller holds the mcentral lock and has taken `s` out of its lists (place CACHED).
+unsafe fn take_ownership(s: NonNull<MSpan>, owner: usize) {
+    // SAFETY: per the contract the private state is ours.
+    let p = unsafe { private(s) };
+    // SAFETY: as above.
+    let m = unsafe { merge_remote(p) };
+    p.next_word = 0;
+    // SAFETY: span records are never unmapped.
+    unsafe { s.as_ref() }
+        .small
+        .owner
+        .store(owner, Ordering::Relaxed);
+    update_rstate(s, |_, low| (RSTATE_OWNED, low - m as i64));
+}
+
+/// Links `s` at the head of list `which` (PARTIAL or FULL).
+///
+/// # Safety
+/// The caller holds the mcentral lock and owns `s`'s private state; `s` is in no list.
+unsafe fn link(l: &mut Lists, s: NonNull<MSpan>, which: u8) {
+    let head = if which == place::PARTIAL {
+        &mut l.partial
+    } else {
+        &mut l.full
+    };
+    // SAFETY: per the contract.
+    let p = unsafe { private(s) };
+    debug_assert_eq!(p.list, NO_LIST);
+    p.prev = ptr::null_mut();
+    p.next = *head;
+    if let Some(h) = NonNull::new(*head) {
+        // SAFETY: list members are ours under the lock.
+        unsafe { private(h) }.prev = s.as_ptr();
+    }
+    *head = s.as_ptr();
+    p.list = which;
+}
+
+/// Unlinks `s` from the list it is in.
+///
+/// # Safety
+/// As for `link`; `s` is in one of the lists.
+unsafe fn unlink(l: &mut Lists, s: NonNull<MSpan>) {
+    // SAFETY: per the contract.
+    let p = unsafe { private(s) };
+    let (prev, next, which) = (p.prev, p.next, p.list);
+    debug_assert!(which != NO_LIST);
+    if let Some(n) = NonNull::new(next) {
+        // SAFETY: list members are ours under the lock.
+        unsafe { private(n) }.prev = prev;
+    }
+    match NonNull::new(prev) {
+        // SAFETY: as above.
+        Some(pr) => unsafe { private(pr) }.next = next,
+        None => {
+            if which == place::PARTIAL {
+                l.partial = next;
+            } else {
+                l.full = next;
+            }
+        }
+    }
+    // SAFETY: as above (`p` was not used across the neighbours' updates).
+    let p = unsafe { private(s) };
+    p.prev = ptr::null_mut();
+    p.next = ptr::null_mut();
+    p.list = NO_LIST;
+}
