@@ -538,7 +538,7 @@ impl<M: MemSource> MHeap<M> {
     ///
     /// Records live in manual spans of purpose `SpanRecords`. The span describing a new
     /// chunk of records is the chunk's own first record, so refilling needs no record
-    /// from elsewhere. This rare path (once per 1,024 records) initialises and publishes
+    /// from elsewhere. This rare path (once per 64 KiB chunk of records) initialises and publishes
     /// that span with the lock held.
     fn span_record_locked(&self, h: &mut Locked) -> Option<NonNull<MSpan>> {
         if let Some(s) = NonNull::new(h.spanalloc.alloc()) {

@@ -79,6 +79,7 @@ pub(crate) struct SpanInfo {
     /// Whether the memory may hold non-zero bytes (so `alloc_zeroed` must clear it).
     pub(crate) needzero: bool,
     /// Small-object spans: the bitmap record (remote-free words first). Null otherwise.
+    #[cfg_attr(spanheap_loom, allow(dead_code))] // read by the thread caches
     pub(crate) bits: *mut u64,
 }
 
@@ -177,6 +178,7 @@ pub(crate) struct SmallPrivate {
     /// The next alloc word to load into a cache window.
     pub(crate) next_word: u8,
     pub(crate) nelems: u16,
+    #[cfg_attr(spanheap_loom, allow(dead_code))] // read by the thread caches
     pub(crate) elemsize: u32,
     /// Doubly linked list of the mcentral (protected by its lock).
     pub(crate) prev: *mut MSpan,

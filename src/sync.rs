@@ -23,7 +23,7 @@ pub(crate) use loom::sync::atomic::{
 };
 
 /// Tells the CPU (or loom's scheduler) that this thread is waiting for another one.
-#[cfg_attr(not(spanheap_loom), allow(dead_code))] // used by the loom wait
+#[allow(dead_code)] // for spin loops of the concurrent core; none spins today
 #[inline]
 pub(crate) fn spin_hint() {
     #[cfg(not(spanheap_loom))]
