@@ -518,8 +518,8 @@ fn pless_alloc(class: usize) -> *mut u8 {
     })
 }
 
-/// Whether this thread has a live cache (for tests).
-#[allow(dead_code)]
+/// Whether this thread has a live cache (otherwise it allocates from the shared one).
+#[inline]
 pub(crate) fn has_cache() -> bool {
     STATE.with(Cell::get) == LIVE
 }
