@@ -123,6 +123,24 @@ pub mod __private {
         }
     }
 
+    /// Per size class with anything in its mcentral: (class, partial, full, spare, free
+    /// objects in listed spans). For tests and debugging.
+    #[cfg(not(spanheap_loom))]
+    pub fn central_census() -> [(usize, usize, usize, usize, usize); 68] {
+        let mut out = [(0, 0, 0, 0, 0); 68];
+        for (c, o) in out.iter_mut().enumerate().skip(1) {
+            let (p, f, s, free) = crate::global::HEAP.central[c].census();
+            *o = (c, p, f, s, free);
+        }
+        out
+    }
+
+    /// Whether the calling thread has a live thread cache.
+    #[cfg(not(spanheap_loom))]
+    pub fn thread_has_cache() -> bool {
+        crate::mcache::has_cache()
+    }
+
     /// Counters of the process-wide heap behind `SpanHeap`.
     #[cfg(not(spanheap_loom))]
     pub fn global_counters() -> HeapCounters {

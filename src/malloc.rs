@@ -158,19 +158,7 @@ pub(crate) mod global {
         if class == 0 {
             return super::alloc(&HEAP, size, align, true);
         }
-        let p = mcache::alloc(class as usize);
-        if let Some(s) =
-            NonNull::new(p).and_then(|p| NonNull::new(HEAP.span_of_unchecked(p.as_ptr() as usize)))
-        {
-            // A cache-less thread allocated from the shared cache, whose span state
-            // belongs to the shared lock's holder now: always clear. Otherwise
-            // SAFETY: we just allocated `p` from a span our own cache owns.
-            if !mcache::has_cache() || unsafe { mcache::needs_zero(s) } {
-                // SAFETY: the object holds at least `size` bytes.
-                unsafe { ptr::write_bytes(p, 0, size) };
-            }
-        }
-        p
+        mcache::alloc_zeroed(class as usize, size)
     }
 
     /// # Safety

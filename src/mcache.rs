@@ -10,13 +10,16 @@
 //!    remote frees and keep it if enough came back, else give it to the mcentral and
 //!    take another span (or grow the heap).
 //!
-//! Freeing is told the size, so the class comes from the `Layout`; the span comes from
-//! the span map. If this thread's cache owns the span, the object goes on the local free
-//! list (no lock, no atomic RMW). Otherwise it is a *remote* free: set the object's bit
-//! in the span's remote bitmap and count it in the span's state word (two atomic RMWs,
-//! lock-free, never lost); the owner merges remote bits when it next sweeps the span,
-//! and an unowned span is announced to its mcentral when it becomes allocatable again
-//! or completely free (then its pages go back to the heap).
+//! Freeing is told the size, so the class comes from the `Layout`. A thread with a
+//! cache pushes the object on its class's local free list whatever span it belongs to
+//! (no lock, no atomic RMW; the span keeps counting it as allocated). When a list grows
+//! past about 64 KiB worth of objects, half of it is flushed back to the spans; at
+//! thread exit all of it is. Flushes, and every free of a cache-less thread, are
+//! *remote* frees: set the object's bit in the span's remote bitmap and count it in the
+//! span's state word (two atomic RMWs, lock-free, never lost); the owner merges remote
+//! bits when it next sweeps the span, and an unowned span is announced to its mcentral
+//! when it becomes allocatable again or completely free (then its pages go back to the
+//! heap).
 //!
 //! The thread-local pointer starts at a static empty cache whose every class has an
 //! empty window and a sentinel span, so the fast path has no "is there a cache" test:
@@ -42,9 +45,12 @@ use crate::sync::{AtomicU64, Mutex, Ordering, UnsafeCell};
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct ClassCache {
-    /// Local free list: objects of `span` freed by this thread, linked through their
-    /// first word.
+    /// Local free list: objects of this class freed by this thread (from any span),
+    /// linked through their first word. Their spans still count them as allocated
+    /// until they are flushed (`flush`) when the list grows past `FREE_LIMIT`.
     free: *mut u8,
+    /// Length of `free`.
+    nfree: u32,
     /// Free objects of the current window (bit i = object at `window_base + i * elemsize`).
     alloc_cache: u64,
     window_base: usize,
@@ -70,6 +76,7 @@ static EMPTY_SPAN: SyncSpan = SyncSpan(MSpan::new());
 
 const EMPTY_CLASS: ClassCache = ClassCache {
     free: ptr::null_mut(),
+    nfree: 0,
     alloc_cache: 0,
     window_base: 0,
     elemsize: 0,
@@ -141,6 +148,7 @@ unsafe fn try_alloc(c: *mut MCache, class: usize) -> *mut u8 {
         let f = (*e).free;
         if !f.is_null() {
             (*e).free = f.cast::<*mut u8>().read();
+            (*e).nfree -= 1;
             return f;
         }
         let ac = (*e).alloc_cache;
@@ -185,32 +193,101 @@ fn alloc_slow(class: usize) -> *mut u8 {
     }
 }
 
+/// How many freed objects a class's local free list may hold before half of them are
+/// flushed back to their spans: about 64 KiB worth, at least 8 and at most 2048 objects.
+static FREE_LIMIT: [u32; NUM_CLASSES] = {
+    let mut t = [0u32; NUM_CLASSES];
+    let mut c = 1;
+    while c < NUM_CLASSES {
+        let n = (64 << 10) / crate::sizeclasses::CLASS_TO_SIZE[c] as u32;
+        t[c] = if n < 8 {
+            8
+        } else if n > 2048 {
+            2048
+        } else {
+            n
+        };
+        c += 1;
+    }
+    t
+};
+
 /// Frees an object of class `class` whose span is `s`.
+///
+/// A thread with a cache keeps the object on its class's local free list (no lock, no
+/// atomic RMW), whatever span it belongs to; a cache-less thread frees it remotely.
 ///
 /// # Safety
 /// `p` is a live small object of span `s` and class `class`, not used afterwards.
 #[inline]
 pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
     let c = CACHE.with(Cell::get);
-    // SAFETY: span records are never unmapped.
-    let small = unsafe { &s.as_ref().small };
-    // Relaxed: only this thread stores its own cache's address here, so seeing it means
-    // this thread owns the span (and the span is its current one for `class`).
-    if small.owner.load(Ordering::Relaxed) == c as usize {
-        // SAFETY: local free: the span, the entry and the object are ours. The freed
-        // object's link word makes it dirty for `alloc_zeroed`.
-        unsafe {
-            private(s).dirty = true;
-            let e = ptr::addr_of_mut!((*c).classes)
-                .cast::<ClassCache>()
-                .add(class);
-            p.cast::<*mut u8>().write((*e).free);
-            (*e).free = p;
-        }
-        return;
+    if c == empty_cache() {
+        // SAFETY: forwarded.
+        return unsafe { remote_free(p, s, class) };
     }
-    // SAFETY: forwarded.
-    unsafe { remote_free(p, s, class) }
+    // SAFETY: our cache's entry and the object are ours.
+    unsafe {
+        let e = ptr::addr_of_mut!((*c).classes)
+            .cast::<ClassCache>()
+            .add(class);
+        p.cast::<*mut u8>().write((*e).free);
+        (*e).free = p;
+        (*e).nfree += 1;
+        if (*e).nfree > FREE_LIMIT[class] {
+            flush(&mut *e, class, FREE_LIMIT[class] / 2);
+        }
+    }
+}
+
+/// Returns objects from the head of the local free list to their spans (as remote
+/// frees: merged by the span's owner, or announced if the span is unowned) until `keep`
+/// remain.
+#[cold]
+#[inline(never)]
+fn flush(e: &mut ClassCache, class: usize, keep: u32) {
+    while e.nfree > keep {
+        let p = e.free;
+        // SAFETY: objects on the list are ours and live from their spans' view.
+        unsafe {
+            e.free = p.cast::<*mut u8>().read();
+            e.nfree -= 1;
+            if let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) {
+                remote_free(p, s, class);
+            }
+        }
+    }
+}
+
+/// Allocates a zeroed object of class `class` (`size` bytes are cleared when needed).
+#[inline]
+pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
+    let c = CACHE.with(Cell::get);
+    // SAFETY: `c` is this thread's cache or the empty one (whose list is empty).
+    let recycled = unsafe {
+        !(*ptr::addr_of!((*c).classes).cast::<ClassCache>().add(class))
+            .free
+            .is_null()
+    };
+    let p = alloc(class);
+    if p.is_null() {
+        return p;
+    }
+    // An object from the free list was used before. A window object is fresh unless
+    // its span was dirty or not zero from the OS; a cache-less thread cannot read the
+    // shared cache's span state after the lock is gone, so it always clears.
+    let clear = recycled
+        || !has_cache()
+        || match NonNull::new(HEAP.span_of_unchecked(p as usize)) {
+            // SAFETY: the window object came from the current span our cache owns.
+            Some(s) => unsafe { s.as_ref().info().needzero || private(s).dirty },
+            None => true,
+        };
+    if clear {
+        // SAFETY: the object holds at least `size` bytes.
+        unsafe { ptr::write_bytes(p, 0, size) };
+    }
+    p
 }
 
 /// The cross-thread free: lock-free, two atomic RMWs, and an announcement to the
@@ -262,7 +339,7 @@ unsafe fn refill(c: *mut MCache, class: usize) -> bool {
         // eighth of it came back: a producer whose objects are freed elsewhere, or a
         // steady alloc/free loop, then stays on one span.
         // SAFETY: as above.
-        let free = unsafe { normalize(e, s, class) };
+        let free = unsafe { normalize(e, s) };
         // SAFETY: as above.
         let nelems = unsafe { private(s) }.nelems as usize;
         if free >= (nelems / 8).max(1) {
@@ -305,7 +382,7 @@ unsafe fn refill(c: *mut MCache, class: usize) -> bool {
         e.span = empty_span();
         // SAFETY: we own it and give it up; its window state is reset.
         unsafe {
-            normalize(e, s, class);
+            normalize(e, s);
             HEAP.central[class].uncache_span(&HEAP, class as u8, s);
         }
     }
@@ -335,16 +412,15 @@ unsafe fn load_window(e: &mut ClassCache, s: NonNull<MSpan>) -> bool {
 }
 
 /// Makes the span's alloc bitmap exact: windows already handed out become allocated,
-/// the current window's unused objects stay free, local frees and remote frees are
-/// merged. Resets the window. Returns the number of free objects.
+/// the current window's unused objects stay free, remote frees are merged. Resets the
+/// window. Returns the number of free objects. (Objects on the local free list count
+/// as allocated; `release_all` flushes them first.)
 ///
 /// # Safety
 /// The caller owns `s`, the current span of `e`.
-unsafe fn normalize(e: &mut ClassCache, s: NonNull<MSpan>, class: usize) -> usize {
+unsafe fn normalize(e: &mut ClassCache, s: NonNull<MSpan>) -> usize {
     // SAFETY: we own the private state.
     let p = unsafe { private(s) };
-    // SAFETY: span records are never unmapped.
-    let base = unsafe { s.as_ref() }.base();
     if p.next_word > 0 {
         let cur = p.next_word as usize - 1;
         for w in 0..cur {
@@ -357,18 +433,6 @@ unsafe fn normalize(e: &mut ClassCache, s: NonNull<MSpan>, class: usize) -> usiz
     }
     e.alloc_cache = 0;
     p.next_word = 0;
-    let mut f = core::mem::replace(&mut e.free, ptr::null_mut());
-    if !f.is_null() {
-        p.dirty = true;
-    }
-    while !f.is_null() {
-        let idx = obj_index(class as u8, f as usize - base);
-        // SAFETY: idx < nelems <= 64 * words; `f` is a free object of ours.
-        unsafe {
-            *p.alloc(idx / 64) &= !(1u64 << (idx % 64));
-            f = f.cast::<*mut u8>().read();
-        }
-    }
     // SAFETY: we own the private state.
     let m = unsafe { merge_remote(p) };
     if m != 0 {
@@ -379,16 +443,6 @@ unsafe fn normalize(e: &mut ClassCache, s: NonNull<MSpan>, class: usize) -> usiz
     }
     // SAFETY: as above.
     unsafe { count_free(p) }
-}
-
-/// Whether an object just allocated from class `class` of this thread's (or the
-/// shared) cache may hold old bytes. Used by `alloc_zeroed` only.
-///
-/// # Safety
-/// `p` was just allocated by this thread and its span is owned by the cache it came from.
-pub(crate) unsafe fn needs_zero(s: NonNull<MSpan>) -> bool {
-    // SAFETY: the owner reads its span.
-    unsafe { s.as_ref().info().needzero || private(s).dirty }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -476,10 +530,13 @@ unsafe fn release_all(c: *mut MCache) {
                 .cast::<ClassCache>()
                 .add(class)
         };
+        // Objects on the free list go back to their spans first (ours is merged by the
+        // normalisation below; others are remote frees).
+        flush(e, class, 0);
         if let Some(s) = NonNull::new(e.span).filter(|&s| s.as_ptr() != empty_span()) {
             // SAFETY: we own the span.
             unsafe {
-                normalize(e, s, class);
+                normalize(e, s);
                 HEAP.central[class].uncache_span(&HEAP, class as u8, s);
             }
         }

@@ -146,6 +146,30 @@ impl MCentral {
         }
     }
 
+    /// (partial spans, full spans, spare spans, free objects in listed spans), for tests.
+    #[allow(dead_code)]
+    pub(crate) fn census(&self) -> (usize, usize, usize, usize) {
+        self.lists.lock().with(|l| {
+            let mut r = (0, 0, usize::from(!l.spare.is_null()), 0);
+            for (head, slot) in [(l.partial, 0), (l.full, 1)] {
+                let mut cur = head;
+                while let Some(s) = NonNull::new(cur) {
+                    // SAFETY: listed spans are ours under the lock.
+                    let p = unsafe { private(s) };
+                    if slot == 0 {
+                        r.0 += 1
+                    } else {
+                        r.1 += 1
+                    }
+                    // SAFETY: as above.
+                    r.3 += unsafe { count_free(p) };
+                    cur = p.next;
+                }
+            }
+            r
+        })
+    }
+
     /// A span of class `class` with free objects, now owned by the cache `owner`, or
     /// `None` if the mcentral has none (the caller grows with `alloc_span`).
     pub(crate) fn cache_span<M: MemSource>(

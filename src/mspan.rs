@@ -153,9 +153,9 @@ pub(crate) struct SmallSpan {
     /// [`RSTATE_BIAS`] (a merge subtracts the objects it merged). Atomic RMW by remote freers and by the
     /// span's owner (cache or mcentral lock holder).
     pub(crate) rstate: AtomicU64,
-    /// Address of the owning thread cache, or 0. Written by the owner when it takes or
-    /// gives up the span; read (Relaxed) by freeing threads: only the owner can see its
-    /// own address here.
+    /// Address of the owning thread cache, or 0. Written when a cache takes the span
+    /// and under the mcentral lock when it gives it up. Not read on any fast path; kept
+    /// for diagnostics (and the checked mode).
     pub(crate) owner: AtomicUsize,
     /// One of [`place`]'s values. Transitions into and out of PENDING are CASes (remote
     /// freers race with the mcentral lock holder); the others happen under the lock.
