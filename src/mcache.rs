@@ -10,9 +10,9 @@
 //!    remote frees and keep it if enough came back, else give it to the mcentral and
 //!    take another span (or grow the heap).
 //!
-//! Freeing is told the size, so the class comes from the `Layout`. A thread with a
-//! cache pushes the object on its class's local free list whatever span it belongs to
-//! (no lock, no atomic RMW; the span keeps counting it as allocated). When a list grows
+//! Freeing is told the size, so the class comes from the `Layout`. If this thread's
+//! cache owns the object's span or owned it last, the object goes on the class's local
+//! free list (no lock, no atomic RMW; the span keeps counting it as allocated). When a list grows
 //! past about 64 KiB worth of objects, half of it is flushed back to the spans; at
 //! thread exit all of it is. Flushes, and every free of a cache-less thread, are
 //! *remote* frees: set the object's bit in the span's remote bitmap and count it in the
@@ -214,15 +214,23 @@ static FREE_LIMIT: [u32; NUM_CLASSES] = {
 
 /// Frees an object of class `class` whose span is `s`.
 ///
-/// A thread with a cache keeps the object on its class's local free list (no lock, no
-/// atomic RMW), whatever span it belongs to; a cache-less thread frees it remotely.
+/// If this thread's cache owns the object's span or owned it last, the object goes on
+/// the class's local free list (no lock, no atomic RMW); otherwise, and for every free of
+/// a cache-less thread, it is a remote free.
 ///
 /// # Safety
 /// `p` is a live small object of span `s` and class `class`, not used afterwards.
 #[inline]
 pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
     let c = CACHE.with(Cell::get);
-    if c == empty_cache() {
+    // Local only for spans this cache owns or owned last: a thread's own recently
+    // rotated spans stay on the fast path, while objects of other (e.g. exited)
+    // threads' spans go back to their spans, which can then empty and retire instead of
+    // being pinned by this thread's list. Relaxed: only this thread stores its own
+    // address there; a stale value only picks the other, also correct, path.
+    // SAFETY: span records are never unmapped.
+    if c == empty_cache() || unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed) != c as usize
+    {
         // SAFETY: forwarded.
         return unsafe { remote_free(p, s, class) };
     }
@@ -290,7 +298,7 @@ pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
     p
 }
 
-/// The cross-thread free: lock-free, two atomic RMWs, and an announcement to the
+/// The remote free: lock-free, two atomic RMWs, and an announcement to the
 /// mcentral when the span becomes allocatable again or completely free.
 ///
 /// # Safety

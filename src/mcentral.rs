@@ -229,7 +229,7 @@ impl MCentral {
             let live = p.nelems as usize - free;
             // SAFETY: span records are never unmapped.
             let small = unsafe { &s.as_ref().small };
-            small.owner.store(0, Ordering::Relaxed);
+            // `owner` keeps naming the last owner: that thread's frees stay local.
             // Place it before freers can see it unowned: an announcement needs a place
             // to CAS from.
             let target = if free > 0 {

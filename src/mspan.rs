@@ -153,9 +153,9 @@ pub(crate) struct SmallSpan {
     /// [`RSTATE_BIAS`] (a merge subtracts the objects it merged). Atomic RMW by remote freers and by the
     /// span's owner (cache or mcentral lock holder).
     pub(crate) rstate: AtomicU64,
-    /// Address of the owning thread cache, or 0. Written when a cache takes the span
-    /// and under the mcentral lock when it gives it up. Not read on any fast path; kept
-    /// for diagnostics (and the checked mode).
+    /// Address of the cache that owns the span or owned it last (0 if none yet).
+    /// Written only by a cache taking the span. Read (Relaxed) by freeing threads: a
+    /// thread seeing its own cache's address may keep the object on its local list.
     pub(crate) owner: AtomicUsize,
     /// One of [`place`]'s values. Transitions into and out of PENDING are CASes (remote
     /// freers race with the mcentral lock holder); the others happen under the lock.

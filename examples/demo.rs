@@ -1,0 +1,428 @@
+//! A multi-threaded workload run once with each allocator: spanheap, the system
+//! allocator, mimalloc and jemalloc.
+//!
+//! ```sh
+//! cargo run --release --example demo            # all four, a table at the end
+//! cargo run --release --example demo -- 3       # best of 3 runs each
+//! DEMO_ALLOC=spanheap cargo run --release --example demo   # one allocator only
+//! ```
+//!
+//! A process has one global allocator, fixed before `main`. So the demo re-executes
+//! itself once per allocator with `DEMO_ALLOC` set; the global allocator below reads
+//! that variable (with `getenv`, which does not allocate) on the first allocation of
+//! the process, and every allocation of that process, from the first to the last, goes
+//! to the allocator it names. Without the variable (the parent) it is the system
+//! allocator. Each child runs the workload and reports its wall time, its peak RSS
+//! (`VmHWM`) and a checksum of the results, which must be the same for every allocator.
+//!
+//! The workload: worker threads building, sorting and joining strings, filling and
+//! querying `HashMap`s and `BTreeMap`s of strings and building and dropping binary
+//! trees of boxed nodes; alongside them, producer threads sending messages (`Vec<u8>`
+//! and `String`) through bounded channels to consumer threads that check and drop
+//! them (every message is freed by a thread other than the one that allocated it).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------
+// The global allocator: one choice per process, made at the first allocation.
+// ---------------------------------------------------------------------------------------
+
+const UNDECIDED: u8 = 0;
+const SYSTEM: u8 = 1;
+const SPANHEAP: u8 = 2;
+const MIMALLOC: u8 = 3;
+const JEMALLOC: u8 = 4;
+
+/// The allocators, in the order the table lists them (spanheap first: the reference).
+const CHOICES: [(&str, u8); 4] = [
+    ("spanheap", SPANHEAP),
+    ("system", SYSTEM),
+    ("mimalloc", MIMALLOC),
+    ("jemalloc", JEMALLOC),
+];
+
+static MODE: AtomicU8 = AtomicU8::new(UNDECIDED);
+
+/// Dispatches every call to the allocator named by `DEMO_ALLOC` at the process's first
+/// allocation. The choice never changes afterwards, so each block is freed by the
+/// allocator that made it.
+struct Switch;
+
+#[global_allocator]
+static GLOBAL: Switch = Switch;
+
+#[inline]
+fn mode() -> u8 {
+    match MODE.load(Ordering::Relaxed) {
+        UNDECIDED => decide(),
+        m => m,
+    }
+}
+
+/// Reads `DEMO_ALLOC` without allocating. Threads racing here read the same variable
+/// (nothing in this program changes the environment) and store the same answer.
+#[cold]
+fn decide() -> u8 {
+    // SAFETY: a NUL-terminated name; the environment is not modified by this program.
+    let v = unsafe { libc::getenv(c"DEMO_ALLOC".as_ptr()) };
+    let m = if v.is_null() {
+        SYSTEM
+    } else {
+        // SAFETY: getenv returns a NUL-terminated string.
+        let name = unsafe { std::ffi::CStr::from_ptr(v) }.to_bytes();
+        CHOICES
+            .iter()
+            .find(|(n, _)| n.as_bytes() == name)
+            .map_or(SYSTEM, |&(_, m)| m)
+    };
+    MODE.store(m, Ordering::Relaxed);
+    m
+}
+
+macro_rules! dispatch {
+    ($method:ident($($arg:expr),*)) => {
+        match mode() {
+            SPANHEAP => spanheap::SpanHeap.$method($($arg),*),
+            MIMALLOC => mimalloc::MiMalloc.$method($($arg),*),
+            JEMALLOC => tikv_jemallocator::Jemalloc.$method($($arg),*),
+            _ => System.$method($($arg),*),
+        }
+    };
+}
+
+// SAFETY: every call goes to one and the same allocator for the life of the process
+// (the mode is decided once, before the first block exists), so each method only
+// forwards `GlobalAlloc`'s contract to an allocator that upholds it.
+unsafe impl GlobalAlloc for Switch {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded.
+        unsafe { dispatch!(alloc(layout)) }
+    }
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded.
+        unsafe { dispatch!(alloc_zeroed(layout)) }
+    }
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded; `ptr` came from the same allocator.
+        unsafe { dispatch!(dealloc(ptr, layout)) }
+    }
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded; `ptr` came from the same allocator.
+        unsafe { dispatch!(realloc(ptr, layout, new_size)) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The workload. Deterministic: its checksum depends on nothing but the constants below.
+// ---------------------------------------------------------------------------------------
+
+const WORKERS: usize = 4;
+const ROUNDS: usize = 80;
+const STRINGS: usize = 6_000;
+const TREE_DEPTH: u32 = 14;
+const PIPES: usize = 2;
+const MESSAGES: usize = 800_000;
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+struct Node {
+    left: Option<Box<Node>>,
+    right: Option<Box<Node>>,
+    value: u64,
+}
+
+fn build(depth: u32, value: u64) -> Box<Node> {
+    let (left, right) = if depth == 0 {
+        (None, None)
+    } else {
+        (
+            Some(build(depth - 1, value * 2)),
+            Some(build(depth - 1, value * 2 + 1)),
+        )
+    };
+    Box::new(Node { left, right, value })
+}
+
+fn walk(n: &Node) -> u64 {
+    n.value
+        .wrapping_add(n.left.as_deref().map_or(0, walk))
+        .wrapping_add(n.right.as_deref().map_or(0, walk))
+}
+
+/// Strings, maps and trees on one thread.
+fn worker(w: usize) -> u64 {
+    let mut rng = Rng(w as u64 + 1);
+    let mut sum = 0u64;
+    for round in 0..ROUNDS {
+        // Strings: build, sort, dedup, join, rewrite a third of them.
+        let mut v: Vec<String> = (0..STRINGS)
+            .map(|i| format!("user-{:05x}-{}", rng.next() % 0x40000, i % 97))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        let joined = v[..v.len().min(500)].join(",");
+        sum = sum.wrapping_add(joined.len() as u64 + v.len() as u64);
+        for s in v.iter_mut().step_by(3) {
+            s.push_str("-seen");
+            *s = s.to_uppercase();
+        }
+
+        // HashMap of strings to vectors.
+        let mut hm: HashMap<String, Vec<u32>> = HashMap::new();
+        for (i, s) in v.iter().enumerate() {
+            hm.entry(s[..s.len().min(10)].to_string())
+                .or_default()
+                .push(i as u32);
+        }
+        for s in v.iter().step_by(2) {
+            if let Some(x) = hm.get(&s[..s.len().min(10)]) {
+                sum = sum.wrapping_add(x.len() as u64);
+            }
+        }
+        hm.retain(|k, x| (k.len() + x.len()) % 3 != 0);
+        sum = sum.wrapping_add(hm.values().map(|x| x.len() as u64).sum::<u64>());
+        drop(hm);
+
+        // BTreeMap of strings, a range query, removals.
+        let mut bt: BTreeMap<String, String> = v
+            .iter()
+            .map(|s| (s.clone(), format!("{s}/{round}")))
+            .collect();
+        let lo = String::from("user-10000");
+        let hi = String::from("user-30000");
+        sum = sum.wrapping_add(bt.range(lo..hi).map(|(_, x)| x.len() as u64).sum::<u64>());
+        for s in v.iter().step_by(4) {
+            bt.remove(s);
+        }
+        sum = sum.wrapping_add(bt.len() as u64);
+        drop(bt);
+        drop(v);
+
+        // A binary tree of boxed nodes, built, walked and dropped.
+        let t = build(TREE_DEPTH, round as u64 + 1);
+        sum = sum.wrapping_add(walk(&t));
+    }
+    sum
+}
+
+enum Msg {
+    Bytes(Vec<u8>),
+    Text(String),
+}
+
+fn producer(p: usize, tx: mpsc::SyncSender<Msg>) {
+    let mut rng = Rng(1000 + p as u64);
+    for i in 0..MESSAGES {
+        let r = rng.next();
+        // Mostly small messages, one in 64 up to 16 KiB.
+        let len = if r % 64 == 0 {
+            (r >> 8) % 16384
+        } else {
+            16 + (r >> 8) % 500
+        } as usize;
+        let m = if i % 2 == 0 {
+            Msg::Bytes(vec![(i % 251) as u8; len])
+        } else {
+            Msg::Text(format!("message {i} from producer {p}: {len}"))
+        };
+        tx.send(m).unwrap();
+    }
+}
+
+fn consumer(rx: mpsc::Receiver<Msg>) -> u64 {
+    let mut sum = 0u64;
+    for m in rx {
+        sum = sum.wrapping_add(match m {
+            Msg::Bytes(b) => b.iter().map(|&x| x as u64).sum::<u64>() + b.len() as u64,
+            Msg::Text(s) => s.len() as u64,
+        });
+    }
+    sum
+}
+
+fn workload() -> u64 {
+    std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..WORKERS).map(|w| sc.spawn(move || worker(w))).collect();
+        let consumers: Vec<_> = (0..PIPES)
+            .map(|p| {
+                let (tx, rx) = mpsc::sync_channel(256);
+                sc.spawn(move || producer(p, tx));
+                sc.spawn(move || consumer(rx))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .chain(consumers)
+            .map(|h| h.join().unwrap())
+            .fold(0u64, u64::wrapping_add)
+    })
+}
+
+/// Peak resident set size of this process, in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|x| x.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Parent and child.
+// ---------------------------------------------------------------------------------------
+
+struct Run {
+    wall: Duration,
+    rss_kib: u64,
+    checksum: u64,
+}
+
+/// Runs the workload in a child process with `DEMO_ALLOC=name`.
+fn run_child(name: &str) -> Result<Run, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = Command::new(exe)
+        .env("DEMO_ALLOC", name)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "child exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .ok_or_else(|| format!("no result line in {stdout:?}"))?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let num = |i: usize| -> Result<u64, String> {
+        f.get(i)
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| format!("bad result line {line:?}"))
+    };
+    Ok(Run {
+        wall: Duration::from_nanos(num(1)?),
+        rss_kib: num(2)?,
+        checksum: num(3)?,
+    })
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|x| x.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn main() {
+    if std::env::var_os("DEMO_ALLOC").is_some() {
+        // Child: run the workload once with the allocator chosen at the first allocation.
+        let name = CHOICES
+            .iter()
+            .find(|c| c.1 == mode())
+            .map_or("system", |c| c.0);
+        let t0 = Instant::now();
+        let checksum = workload();
+        let wall = t0.elapsed();
+        let rss = peak_rss_kib();
+        // The dispatch really went where it says: spanheap has arenas iff it was chosen.
+        let arenas = spanheap::__private::global_counters().arena_bytes;
+        assert_eq!(
+            arenas > 0,
+            mode() == SPANHEAP,
+            "{name}: spanheap holds {arenas} arena bytes"
+        );
+        println!("RESULT {name} {} {rss} {checksum}", wall.as_nanos());
+        return;
+    }
+
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "spanheap demo: {WORKERS} worker threads x {ROUNDS} rounds (strings, HashMap and \
+         BTreeMap of strings, binary trees of depth {TREE_DEPTH}) + {PIPES} producer -> \
+         consumer pairs ({MESSAGES} messages each)"
+    );
+    println!(
+        "machine: {cpus} CPUs (nproc), {}; {} run(s) per allocator, best wall time kept",
+        cpu_model(),
+        runs
+    );
+    println!();
+
+    let mut results: Vec<(&str, Run)> = Vec::new();
+    for &(name, _) in &CHOICES {
+        let mut best: Option<Run> = None;
+        for _ in 0..runs {
+            match run_child(name) {
+                Ok(r) => {
+                    if best.as_ref().map_or(true, |b| r.wall < b.wall) {
+                        best = Some(r);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{name}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        results.push((name, best.unwrap()));
+    }
+
+    let reference = results[0].1.wall.as_secs_f64();
+    println!(
+        "{:<10} | {:>10} | {:>17} | {:>10}",
+        "allocator", "wall time", "ratio to spanheap", "peak RSS"
+    );
+    println!("{:-<10}-+-{:->10}-+-{:->17}-+-{:->10}", "", "", "", "");
+    for (name, r) in &results {
+        println!(
+            "{:<10} | {:>8.0}ms | {:>16.2}x | {:>7.1}MiB",
+            name,
+            r.wall.as_secs_f64() * 1e3,
+            r.wall.as_secs_f64() / reference,
+            r.rss_kib as f64 / 1024.0
+        );
+    }
+    let sums: Vec<u64> = results.iter().map(|(_, r)| r.checksum).collect();
+    if sums.iter().any(|&s| s != sums[0]) {
+        eprintln!("checksums differ between allocators: {sums:?}");
+        std::process::exit(1);
+    }
+    println!("\nchecksum {:#x}, the same for every allocator", sums[0]);
+}
