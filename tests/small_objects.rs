@@ -7,44 +7,15 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
+
+mod common;
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
 
-/// The producer/consumer test measures the heap's in-use bytes, so it takes this lock
-/// for writing; every other test of this binary holds it for reading (they may run
-/// concurrently with each other, never with the measurement).
-static QUIET: RwLock<()> = RwLock::new(());
-
-fn shared() -> RwLockReadGuard<'static, ()> {
-    QUIET.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn exclusive() -> RwLockWriteGuard<'static, ()> {
-    QUIET.write().unwrap_or_else(|e| e.into_inner())
-}
-
-fn inuse() -> u64 {
-    spanheap::__private::global_counters().heap_inuse
-}
-
-/// splitmix64: a small, fast, deterministic generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use common::{exclusive, inuse, shared, Rng};
 
 // ---------------------------------------------------------------------------------------
 // Patterns. Byte `i` of a block with seed `s` is `TABLE[off(s) + (i & 0xFFFF)]` with a

@@ -1,17 +1,12 @@
 //! The small-object path under cross-thread frees and thread churn: memory is reused,
 //! spans of exited threads are retired, and nothing is stranded in the mcentrals.
 
-use std::sync::Mutex;
+mod common;
+
+use common::{exclusive, inuse};
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
-
-/// In-use measurements need the other tests of this binary to be quiet.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn inuse() -> u64 {
-    spanheap::__private::global_counters().heap_inuse
-}
 
 /// Spans listed in the mcentrals and the free objects in them.
 fn stranded() -> (usize, usize) {
@@ -22,7 +17,7 @@ fn stranded() -> (usize, usize) {
 
 #[test]
 fn producer_consumer_memory_is_reused() {
-    let _g = SERIAL.lock().unwrap();
+    let _g = exclusive();
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Box<[u8; 64]>>>(16);
     let prod = std::thread::spawn(move || {
         for b in 0..10_000u32 {
@@ -48,7 +43,7 @@ fn producer_consumer_memory_is_reused() {
 
 #[test]
 fn exited_threads_spans_retire_when_others_free_their_objects() {
-    let _g = SERIAL.lock().unwrap();
+    let _g = exclusive();
     let before = inuse();
     for _ in 0..100 {
         let hs: Vec<_> = (0..8u64)

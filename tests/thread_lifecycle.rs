@@ -5,27 +5,15 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::mpsc;
 use std::time::Instant;
+
+mod common;
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
 
-/// The 10,000-thread test measures the heap's in-use bytes, so it takes this lock for
-/// writing; the other tests of this binary hold it for reading.
-static QUIET: RwLock<()> = RwLock::new(());
-
-fn shared() -> RwLockReadGuard<'static, ()> {
-    QUIET.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn exclusive() -> RwLockWriteGuard<'static, ()> {
-    QUIET.write().unwrap_or_else(|e| e.into_inner())
-}
-
-fn inuse() -> u64 {
-    spanheap::__private::global_counters().heap_inuse
-}
+use common::{exclusive, inuse, shared};
 
 /// Contents of the `i`-th object of thread `t`: a vector whose length and bytes depend on
 /// both, so that swapped, moved or overwritten objects are noticed.
