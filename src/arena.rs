@@ -238,7 +238,9 @@ impl ArenaIndex {
         }
     }
 
-    /// Whether the `pageInUse` bit of the page at `base` is set.
+    /// Whether the `pageInUse` bit of the page at `base` is set (tests; the scavenger
+    /// and statistics walkers will read the bitmap too).
+    #[cfg(test)]
     pub(crate) fn is_marked_in_use(&self, base: usize) -> bool {
         self.arena_of(base).is_some_and(|a| {
             let i = HeapArena::page_index(base);

@@ -215,10 +215,6 @@ pub mod __private {
         pub fn counters(&self) -> HeapCounters {
             self.heap.counters()
         }
-        /// Whether the pageInUse bit of the page at `addr` is set.
-        pub fn page_in_use_bit(&self, addr: usize) -> bool {
-            self.heap.arenas.is_marked_in_use(addr)
-        }
         /// `GlobalAlloc`-style entry points on this heap.
         pub fn alloc(&self, size: usize, align: usize, zero: bool) -> *mut u8 {
             crate::malloc::alloc(self.heap, size, align, zero)

@@ -14,7 +14,7 @@ use core::ptr::{self, NonNull};
 
 use crate::mheap::{MHeap, MAX_ALIGN, MAX_SPAN_BYTES};
 use crate::mspan::Purpose;
-use crate::os::{MemSource, PAGE_SHIFT, PAGE_SIZE};
+use crate::os::{MemSource, PAGE_SIZE};
 
 /// Pages needed for `size` bytes (a zero-size request still gets a unique page), or
 /// `None` if the request is larger than any span.
@@ -118,19 +118,6 @@ pub(crate) unsafe fn realloc<M: MemSource>(
         }
     }
     q
-}
-
-/// Usable size of the block at `p` (whole pages).
-///
-/// # Safety
-/// `p` is a live block of this heap.
-#[allow(dead_code)] // used by tests now; by malloc_usable_size in the C ABI later.
-pub(crate) unsafe fn usable_size<M: MemSource>(heap: &MHeap<M>, p: *mut u8) -> usize {
-    // SAFETY: the caller guarantees `p` is a live block.
-    match unsafe { heap.span_of_unchecked(p as usize).as_ref() } {
-        Some(s) => s.npages() << PAGE_SHIFT,
-        None => 0,
-    }
 }
 
 /// The process-wide entry points behind `SpanHeap` (small objects through the thread
