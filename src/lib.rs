@@ -20,7 +20,11 @@
 //! - `mspan`: the span record and span purposes.
 //! - `mheap`: `alloc_span` / `free_span` under a lock held only to take pages, with
 //!   lock-free initialisation and an atomic publication protocol.
-//! - `malloc`: `Layout` -> heap work; today every request is a page span.
+//! - `sizeclasses`: the generated size-class table (67 classes up to 32 KiB).
+//! - `mcache`: the thread-local front end for small objects: local free list and a
+//!   64-object window per class, no lock and no atomic read-modify-write; remote frees.
+//! - `mcentral`: per-class spans no cache owns: partial/full lists, announcements.
+//! - `malloc`: `Layout` -> small object (size class) or large object (page span).
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
 //!
 //! The allocator never panics, never unwinds and never calls the global allocator.
