@@ -30,6 +30,9 @@
 //! The allocator never panics, never unwinds and never calls the global allocator.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+// Under loom the `GlobalAlloc` front end (process-wide statics, thread caches) is
+// compiled out and models drive the core directly, so much of the crate has no caller.
+#![cfg_attr(spanheap_loom, allow(dead_code))]
 #![warn(missing_debug_implementations)]
 
 mod arena;
@@ -163,7 +166,7 @@ pub mod __private {
     }
 
     /// A private page heap (a separate `MHeap`), for exercising `alloc_span` /
-    /// `free_span` directly. Its memory is never returned to the OS.
+    /// `free_span` directly (benches/alloc_span.rs). Its memory is never returned to the OS.
     #[derive(Debug)]
     pub struct PageHeap<M: MemSource + 'static = OsMemory> {
         heap: &'static MHeap<M>,
@@ -190,11 +193,6 @@ pub mod __private {
             // SAFETY: as above.
             unsafe { self.0.as_ref() }.npages()
         }
-        /// Whether `alloc_zeroed` would have to clear this span.
-        pub fn needzero(self) -> bool {
-            // SAFETY: only called by the span's owner.
-            unsafe { self.0.as_ref().info() }.needzero
-        }
     }
 
     impl<M: MemSource> PageHeap<M> {
@@ -212,28 +210,6 @@ pub mod __private {
         pub unsafe fn free_span(&self, s: SpanRef) {
             // SAFETY: forwarded.
             unsafe { self.heap.free_span(s.0) }
-        }
-        pub fn span_of(&self, addr: usize) -> Option<SpanRef> {
-            self.heap.span_of(addr).map(SpanRef)
-        }
-        pub fn counters(&self) -> HeapCounters {
-            self.heap.counters()
-        }
-        /// `GlobalAlloc`-style entry points on this heap.
-        pub fn alloc(&self, size: usize, align: usize, zero: bool) -> *mut u8 {
-            crate::malloc::alloc(self.heap, size, align, zero)
-        }
-        /// # Safety
-        /// As `GlobalAlloc::dealloc`.
-        pub unsafe fn dealloc(&self, p: *mut u8) {
-            // SAFETY: forwarded.
-            unsafe { crate::malloc::dealloc(self.heap, p) }
-        }
-        /// # Safety
-        /// As `GlobalAlloc::realloc`.
-        pub unsafe fn realloc(&self, p: *mut u8, old: usize, align: usize, new: usize) -> *mut u8 {
-            // SAFETY: forwarded.
-            unsafe { crate::malloc::realloc(self.heap, p, old, align, new) }
         }
     }
 }

@@ -368,6 +368,7 @@ unsafe fn refill(c: *mut MCache, class: usize) -> bool {
                 1,
             ) {
                 Some(s) => {
+                    // Relaxed: as in `mcentral::take_ownership`.
                     // SAFETY: a fresh span, ours alone (init_small made it OWNED, CACHED).
                     unsafe { s.as_ref() }
                         .small
@@ -444,7 +445,9 @@ unsafe fn normalize(e: &mut ClassCache, s: NonNull<MSpan>) -> usize {
     // SAFETY: we own the private state.
     let m = unsafe { merge_remote(p) };
     if m != 0 {
-        // The merged frees leave the remote count (we stay the owner).
+        // The merged frees leave the remote count (we stay the owner). SeqCst like
+        // every other `rstate` update, so all of them fall in one total order with the
+        // freers' increments (the "last free" test relies on that count).
         // SAFETY: span records are never unmapped.
         let rs = unsafe { &s.as_ref().small.rstate };
         rs.fetch_sub(m as u64, Ordering::SeqCst);

@@ -17,11 +17,16 @@
 //! holder drains after unlocking (a SeqCst fence on both sides makes one of them see the
 //! other), so no announcement is left behind and no freeing thread ever waits.
 //!
+//! Orderings: `place` carries no data; its CASes only decide who acts on a span (an
+//! announcer or the lock holder). The data hand-offs are the remote bits (freer's
+//! Release `fetch_or` -> merger's Acquire `swap`), the SeqCst `rstate` word, the pending
+//! stack (Release push -> Acquire take) and the mcentral lock. The lock holder's stores of
+//! `place` are Release and the CASes AcqRel so that whoever wins a CAS also sees the
+//! placement it replaces; they are at least as strong as needed, and the loom issue's
+//! models will show whether they can be weaker.
+//!
 //! Lock order: mcentral lock -> heap lock (retiring a span frees it to the mheap). A
 //! thread never holds two mcentral locks except through `try_lock`, which never waits.
-
-// No loom model drives the mcentral yet (the loom issue adds one).
-#![cfg_attr(spanheap_loom, allow(dead_code))]
 
 use core::ptr::{self, NonNull};
 
@@ -123,31 +128,20 @@ fn update_rstate(s: NonNull<MSpan>, f: impl Fn(u32, i64) -> (u32, i64)) -> u64 {
 }
 
 impl MCentral {
-    #[cfg(not(spanheap_loom))]
-    pub(crate) const fn new() -> Self {
-        MCentral {
-            lists: Mutex::new(Lists {
-                partial: ptr::null_mut(),
-                full: ptr::null_mut(),
-                spare: ptr::null_mut(),
-            }),
-            pending: AtomicPtr::new(ptr::null_mut()),
-        }
-    }
-    #[cfg(spanheap_loom)]
-    pub(crate) fn new() -> Self {
-        MCentral {
-            lists: Mutex::new(Lists {
-                partial: ptr::null_mut(),
-                full: ptr::null_mut(),
-                spare: ptr::null_mut(),
-            }),
-            pending: AtomicPtr::new(ptr::null_mut()),
+    crate::sync::const_fn! {
+        pub(crate) fn new() -> Self {
+            MCentral {
+                lists: Mutex::new(Lists {
+                    partial: ptr::null_mut(),
+                    full: ptr::null_mut(),
+                    spare: ptr::null_mut(),
+                }),
+                pending: AtomicPtr::new(ptr::null_mut()),
+            }
         }
     }
 
     /// (partial spans, full spans, spare spans, free objects in listed spans), for tests.
-    #[allow(dead_code)]
     pub(crate) fn census(&self) -> (usize, usize, usize, usize) {
         self.lists.lock().with(|l| {
             let mut r = (0, 0, usize::from(!l.spare.is_null()), 0);
@@ -184,6 +178,7 @@ impl MCentral {
                 unsafe { unlink(l, s) };
                 // SAFETY: span records are never unmapped.
                 let small = unsafe { &s.as_ref().small };
+                // AcqRel: see the module note on `place` orderings.
                 if small
                     .place
                     .compare_exchange(
@@ -239,6 +234,8 @@ impl MCentral {
             };
             // SAFETY: we own the private state now.
             unsafe { link(l, s, target) };
+            // The SeqCst `rstate` CAS below publishes this store to every freer whose
+            // increment reads it (or a later value), before they CAS `place`.
             small.place.store(target, Ordering::Release);
             // Publish "unowned, `live` objects live": from here remote frees count
             // toward announcing the span.
@@ -259,6 +256,8 @@ impl MCentral {
     ) {
         // SAFETY: span records are never unmapped.
         let small = unsafe { &s.as_ref().small };
+        // Relaxed: the caller's SeqCst increment already ordered this load after the
+        // placement it observed in `rstate`; the CAS below re-checks the value.
         let cur = small.place.load(Ordering::Relaxed);
         if !(cur == place::FULL || (last && cur == place::PARTIAL)) {
             return;
@@ -361,6 +360,8 @@ impl MCentral {
             };
             // SAFETY: as above.
             unsafe { link(l, s, target) };
+            // Published to freers by the SeqCst `rstate` CAS that follows (as in
+            // `uncache_span`).
             small.place.store(target, Ordering::Release);
             let new = update_rstate(s, |h, low| (h - m as u32, low - m as i64));
             // SAFETY: the span is in our lists.
@@ -391,7 +392,7 @@ impl MCentral {
         debug_assert!(live != RSTATE_OWNED);
         let cur = p.list;
         if low == live as i64 {
-            // Every object is free.
+            // Every object is free. (AcqRel CASes: see the module note.)
             if small
                 .place
                 .compare_exchange(cur, place::CACHED, Ordering::AcqRel, Ordering::Relaxed)
@@ -441,6 +442,9 @@ unsafe fn take_ownership(s: NonNull<MSpan>, owner: usize) {
     // SAFETY: as above.
     let m = unsafe { merge_remote(p) };
     p.next_word = 0;
+    // Relaxed: `owner` only lets the owning thread recognise its own spans; that thread
+    // reads it after taking the span on the same thread, and others only compare it with
+    // their own address.
     // SAFETY: span records are never unmapped.
     unsafe { s.as_ref() }
         .small

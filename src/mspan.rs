@@ -79,7 +79,6 @@ pub(crate) struct SpanInfo {
     /// Whether the memory may hold non-zero bytes (so `alloc_zeroed` must clear it).
     pub(crate) needzero: bool,
     /// Small-object spans: the bitmap record (remote-free words first). Null otherwise.
-    #[cfg_attr(spanheap_loom, allow(dead_code))] // read by the thread caches
     pub(crate) bits: *mut u64,
 }
 
@@ -178,7 +177,6 @@ pub(crate) struct SmallPrivate {
     /// The next alloc word to load into a cache window.
     pub(crate) next_word: u8,
     pub(crate) nelems: u16,
-    #[cfg_attr(spanheap_loom, allow(dead_code))] // read by the thread caches
     pub(crate) elemsize: u32,
     /// Doubly linked list of the mcentral (protected by its lock).
     pub(crate) prev: *mut MSpan,
@@ -228,24 +226,15 @@ impl SmallPrivate {
 }
 
 impl SmallSpan {
-    #[cfg(not(spanheap_loom))]
-    const fn new() -> Self {
-        SmallSpan {
-            rstate: AtomicU64::new(0),
-            owner: AtomicUsize::new(0),
-            place: AtomicU8::new(place::CACHED),
-            pending_next: AtomicPtr::new(core::ptr::null_mut()),
-            private: UnsafeCell::new(SmallPrivate::EMPTY),
-        }
-    }
-    #[cfg(spanheap_loom)]
-    fn new() -> Self {
-        SmallSpan {
-            rstate: AtomicU64::new(0),
-            owner: AtomicUsize::new(0),
-            place: AtomicU8::new(place::CACHED),
-            pending_next: AtomicPtr::new(core::ptr::null_mut()),
-            private: UnsafeCell::new(SmallPrivate::EMPTY),
+    crate::sync::const_fn! {
+        fn new() -> Self {
+            SmallSpan {
+                rstate: AtomicU64::new(0),
+                owner: AtomicUsize::new(0),
+                place: AtomicU8::new(place::CACHED),
+                pending_next: AtomicPtr::new(core::ptr::null_mut()),
+                private: UnsafeCell::new(SmallPrivate::EMPTY),
+            }
         }
     }
 
@@ -263,36 +252,21 @@ impl SmallSpan {
 }
 
 impl MSpan {
-    #[cfg(not(spanheap_loom))]
-    pub(crate) const fn new() -> Self {
-        MSpan {
-            state: AtomicU8::new(SpanState::Dead as u8),
-            base: AtomicUsize::new(0),
-            npages: AtomicUsize::new(0),
-            info: UnsafeCell::new(SpanInfo {
-                purpose: Purpose::Heap,
-                spanclass: 0,
-                needzero: false,
-                bits: core::ptr::null_mut(),
-            }),
-            free_link: UnsafeCell::new(core::ptr::null_mut()),
-            small: SmallSpan::new(),
-        }
-    }
-    #[cfg(spanheap_loom)]
-    pub(crate) fn new() -> Self {
-        MSpan {
-            state: AtomicU8::new(SpanState::Dead as u8),
-            base: AtomicUsize::new(0),
-            npages: AtomicUsize::new(0),
-            info: UnsafeCell::new(SpanInfo {
-                purpose: Purpose::Heap,
-                spanclass: 0,
-                needzero: false,
-                bits: core::ptr::null_mut(),
-            }),
-            free_link: UnsafeCell::new(core::ptr::null_mut()),
-            small: SmallSpan::new(),
+    crate::sync::const_fn! {
+        pub(crate) fn new() -> Self {
+            MSpan {
+                state: AtomicU8::new(SpanState::Dead as u8),
+                base: AtomicUsize::new(0),
+                npages: AtomicUsize::new(0),
+                info: UnsafeCell::new(SpanInfo {
+                    purpose: Purpose::Heap,
+                    spanclass: 0,
+                    needzero: false,
+                    bits: core::ptr::null_mut(),
+                }),
+                free_link: UnsafeCell::new(core::ptr::null_mut()),
+                small: SmallSpan::new(),
+            }
         }
     }
 

@@ -23,10 +23,6 @@
 //! `max waste` is the worst fraction of a span not holding requested bytes,
 //! when every object holds a request one byte larger than the previous class.
 
-// The small-object path is being built: this module is wired into the
-// allocator next, and until then not every item has a caller.
-#![allow(dead_code)]
-
 // class  bytes/obj  bytes/span  objects  tail waste  max waste
 //     1          8        8192     1024           0     87.50%
 //     2         16        8192      512           0     43.75%

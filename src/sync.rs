@@ -10,7 +10,8 @@
 //!
 //! Rules for code outside this module:
 //! - never name `core::sync::atomic` or `core::cell::UnsafeCell` directly for shared state;
-//! - spin loops call [`spin_hint`] (which yields to loom's scheduler under the model);
+//! - a spin loop must yield to loom's scheduler under the model (today the only wait,
+//!   the lock's, is a modelled futex: [`RawMutex`] under loom blocks on a condvar);
 //! - arrays of atomics placed in raw OS memory are made valid with [`init_atomics`].
 
 #[cfg(not(spanheap_loom))]
@@ -22,15 +23,19 @@ pub(crate) use loom::sync::atomic::{
     fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 
-/// Tells the CPU (or loom's scheduler) that this thread is waiting for another one.
-#[allow(dead_code)] // for spin loops of the concurrent core; none spins today
-#[inline]
-pub(crate) fn spin_hint() {
-    #[cfg(not(spanheap_loom))]
-    core::hint::spin_loop();
-    #[cfg(spanheap_loom)]
-    loom::thread::yield_now();
+/// Defines a constructor as a `const fn` normally and as a plain `fn` under loom (whose
+/// types have no const constructors), from one body, so the two cannot drift apart.
+macro_rules! const_fn {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$attr])*
+        #[cfg(not(spanheap_loom))]
+        $vis const fn $name($($arg: $ty),*) -> $ret $body
+        $(#[$attr])*
+        #[cfg(spanheap_loom)]
+        $vis fn $name($($arg: $ty),*) -> $ret $body
+    };
 }
+pub(crate) use const_fn;
 
 /// Makes `n` atomics starting at `ptr` valid, in memory that came zero-filled from the OS.
 ///
@@ -237,7 +242,6 @@ impl RawMutex {
     }
 
     /// Whether some thread holds the lock (for debug assertions of lock preconditions).
-    #[allow(dead_code)]
     pub(crate) fn is_locked(&self) -> bool {
         self.state.load(Ordering::Relaxed) != UNLOCKED
     }
@@ -316,18 +320,12 @@ unsafe impl<T: Send> Sync for Mutex<T> {}
 unsafe impl<T: Send> Send for Mutex<T> {}
 
 impl<T> Mutex<T> {
-    #[cfg(not(spanheap_loom))]
-    pub(crate) const fn new(value: T) -> Self {
-        Mutex {
-            raw: RawMutex::new(),
-            data: UnsafeCell::new(value),
-        }
-    }
-    #[cfg(spanheap_loom)]
-    pub(crate) fn new(value: T) -> Self {
-        Mutex {
-            raw: RawMutex::new(),
-            data: UnsafeCell::new(value),
+    crate::sync::const_fn! {
+        pub(crate) fn new(value: T) -> Self {
+            Mutex {
+                raw: RawMutex::new(),
+                data: UnsafeCell::new(value),
+            }
         }
     }
 
@@ -345,12 +343,6 @@ impl<T> Mutex<T> {
         } else {
             None
         }
-    }
-
-    /// The raw lock, for `fork` handlers that must hold it across `fork()`.
-    #[allow(dead_code)]
-    pub(crate) fn raw(&self) -> &RawMutex {
-        &self.raw
     }
 }
 

@@ -529,16 +529,6 @@ fn render(classes: &[Class], stats: &Stats) -> String {
         "//! when every object holds a request one byte larger than the previous class.",
     );
     line(w, "");
-    line(
-        w,
-        "// The small-object path is being built: this module is wired into the",
-    );
-    line(
-        w,
-        "// allocator next, and until then not every item has a caller.",
-    );
-    line(w, "#![allow(dead_code)]");
-    line(w, "");
 
     // The class table, as a comment.
     line(
