@@ -45,12 +45,14 @@ mod mspan;
 pub mod os;
 mod pagealloc;
 mod sizeclasses;
+mod stats;
 mod sync;
 
 // Classes serve alignments up to one heap page (spans are page aligned).
 const _: () = assert!(sizeclasses::MAX_CLASS_ALIGN == os::PAGE_SIZE);
 
 pub use mspan::Purpose;
+pub use stats::{ClassStats, HeapGauges, Stats};
 
 #[cfg(not(spanheap_loom))]
 mod global {
@@ -61,7 +63,8 @@ mod global {
     use crate::os::OsMemory;
 
     /// The process-wide heap behind [`SpanHeap`].
-    pub(crate) static HEAP: MHeap<OsMemory> = MHeap::new(OsMemory);
+    pub(crate) static HEAP: MHeap<OsMemory> =
+        MHeap::with_writer(OsMemory, crate::mcache::current_writer);
 
     /// The spanheap global allocator (zero-sized; all state is process-wide).
     ///
@@ -102,6 +105,45 @@ mod global {
 
 #[cfg(not(spanheap_loom))]
 pub use global::SpanHeap;
+
+/// A consistent snapshot of spanheap's statistics.
+///
+/// One call, no setup: the snapshot is taken while other threads keep allocating, and
+/// every update the allocator makes together is in it entirely or not at all (Go's
+/// consistent heap statistics), so the invariants documented on [`Stats`] hold for
+/// every snapshot. Counts a thread has not yet published (objects it reused from its
+/// own free list since its last refill) are published for the calling thread first;
+/// see [`ClassStats`] for when objects are counted.
+///
+/// Taking a snapshot does not allocate. Snapshots are serialised with each other; a
+/// snapshot waits (briefly) only for threads that are in the middle of a statistics
+/// update.
+///
+/// ```
+/// let s = spanheap::stats();
+/// assert!(s.check().is_ok());
+/// println!("{s}"); // a readable report: totals and a per-size-class table
+/// ```
+///
+/// Setting `SPANHEAP_STATS=1` in the environment prints the same report to stderr when
+/// the process exits.
+#[cfg(not(spanheap_loom))]
+pub fn stats() -> Stats {
+    mcache::publish_counts();
+    let mut t = [0u64; stats::field::N];
+    global::HEAP.stats.read(&mut t);
+    Stats::from_totals(&t, global::HEAP.gauges())
+}
+
+/// Returns everything the calling thread's cache holds to the shared heap: freed objects
+/// waiting in its free lists and remote buffers go back to their spans, and its current
+/// spans go back to the size classes' shared lists (so spans that are now completely free
+/// are retired). The thread keeps its cache and refills it on its next allocation.
+/// Thread exit does the same automatically.
+#[cfg(not(spanheap_loom))]
+pub fn flush_thread_cache() {
+    mcache::flush_own();
+}
 
 /// Internals for this workspace's tests, benchmarks and loom models. Not part of the
 /// public API; no semver promise.

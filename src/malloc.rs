@@ -14,7 +14,29 @@ use core::ptr::{self, NonNull};
 
 use crate::mheap::{MHeap, MAX_ALIGN, MAX_SPAN_BYTES};
 use crate::mspan::Purpose;
-use crate::os::{MemSource, PAGE_SIZE};
+use crate::os::{MemSource, PAGE_SHIFT, PAGE_SIZE};
+use crate::stats::field;
+
+/// Counts large objects: `freed` pages given up and `allocated` pages taken, in one
+/// statistics section (a resize in place is one free and one allocation). Taken after
+/// the span has the pages and before it gives them back, so a snapshot never counts a
+/// live large object outside the in-use heap bytes.
+///
+/// Out of line (as is `dealloc`) so that the small-object paths of the callers stay
+/// free of the register saves a statistics section needs.
+#[inline(never)]
+fn count_large<M: MemSource>(heap: &MHeap<M>, freed: usize, allocated: usize) {
+    heap.stats_update(|d| {
+        if freed != 0 {
+            d.add(field::LARGE_FREES, 1);
+            d.add(field::LARGE_FREE_BYTES, (freed << PAGE_SHIFT) as u64);
+        }
+        if allocated != 0 {
+            d.add(field::LARGE_ALLOCS, 1);
+            d.add(field::LARGE_ALLOC_BYTES, (allocated << PAGE_SHIFT) as u64);
+        }
+    });
+}
 
 /// Pages needed for `size` bytes (a zero-size request still gets a unique page), or
 /// `None` if the request is larger than any span.
@@ -49,6 +71,7 @@ fn alloc_large<M: MemSource>(heap: &MHeap<M>, size: usize, align: usize, zero: b
     let Some(s) = heap.alloc_span(npages, Purpose::Heap, 0, align) else {
         return ptr::null_mut();
     };
+    count_large(heap, 0, npages);
     // SAFETY: we just allocated the span; it is ours.
     let span = unsafe { s.as_ref() };
     let p = span.base() as *mut u8;
@@ -65,12 +88,14 @@ fn alloc_large<M: MemSource>(heap: &MHeap<M>, size: usize, align: usize, zero: b
 ///
 /// # Safety
 /// `p` is a live block of this heap (or foreign, see above), not used afterwards.
-#[inline]
+#[inline(never)]
 pub(crate) unsafe fn dealloc<M: MemSource>(heap: &MHeap<M>, p: *mut u8) {
     let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) else {
         return;
     };
     // SAFETY: `p` is a live block, so `s` is its live span and the caller gives it up.
+    count_large(heap, unsafe { s.as_ref() }.npages(), 0);
+    // SAFETY: as above.
     unsafe { heap.free_span(s) };
 }
 
@@ -101,12 +126,14 @@ pub(crate) unsafe fn realloc<M: MemSource>(
         return p;
     }
     if new_pages < old_pages {
+        count_large(heap, old_pages, new_pages);
         // SAFETY: the caller owns the block; bytes past `new_size` are no longer used.
         unsafe { heap.shrink_span(s, new_pages) };
         return p;
     }
     // SAFETY: as above.
     if unsafe { heap.grow_span_in_place(s, new_pages) } {
+        count_large(heap, old_pages, new_pages);
         return p;
     }
     let q = alloc(heap, new_size, align, false);

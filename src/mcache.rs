@@ -14,12 +14,23 @@
 //! cache owns the object's span or owned it last, the object goes on the class's local
 //! free list (no lock, no atomic RMW; the span keeps counting it as allocated). When a list grows
 //! past about 64 KiB worth of objects, half of it is flushed back to the spans; at
-//! thread exit all of it is. Flushes, and every free of a cache-less thread, are
-//! *remote* frees: set the object's bit in the span's remote bitmap and count it in the
-//! span's state word (two atomic RMWs, lock-free, never lost); the owner merges remote
-//! bits when it next sweeps the span, and an unowned span is announced to its mcentral
-//! when it becomes allocatable again or completely free (then its pages go back to the
-//! heap).
+//! thread exit all of it is. An object of a span this cache does not own goes on the
+//! class's *remote buffer* instead (never reused here), which is flushed to the spans
+//! in batches of up to 64 objects (at most about 16 KiB). Flushes, and every free of a
+//! cache-less thread, are *remote* frees: set the object's bit in the span's remote
+//! bitmap and count it in the span's state word (two atomic RMWs, lock-free, never
+//! lost); the owner merges remote bits when it next sweeps the span, and an unowned
+//! span is announced to its mcentral when it becomes allocatable again or completely
+//! free (then its pages go back to the heap).
+//!
+//! Statistics (`stats.rs`) are written at refill and flush granularity: a window's
+//! objects count as allocated when it is loaded (the unused rest is subtracted when the
+//! span is given back); an object reused from the local free list is counted in the
+//! plain per-class `pops` (the one statistics cost on the fast path) and published at
+//! the next refill or flush as one allocation and one free; an object counts as freed
+//! when it goes back to its span, in a write section that precedes the remote free. So
+//! every snapshot counts an object as live while its span holds it allocated, and a
+//! span's bytes leave the in-use total only after its objects' frees were counted.
 //!
 //! The thread-local pointer starts at a static empty cache whose every class has an
 //! empty window and a sentinel span, so the fast path has no "is there a cache" test:
@@ -38,32 +49,50 @@ use crate::fixalloc::Record;
 use crate::global::HEAP;
 use crate::mcentral::{count_free, merge_remote, private};
 use crate::mspan::{rstate_parts, MSpan, Purpose, RSTATE_OWNED};
-use crate::sizeclasses::{obj_index, CLASS_TO_NPAGES, NUM_CLASSES};
+use crate::sizeclasses::{obj_index, CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
+use crate::stats::{field, StatsSeq};
 use crate::sync::{AtomicU64, Mutex, Ordering, UnsafeCell};
 
-/// One size class of a cache.
-#[repr(C)]
+/// One size class of a cache: one cache line, all the fast paths touch.
+#[repr(C, align(64))]
 #[derive(Clone, Copy)]
 pub(crate) struct ClassCache {
-    /// Local free list: objects of this class freed by this thread (from any span),
-    /// linked through their first word. Their spans still count them as allocated
-    /// until they are flushed (`flush`) when the list grows past `FREE_LIMIT`.
+    /// Local free list: objects of this class freed by this thread from spans this
+    /// cache owns or owned last, linked through their first word. Their spans still
+    /// count them as allocated until they are flushed (`flush`) when the list grows past
+    /// `FREE_LIMIT`.
     free: *mut u8,
     /// Length of `free`.
     nfree: u32,
+    /// Length of `remote`.
+    nremote: u32,
     /// Free objects of the current window (bit i = object at `window_base + i * elemsize`).
     alloc_cache: u64,
     window_base: usize,
     elemsize: usize,
     /// The current span, or the sentinel `EMPTY_SPAN`.
     span: *mut MSpan,
+    /// Objects taken from `free` since the class's counts were last published.
+    pops: u64,
+    /// Remote buffer: objects freed by this thread from spans it does not own, linked
+    /// through their first word, returned to their spans in a batch (`flush_remote`)
+    /// when `REMOTE_LIMIT` is reached. Never reused for allocation.
+    remote: *mut u8,
 }
 
+const _: () = assert!(core::mem::size_of::<ClassCache>() == 64);
+
 /// A thread cache. Owned by one thread (or, for the shared cache, by the holder of the
-/// shared lock); never touched by others.
+/// shared lock); never touched by others, except `seq`, which the statistics reader
+/// reads.
 #[repr(C)]
 pub(crate) struct MCache {
     classes: [ClassCache; NUM_CLASSES],
+    /// The statistics sequence counter of the thread owning this cache.
+    seq: StatsSeq,
+    /// Whether `seq` is in the statistics registry (records are reused, the
+    /// registration stays). Owner only.
+    registered: bool,
     /// Fixalloc free-list link (heap lock).
     free_link: UnsafeCell<*mut MCache>,
 }
@@ -77,6 +106,9 @@ static EMPTY_SPAN: SyncSpan = SyncSpan(MSpan::new());
 const EMPTY_CLASS: ClassCache = ClassCache {
     free: ptr::null_mut(),
     nfree: 0,
+    nremote: 0,
+    pops: 0,
+    remote: ptr::null_mut(),
     alloc_cache: 0,
     window_base: 0,
     elemsize: 0,
@@ -93,6 +125,8 @@ impl MCache {
     const fn empty() -> Self {
         MCache {
             classes: [EMPTY_CLASS; NUM_CLASSES],
+            seq: StatsSeq::new(),
+            registered: false,
             free_link: UnsafeCell::new(ptr::null_mut()),
         }
     }
@@ -132,6 +166,31 @@ fn empty_span() -> *mut MSpan {
     &EMPTY_SPAN.0 as *const MSpan as *mut MSpan
 }
 
+/// The entry of class `class` in cache `c`.
+///
+/// # Safety
+/// `c` is a live cache the caller owns (see `try_alloc`), `class < NUM_CLASSES`.
+#[inline(always)]
+unsafe fn entry<'a>(c: *mut MCache, class: usize) -> &'a mut ClassCache {
+    // SAFETY: per the contract.
+    unsafe {
+        &mut *ptr::addr_of_mut!((*c).classes)
+            .cast::<ClassCache>()
+            .add(class)
+    }
+}
+
+/// The statistics writer of the calling thread: its cache's sequence counter while the
+/// cache is live (the process-wide heap's `writer` hook).
+pub(crate) fn current_writer() -> Option<&'static StatsSeq> {
+    if STATE.with(Cell::get) != LIVE {
+        return None;
+    }
+    let c = CACHE.with(Cell::get);
+    // SAFETY: a live cache's record is never unmapped; `seq` is only used atomically.
+    Some(unsafe { &(*c).seq })
+}
+
 /// The fast path shared by thread caches and the shared cache.
 ///
 /// # Safety
@@ -149,6 +208,7 @@ unsafe fn try_alloc(c: *mut MCache, class: usize) -> *mut u8 {
         if !f.is_null() {
             (*e).free = f.cast::<*mut u8>().read();
             (*e).nfree -= 1;
+            (*e).pops += 1;
             return f;
         }
         let ac = (*e).alloc_cache;
@@ -228,22 +288,93 @@ pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
     // threads' spans go back to their spans, which can then empty and retire instead of
     // being pinned by this thread's list. Relaxed: only this thread stores its own
     // address there; a stale value only picks the other, also correct, path.
-    // SAFETY: span records are never unmapped.
-    if c == empty_cache() || unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed) != c as usize
-    {
+    if c == empty_cache() {
         // SAFETY: forwarded.
-        return unsafe { remote_free(p, s, class) };
+        return unsafe { pless_free(p, s, class) };
     }
-    // SAFETY: our cache's entry and the object are ours.
+    // SAFETY: our cache's entry and the object are ours; span records are never unmapped.
     unsafe {
-        let e = ptr::addr_of_mut!((*c).classes)
-            .cast::<ClassCache>()
-            .add(class);
-        p.cast::<*mut u8>().write((*e).free);
-        (*e).free = p;
-        (*e).nfree += 1;
-        if (*e).nfree > FREE_LIMIT[class] {
-            flush(&mut *e, class, FREE_LIMIT[class] / 2);
+        let e = entry(c, class);
+        if s.as_ref().small.owner.load(Ordering::Relaxed) != c as usize {
+            return buffer_remote(e, p, class);
+        }
+        p.cast::<*mut u8>().write(e.free);
+        e.free = p;
+        e.nfree += 1;
+        if e.nfree > *FREE_LIMIT.get_unchecked(class) {
+            flush(e, class, FREE_LIMIT[class] / 2);
+        }
+    }
+}
+
+/// Puts an object of a span this cache does not own on the class's remote buffer.
+/// Out of line, so that the local-free fast path needs no extra registers.
+///
+/// # Safety
+/// `e` is an entry of this thread's cache; `p` a live object of class `class`, given up.
+#[inline(never)]
+unsafe fn buffer_remote(e: &mut ClassCache, p: *mut u8, class: usize) {
+    // SAFETY: per the contract, the object's first word is ours to link through.
+    unsafe { p.cast::<*mut u8>().write(e.remote) };
+    e.remote = p;
+    e.nremote += 1;
+    if e.nremote >= REMOTE_LIMIT[class] {
+        flush_remote(e, class);
+    }
+}
+
+/// How many objects a class's remote buffer collects before it is returned to the
+/// spans: about 16 KiB worth, at least 2 and at most 64.
+static REMOTE_LIMIT: [u32; NUM_CLASSES] = {
+    let mut t = [0u32; NUM_CLASSES];
+    let mut c = 1;
+    while c < NUM_CLASSES {
+        let n = (16 << 10) / CLASS_TO_SIZE[c] as u32;
+        t[c] = if n < 2 {
+            2
+        } else if n > 64 {
+            64
+        } else {
+            n
+        };
+        c += 1;
+    }
+    t
+};
+
+/// A free by a thread without a cache: counted (under the statistics lock), then a
+/// remote free.
+///
+/// # Safety
+/// As for `dealloc`.
+#[cold]
+#[inline(never)]
+unsafe fn pless_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
+    HEAP.stats_update(|d| d.add(field::SMALL_FREES + class, 1));
+    // SAFETY: forwarded.
+    unsafe { remote_free(p, s, class) }
+}
+
+/// Returns the whole remote buffer to the objects' spans, after counting the frees.
+#[cold]
+#[inline(never)]
+fn flush_remote(e: &mut ClassCache, class: usize) {
+    let n = e.nremote as u64;
+    if n == 0 {
+        return;
+    }
+    HEAP.stats_update(|d| d.add(field::SMALL_FREES + class, n));
+    let mut p = e.remote;
+    e.remote = ptr::null_mut();
+    e.nremote = 0;
+    while !p.is_null() {
+        // SAFETY: objects in the buffer are ours and live from their spans' view.
+        unsafe {
+            let next = p.cast::<*mut u8>().read();
+            if let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) {
+                remote_free(p, s, class);
+            }
+            p = next;
         }
     }
 }
@@ -254,6 +385,15 @@ pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
 #[cold]
 #[inline(never)]
 fn flush(e: &mut ClassCache, class: usize, keep: u32) {
+    // Count first: the objects leave the list before their spans see them free.
+    let n = e.nfree.saturating_sub(keep) as u64;
+    let pops = core::mem::take(&mut e.pops);
+    if n | pops != 0 {
+        HEAP.stats_update(|d| {
+            d.add(field::SMALL_ALLOCS + class, pops);
+            d.add(field::SMALL_FREES + class, pops + n);
+        });
+    }
     while e.nfree > keep {
         let p = e.free;
         // SAFETY: objects on the list are ours and live from their spans' view.
@@ -326,18 +466,37 @@ pub(crate) unsafe fn remote_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
     }
 }
 
-/// Refills class `class` of cache `c`. Returns false if memory is exhausted.
+/// Refills class `class` of cache `c`, then publishes the class's counts: the new
+/// window's objects as allocated, reuses from the free list as allocated and freed.
+/// Returns false if memory is exhausted.
 ///
 /// # Safety
 /// `c` is a live cache owned by the caller (thread cache, or shared cache under lock),
 /// and the class's free list and window are empty.
 unsafe fn refill(c: *mut MCache, class: usize) -> bool {
+    // SAFETY: forwarded.
+    let ok = unsafe { refill_span(c, class) };
     // SAFETY: the entry is ours.
-    let e = unsafe {
-        &mut *ptr::addr_of_mut!((*c).classes)
-            .cast::<ClassCache>()
-            .add(class)
-    };
+    let e = unsafe { entry(c, class) };
+    let pops = core::mem::take(&mut e.pops);
+    // The window is empty on entry, so whatever it holds now was just loaded.
+    let window = e.alloc_cache.count_ones() as u64;
+    if pops | window != 0 {
+        HEAP.stats_update(|d| {
+            d.add(field::SMALL_ALLOCS + class, window + pops);
+            d.add(field::SMALL_FREES + class, pops);
+        });
+    }
+    ok
+}
+
+/// Makes the span of class `class` have a window with free objects (see `refill`).
+///
+/// # Safety
+/// As for `refill`.
+unsafe fn refill_span(c: *mut MCache, class: usize) -> bool {
+    // SAFETY: the entry is ours.
+    let e = unsafe { entry(c, class) };
     if let Some(s) = NonNull::new(e.span).filter(|&s| s.as_ptr() != empty_span()) {
         // SAFETY: we own the current span.
         if unsafe { load_window(e, s) } {
@@ -511,8 +670,17 @@ fn create_cache() -> Option<*mut MCache> {
         unsafe { HEAP.free_cache_record(c) };
         return None;
     }
+    // SAFETY: the record is ours; `seq` lives as long as the process.
+    unsafe {
+        if !(*c).registered {
+            HEAP.stats.register(&(*c).seq);
+            (*c).registered = true;
+        }
+    }
     CACHE.with(|x| x.set(c));
     STATE.with(|x| x.set(LIVE));
+    HEAP.stats_update(|d| d.add(field::CACHES, 1));
+    crate::stats::exit_report_once();
     Some(c)
 }
 
@@ -527,24 +695,59 @@ extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
         release_all(c);
         HEAP.free_cache_record(c);
     }
+    HEAP.stats_update(|d| d.sub(field::CACHES, 1));
 }
 
-/// Gives every span of the cache back to its mcentral (Go's `releaseAll`).
+/// Publishes the calling thread's pending reuse counts (for a statistics snapshot).
+pub(crate) fn publish_counts() {
+    if STATE.with(Cell::get) != LIVE {
+        return;
+    }
+    let c = CACHE.with(Cell::get);
+    HEAP.stats_update(|d| {
+        for class in 1..NUM_CLASSES {
+            // SAFETY: our live cache's entries are ours.
+            let e = unsafe { entry(c, class) };
+            let pops = core::mem::take(&mut e.pops);
+            if pops != 0 {
+                d.add(field::SMALL_ALLOCS + class, pops);
+                d.add(field::SMALL_FREES + class, pops);
+            }
+        }
+    });
+}
+
+/// Gives everything the calling thread's cache holds back to the heap: local free
+/// lists and remote buffers are flushed and every current span returned to its
+/// mcentral. The cache stays usable.
+pub(crate) fn flush_own() {
+    if STATE.with(Cell::get) != LIVE {
+        return;
+    }
+    // SAFETY: our live cache; `release_all` leaves it empty and valid.
+    unsafe { release_all(CACHE.with(Cell::get)) };
+}
+
+/// Gives every span of the cache back to its mcentral (Go's `releaseAll`), after
+/// flushing the free lists and remote buffers. Leaves the cache empty and usable.
 ///
 /// # Safety
-/// `c` is a live cache owned by the caller, not used afterwards.
+/// `c` is a live cache owned by the caller.
 unsafe fn release_all(c: *mut MCache) {
     for class in 1..NUM_CLASSES {
         // SAFETY: the entry is ours.
-        let e = unsafe {
-            &mut *ptr::addr_of_mut!((*c).classes)
-                .cast::<ClassCache>()
-                .add(class)
-        };
+        let e = unsafe { entry(c, class) };
         // Objects on the free list go back to their spans first (ours is merged by the
         // normalisation below; others are remote frees).
         flush(e, class, 0);
+        flush_remote(e, class);
         if let Some(s) = NonNull::new(e.span).filter(|&s| s.as_ptr() != empty_span()) {
+            // The window's unused objects were counted as allocated when it was
+            // loaded: uncount them before the span can retire.
+            let unused = e.alloc_cache.count_ones() as u64;
+            if unused != 0 {
+                HEAP.stats_update(|d| d.sub(field::SMALL_ALLOCS + class, unused));
+            }
             // SAFETY: we own the span.
             unsafe {
                 normalize(e, s);

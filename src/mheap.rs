@@ -31,7 +31,8 @@
 //! | `locked`         | the heap lock (a futex lock that never allocates): page allocator, span-record fixalloc, growth hint |
 //! | `arenas`         | lock-free reads; new arenas inserted under the heap lock            |
 //! | `pages_in_use`   | atomic (seed 001); written by span publication/release              |
-//! | `stats.*`        | atomic (seed 000); written at span alloc/free/grow/resize           |
+//! | `gauges.*`       | atomic (seed 000); written at span alloc/free/grow/resize           |
+//! | `stats`          | consistent statistics (seed 002, `stats.rs`): write sections at span alloc/free/grow/resize |
 //!
 //! Lock order: the heap lock is a leaf. Nothing is locked while holding it, and it is
 //! never taken by code that already holds it (no allocation happens under it: all
@@ -51,6 +52,7 @@ use crate::os::{MemSource, OsError, PAGE_SHIFT};
 use crate::pagealloc::PageAlloc;
 use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
+use crate::stats::{field, HeapDelta, HeapGauges, HeapStats, StatsSeq};
 use crate::sync::init_atomics;
 use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
 
@@ -107,12 +109,13 @@ impl Locked {
 }
 
 /// Heap counters (seed 000): atomics, updated outside the heap lock, in
-/// [`MHeap::account_alloc`] / [`MHeap::account_free`] / growth / resizing.
+/// [`MHeap::account_alloc`] / [`MHeap::account_free`] / growth / resizing. Each is exact
+/// on its own; the consistent statistics (`MHeap::stats`) are updated in the same places.
 ///
 /// Invariants once no span operation is in flight:
 /// `heap_inuse + heap_idle == heap_sys`, `heap_released <= heap_idle`,
 /// `heap_sys + Σ manual purposes == arena bytes mapped`.
-pub(crate) struct HeapStats {
+pub(crate) struct Gauges {
     /// Bytes of arena memory obtained from the OS, less bytes lent to manual spans.
     heap_sys: AtomicU64,
     /// Bytes in free page runs (including released ones).
@@ -127,12 +130,12 @@ pub(crate) struct HeapStats {
     arena_bytes: AtomicU64,
 }
 
-impl HeapStats {
+impl Gauges {
     #[cfg(not(spanheap_loom))]
     const fn new() -> Self {
         #[allow(clippy::declare_interior_mutable_const)]
         const Z: AtomicU64 = AtomicU64::new(0);
-        HeapStats {
+        Gauges {
             heap_sys: Z,
             heap_idle: Z,
             heap_released: Z,
@@ -143,7 +146,7 @@ impl HeapStats {
     }
     #[cfg(spanheap_loom)]
     fn new() -> Self {
-        HeapStats {
+        Gauges {
             heap_sys: AtomicU64::new(0),
             heap_idle: AtomicU64::new(0),
             heap_released: AtomicU64::new(0),
@@ -189,32 +192,50 @@ pub(crate) struct MHeap<M: MemSource> {
     /// Pages in live heap spans (Go's `pagesInUse`). Atomic; updated after the pageInUse
     /// bit on publication (Release) and before clearing it on release.
     pages_in_use: AtomicUsize,
-    /// Heap counters, atomic.
-    stats: HeapStats,
+    /// Heap counters, atomic (seed 000).
+    gauges: Gauges,
+    /// Consistent statistics (seed 002).
+    pub(crate) stats: HeapStats,
+    /// The calling thread's statistics sequence counter, if it has a registered one
+    /// (a thread cache); `None` makes write sections take the statistics' leaf lock.
+    writer: fn() -> Option<&'static StatsSeq>,
     /// One mcentral per size class (index 0 unused).
     pub(crate) central: [MCentral; NUM_CLASSES],
 }
 
 impl<M: MemSource> MHeap<M> {
+    crate::sync::const_fn! {
+        /// A heap whose statistics writers all take the leaf lock (no thread caches).
+        pub(crate) fn new(mem: M) -> Self {
+            Self::with_writer(mem, no_writer)
+        }
+    }
+
+    /// A heap whose statistics write sections use the counter `writer` returns for the
+    /// calling thread (the process-wide heap: the thread cache's).
     #[cfg(not(spanheap_loom))]
-    pub(crate) const fn new(mem: M) -> Self {
+    pub(crate) const fn with_writer(mem: M, writer: fn() -> Option<&'static StatsSeq>) -> Self {
         MHeap {
             mem,
             locked: Mutex::new(Locked::new()),
             arenas: ArenaIndex::new(),
             pages_in_use: AtomicUsize::new(0),
+            gauges: Gauges::new(),
             stats: HeapStats::new(),
+            writer,
             central: [const { MCentral::new() }; NUM_CLASSES],
         }
     }
     #[cfg(spanheap_loom)]
-    pub(crate) fn new(mem: M) -> Self {
+    pub(crate) fn with_writer(mem: M, writer: fn() -> Option<&'static StatsSeq>) -> Self {
         MHeap {
             mem,
             locked: Mutex::new(Locked::new()),
             arenas: ArenaIndex::new(),
             pages_in_use: AtomicUsize::new(0),
+            gauges: Gauges::new(),
             stats: HeapStats::new(),
+            writer,
             central: core::array::from_fn(|_| MCentral::new()),
         }
     }
@@ -419,7 +440,7 @@ impl<M: MemSource> MHeap<M> {
 
     /// A snapshot of the counters.
     pub(crate) fn counters(&self) -> HeapCounters {
-        let st = &self.stats;
+        let st = &self.gauges;
         let mut by_purpose = [0u64; Purpose::COUNT];
         for (d, c) in by_purpose.iter_mut().zip(st.by_purpose.iter()) {
             *d = c.load(Ordering::Relaxed);
@@ -434,6 +455,25 @@ impl<M: MemSource> MHeap<M> {
             arena_bytes: st.arena_bytes.load(Ordering::Relaxed),
             pages_in_use: self.pages_in_use.load(Ordering::Acquire) as u64,
         }
+    }
+
+    /// The atomic counters as the public [`HeapGauges`].
+    pub(crate) fn gauges(&self) -> HeapGauges {
+        let c = self.counters();
+        HeapGauges {
+            heap_sys: c.heap_sys,
+            heap_inuse: c.heap_inuse,
+            heap_idle: c.heap_idle,
+            heap_released: c.heap_released,
+            pages_in_use: c.pages_in_use,
+        }
+    }
+
+    /// Runs a statistics write section for the calling thread (see `stats.rs`): `f` only
+    /// adds deltas. Sections never nest.
+    #[inline]
+    pub(crate) fn stats_update(&self, f: impl FnOnce(&HeapDelta)) {
+        self.stats.update((self.writer)(), f);
     }
 
     /// Page-allocator view, for tests: (free pages, scavenged free pages, span records in use).
@@ -517,7 +557,8 @@ impl<M: MemSource> MHeap<M> {
             }
             h.pages.grow(&self.mem, base, size)
         })();
-        add(&self.stats.meta_sys, meta);
+        add(&self.gauges.meta_sys, meta);
+        self.stats_update(|d| d.add(field::META, meta as u64));
         if let Err(e) = result {
             // Arena records already inserted stay (harmless: their span maps are empty
             // and the page allocator never hands out their pages).
@@ -525,10 +566,15 @@ impl<M: MemSource> MHeap<M> {
             unsafe { self.mem.release(region, size) };
             return Err(e);
         }
-        add(&self.stats.arena_bytes, size);
-        add(&self.stats.heap_sys, size);
-        add(&self.stats.heap_idle, size);
-        add(&self.stats.heap_released, size);
+        add(&self.gauges.arena_bytes, size);
+        add(&self.gauges.heap_sys, size);
+        add(&self.gauges.heap_idle, size);
+        add(&self.gauges.heap_released, size);
+        // A new arena is mapped but untouched: released until pages are handed out.
+        self.stats_update(|d| {
+            d.add(field::ARENA, size as u64);
+            d.add(field::RELEASED, size as u64);
+        });
         h.hint = base + size;
         Ok(base)
     }
@@ -701,7 +747,7 @@ impl<M: MemSource> MHeap<M> {
     /// Counter updates for `nbytes` taken from idle memory for `purpose`, of which `scav`
     /// bytes had been released (seed 004: the one place for allocation).
     fn account_alloc(&self, purpose: Purpose, nbytes: usize, scav: usize) {
-        let st = &self.stats;
+        let st = &self.gauges;
         if scav != 0 {
             sub(&st.heap_released, scav);
         }
@@ -711,18 +757,43 @@ impl<M: MemSource> MHeap<M> {
             // Manual spans are lent out of the heap: they leave heap_sys.
             sub(&st.heap_sys, nbytes);
         }
+        let (n, scav) = (nbytes as u64, scav as u64);
+        self.stats_update(|d| {
+            if scav != 0 {
+                d.sub(field::RELEASED, scav);
+                d.add(field::COMMITTED, scav);
+            }
+            d.add(field::INUSE, n);
+            d.add(field::PURPOSE + purpose as usize, n);
+            if !purpose.is_manual() {
+                d.add(field::PAGES_IN_USE, n >> PAGE_SHIFT);
+            }
+        });
     }
 
     /// Counter updates for `nbytes` given back to idle memory by `purpose` (the one place
     /// for free).
     fn account_free(&self, purpose: Purpose, nbytes: usize) {
-        let st = &self.stats;
+        let st = &self.gauges;
         sub(&st.by_purpose[purpose as usize], nbytes);
         if purpose.is_manual() {
             add(&st.heap_sys, nbytes);
         }
         add(&st.heap_idle, nbytes);
+        let n = nbytes as u64;
+        self.stats_update(|d| {
+            d.sub(field::INUSE, n);
+            d.sub(field::PURPOSE + purpose as usize, n);
+            if !purpose.is_manual() {
+                d.sub(field::PAGES_IN_USE, n >> PAGE_SHIFT);
+            }
+        });
     }
+}
+
+/// The statistics writer of heaps without thread caches: every section takes the lock.
+fn no_writer() -> Option<&'static StatsSeq> {
+    None
 }
 
 /// Initialises the small-object state of an unpublished span of class `spanclass`:

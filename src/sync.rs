@@ -10,8 +10,8 @@
 //!
 //! Rules for code outside this module:
 //! - never name `core::sync::atomic` or `core::cell::UnsafeCell` directly for shared state;
-//! - a spin loop must yield to loom's scheduler under the model (today the only wait,
-//!   the lock's, is a modelled futex: [`RawMutex`] under loom blocks on a condvar);
+//! - a spin loop must yield to loom's scheduler under the model: use [`SpinWait`] (the
+//!   lock's wait is a modelled futex: [`RawMutex`] under loom blocks on a condvar);
 //! - arrays of atomics placed in raw OS memory are made valid with [`init_atomics`].
 
 #[cfg(not(spanheap_loom))]
@@ -117,6 +117,38 @@ impl<T> UnsafeCell<T> {
         return f(self.0.get());
         #[cfg(spanheap_loom)]
         return self.0.with_mut(f);
+    }
+}
+
+/// One step of a spin-wait on another thread's progress (a statistics reader waiting for
+/// a writer to leave its short critical section). Spins on the CPU first, then yields
+/// the time slice. Under loom it yields to the model's scheduler, so that a wait on a
+/// thread that has not run yet is explored instead of spinning forever.
+#[derive(Debug, Default)]
+pub(crate) struct SpinWait {
+    #[cfg(not(spanheap_loom))]
+    spins: u32,
+}
+
+impl SpinWait {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    #[inline]
+    pub(crate) fn spin(&mut self) {
+        #[cfg(not(spanheap_loom))]
+        {
+            if self.spins < 64 {
+                self.spins += 1;
+                core::hint::spin_loop();
+            } else {
+                // SAFETY: sched_yield has no preconditions and does not allocate.
+                unsafe { libc::sched_yield() };
+            }
+        }
+        #[cfg(spanheap_loom)]
+        loom::thread::yield_now();
     }
 }
 

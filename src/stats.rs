@@ -1,0 +1,719 @@
+//! Consistent heap statistics (Go's `consistentHeapStats`, seed 002) and the public
+//! [`stats()`] snapshot.
+//!
+//! # The protocol
+//!
+//! Statistics are kept as *deltas* in a ring of three generations. Writers add to the
+//! generation `gen` names; a reader (one at a time) takes a snapshot by
+//!
+//! 1. rotating `gen` to the next slot, which the previous read left cleared, so new
+//!    writes go there;
+//! 2. waiting until no writer is still inside a write section that began before the
+//!    rotation (those may still be adding to the old slot);
+//! 3. merging the old slot `cur` with `prev`, the totals of the previous snapshot, into
+//!    `cur`, which now holds complete totals, and clearing `prev` for the next rotation.
+//!
+//! A writer with a thread cache brackets its section with its own sequence counter:
+//! odd while writing. Its increment to odd and its load of `gen` are SeqCst, as are the
+//! reader's store of `gen` and its first load of each counter, so either the writer sees
+//! the new `gen`, or the reader sees the counter odd and waits for it (a store->load
+//! pattern on both sides: only a single total order excludes both missing each other).
+//! The writer's final increment is Release and the reader's loads Acquire: the section's
+//! additions are visible once the counter is seen even again.
+//!
+//! A writer without a cache (start-up, TLS teardown, a thread that could not get one)
+//! takes the small leaf lock `nop` instead; the reader holds `nop` only while it rotates
+//! `gen`, so such writers are wholly before or wholly after the rotation.
+//!
+//! A section only adds to atomics, never blocks and never nests, so the reader's wait is
+//! short. Sections are taken at span, refill and flush granularity, never per object on
+//! the fast path. Every update a caller makes in one section is seen by a snapshot
+//! entirely or not at all: the snapshot is *consistent*.
+//!
+//! Shared fields and what protects them:
+//!
+//! | field         | protection                                                          |
+//! |---------------|---------------------------------------------------------------------|
+//! | `slots[g]`    | atomic adds by writers of generation g; the reader alone merges/clears a slot no writer can reach |
+//! | `gen`         | written by the reader under `reader` and `nop`; read SeqCst by writers |
+//! | `nop`         | leaf lock: cache-less writers' sections; the reader's rotation        |
+//! | `reader`      | one reader at a time (lock order: `reader` -> `nop`)                 |
+//! | `writers`     | push-only list of sequence counters (Release push, Acquire walk)    |
+//! | `StatsSeq::seq` | written only by its thread (RMW), read by the reader              |
+
+use core::fmt;
+use core::ptr;
+
+use crate::mspan::Purpose;
+use crate::sizeclasses::{CLASS_TO_SIZE, NUM_CLASSES};
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Mutex, Ordering, SpinWait};
+
+// ---------------------------------------------------------------------------------------
+// The generation ring.
+// ---------------------------------------------------------------------------------------
+
+/// One writer's sequence counter: odd while it is inside a write section. Lives in a
+/// thread cache record (never freed, so the registry can keep pointing to it).
+#[derive(Debug)]
+pub(crate) struct StatsSeq {
+    seq: AtomicU32,
+    /// Next counter in the registry; written before the counter is published.
+    next: AtomicPtr<StatsSeq>,
+}
+
+impl StatsSeq {
+    crate::sync::const_fn! {
+        pub(crate) fn new() -> Self {
+            StatsSeq {
+                seq: AtomicU32::new(0),
+                next: AtomicPtr::new(ptr::null_mut()),
+            }
+        }
+    }
+}
+
+/// One generation's deltas: `N` counters, added to with wrapping arithmetic (a delta
+/// may be negative; the merged totals are not).
+#[derive(Debug)]
+pub(crate) struct Delta<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Delta<N> {
+    crate::sync::const_fn! {
+        fn new() -> Self {
+            #[cfg(not(spanheap_loom))]
+            return Delta([const { AtomicU64::new(0) }; N]);
+            #[cfg(spanheap_loom)]
+            return Delta(core::array::from_fn(|_| AtomicU64::new(0)));
+        }
+    }
+
+    /// Adds `v` to counter `i`.
+    #[inline]
+    pub(crate) fn add(&self, i: usize, v: u64) {
+        // Relaxed: the section's closing Release on the writer's counter (or the `nop`
+        // lock) publishes it to the reader.
+        self.0[i].fetch_add(v, Ordering::Relaxed);
+    }
+
+    /// Subtracts `v` from counter `i`.
+    #[inline]
+    pub(crate) fn sub(&self, i: usize, v: u64) {
+        self.0[i].fetch_sub(v, Ordering::Relaxed);
+    }
+}
+
+/// `N` counters that writers update in sections and a reader snapshots consistently.
+#[derive(Debug)]
+pub(crate) struct ConsistentStats<const N: usize> {
+    slots: [Delta<N>; 3],
+    /// The generation writers add to (0, 1 or 2).
+    gen: AtomicU32,
+    /// Cache-less writers' sections, and the reader's rotation of `gen`. A leaf lock.
+    nop: Mutex<()>,
+    /// Serialises readers.
+    reader: Mutex<()>,
+    /// Every registered writer counter (push-only).
+    writers: AtomicPtr<StatsSeq>,
+}
+
+impl<const N: usize> ConsistentStats<N> {
+    crate::sync::const_fn! {
+        pub(crate) fn new() -> Self {
+            ConsistentStats {
+                slots: [Delta::new(), Delta::new(), Delta::new()],
+                gen: AtomicU32::new(0),
+                nop: Mutex::new(()),
+                reader: Mutex::new(()),
+                writers: AtomicPtr::new(ptr::null_mut()),
+            }
+        }
+    }
+
+    /// Makes `w` a writer the reader waits for. Once per counter, before its first
+    /// section; counters are never unregistered (they live in records that are never
+    /// unmapped, and an idle counter is even, so it costs the reader one load).
+    pub(crate) fn register(&self, w: &'static StatsSeq) {
+        let mut head = self.writers.load(Ordering::Relaxed);
+        loop {
+            w.next.store(head, Ordering::Relaxed);
+            // Release: the link is visible to a reader that finds `w` (Acquire walk).
+            match self.writers.compare_exchange_weak(
+                head,
+                w as *const StatsSeq as *mut StatsSeq,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Runs one write section: `f` adds its deltas to the current generation. With
+    /// `Some(seq)` (a registered counter owned by the calling thread) the section is
+    /// lock-free; with `None` it takes the leaf lock. Sections must not nest, and `f`
+    /// must only add.
+    #[inline]
+    pub(crate) fn update(&self, w: Option<&StatsSeq>, f: impl FnOnce(&Delta<N>)) {
+        match w {
+            Some(w) => {
+                // SeqCst: the odd counter must be visible before we load `gen` (pairs
+                // with the reader's SeqCst store of `gen` then load of the counter).
+                let s = w.seq.fetch_add(1, Ordering::SeqCst);
+                debug_assert!(s % 2 == 0, "nested statistics section");
+                let g = self.gen.load(Ordering::SeqCst);
+                f(&self.slots[g as usize]);
+                // Release: our additions happen-before the reader's Acquire load that
+                // sees the counter even again.
+                w.seq.fetch_add(1, Ordering::Release);
+            }
+            None => {
+                self.nop.lock().with(|_| {
+                    // Relaxed: `gen` only changes under `nop`, which we hold.
+                    let g = self.gen.load(Ordering::Relaxed);
+                    f(&self.slots[g as usize]);
+                });
+            }
+        }
+    }
+
+    /// A consistent snapshot of the totals into `out` (one reader at a time; concurrent
+    /// readers wait). Never allocates.
+    pub(crate) fn read(&self, out: &mut [u64; N]) {
+        self.reader.lock().with(|_| {
+            // Relaxed: only readers write `gen`, under `reader`, which we hold.
+            let cur = self.gen.load(Ordering::Relaxed);
+            let prev = (cur + 2) % 3;
+            self.nop.lock().with(|_| {
+                // SeqCst: pairs with the writers' SeqCst counter increment and `gen`
+                // load. Release also orders our earlier clearing of the next slot
+                // before any writer's additions to it.
+                self.gen.store((cur + 1) % 3, Ordering::SeqCst);
+            });
+            // Wait for writers that may have loaded the old generation.
+            let mut w = self.writers.load(Ordering::Acquire);
+            while !w.is_null() {
+                // SAFETY: registered counters are 'static.
+                let ws = unsafe { &*w };
+                // SeqCst first load: see `update`; Acquire suffices afterwards.
+                let mut s = ws.seq.load(Ordering::SeqCst);
+                let mut spin = SpinWait::new();
+                while s % 2 != 0 {
+                    spin.spin();
+                    s = ws.seq.load(Ordering::Acquire);
+                }
+                w = ws.next.load(Ordering::Relaxed);
+            }
+            let (c, p) = (&self.slots[cur as usize].0, &self.slots[prev as usize].0);
+            for i in 0..N {
+                // Relaxed: every writer of `cur` has finished (seen above), and nobody
+                // writes `prev` until the next rotation publishes our clearing.
+                let v = c[i]
+                    .load(Ordering::Relaxed)
+                    .wrapping_add(p[i].load(Ordering::Relaxed));
+                c[i].store(v, Ordering::Relaxed);
+                p[i].store(0, Ordering::Relaxed);
+                out[i] = v;
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the heap counts.
+// ---------------------------------------------------------------------------------------
+
+/// Indices of the heap's consistent counters.
+pub(crate) mod field {
+    use super::{Purpose, NUM_CLASSES};
+
+    /// Bytes of arena address space mapped from the OS.
+    pub(crate) const ARENA: usize = 0;
+    /// Arena bytes in the Ready state (in use, or free and not released).
+    pub(crate) const COMMITTED: usize = 1;
+    /// Arena bytes in the Prepared state (free and returned to the OS).
+    pub(crate) const RELEASED: usize = 2;
+    /// Bytes of OS memory for metadata outside the arenas.
+    pub(crate) const META: usize = 3;
+    /// Bytes in live spans, every purpose.
+    pub(crate) const INUSE: usize = 4;
+    /// Bytes in live spans per purpose: `PURPOSE + purpose as usize`.
+    pub(crate) const PURPOSE: usize = 5;
+    /// Pages in live heap spans.
+    pub(crate) const PAGES_IN_USE: usize = PURPOSE + Purpose::COUNT;
+    pub(crate) const LARGE_ALLOCS: usize = PAGES_IN_USE + 1;
+    pub(crate) const LARGE_FREES: usize = PAGES_IN_USE + 2;
+    pub(crate) const LARGE_ALLOC_BYTES: usize = PAGES_IN_USE + 3;
+    pub(crate) const LARGE_FREE_BYTES: usize = PAGES_IN_USE + 4;
+    /// Live thread caches.
+    pub(crate) const CACHES: usize = PAGES_IN_USE + 5;
+    /// Small-object allocations per class: `SMALL_ALLOCS + class`.
+    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 6;
+    /// Small-object frees per class: `SMALL_FREES + class`.
+    pub(crate) const SMALL_FREES: usize = SMALL_ALLOCS + NUM_CLASSES;
+    /// Number of counters.
+    pub(crate) const N: usize = SMALL_FREES + NUM_CLASSES;
+}
+
+/// The heap's consistent counters.
+pub(crate) type HeapStats = ConsistentStats<{ field::N }>;
+/// One generation of them, as a write section sees it.
+pub(crate) type HeapDelta = Delta<{ field::N }>;
+
+// ---------------------------------------------------------------------------------------
+// The public snapshot.
+// ---------------------------------------------------------------------------------------
+
+/// Allocation counts of one size class.
+///
+/// Small objects are counted when a thread takes a *window* of up to 64 of them from a
+/// span (the unused rest is subtracted when the thread gives the span back), when it
+/// reuses an object from its local free list, and freed when they go back to a span.
+/// An object freed onto a thread's local free list therefore still counts as live until
+/// that thread reuses it (counted as one allocation and one free) or flushes it (at most
+/// about 64 KiB per class and thread, and everything when the thread exits or calls
+/// [`flush_thread_cache`](crate::flush_thread_cache)). A thread publishes its reuse
+/// counts when it next refills or flushes a class, calls [`stats()`], or exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassStats {
+    /// Object size of the class in bytes (every object of the class occupies this much).
+    pub size: u64,
+    /// Objects allocated so far (cumulative).
+    pub allocs: u64,
+    /// Objects freed so far (cumulative).
+    pub frees: u64,
+}
+
+impl ClassStats {
+    /// Live objects: `allocs - frees`.
+    pub fn live(&self) -> u64 {
+        self.allocs.saturating_sub(self.frees)
+    }
+    /// Bytes occupied by live objects: `live() * size`.
+    pub fn live_bytes(&self) -> u64 {
+        self.live() * self.size
+    }
+}
+
+/// The heap's atomic counters (seed 000), read one by one. Each is exact on its own, but
+/// while span operations are in flight on other threads they need not agree with each
+/// other or with the consistent fields of [`Stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapGauges {
+    /// Arena bytes that belong to the heap proper (mapped arena bytes minus what is lent
+    /// to the allocator's own metadata spans): `heap_inuse + heap_idle` when quiet.
+    pub heap_sys: u64,
+    /// Bytes in live heap spans (user memory, including free objects of small-object spans).
+    pub heap_inuse: u64,
+    /// Bytes in free page runs, released or not.
+    pub heap_idle: u64,
+    /// Bytes of free page runs returned to the OS.
+    pub heap_released: u64,
+    /// Pages in live heap spans (`pagesInUse`, the counter of the publication protocol).
+    pub pages_in_use: u64,
+}
+
+/// A snapshot of spanheap's statistics: see [`stats()`].
+///
+/// All fields except [`gauges`](Self::gauges) come from one consistent snapshot: every
+/// update the allocator makes together (a span allocated and its bytes counted, a batch
+/// of frees) is in it entirely or not at all. The invariants [`check`](Self::check)
+/// verifies therefore hold for every snapshot, however busy the other threads are:
+///
+/// - object counts never go negative: `frees <= allocs` for every class and for large
+///   objects;
+/// - bytes per purpose sum to the in-use total:
+///   `heap_bytes + span_record_bytes + span_bitmap_bytes + thread_cache_bytes == inuse_bytes`,
+///   and `heap_bytes == pages_in_use * 8 KiB`;
+/// - committed and released bytes make up what the heap holds from the OS:
+///   `committed_bytes + released_bytes == arena_bytes`, and `inuse_bytes <= committed_bytes`;
+/// - live objects fit in the heap: `small_live_bytes() + large_live_bytes() <= heap_bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes of address space mapped for heap arenas (64 MiB each). Mapped is not
+    /// resident: see `committed_bytes` and `released_bytes`.
+    pub arena_bytes: u64,
+    /// Arena bytes that may be resident: in use, or free but not returned to the OS.
+    pub committed_bytes: u64,
+    /// Arena bytes free and returned to the OS (or never touched since mapping).
+    pub released_bytes: u64,
+    /// Bytes of OS memory the allocator uses for metadata outside the arenas (arena
+    /// records with their span maps, the arena index, page-allocator summaries).
+    pub metadata_bytes: u64,
+    /// Bytes in live spans of every purpose.
+    pub inuse_bytes: u64,
+    /// Bytes in live spans holding user memory: small-object spans (live objects and
+    /// their free neighbours) and large objects. Go's `heap_inuse`.
+    pub heap_bytes: u64,
+    /// Bytes in live spans holding span records (allocator metadata).
+    pub span_record_bytes: u64,
+    /// Bytes in live spans holding small-object span bitmaps (allocator metadata).
+    pub span_bitmap_bytes: u64,
+    /// Bytes in live spans holding thread-cache records (allocator metadata).
+    pub thread_cache_bytes: u64,
+    /// Committed arena bytes in free page runs: `committed_bytes - inuse_bytes`.
+    pub free_bytes: u64,
+    /// Pages (8 KiB) in live heap spans.
+    pub pages_in_use: u64,
+    /// Large objects (over 32 KiB, or alignment over 8 KiB) allocated so far. A `realloc`
+    /// that resizes a large block in place counts as one free and one allocation.
+    pub large_allocs: u64,
+    /// Large objects freed so far.
+    pub large_frees: u64,
+    /// Bytes of large objects allocated so far, in whole pages (a large object occupies
+    /// its size rounded up to 8 KiB).
+    pub large_alloc_bytes: u64,
+    /// Bytes of large objects freed so far, in whole pages.
+    pub large_free_bytes: u64,
+    /// Threads with a live thread cache.
+    pub thread_caches: u64,
+    /// Small-object counts per size class, indexed by class (index 0, "no class", is
+    /// all zero). See [`ClassStats`] for when objects are counted.
+    pub classes: [ClassStats; NUM_CLASSES],
+    /// The atomic heap counters, read separately (not part of the consistent snapshot).
+    pub gauges: HeapGauges,
+}
+
+impl Stats {
+    pub(crate) fn from_totals(t: &[u64; field::N], gauges: HeapGauges) -> Stats {
+        use field::*;
+        let purpose = |p: Purpose| t[PURPOSE + p as usize];
+        let mut classes = [ClassStats::default(); NUM_CLASSES];
+        for (c, cs) in classes.iter_mut().enumerate().skip(1) {
+            *cs = ClassStats {
+                size: CLASS_TO_SIZE[c] as u64,
+                allocs: t[SMALL_ALLOCS + c],
+                frees: t[SMALL_FREES + c],
+            };
+        }
+        Stats {
+            arena_bytes: t[ARENA],
+            committed_bytes: t[COMMITTED],
+            released_bytes: t[RELEASED],
+            metadata_bytes: t[META],
+            inuse_bytes: t[INUSE],
+            heap_bytes: purpose(Purpose::Heap),
+            span_record_bytes: purpose(Purpose::SpanRecords),
+            span_bitmap_bytes: purpose(Purpose::SpanBitmaps),
+            thread_cache_bytes: purpose(Purpose::ThreadCaches),
+            free_bytes: t[COMMITTED].wrapping_sub(t[INUSE]),
+            pages_in_use: t[PAGES_IN_USE],
+            large_allocs: t[LARGE_ALLOCS],
+            large_frees: t[LARGE_FREES],
+            large_alloc_bytes: t[LARGE_ALLOC_BYTES],
+            large_free_bytes: t[LARGE_FREE_BYTES],
+            thread_caches: t[CACHES],
+            classes,
+            gauges,
+        }
+    }
+
+    /// Live small objects, all classes.
+    pub fn small_live_objects(&self) -> u64 {
+        self.classes.iter().map(ClassStats::live).sum()
+    }
+    /// Bytes of live small objects (each counted at its class size).
+    pub fn small_live_bytes(&self) -> u64 {
+        self.classes.iter().map(ClassStats::live_bytes).sum()
+    }
+    /// Small objects allocated so far, all classes.
+    pub fn small_allocs(&self) -> u64 {
+        self.classes.iter().map(|c| c.allocs).sum()
+    }
+    /// Small objects freed so far, all classes.
+    pub fn small_frees(&self) -> u64 {
+        self.classes.iter().map(|c| c.frees).sum()
+    }
+    /// Live large objects.
+    pub fn large_live_objects(&self) -> u64 {
+        self.large_allocs.saturating_sub(self.large_frees)
+    }
+    /// Bytes of live large objects (whole pages).
+    pub fn large_live_bytes(&self) -> u64 {
+        self.large_alloc_bytes.saturating_sub(self.large_free_bytes)
+    }
+
+    /// Checks the invariants listed on [`Stats`]; `Err` names the first one violated.
+    pub fn check(&self) -> Result<(), &'static str> {
+        // Counters are u64 totals of wrapping deltas: a "negative" one is huge.
+        const NEG: u64 = 1 << 63;
+        if self
+            .classes
+            .iter()
+            .any(|c| c.frees > c.allocs || c.allocs >= NEG)
+        {
+            return Err("a size class has more frees than allocations");
+        }
+        if self.large_frees > self.large_allocs || self.large_free_bytes > self.large_alloc_bytes {
+            return Err("more large frees than large allocations");
+        }
+        let by_purpose = [
+            self.heap_bytes,
+            self.span_record_bytes,
+            self.span_bitmap_bytes,
+            self.thread_cache_bytes,
+        ];
+        if by_purpose.iter().any(|&b| b >= NEG) {
+            return Err("bytes of a purpose are negative");
+        }
+        if by_purpose.iter().sum::<u64>() != self.inuse_bytes {
+            return Err("bytes per purpose do not sum to the in-use total");
+        }
+        if self.heap_bytes != self.pages_in_use * crate::os::PAGE_SIZE as u64 {
+            return Err("heap bytes are not pages in use times the page size");
+        }
+        if self.committed_bytes >= NEG || self.released_bytes >= NEG {
+            return Err("committed or released bytes are negative");
+        }
+        if self.committed_bytes + self.released_bytes != self.arena_bytes {
+            return Err("committed + released is not the arena bytes mapped");
+        }
+        if self.inuse_bytes > self.committed_bytes {
+            return Err("more bytes in use than committed");
+        }
+        if self.small_live_bytes() + self.large_live_bytes() > self.heap_bytes {
+            return Err("live objects occupy more than the heap spans in use");
+        }
+        if self.thread_caches >= NEG {
+            return Err("negative number of thread caches");
+        }
+        Ok(())
+    }
+}
+
+/// `n` bytes in a short human unit.
+struct Bytes(u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut v = self.0;
+        let mut u = 0;
+        while v >= 10 * 1024 && u < UNITS.len() - 1 {
+            v /= 1024;
+            u += 1;
+        }
+        // Through a stack buffer, so that the caller's width and alignment apply.
+        let mut s = Short {
+            buf: [0; 24],
+            len: 0,
+        };
+        let _ = fmt::write(&mut s, format_args!("{v} {}", UNITS[u]));
+        f.pad(s.as_str())
+    }
+}
+
+impl fmt::Display for Stats {
+    /// A readable report: totals, then one row per size class that was used.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = &self.gauges;
+        writeln!(f, "spanheap statistics")?;
+        writeln!(
+            f,
+            "  arenas mapped      {:>12}   committed {}, released {}",
+            Bytes(self.arena_bytes),
+            Bytes(self.committed_bytes),
+            Bytes(self.released_bytes)
+        )?;
+        writeln!(
+            f,
+            "  in use             {:>12}   heap {}, span records {}, span bitmaps {}, thread caches {}",
+            Bytes(self.inuse_bytes),
+            Bytes(self.heap_bytes),
+            Bytes(self.span_record_bytes),
+            Bytes(self.span_bitmap_bytes),
+            Bytes(self.thread_cache_bytes)
+        )?;
+        writeln!(f, "  free, committed    {:>12}", Bytes(self.free_bytes))?;
+        writeln!(f, "  metadata (other)   {:>12}", Bytes(self.metadata_bytes))?;
+        writeln!(f, "  pages in use       {:>12}", self.pages_in_use)?;
+        writeln!(f, "  thread caches      {:>12}", self.thread_caches)?;
+        writeln!(
+            f,
+            "  small objects      {:>12} live ({}), {} allocated, {} freed",
+            self.small_live_objects(),
+            Bytes(self.small_live_bytes()),
+            self.small_allocs(),
+            self.small_frees()
+        )?;
+        writeln!(
+            f,
+            "  large objects      {:>12} live ({}), {} allocated ({}), {} freed ({})",
+            self.large_live_objects(),
+            Bytes(self.large_live_bytes()),
+            self.large_allocs,
+            Bytes(self.large_alloc_bytes),
+            self.large_frees,
+            Bytes(self.large_free_bytes)
+        )?;
+        writeln!(
+            f,
+            "  atomic counters    heap_sys {}, heap_inuse {}, heap_idle {}, heap_released {}, pagesInUse {}",
+            Bytes(g.heap_sys),
+            Bytes(g.heap_inuse),
+            Bytes(g.heap_idle),
+            Bytes(g.heap_released),
+            g.pages_in_use
+        )?;
+        writeln!(
+            f,
+            "  {:>5} {:>6} {:>14} {:>14} {:>12} {:>12}",
+            "class", "size", "allocs", "frees", "live", "live bytes"
+        )?;
+        for (c, cs) in self.classes.iter().enumerate().skip(1) {
+            if cs.allocs == 0 && cs.frees == 0 {
+                continue;
+            }
+            writeln!(
+                f,
+                "  {:>5} {:>6} {:>14} {:>14} {:>12} {:>12}",
+                c,
+                cs.size,
+                cs.allocs,
+                cs.frees,
+                cs.live(),
+                Bytes(cs.live_bytes())
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A short string on the stack (formatting without allocating).
+struct Short {
+    buf: [u8; 24],
+    len: usize,
+}
+
+impl fmt::Write for Short {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+impl Short {
+    fn as_str(&self) -> &str {
+        // Only ASCII is ever written.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SPANHEAP_STATS=1: the report at process exit.
+// ---------------------------------------------------------------------------------------
+
+/// Registers the exit report if `SPANHEAP_STATS` is set to something other than `0` or
+/// the empty string. Called when a thread cache is created; does its work once.
+#[cfg(not(spanheap_loom))]
+pub(crate) fn exit_report_once() {
+    // Process-wide set-once state, not part of the modelled core (core atomics).
+    use core::sync::atomic::{AtomicBool, Ordering as O};
+    static CHECKED: AtomicBool = AtomicBool::new(false);
+    if CHECKED.load(O::Relaxed) || CHECKED.swap(true, O::Relaxed) {
+        return;
+    }
+    // SAFETY: getenv with a NUL-terminated name; it returns a pointer into the
+    // environment (or null) and does not allocate.
+    let v = unsafe { libc::getenv(c"SPANHEAP_STATS".as_ptr()) };
+    // SAFETY: a non-null result is a NUL-terminated string.
+    if v.is_null() || matches!(unsafe { *v } as u8, 0 | b'0') {
+        return;
+    }
+    // SAFETY: registering a handler of the right signature. (If it fails there is no
+    // report; nothing else depends on it.)
+    unsafe { libc::atexit(report_at_exit) };
+}
+
+#[cfg(not(spanheap_loom))]
+extern "C" fn report_at_exit() {
+    let s = crate::stats();
+    let mut w = StderrWriter {
+        buf: [0; 1024],
+        len: 0,
+    };
+    let _ = fmt::write(&mut w, format_args!("{s}"));
+    w.flush();
+}
+
+/// Formats to stderr through a stack buffer (no allocation).
+#[cfg(not(spanheap_loom))]
+struct StderrWriter {
+    buf: [u8; 1024],
+    len: usize,
+}
+
+#[cfg(not(spanheap_loom))]
+impl StderrWriter {
+    fn flush(&mut self) {
+        crate::os::write_stderr(&self.buf[..self.len]);
+        self.len = 0;
+    }
+}
+
+#[cfg(not(spanheap_loom))]
+impl fmt::Write for StderrWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for chunk in s.as_bytes().chunks(self.buf.len()) {
+            if self.len + chunk.len() > self.buf.len() {
+                self.flush();
+            }
+            self.buf[self.len..self.len + chunk.len()].copy_from_slice(chunk);
+            self.len += chunk.len();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_seen_whole_and_totals_accumulate() {
+        static S: ConsistentStats<2> = ConsistentStats::new();
+        static W: StatsSeq = StatsSeq::new();
+        S.register(&W);
+        let mut out = [0u64; 2];
+        for round in 1..=5u64 {
+            S.update(Some(&W), |d| {
+                d.add(0, 3);
+                d.add(1, 3);
+            });
+            S.update(None, |d| {
+                d.add(0, 2);
+                d.sub(1, 1);
+            });
+            S.read(&mut out);
+            assert_eq!(out, [5 * round, 2 * round]);
+        }
+    }
+
+    #[test]
+    fn report_names_spanheap_and_lists_used_classes() {
+        let mut t = [0u64; field::N];
+        t[field::SMALL_ALLOCS + 3] = 10;
+        t[field::SMALL_FREES + 3] = 4;
+        let s = Stats::from_totals(&t, HeapGauges::default());
+        struct W(usize, bool, bool);
+        impl fmt::Write for W {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                if self.0 == 0 && s.starts_with("spanheap") {
+                    self.1 = true;
+                }
+                if s.contains("10") {
+                    self.2 = true;
+                }
+                self.0 += s.len();
+                Ok(())
+            }
+        }
+        let mut w = W(0, false, false);
+        fmt::write(&mut w, format_args!("{s}")).unwrap();
+        assert!(w.1 && w.2);
+        assert_eq!(s.classes[3].live(), 6);
+        assert_eq!(s.classes[3].live_bytes(), 6 * CLASS_TO_SIZE[3] as u64);
+    }
+}
