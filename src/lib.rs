@@ -25,6 +25,8 @@
 //!   64-object window per class, no lock and no atomic read-modify-write; remote frees.
 //! - `mcentral`: per-class spans no cache owns: partial/full lists, announcements.
 //! - `malloc`: `Layout` -> small object (size class) or large object (page span).
+//! - `stats`: consistent statistics (a generation ring with per-thread sequence
+//!   counters) behind [`stats()`], and the [`Stats`] report.
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
 //!
 //! The allocator never panics, never unwinds and never calls the global allocator.

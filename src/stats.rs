@@ -273,7 +273,7 @@ pub(crate) type HeapDelta = Delta<{ field::N }>;
 /// that thread reuses it (counted as one allocation and one free) or flushes it (at most
 /// about 64 KiB per class and thread, and everything when the thread exits or calls
 /// [`flush_thread_cache`](crate::flush_thread_cache)). A thread publishes its reuse
-/// counts when it next refills or flushes a class, calls [`stats()`], or exits.
+/// counts when it next refills or flushes a class, calls [`stats()`](crate::stats()), or exits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClassStats {
     /// Object size of the class in bytes (every object of the class occupies this much).
@@ -313,7 +313,7 @@ pub struct HeapGauges {
     pub pages_in_use: u64,
 }
 
-/// A snapshot of spanheap's statistics: see [`stats()`].
+/// A snapshot of spanheap's statistics: see [`stats()`](crate::stats()).
 ///
 /// All fields except [`gauges`](Self::gauges) come from one consistent snapshot: every
 /// update the allocator makes together (a span allocated and its bytes counted, a batch
