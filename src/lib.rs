@@ -174,6 +174,43 @@ pub mod __private {
         }
     }
 
+    /// Two counters kept with the real consistent-statistics code (`stats.rs`), for the
+    /// loom model: writers add to both in one section; a snapshot must show them equal.
+    #[derive(Debug)]
+    pub struct StatsPair(crate::stats::ConsistentStats<2>);
+
+    /// A registered writer of a [`StatsPair`] (a thread cache's sequence counter).
+    #[derive(Debug)]
+    pub struct StatsWriter(crate::stats::StatsSeq);
+
+    impl StatsPair {
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
+            StatsPair(crate::stats::ConsistentStats::new())
+        }
+        /// A new registered writer (leaked: the registry keeps pointing to it).
+        pub fn writer(&self) -> &'static StatsWriter {
+            let w: &'static StatsWriter =
+                Box::leak(Box::new(StatsWriter(crate::stats::StatsSeq::new())));
+            self.0.register(&w.0);
+            w
+        }
+        /// One section adding `v` to both counters, lock-free with a writer, else
+        /// under the leaf lock. One writer per thread; sections must not nest.
+        pub fn add(&self, w: Option<&StatsWriter>, v: u64) {
+            self.0.update(w.map(|w| &w.0), |d| {
+                d.add(0, v);
+                d.add(1, v);
+            });
+        }
+        /// A snapshot of both counters.
+        pub fn read(&self) -> [u64; 2] {
+            let mut out = [0; 2];
+            self.0.read(&mut out);
+            out
+        }
+    }
+
     /// Per size class with anything in its mcentral: (class, partial, full, spare, free
     /// objects in listed spans). For tests and debugging.
     #[cfg(not(spanheap_loom))]

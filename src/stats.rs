@@ -14,12 +14,13 @@
 //!    `cur`, which now holds complete totals, and clearing `prev` for the next rotation.
 //!
 //! A writer with a thread cache brackets its section with its own sequence counter:
-//! odd while writing. Its increment to odd and its load of `gen` are SeqCst, as are the
-//! reader's store of `gen` and its first load of each counter, so either the writer sees
-//! the new `gen`, or the reader sees the counter odd and waits for it (a store->load
-//! pattern on both sides: only a single total order excludes both missing each other).
-//! The writer's final increment is Release and the reader's loads Acquire: the section's
-//! additions are visible once the counter is seen even again.
+//! odd while writing. Between its increment to odd and its load of `gen` it has a SeqCst
+//! fence, as the reader has between its store of `gen` and its loads of the counters, so
+//! either the writer sees the new `gen`, or the reader sees the counter odd and waits for
+//! it (a store->load pattern on both sides: only the fences' single total order excludes
+//! both missing each other; fences rather than SeqCst accesses because that is the form
+//! loom models exactly). The writer's final increment is Release and the reader's loads
+//! Acquire: the section's additions are visible once the counter is seen even again.
 //!
 //! A writer without a cache (start-up, TLS teardown, a thread that could not get one)
 //! takes the small leaf lock `nop` instead; the reader holds `nop` only while it rotates
@@ -35,7 +36,7 @@
 //! | field         | protection                                                          |
 //! |---------------|---------------------------------------------------------------------|
 //! | `slots[g]`    | atomic adds by writers of generation g; the reader alone merges/clears a slot no writer can reach |
-//! | `gen`         | written by the reader under `reader` and `nop`; read SeqCst by writers |
+//! | `gen`         | written by the reader under `reader` and `nop`; read Acquire by writers after their fence |
 //! | `nop`         | leaf lock: cache-less writers' sections; the reader's rotation        |
 //! | `reader`      | one reader at a time (lock order: `reader` -> `nop`)                 |
 //! | `writers`     | push-only list of sequence counters (Release push, Acquire walk)    |
@@ -46,7 +47,15 @@ use core::ptr;
 
 use crate::mspan::Purpose;
 use crate::sizeclasses::{CLASS_TO_SIZE, NUM_CLASSES};
-use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Mutex, Ordering, SpinWait};
+use crate::sync::{fence, AtomicPtr, AtomicU32, AtomicU64, Mutex, Ordering, SpinWait};
+
+/// The writer's fence between its odd counter and its load of `gen`. The loom suite's
+/// mutant `spanheap_mutant="stats_no_fence"` drops it to show the model can fail.
+#[inline(always)]
+fn writer_fence() {
+    #[cfg(not(spanheap_mutant = "stats_no_fence"))]
+    fence(Ordering::SeqCst);
+}
 
 // ---------------------------------------------------------------------------------------
 // The generation ring.
@@ -157,11 +166,15 @@ impl<const N: usize> ConsistentStats<N> {
     pub(crate) fn update(&self, w: Option<&StatsSeq>, f: impl FnOnce(&Delta<N>)) {
         match w {
             Some(w) => {
-                // SeqCst: the odd counter must be visible before we load `gen` (pairs
-                // with the reader's SeqCst store of `gen` then load of the counter).
-                let s = w.seq.fetch_add(1, Ordering::SeqCst);
+                // Relaxed: the fence below orders it before the load of `gen`.
+                let s = w.seq.fetch_add(1, Ordering::Relaxed);
                 debug_assert!(s % 2 == 0, "nested statistics section");
-                let g = self.gen.load(Ordering::SeqCst);
+                // Pairs with the reader's fence (see the module docs): either we load
+                // the new `gen`, or the reader sees our counter odd and waits.
+                writer_fence();
+                // Acquire pairs with the reader's Release store of `gen`: its clearing
+                // of the slot we are about to add to happens-before our additions.
+                let g = self.gen.load(Ordering::Acquire);
                 f(&self.slots[g as usize]);
                 // Release: our additions happen-before the reader's Acquire load that
                 // sees the counter even again.
@@ -185,18 +198,19 @@ impl<const N: usize> ConsistentStats<N> {
             let cur = self.gen.load(Ordering::Relaxed);
             let prev = (cur + 2) % 3;
             self.nop.lock().with(|_| {
-                // SeqCst: pairs with the writers' SeqCst counter increment and `gen`
-                // load. Release also orders our earlier clearing of the next slot
-                // before any writer's additions to it.
-                self.gen.store((cur + 1) % 3, Ordering::SeqCst);
+                // Release: our earlier clearing of the next slot happens-before any
+                // writer's additions to it (writers load `gen` with Acquire).
+                self.gen.store((cur + 1) % 3, Ordering::Release);
             });
+            // Pairs with the writers' fence between their odd counter and `gen` load.
+            fence(Ordering::SeqCst);
             // Wait for writers that may have loaded the old generation.
             let mut w = self.writers.load(Ordering::Acquire);
             while !w.is_null() {
                 // SAFETY: registered counters are 'static.
                 let ws = unsafe { &*w };
-                // SeqCst first load: see `update`; Acquire suffices afterwards.
-                let mut s = ws.seq.load(Ordering::SeqCst);
+                // Acquire pairs with the writer's closing Release increment.
+                let mut s = ws.seq.load(Ordering::Acquire);
                 let mut spin = SpinWait::new();
                 while s % 2 != 0 {
                     spin.spin();
