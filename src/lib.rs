@@ -292,5 +292,85 @@ pub mod __private {
             // SAFETY: forwarded.
             unsafe { self.heap.free_span(s.0) }
         }
+
+        /// A new thread cache for small objects of this heap (its record is leaked).
+        pub fn new_cache(&self) -> SmallCache<M> {
+            SmallCache {
+                heap: self.heap,
+                c: Box::leak(Box::new(crate::mcache::MCache::empty())),
+            }
+        }
+
+        /// Frees a small object of class `class` the way a thread without a cache does
+        /// (a remote free).
+        ///
+        /// # Safety
+        /// `p` is a live object of class `class` of this heap, freed once.
+        pub unsafe fn free_cacheless(&self, p: *mut u8, class: usize) {
+            if let Some(s) = NonNull::new(self.heap.span_of_unchecked(p as usize)) {
+                // SAFETY: forwarded.
+                unsafe { crate::mcache::remote_free(self.heap, p, s, class) }
+            }
+        }
+
+        /// Bytes in live heap spans (the in-use counter).
+        pub fn heap_inuse(&self) -> u64 {
+            self.heap.counters().heap_inuse
+        }
+    }
+
+    /// A thread cache of a [`PageHeap`] (the real `MCache` code): owned by one thread
+    /// at a time (it may be moved between threads, never shared).
+    #[derive(Debug)]
+    pub struct SmallCache<M: MemSource + 'static> {
+        heap: &'static MHeap<M>,
+        c: *mut crate::mcache::MCache,
+    }
+
+    // SAFETY: a cache may move to another thread; `&mut self` methods keep it unshared.
+    unsafe impl<M: MemSource> Send for SmallCache<M> {}
+
+    impl core::fmt::Debug for crate::mcache::MCache {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("MCache").finish_non_exhaustive()
+        }
+    }
+
+    impl<M: MemSource> SmallCache<M> {
+        /// An object of size class `class` (1..68), or null if memory is exhausted.
+        pub fn alloc(&mut self, class: usize) -> *mut u8 {
+            assert!(class > 0 && class < crate::sizeclasses::NUM_CLASSES);
+            // SAFETY: the cache is ours (`&mut self`) and belongs to `heap`.
+            unsafe { crate::mcache::alloc_from(self.heap, self.c, class) }
+        }
+
+        /// Frees an object through this cache (local free list if the cache owns the
+        /// object's span, else the remote buffer).
+        ///
+        /// # Safety
+        /// `p` is a live object of class `class` of this cache's heap, freed once.
+        pub unsafe fn free(&mut self, p: *mut u8, class: usize) {
+            if let Some(s) = NonNull::new(self.heap.span_of_unchecked(p as usize)) {
+                // SAFETY: forwarded; the cache is ours.
+                unsafe { crate::mcache::free_to(self.heap, self.c, p, s, class) }
+            }
+        }
+
+        /// Gives everything back (local lists, remote buffers, current spans), as at
+        /// thread exit. The cache stays usable.
+        pub fn release(&mut self) {
+            // SAFETY: the cache is ours.
+            unsafe { crate::mcache::release_all(self.heap, self.c) }
+        }
+    }
+
+    /// The size class of `size`-byte objects with 8-byte alignment (0: large).
+    pub fn class_for_size(size: usize) -> usize {
+        crate::sizeclasses::class_for_layout(size, 8) as usize
+    }
+
+    /// Objects per span of size class `class`.
+    pub fn objects_per_span(class: usize) -> usize {
+        crate::sizeclasses::CLASS_TO_NOBJS[class] as usize
     }
 }

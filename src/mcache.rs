@@ -40,18 +40,28 @@
 //! thread is *cache-less* ("P-less"): it allocates through one shared cache under a lock
 //! and frees through the remote path.
 
-#![cfg(not(spanheap_loom))]
+//!
+//! The cache logic (everything that takes a `heap` argument) is generic over the heap
+//! and compiled under loom too, so the models drive the real code; the thread-local
+//! glue and the process-wide entry points (`alloc`, `dealloc`, thread exit, the shared
+//! cache) are not.
 
+#[cfg(not(spanheap_loom))]
 use core::cell::Cell;
 use core::ptr::{self, NonNull};
 
 use crate::fixalloc::Record;
+#[cfg(not(spanheap_loom))]
 use crate::global::HEAP;
 use crate::mcentral::{count_free, merge_remote, private};
+use crate::mheap::MHeap;
 use crate::mspan::{rstate_parts, MSpan, Purpose, RSTATE_OWNED};
+use crate::os::MemSource;
 use crate::sizeclasses::{obj_index, CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
 use crate::stats::{field, StatsSeq};
-use crate::sync::{AtomicU64, Mutex, Ordering, UnsafeCell};
+#[cfg(not(spanheap_loom))]
+use crate::sync::Mutex;
+use crate::sync::{AtomicU64, Ordering, UnsafeCell};
 
 /// One size class of a cache: one cache line, all the fast paths touch.
 #[repr(C, align(64))]
@@ -70,7 +80,7 @@ pub(crate) struct ClassCache {
     alloc_cache: u64,
     window_base: usize,
     elemsize: usize,
-    /// The current span, or the sentinel `EMPTY_SPAN`.
+    /// The current span, or null.
     span: *mut MSpan,
     /// Objects taken from `free` since the class's counts were last published.
     pops: u64,
@@ -97,12 +107,6 @@ pub(crate) struct MCache {
     free_link: UnsafeCell<*mut MCache>,
 }
 
-/// The sentinel span of empty cache entries: never allocated from, never freed.
-struct SyncSpan(MSpan);
-// SAFETY: the sentinel is never written.
-unsafe impl Sync for SyncSpan {}
-static EMPTY_SPAN: SyncSpan = SyncSpan(MSpan::new());
-
 const EMPTY_CLASS: ClassCache = ClassCache {
     free: ptr::null_mut(),
     nfree: 0,
@@ -112,22 +116,28 @@ const EMPTY_CLASS: ClassCache = ClassCache {
     alloc_cache: 0,
     window_base: 0,
     elemsize: 0,
-    span: &EMPTY_SPAN.0 as *const MSpan as *mut MSpan,
+    span: ptr::null_mut(),
 };
 
 /// The cache every thread starts with (and returns to at exit): all misses.
+#[cfg(not(spanheap_loom))]
 struct SyncCache(MCache);
 // SAFETY: the empty cache is never written (every fast path misses on it first).
+#[cfg(not(spanheap_loom))]
 unsafe impl Sync for SyncCache {}
+#[cfg(not(spanheap_loom))]
 static EMPTY_CACHE: SyncCache = SyncCache(MCache::empty());
 
 impl MCache {
-    const fn empty() -> Self {
-        MCache {
-            classes: [EMPTY_CLASS; NUM_CLASSES],
-            seq: StatsSeq::new(),
-            registered: false,
-            free_link: UnsafeCell::new(ptr::null_mut()),
+    crate::sync::const_fn! {
+        /// A cache with nothing in it.
+        pub(crate) fn empty() -> Self {
+            MCache {
+                classes: [EMPTY_CLASS; NUM_CLASSES],
+                seq: StatsSeq::new(),
+                registered: false,
+                free_link: UnsafeCell::new(ptr::null_mut()),
+            }
         }
     }
 }
@@ -142,10 +152,14 @@ unsafe impl Record for MCache {
     }
 }
 
+#[cfg(not(spanheap_loom))]
 const NO_CACHE: u8 = 0;
+#[cfg(not(spanheap_loom))]
 const LIVE: u8 = 1;
+#[cfg(not(spanheap_loom))]
 const DEAD: u8 = 2;
 
+#[cfg(not(spanheap_loom))]
 thread_local! {
     /// This thread's cache, or the static empty one. Const-initialised, no destructor:
     /// readable at any point of the thread's life, including TLS teardown.
@@ -156,14 +170,10 @@ thread_local! {
     static STATE: Cell<u8> = const { Cell::new(NO_CACHE) };
 }
 
+#[cfg(not(spanheap_loom))]
 #[inline]
 fn empty_cache() -> *mut MCache {
     &EMPTY_CACHE.0 as *const MCache as *mut MCache
-}
-
-#[inline]
-fn empty_span() -> *mut MSpan {
-    &EMPTY_SPAN.0 as *const MSpan as *mut MSpan
 }
 
 /// The entry of class `class` in cache `c`.
@@ -182,6 +192,7 @@ unsafe fn entry<'a>(c: *mut MCache, class: usize) -> &'a mut ClassCache {
 
 /// The statistics writer of the calling thread: its cache's sequence counter while the
 /// cache is live (the process-wide heap's `writer` hook).
+#[cfg(not(spanheap_loom))]
 pub(crate) fn current_writer() -> Option<&'static StatsSeq> {
     if STATE.with(Cell::get) != LIVE {
         return None;
@@ -220,7 +231,32 @@ unsafe fn try_alloc(c: *mut MCache, class: usize) -> *mut u8 {
     ptr::null_mut()
 }
 
+/// Allocates an object of class `class` from cache `c` of `heap`, refilling it if
+/// needed. Null if memory is exhausted.
+///
+/// # Safety
+/// `c` is a live cache of `heap` owned by the caller (thread, or lock holder).
+#[inline]
+pub(crate) unsafe fn alloc_from<M: MemSource>(
+    heap: &MHeap<M>,
+    c: *mut MCache,
+    class: usize,
+) -> *mut u8 {
+    // SAFETY: per the contract.
+    unsafe {
+        let p = try_alloc(c, class);
+        if !p.is_null() {
+            return p;
+        }
+        if !refill(heap, c, class) {
+            return ptr::null_mut();
+        }
+        try_alloc(c, class)
+    }
+}
+
 /// Allocates an object of size class `class` (1..NUM_CLASSES). Null on failure.
+#[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn alloc(class: usize) -> *mut u8 {
     let c = CACHE.with(Cell::get);
@@ -232,6 +268,7 @@ pub(crate) fn alloc(class: usize) -> *mut u8 {
     alloc_slow(class)
 }
 
+#[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]
 fn alloc_slow(class: usize) -> *mut u8 {
@@ -246,7 +283,7 @@ fn alloc_slow(class: usize) -> *mut u8 {
     }
     // SAFETY: `c` is this thread's live cache.
     unsafe {
-        if !refill(c, class) {
+        if !refill(&HEAP, c, class) {
             return ptr::null_mut();
         }
         try_alloc(c, class)
@@ -280,6 +317,7 @@ static FREE_LIMIT: [u32; NUM_CLASSES] = {
 ///
 /// # Safety
 /// `p` is a live small object of span `s` and class `class`, not used afterwards.
+#[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
     let c = CACHE.with(Cell::get);
@@ -292,17 +330,35 @@ pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
         // SAFETY: forwarded.
         return unsafe { pless_free(p, s, class) };
     }
+    // SAFETY: forwarded; `c` is this thread's live cache.
+    unsafe { free_to(&HEAP, c, p, s, class) }
+}
+
+/// Frees an object into cache `c`: its local free list if the cache owns (or owned
+/// last) the object's span, else its remote buffer. The fast path of `dealloc`.
+///
+/// # Safety
+/// `c` is a live cache of `heap` owned by the caller; `p` is a live object of span `s`
+/// and class `class`, not used afterwards.
+#[inline(always)]
+pub(crate) unsafe fn free_to<M: MemSource>(
+    heap: &MHeap<M>,
+    c: *mut MCache,
+    p: *mut u8,
+    s: NonNull<MSpan>,
+    class: usize,
+) {
     // SAFETY: our cache's entry and the object are ours; span records are never unmapped.
     unsafe {
         let e = entry(c, class);
         if s.as_ref().small.owner.load(Ordering::Relaxed) != c as usize {
-            return buffer_remote(e, p, class);
+            return buffer_remote(heap, e, p, class);
         }
         p.cast::<*mut u8>().write(e.free);
         e.free = p;
         e.nfree += 1;
         if e.nfree > *FREE_LIMIT.get_unchecked(class) {
-            flush(e, class, FREE_LIMIT[class] / 2);
+            flush(heap, e, class, FREE_LIMIT[class] / 2);
         }
     }
 }
@@ -313,13 +369,18 @@ pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
 /// # Safety
 /// `e` is an entry of this thread's cache; `p` a live object of class `class`, given up.
 #[inline(never)]
-unsafe fn buffer_remote(e: &mut ClassCache, p: *mut u8, class: usize) {
+unsafe fn buffer_remote<M: MemSource>(
+    heap: &MHeap<M>,
+    e: &mut ClassCache,
+    p: *mut u8,
+    class: usize,
+) {
     // SAFETY: per the contract, the object's first word is ours to link through.
     unsafe { p.cast::<*mut u8>().write(e.remote) };
     e.remote = p;
     e.nremote += 1;
     if e.nremote >= REMOTE_LIMIT[class] {
-        flush_remote(e, class);
+        flush_remote(heap, e, class);
     }
 }
 
@@ -347,23 +408,24 @@ static REMOTE_LIMIT: [u32; NUM_CLASSES] = {
 ///
 /// # Safety
 /// As for `dealloc`.
+#[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]
 unsafe fn pless_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
     HEAP.stats_update(|d| d.add(field::SMALL_FREES + class, 1));
     // SAFETY: forwarded.
-    unsafe { remote_free(p, s, class) }
+    unsafe { remote_free(&HEAP, p, s, class) }
 }
 
 /// Returns the whole remote buffer to the objects' spans, after counting the frees.
 #[cold]
 #[inline(never)]
-fn flush_remote(e: &mut ClassCache, class: usize) {
+fn flush_remote<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize) {
     let n = e.nremote as u64;
     if n == 0 {
         return;
     }
-    HEAP.stats_update(|d| d.add(field::SMALL_FREES + class, n));
+    heap.stats_update(|d| d.add(field::SMALL_FREES + class, n));
     let mut p = e.remote;
     e.remote = ptr::null_mut();
     e.nremote = 0;
@@ -371,8 +433,8 @@ fn flush_remote(e: &mut ClassCache, class: usize) {
         // SAFETY: objects in the buffer are ours and live from their spans' view.
         unsafe {
             let next = p.cast::<*mut u8>().read();
-            if let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) {
-                remote_free(p, s, class);
+            if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
+                remote_free(heap, p, s, class);
             }
             p = next;
         }
@@ -384,12 +446,12 @@ fn flush_remote(e: &mut ClassCache, class: usize) {
 /// remain.
 #[cold]
 #[inline(never)]
-fn flush(e: &mut ClassCache, class: usize, keep: u32) {
+fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: u32) {
     // Count first: the objects leave the list before their spans see them free.
     let n = e.nfree.saturating_sub(keep) as u64;
     let pops = core::mem::take(&mut e.pops);
     if n | pops != 0 {
-        HEAP.stats_update(|d| {
+        heap.stats_update(|d| {
             d.add(field::SMALL_ALLOCS + class, pops);
             d.add(field::SMALL_FREES + class, pops + n);
         });
@@ -400,14 +462,15 @@ fn flush(e: &mut ClassCache, class: usize, keep: u32) {
         unsafe {
             e.free = p.cast::<*mut u8>().read();
             e.nfree -= 1;
-            if let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) {
-                remote_free(p, s, class);
+            if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
+                remote_free(heap, p, s, class);
             }
         }
     }
 }
 
 /// Allocates a zeroed object of class `class` (`size` bytes are cleared when needed).
+#[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
     let c = CACHE.with(Cell::get);
@@ -444,7 +507,12 @@ pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
 /// # Safety
 /// As for `dealloc`.
 #[cold]
-pub(crate) unsafe fn remote_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
+pub(crate) unsafe fn remote_free<M: MemSource>(
+    heap: &MHeap<M>,
+    p: *mut u8,
+    s: NonNull<MSpan>,
+    class: usize,
+) {
     // SAFETY: span records are never unmapped; `info` is immutable while the span is
     // live, and the caller's object keeps it live.
     let span = unsafe { s.as_ref() };
@@ -461,7 +529,7 @@ pub(crate) unsafe fn remote_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
     if high != RSTATE_OWNED {
         let last = low + 1 == high as i64;
         if last || low == 0 {
-            HEAP.central[class].announce(&HEAP, class as u8, s, last);
+            heap.central[class].announce(heap, class as u8, s, last);
         }
     }
 }
@@ -473,16 +541,16 @@ pub(crate) unsafe fn remote_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
 /// # Safety
 /// `c` is a live cache owned by the caller (thread cache, or shared cache under lock),
 /// and the class's free list and window are empty.
-unsafe fn refill(c: *mut MCache, class: usize) -> bool {
+unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> bool {
     // SAFETY: forwarded.
-    let ok = unsafe { refill_span(c, class) };
+    let ok = unsafe { refill_span(heap, c, class) };
     // SAFETY: the entry is ours.
     let e = unsafe { entry(c, class) };
     let pops = core::mem::take(&mut e.pops);
     // The window is empty on entry, so whatever it holds now was just loaded.
     let window = e.alloc_cache.count_ones() as u64;
     if pops | window != 0 {
-        HEAP.stats_update(|d| {
+        heap.stats_update(|d| {
             d.add(field::SMALL_ALLOCS + class, window + pops);
             d.add(field::SMALL_FREES + class, pops);
         });
@@ -494,10 +562,10 @@ unsafe fn refill(c: *mut MCache, class: usize) -> bool {
 ///
 /// # Safety
 /// As for `refill`.
-unsafe fn refill_span(c: *mut MCache, class: usize) -> bool {
+unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> bool {
     // SAFETY: the entry is ours.
     let e = unsafe { entry(c, class) };
-    if let Some(s) = NonNull::new(e.span).filter(|&s| s.as_ptr() != empty_span()) {
+    if let Some(s) = NonNull::new(e.span) {
         // SAFETY: we own the current span.
         if unsafe { load_window(e, s) } {
             return true;
@@ -513,14 +581,14 @@ unsafe fn refill_span(c: *mut MCache, class: usize) -> bool {
             // SAFETY: as above.
             return unsafe { load_window(e, s) };
         }
-        e.span = empty_span();
+        e.span = ptr::null_mut();
         // SAFETY: we own it and give it up.
-        unsafe { HEAP.central[class].uncache_span(&HEAP, class as u8, s) };
+        unsafe { heap.central[class].uncache_span(heap, class as u8, s) };
     }
     loop {
-        let s = match HEAP.central[class].cache_span(&HEAP, class as u8, c as usize) {
+        let s = match heap.central[class].cache_span(heap, class as u8, c as usize) {
             Some(s) => s,
-            None => match HEAP.alloc_span(
+            None => match heap.alloc_span(
                 CLASS_TO_NPAGES[class] as usize,
                 Purpose::Heap,
                 class as u8,
@@ -547,11 +615,11 @@ unsafe fn refill_span(c: *mut MCache, class: usize) -> bool {
         }
         // A span the mcentral thought partial had nothing free after all (its frees
         // were merged by an earlier owner): give it back as full and take another.
-        e.span = empty_span();
+        e.span = ptr::null_mut();
         // SAFETY: we own it and give it up; its window state is reset.
         unsafe {
             normalize(e, s);
-            HEAP.central[class].uncache_span(&HEAP, class as u8, s);
+            heap.central[class].uncache_span(heap, class as u8, s);
         }
     }
 }
@@ -619,11 +687,14 @@ unsafe fn normalize(e: &mut ClassCache, s: NonNull<MSpan>) -> usize {
 // Cache creation, thread exit, and cache-less threads.
 // ---------------------------------------------------------------------------------------
 
+#[cfg(not(spanheap_loom))]
 /// The pthread key whose destructor releases a thread's cache. Process-wide set-once
 /// state, not part of the modelled concurrent core (core atomics).
 static KEY: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+#[cfg(not(spanheap_loom))]
 const KEY_FAILED: usize = usize::MAX;
 
+#[cfg(not(spanheap_loom))]
 fn exit_key() -> Option<libc::pthread_key_t> {
     use core::sync::atomic::Ordering as O;
     match KEY.load(O::Acquire) {
@@ -648,6 +719,7 @@ fn exit_key() -> Option<libc::pthread_key_t> {
     }
 }
 
+#[cfg(not(spanheap_loom))]
 fn exit_key_loaded() -> Option<libc::pthread_key_t> {
     match KEY.load(core::sync::atomic::Ordering::Acquire) {
         0 | KEY_FAILED => None,
@@ -657,6 +729,7 @@ fn exit_key_loaded() -> Option<libc::pthread_key_t> {
 
 /// Creates this thread's cache and registers the exit hook. None if either fails (the
 /// thread then stays cache-less).
+#[cfg(not(spanheap_loom))]
 fn create_cache() -> Option<*mut MCache> {
     let key = exit_key()?;
     let c = HEAP.alloc_cache_record();
@@ -686,19 +759,21 @@ fn create_cache() -> Option<*mut MCache> {
 
 /// The pthread-key destructor: gives every current span back and frees the cache.
 /// From here on the thread is cache-less.
+#[cfg(not(spanheap_loom))]
 extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
     let c = arg.cast::<MCache>();
     CACHE.with(|x| x.set(empty_cache()));
     STATE.with(|x| x.set(DEAD));
     // SAFETY: the cache was this thread's, and nothing refers to it any more.
     unsafe {
-        release_all(c);
+        release_all(&HEAP, c);
         HEAP.free_cache_record(c);
     }
     HEAP.stats_update(|d| d.sub(field::CACHES, 1));
 }
 
 /// Publishes the calling thread's pending reuse counts (for a statistics snapshot).
+#[cfg(not(spanheap_loom))]
 pub(crate) fn publish_counts() {
     if STATE.with(Cell::get) != LIVE {
         return;
@@ -720,12 +795,13 @@ pub(crate) fn publish_counts() {
 /// Gives everything the calling thread's cache holds back to the heap: local free
 /// lists and remote buffers are flushed and every current span returned to its
 /// mcentral. The cache stays usable.
+#[cfg(not(spanheap_loom))]
 pub(crate) fn flush_own() {
     if STATE.with(Cell::get) != LIVE {
         return;
     }
     // SAFETY: our live cache; `release_all` leaves it empty and valid.
-    unsafe { release_all(CACHE.with(Cell::get)) };
+    unsafe { release_all(&HEAP, CACHE.with(Cell::get)) };
 }
 
 /// Gives every span of the cache back to its mcentral (Go's `releaseAll`), after
@@ -733,25 +809,25 @@ pub(crate) fn flush_own() {
 ///
 /// # Safety
 /// `c` is a live cache owned by the caller.
-unsafe fn release_all(c: *mut MCache) {
+pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) {
     for class in 1..NUM_CLASSES {
         // SAFETY: the entry is ours.
         let e = unsafe { entry(c, class) };
         // Objects on the free list go back to their spans first (ours is merged by the
         // normalisation below; others are remote frees).
-        flush(e, class, 0);
-        flush_remote(e, class);
-        if let Some(s) = NonNull::new(e.span).filter(|&s| s.as_ptr() != empty_span()) {
+        flush(heap, e, class, 0);
+        flush_remote(heap, e, class);
+        if let Some(s) = NonNull::new(e.span) {
             // The window's unused objects were counted as allocated when it was
             // loaded: uncount them before the span can retire.
             let unused = e.alloc_cache.count_ones() as u64;
             if unused != 0 {
-                HEAP.stats_update(|d| d.sub(field::SMALL_ALLOCS + class, unused));
+                heap.stats_update(|d| d.sub(field::SMALL_ALLOCS + class, unused));
             }
             // SAFETY: we own the span.
             unsafe {
                 normalize(e, s);
-                HEAP.central[class].uncache_span(&HEAP, class as u8, s);
+                heap.central[class].uncache_span(heap, class as u8, s);
             }
         }
         *e = EMPTY_CLASS;
@@ -760,11 +836,15 @@ unsafe fn release_all(c: *mut MCache) {
 
 /// The shared cache of cache-less threads, created on first use. The lock is a leaf
 /// except for the mcentral and heap locks taken by refills.
+#[cfg(not(spanheap_loom))]
 struct Shared(*mut MCache);
 // SAFETY: the pointer is only used under the lock.
+#[cfg(not(spanheap_loom))]
 unsafe impl Send for Shared {}
+#[cfg(not(spanheap_loom))]
 static SHARED: Mutex<Shared> = Mutex::new(Shared(ptr::null_mut()));
 
+#[cfg(not(spanheap_loom))]
 #[cold]
 fn pless_alloc(class: usize) -> *mut u8 {
     SHARED.lock().with(|sh| {
@@ -781,7 +861,7 @@ fn pless_alloc(class: usize) -> *mut u8 {
             if !p.is_null() {
                 return p;
             }
-            if !refill(c, class) {
+            if !refill(&HEAP, c, class) {
                 return ptr::null_mut();
             }
             try_alloc(c, class)
@@ -790,6 +870,7 @@ fn pless_alloc(class: usize) -> *mut u8 {
 }
 
 /// Whether this thread has a live cache (otherwise it allocates from the shared one).
+#[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn has_cache() -> bool {
     STATE.with(Cell::get) == LIVE
