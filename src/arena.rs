@@ -40,18 +40,18 @@ pub(crate) const ARENA_SHIFT: u32 = 26;
 /// record holds 512 + 64 loom atomics instead of 8,192 + 1,024. Same code paths.
 #[cfg(spanheap_loom)]
 pub(crate) const ARENA_SHIFT: u32 = 22;
-/// Size of a heap arena: 64 MiB.
+/// Size of a heap arena: 64 MiB (4 MiB under loom).
 pub(crate) const ARENA_SIZE: usize = 1 << ARENA_SHIFT;
-/// Heap pages per arena (8,192).
+/// Heap pages per arena (8,192; 512 under loom).
 pub(crate) const PAGES_PER_ARENA: usize = ARENA_SIZE / PAGE_SIZE;
 
 /// The address space the arena index covers: all of it.
 #[cfg(not(spanheap_loom))]
 const INDEX_LIMIT: usize = ADDR_LIMIT;
 /// Under loom: the low 64 GiB only, so that the index is 64 + 256 loom atomics instead
-/// of 64 + 65,536. The models' memory source (`loom-tests/src/lib.rs`) hands out
-/// addresses below it; addresses at or above it are "not in the heap", as at
-/// `ADDR_LIMIT` normally.
+/// of 64 + 65,536. Lookups of addresses at or above it answer "not in the heap", as at
+/// `ADDR_LIMIT` normally; the heap must never grow there, so the models' memory source
+/// (`loom-tests/src/lib.rs`) hands out addresses below it.
 #[cfg(spanheap_loom)]
 const INDEX_LIMIT: usize = 1 << 36;
 const _: () = assert!(INDEX_LIMIT <= ADDR_LIMIT);
@@ -82,6 +82,13 @@ pub(crate) struct HeapArena {
 }
 
 type L2 = [AtomicPtr<HeapArena>; L2_ENTRIES];
+
+/// The ordering of span-map stores. The loom mutant `span_map_relaxed` weakens it to
+/// show that the publication model catches it.
+#[cfg(not(spanheap_mutant = "span_map_relaxed"))]
+const PUBLISH_SPAN: Ordering = Ordering::Release;
+#[cfg(spanheap_mutant = "span_map_relaxed")]
+const PUBLISH_SPAN: Ordering = Ordering::Relaxed;
 
 /// Orderings of the `pageInUse` updates. The loom mutants `in_use_relaxed` and
 /// `clear_in_use_relaxed` weaken them to show that the models catch it.
@@ -242,7 +249,7 @@ impl ArenaIndex {
                 PAGES_PER_ARENA
             };
             for slot in &arena.spans[first..last] {
-                slot.store(s, Ordering::Release);
+                slot.store(s, PUBLISH_SPAN);
             }
             addr = arena_end.min(end);
         }

@@ -14,8 +14,12 @@
 //! span's record, whose stale span-map entry for page `p + 1` the reader follows, so
 //! there the reader must rely on `state` alone; the other gets a fresh record.
 //!
-//! Mutants it must catch: `state_relaxed` (span state stored Relaxed), `in_use_relaxed`
-//! (pageInUse bit set Relaxed), `count_relaxed` (pagesInUse incremented Relaxed).
+//! Mutants it must catch: `span_map_relaxed` (span-map entries stored Relaxed: the
+//! reader then loads the `state` of a freshly carved record whose construction it is not
+//! ordered after), `state_relaxed` (span state stored Relaxed: the reader that found the
+//! reused record through the stale entry reads its fields racing with their writes),
+//! `in_use_relaxed` (pageInUse bit set Relaxed), `count_relaxed` (pagesInUse incremented
+//! Relaxed).
 #![cfg(spanheap_loom)]
 
 use std::sync::Arc;
@@ -104,6 +108,7 @@ fn span_is_published_fully_initialised() {
     check(
         "publication",
         cfg!(any(
+            spanheap_mutant = "span_map_relaxed",
             spanheap_mutant = "state_relaxed",
             spanheap_mutant = "in_use_relaxed",
             spanheap_mutant = "count_relaxed"
