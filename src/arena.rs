@@ -34,19 +34,35 @@ use crate::os::{MemSource, OsError, ADDR_LIMIT, PAGE_SHIFT, PAGE_SIZE};
 use crate::sync::{init_atomics, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 
 /// log2 of the arena size.
+#[cfg(not(spanheap_loom))]
 pub(crate) const ARENA_SHIFT: u32 = 26;
-/// Size of a heap arena: 64 MiB.
+/// Under loom: 4 MiB arenas (one page-allocator chunk, 512 pages), so that an arena
+/// record holds 512 + 64 loom atomics instead of 8,192 + 1,024. Same code paths.
+#[cfg(spanheap_loom)]
+pub(crate) const ARENA_SHIFT: u32 = 22;
+/// Size of a heap arena: 64 MiB (4 MiB under loom).
 pub(crate) const ARENA_SIZE: usize = 1 << ARENA_SHIFT;
-/// Heap pages per arena (8,192).
+/// Heap pages per arena (8,192; 512 under loom).
 pub(crate) const PAGES_PER_ARENA: usize = ARENA_SIZE / PAGE_SIZE;
 
+/// The address space the arena index covers: all of it.
+#[cfg(not(spanheap_loom))]
+const INDEX_LIMIT: usize = ADDR_LIMIT;
+/// Under loom: the low 64 GiB only, so that the index is 64 + 256 loom atomics instead
+/// of 64 + 65,536. Lookups of addresses at or above it answer "not in the heap", as at
+/// `ADDR_LIMIT` normally; the heap must never grow there, so the models' memory source
+/// (`loom-tests/src/lib.rs`) hands out addresses below it.
+#[cfg(spanheap_loom)]
+const INDEX_LIMIT: usize = 1 << 36;
+const _: () = assert!(INDEX_LIMIT <= ADDR_LIMIT);
+
 /// Bits of an arena number (48-bit addresses / 64 MiB arenas = 2^22 arenas).
-const ARENA_BITS: u32 = 48 - ARENA_SHIFT;
+const ARENA_BITS: u32 = INDEX_LIMIT.trailing_zeros() - ARENA_SHIFT;
 const L1_BITS: u32 = 6;
 const L2_BITS: u32 = ARENA_BITS - L1_BITS;
 const L1_ENTRIES: usize = 1 << L1_BITS;
 const L2_ENTRIES: usize = 1 << L2_BITS;
-const _: () = assert!(ADDR_LIMIT == 1 << (ARENA_BITS + ARENA_SHIFT));
+const _: () = assert!(INDEX_LIMIT == 1 << (ARENA_BITS + ARENA_SHIFT));
 
 /// Metadata of one 64 MiB arena. Lives in OS metadata memory, never freed.
 #[repr(C)]
@@ -66,6 +82,24 @@ pub(crate) struct HeapArena {
 }
 
 type L2 = [AtomicPtr<HeapArena>; L2_ENTRIES];
+
+/// The ordering of span-map stores. The loom mutant `span_map_relaxed` weakens it to
+/// show that the publication model catches it.
+#[cfg(not(spanheap_mutant = "span_map_relaxed"))]
+const PUBLISH_SPAN: Ordering = Ordering::Release;
+#[cfg(spanheap_mutant = "span_map_relaxed")]
+const PUBLISH_SPAN: Ordering = Ordering::Relaxed;
+
+/// Orderings of the `pageInUse` updates. The loom mutants `in_use_relaxed` and
+/// `clear_in_use_relaxed` weaken them to show that the models catch it.
+#[cfg(not(spanheap_mutant = "in_use_relaxed"))]
+const MARK_IN_USE: Ordering = Ordering::Release;
+#[cfg(spanheap_mutant = "in_use_relaxed")]
+const MARK_IN_USE: Ordering = Ordering::Relaxed;
+#[cfg(not(spanheap_mutant = "clear_in_use_relaxed"))]
+const CLEAR_IN_USE: Ordering = Ordering::Release;
+#[cfg(spanheap_mutant = "clear_in_use_relaxed")]
+const CLEAR_IN_USE: Ordering = Ordering::Relaxed;
 
 /// The two-level index from address to arena record.
 pub(crate) struct ArenaIndex {
@@ -98,7 +132,7 @@ impl ArenaIndex {
     /// The arena record for `addr`, or `None` if `addr` is not in the heap. Lock-free.
     #[inline]
     pub(crate) fn arena_of(&self, addr: usize) -> Option<&HeapArena> {
-        if addr >= ADDR_LIMIT {
+        if addr >= INDEX_LIMIT {
             return None;
         }
         let n = arena_number(addr);
@@ -215,7 +249,7 @@ impl ArenaIndex {
                 PAGES_PER_ARENA
             };
             for slot in &arena.spans[first..last] {
-                slot.store(s, Ordering::Release);
+                slot.store(s, PUBLISH_SPAN);
             }
             addr = arena_end.min(end);
         }
@@ -226,21 +260,22 @@ impl ArenaIndex {
     pub(crate) fn mark_in_use(&self, base: usize) {
         if let Some(a) = self.arena_of(base) {
             let i = HeapArena::page_index(base);
-            a.page_in_use[i / 8].fetch_or(1 << (i % 8), Ordering::Release);
+            a.page_in_use[i / 8].fetch_or(1 << (i % 8), MARK_IN_USE);
         }
     }
 
-    /// Clears the `pageInUse` bit of the page at `base`.
+    /// Clears the `pageInUse` bit of the page at `base`. Release: a reader that sees the
+    /// bit clear (Acquire) after having seen it set also sees `pages_in_use` without the
+    /// span (`free_span` lowers the count first).
     pub(crate) fn clear_in_use(&self, base: usize) {
         if let Some(a) = self.arena_of(base) {
             let i = HeapArena::page_index(base);
-            a.page_in_use[i / 8].fetch_and(!(1 << (i % 8)), Ordering::Release);
+            a.page_in_use[i / 8].fetch_and(!(1 << (i % 8)), CLEAR_IN_USE);
         }
     }
 
-    /// Whether the `pageInUse` bit of the page at `base` is set (tests; the scavenger
-    /// and statistics walkers will read the bitmap too).
-    #[cfg(test)]
+    /// Whether the `pageInUse` bit of the page at `base` is set (tests and the loom
+    /// models; the scavenger and statistics walkers will read the bitmap too).
     pub(crate) fn is_marked_in_use(&self, base: usize) -> bool {
         self.arena_of(base).is_some_and(|a| {
             let i = HeapArena::page_index(base);

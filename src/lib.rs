@@ -317,6 +317,39 @@ pub mod __private {
         pub fn heap_inuse(&self) -> u64 {
             self.heap.counters().heap_inuse
         }
+
+        // Lock-free readers (the loom models of span publication).
+
+        /// The live span containing `addr` as a lock-free reader finds it (span map,
+        /// then `state`, as `dealloc` validates a pointer), with the fields read after.
+        ///
+        /// # Safety
+        /// No span of this heap may be freed while this runs (the span record found
+        /// could be recycled, and its fields rewritten, under the reader).
+        pub unsafe fn span_at(&self, addr: usize) -> Option<SpanView> {
+            self.heap.span_of(addr).map(|s| {
+                // SAFETY: span records are never unmapped.
+                let span = unsafe { s.as_ref() };
+                // SAFETY: `span_of` loaded a live state with Acquire, which pairs with
+                // the Release that published the span's fields; nobody frees it now
+                // (caller's contract), so nobody writes them.
+                let info = unsafe { span.info() };
+                SpanView {
+                    base: span.base(),
+                    npages: span.npages(),
+                    purpose: info.purpose,
+                    spanclass: info.spanclass,
+                }
+            })
+        }
+        /// Whether the `pageInUse` bit of the page at `addr` is set (Acquire).
+        pub fn page_in_use(&self, addr: usize) -> bool {
+            self.heap.arenas.is_marked_in_use(addr)
+        }
+        /// `pagesInUse`: pages in live heap spans (Acquire).
+        pub fn pages_in_use(&self) -> usize {
+            self.heap.pages_in_use()
+        }
     }
 
     /// A thread cache of a [`PageHeap`] (the real `MCache` code): owned by one thread
@@ -372,5 +405,14 @@ pub mod __private {
     /// Objects per span of size class `class`.
     pub fn objects_per_span(class: usize) -> usize {
         crate::sizeclasses::CLASS_TO_NOBJS[class] as usize
+    }
+
+    /// A span as [`PageHeap::span_at`] reads it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SpanView {
+        pub base: usize,
+        pub npages: usize,
+        pub purpose: Purpose,
+        pub spanclass: u8,
     }
 }

@@ -66,6 +66,13 @@ const SPAN_CHUNK_PAGES: usize = 8;
 /// Bitmap record sizes, in 64-bit words per bitmap (a record holds two bitmaps).
 const BITS_WORDS: [usize; 5] = [1, 2, 4, 8, 16];
 
+/// The ordering of the `pages_in_use` increment that ends a span's publication. The
+/// loom mutant `count_relaxed` weakens it to show that the models catch it.
+#[cfg(not(spanheap_mutant = "count_relaxed"))]
+const PUBLISH_COUNT: Ordering = Ordering::Release;
+#[cfg(spanheap_mutant = "count_relaxed")]
+const PUBLISH_COUNT: Ordering = Ordering::Relaxed;
+
 /// Index into `BITS_WORDS` for a span of `nelems` objects.
 #[inline]
 fn bits_bucket(nelems: usize) -> usize {
@@ -438,6 +445,12 @@ impl<M: MemSource> MHeap<M> {
         self.arenas.is_marked_in_use(addr)
     }
 
+    /// Pages in live heap spans (Acquire: pairs with the Release of publication, so the
+    /// spans counted are visible). Lock-free.
+    pub(crate) fn pages_in_use(&self) -> usize {
+        self.pages_in_use.load(Ordering::Acquire)
+    }
+
     /// A snapshot of the counters.
     pub(crate) fn counters(&self) -> HeapCounters {
         let st = &self.gauges;
@@ -740,7 +753,7 @@ impl<M: MemSource> MHeap<M> {
             self.arenas.mark_in_use(base);
             // (4) pagesInUse, last: a reader that sees the new count (Acquire) also
             //     sees the bit and the span.
-            self.pages_in_use.fetch_add(npages, Ordering::Release);
+            self.pages_in_use.fetch_add(npages, PUBLISH_COUNT);
         }
     }
 

@@ -13,6 +13,13 @@
 
 use crate::sync::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering, UnsafeCell};
 
+/// The ordering of [`MSpan::set_state`]. The loom mutant `state_relaxed` weakens it to
+/// show that the publication model catches it.
+#[cfg(not(spanheap_mutant = "state_relaxed"))]
+const SET_STATE: Ordering = Ordering::Release;
+#[cfg(spanheap_mutant = "state_relaxed")]
+const SET_STATE: Ordering = Ordering::Relaxed;
+
 /// Why a span was allocated (Go's `spanAllocType`, seed 004). Statistics are kept per
 /// purpose, in one place for allocation and one for free.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,7 +291,7 @@ impl MSpan {
     /// visible to a thread that loads the new state with Acquire.
     #[inline]
     pub(crate) fn set_state(&self, st: SpanState) {
-        self.state.store(st as u8, Ordering::Release);
+        self.state.store(st as u8, SET_STATE);
     }
 
     #[inline]
