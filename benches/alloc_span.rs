@@ -1,11 +1,13 @@
 //! Cost of `alloc_span` + `free_span` for 1, 8 and 64 pages, on an empty heap and on a
 //! heap holding 1,000,000 live pages fragmented into single-page holes (the page
-//! allocator's radix summaries should keep the cost roughly flat).
+//! allocator's radix summaries should keep the cost roughly flat); and the same through
+//! a thread's page cache (`page-cache/*`: spans under 16 pages take no lock; 64 pages
+//! falls back to the locked path).
 //!
 //! Run: `cargo bench --bench alloc_span`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use spanheap::__private::{PageHeap, SpanRef};
+use spanheap::__private::{PageHeap, SpanRef, ThreadPages};
 use spanheap::Purpose;
 use std::hint::black_box;
 
@@ -42,6 +44,23 @@ fn bench(c: &mut Criterion) {
                     unsafe { heap.free_span(black_box(s)) };
                 })
             });
+        }
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("page-cache");
+    for &npages in &[1usize, 8, 64] {
+        for (name, heap) in [("empty", &empty), ("1M-live-fragmented", &frag)] {
+            let mut tc = ThreadPages::new();
+            g.bench_with_input(BenchmarkId::new(name, npages), &npages, |b, &n| {
+                b.iter(|| {
+                    let s = heap
+                        .alloc_span_cached(black_box(n), Purpose::Heap, 0, &mut tc)
+                        .unwrap();
+                    unsafe { heap.free_span_cached(black_box(s), &mut tc) };
+                })
+            });
+            heap.flush_cache(&mut tc);
         }
     }
     g.finish();

@@ -6,6 +6,9 @@
 //!     target/release/examples/fastpath spanheap pair 16
 //! ```
 //!
+//! `fastpath span <pages> [warmup]` instead times `alloc_span` + `free_span` through a
+//! thread's page cache on a private page heap.
+//!
 //! Arguments: allocator (`spanheap`, `mimalloc`, `jemalloc`, `system`), workload (`pair`:
 //! alloc + free of one block, repeated; `batch`: 64 allocations then 64 frees, repeated),
 //! block size in bytes. The loop runs 1,000,000 operations pairs after a warm-up of
@@ -71,8 +74,34 @@ fn run<A: GlobalAlloc>(a: &A, workload: &str, size: usize) {
     }
 }
 
+/// `alloc_span` + `free_span` of `npages` pages through a thread page cache on a private
+/// page heap (the lock-free span path; no global allocator involved).
+fn spans(npages: usize, n: usize) {
+    use spanheap::__private::{PageHeap, ThreadPages};
+    let heap = PageHeap::new(spanheap::os::OsMemory);
+    let mut tc = ThreadPages::new();
+    for _ in 0..n {
+        let s = heap
+            .alloc_span_cached(black_box(npages), spanheap::Purpose::Heap, 0, &mut tc)
+            .expect("span");
+        // SAFETY: a live span of this heap, freed once.
+        unsafe { heap.free_span_cached(black_box(s), &mut tc) };
+    }
+    heap.flush_cache(&mut tc);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("span") {
+        // `fastpath span <pages> [warmup]`
+        let npages = args.get(2).map_or(1, |s| s.parse().expect("pages"));
+        let n = if args.get(3).is_some() {
+            WARMUP
+        } else {
+            WARMUP + N
+        };
+        return spans(npages, n);
+    }
     let alloc = args.get(1).map_or("spanheap", String::as_str);
     let workload = args.get(2).map_or("pair", String::as_str);
     let size: usize = args.get(3).map_or(16, |s| s.parse().expect("size"));

@@ -301,7 +301,11 @@ impl ArenaIndex {
                     // this address range, and the span carrying the pages is published
                     // with its own Release/Acquire. A stale, lower value only makes us
                     // zero memory that is already zero.
-                    let prev = a.zeroed_base.fetch_max(stop, Ordering::Relaxed);
+                    // Reused memory (the common case) needs no read-modify-write.
+                    let mut prev = a.zeroed_base.load(Ordering::Relaxed);
+                    if stop > prev {
+                        prev = a.zeroed_base.fetch_max(stop, Ordering::Relaxed);
+                    }
                     needs |= off < prev;
                 }
                 None => needs = true,

@@ -46,6 +46,7 @@ mod mheap;
 mod mspan;
 pub mod os;
 mod pagealloc;
+mod pagecache;
 mod sizeclasses;
 mod stats;
 mod sync;
@@ -293,6 +294,34 @@ pub mod __private {
             unsafe { self.heap.free_span(s.0) }
         }
 
+        /// `alloc_span` through a thread's page cache (no lock unless `tc` must be
+        /// refilled).
+        pub fn alloc_span_cached(
+            &self,
+            npages: usize,
+            purpose: Purpose,
+            align: usize,
+            tc: &mut ThreadPages,
+        ) -> Option<SpanRef> {
+            self.heap
+                .alloc_span_with(npages, purpose, 0, align, &mut tc.0)
+                .map(SpanRef)
+        }
+
+        /// `free_span` through a thread's page cache.
+        ///
+        /// # Safety
+        /// `s` is a live span of this heap, freed once.
+        pub unsafe fn free_span_cached(&self, s: SpanRef, tc: &mut ThreadPages) {
+            // SAFETY: forwarded.
+            unsafe { self.heap.free_span_with(s.0, &mut tc.0) }
+        }
+
+        /// Returns what `tc` holds to this heap.
+        pub fn flush_cache(&self, tc: &mut ThreadPages) {
+            self.heap.flush_heap_cache(&mut tc.0)
+        }
+
         /// A new thread cache for small objects of this heap (its record is leaked).
         pub fn new_cache(&self) -> SmallCache<M> {
             SmallCache {
@@ -349,6 +378,21 @@ pub mod __private {
         /// `pagesInUse`: pages in live heap spans (Acquire).
         pub fn pages_in_use(&self) -> usize {
             self.heap.pages_in_use()
+        }
+    }
+
+    /// A thread's page cache and record caches for a [`PageHeap`] (the real
+    /// `HeapCache`). Flush it into its heap before dropping it.
+    #[derive(Debug)]
+    pub struct ThreadPages(crate::pagecache::HeapCache);
+
+    // SAFETY: the cache holds pages and records of a heap, not thread-local data.
+    unsafe impl Send for ThreadPages {}
+
+    impl ThreadPages {
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
+            ThreadPages(crate::pagecache::HeapCache::new())
         }
     }
 

@@ -15,6 +15,7 @@ use core::ptr::{self, NonNull};
 use crate::mheap::{MHeap, MAX_ALIGN, MAX_SPAN_BYTES};
 use crate::mspan::Purpose;
 use crate::os::{MemSource, PAGE_SHIFT, PAGE_SIZE};
+use crate::pagecache::HeapCache;
 use crate::stats::field;
 
 /// Counts large objects: `freed` pages given up and `allocated` pages taken, in one
@@ -49,26 +50,27 @@ fn pages_for(size: usize) -> Option<usize> {
 }
 
 /// Allocates `size` bytes aligned to `align` (a power of two). Zeroes them if `zero`,
-/// unless the memory is known to be zero already. Null on failure.
-#[inline]
+/// unless the memory is known to be zero already. Null on failure. `tc` is the calling
+/// thread's heap cache, if it has one (small spans then need no lock).
+#[inline(never)]
 pub(crate) fn alloc<M: MemSource>(
     heap: &MHeap<M>,
     size: usize,
     align: usize,
     zero: bool,
+    tc: Option<&mut HeapCache>,
 ) -> *mut u8 {
-    alloc_large(heap, size, align, zero)
-}
-
-#[inline(never)]
-fn alloc_large<M: MemSource>(heap: &MHeap<M>, size: usize, align: usize, zero: bool) -> *mut u8 {
     let Some(npages) = pages_for(size) else {
         return ptr::null_mut();
     };
     if align > MAX_ALIGN {
         return ptr::null_mut();
     }
-    let Some(s) = heap.alloc_span(npages, Purpose::Heap, 0, align) else {
+    let s = match tc {
+        Some(tc) => heap.alloc_span_with(npages, Purpose::Heap, 0, align, tc),
+        None => heap.alloc_span(npages, Purpose::Heap, 0, align),
+    };
+    let Some(s) = s else {
         return ptr::null_mut();
     };
     count_large(heap, 0, npages);
@@ -89,14 +91,23 @@ fn alloc_large<M: MemSource>(heap: &MHeap<M>, size: usize, align: usize, zero: b
 /// # Safety
 /// `p` is a live block of this heap (or foreign, see above), not used afterwards.
 #[inline(never)]
-pub(crate) unsafe fn dealloc<M: MemSource>(heap: &MHeap<M>, p: *mut u8) {
+pub(crate) unsafe fn dealloc<M: MemSource>(
+    heap: &MHeap<M>,
+    p: *mut u8,
+    tc: Option<&mut HeapCache>,
+) {
     let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) else {
         return;
     };
     // SAFETY: `p` is a live block, so `s` is its live span and the caller gives it up.
     count_large(heap, unsafe { s.as_ref() }.npages(), 0);
     // SAFETY: as above.
-    unsafe { heap.free_span(s) };
+    unsafe {
+        match tc {
+            Some(tc) => heap.free_span_with(s, tc),
+            None => heap.free_span(s),
+        }
+    }
 }
 
 /// Resizes the block at `p` (allocated with `align`, `old_size`) to `new_size` bytes,
@@ -113,6 +124,7 @@ pub(crate) unsafe fn realloc<M: MemSource>(
     old_size: usize,
     align: usize,
     new_size: usize,
+    mut tc: Option<&mut HeapCache>,
 ) -> *mut u8 {
     let Some(new_pages) = pages_for(new_size) else {
         return ptr::null_mut();
@@ -136,12 +148,12 @@ pub(crate) unsafe fn realloc<M: MemSource>(
         count_large(heap, old_pages, new_pages);
         return p;
     }
-    let q = alloc(heap, new_size, align, false);
+    let q = alloc(heap, new_size, align, false, tc.as_deref_mut());
     if !q.is_null() {
         // SAFETY: both blocks are live, distinct, and at least this long.
         unsafe {
             ptr::copy_nonoverlapping(p, q, old_size.min(new_size));
-            dealloc(heap, p);
+            dealloc(heap, p, tc);
         }
     }
     q
@@ -163,14 +175,14 @@ pub(crate) mod global {
         if class != 0 {
             return mcache::alloc(class as usize);
         }
-        super::alloc(&HEAP, size, align, false)
+        super::alloc(&HEAP, size, align, false, mcache::heap_cache())
     }
 
     #[inline]
     pub(crate) fn alloc_zeroed(size: usize, align: usize) -> *mut u8 {
         let class = class_for_layout(size, align);
         if class == 0 {
-            return super::alloc(&HEAP, size, align, true);
+            return super::alloc(&HEAP, size, align, true, mcache::heap_cache());
         }
         mcache::alloc_zeroed(class as usize, size)
     }
@@ -182,7 +194,7 @@ pub(crate) mod global {
         let class = class_for_layout(size, align);
         if class == 0 {
             // SAFETY: forwarded.
-            return unsafe { super::dealloc(&HEAP, p) };
+            return unsafe { super::dealloc(&HEAP, p, mcache::heap_cache()) };
         }
         let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
             return; // not ours: never panic in dealloc
@@ -206,7 +218,9 @@ pub(crate) mod global {
         }
         if old_class == 0 && new_class == 0 {
             // SAFETY: forwarded (large to large: in place when possible).
-            return unsafe { super::realloc(&HEAP, p, old_size, align, new_size) };
+            return unsafe {
+                super::realloc(&HEAP, p, old_size, align, new_size, mcache::heap_cache())
+            };
         }
         let q = alloc(new_size, align);
         if !q.is_null() {

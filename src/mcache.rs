@@ -57,6 +57,7 @@ use crate::mcentral::{count_free, merge_remote, private};
 use crate::mheap::MHeap;
 use crate::mspan::{rstate_parts, MSpan, Purpose, RSTATE_OWNED};
 use crate::os::MemSource;
+use crate::pagecache::HeapCache;
 use crate::sizeclasses::{obj_index, CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
 use crate::stats::{field, StatsSeq};
 #[cfg(not(spanheap_loom))]
@@ -98,6 +99,8 @@ const _: () = assert!(core::mem::size_of::<ClassCache>() == 64);
 #[repr(C)]
 pub(crate) struct MCache {
     classes: [ClassCache; NUM_CLASSES],
+    /// The thread's page block and record caches (span allocation without the lock).
+    heap: HeapCache,
     /// The statistics sequence counter of the thread owning this cache.
     seq: StatsSeq,
     /// Whether `seq` is in the statistics registry (records are reused, the
@@ -134,6 +137,7 @@ impl MCache {
         pub(crate) fn empty() -> Self {
             MCache {
                 classes: [EMPTY_CLASS; NUM_CLASSES],
+                heap: HeapCache::new(),
                 seq: StatsSeq::new(),
                 registered: false,
                 free_link: UnsafeCell::new(ptr::null_mut()),
@@ -588,11 +592,13 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
     loop {
         let s = match heap.central[class].cache_span(heap, class as u8, c as usize) {
             Some(s) => s,
-            None => match heap.alloc_span(
+            // SAFETY: the heap cache is a field of our cache, disjoint from `e`.
+            None => match heap.alloc_span_with(
                 CLASS_TO_NPAGES[class] as usize,
                 Purpose::Heap,
                 class as u8,
                 1,
+                unsafe { &mut *ptr::addr_of_mut!((*c).heap) },
             ) {
                 Some(s) => {
                     // Relaxed: as in `mcentral::take_ownership`.
@@ -832,6 +838,8 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
         }
         *e = EMPTY_CLASS;
     }
+    // SAFETY: the heap cache is ours; no class entry borrow is live.
+    heap.flush_heap_cache(unsafe { &mut *ptr::addr_of_mut!((*c).heap) });
 }
 
 /// The shared cache of cache-less threads, created on first use. The lock is a leaf
@@ -867,6 +875,24 @@ fn pless_alloc(class: usize) -> *mut u8 {
             try_alloc(c, class)
         }
     })
+}
+
+/// The calling thread's heap cache, creating the thread cache if this is the thread's
+/// first allocation; None for a cache-less thread. For the large-object paths.
+///
+/// The reference must not outlive the allocator call that asked for it (the thread
+/// cache is released at thread exit), and the allocator never re-enters itself, so no
+/// other reference to it is live meanwhile.
+#[cfg(not(spanheap_loom))]
+#[inline]
+pub(crate) fn heap_cache<'a>() -> Option<&'a mut HeapCache> {
+    let c = match STATE.with(Cell::get) {
+        LIVE => CACHE.with(Cell::get),
+        NO_CACHE => create_cache()?,
+        _ => return None,
+    };
+    // SAFETY: a live cache of this thread; see above for exclusivity.
+    Some(unsafe { &mut *ptr::addr_of_mut!((*c).heap) })
 }
 
 /// Whether this thread has a live cache (otherwise it allocates from the shared one).

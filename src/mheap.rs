@@ -19,6 +19,13 @@
 //!    pageInUse bit or `pages_in_use` with Acquire and then follows the span map sees
 //!    the span fully initialised and in state InUse.
 //!
+//! `alloc_span_with` first tries the calling thread's `HeapCache` (Go's page cache and
+//! mspan cache, `pagecache.rs`): a span of fewer than 16 pages is carved from the
+//! thread's 64-page block with its record from the thread's record cache, and steps 2
+//! and 3 follow unchanged; no lock at all. The lock is taken only to refill the cache.
+//! `free_span_with` returns the pages to that block when they lie in it, and the
+//! records to the record cache, again without the lock.
+//!
 //! `free_span` mirrors it: unpublish (`pages_in_use`, `pageInUse`, `state` = Dead),
 //! update the counters, and under the lock give the pages back to the page allocator
 //! and the record back to the fixalloc. Span map entries are left pointing at the dead
@@ -48,8 +55,9 @@ use crate::mcentral::MCentral;
 use crate::mspan::{
     place, rstate, MSpan, Purpose, SmallPrivate, SpanInfo, SpanState, NO_LIST, RSTATE_OWNED,
 };
-use crate::os::{MemSource, OsError, PAGE_SHIFT};
+use crate::os::{MemSource, OsError, PAGE_SHIFT, PAGE_SIZE};
 use crate::pagealloc::PageAlloc;
+use crate::pagecache::{HeapCache, PageCache, BITS_RECS, MAX_CACHED_SPAN_PAGES, SPAN_RECS};
 use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
 use crate::stats::{field, HeapDelta, HeapGauges, HeapStats, StatsSeq};
@@ -297,16 +305,153 @@ impl<M: MemSource> MHeap<M> {
                 }
             }
         })?;
+        // SAFETY: the record, bitmap record and pages were just taken by this thread.
+        unsafe { self.finish_alloc(s, bits, base, npages, purpose, spanclass, scav, false) };
+        Some(s)
+    }
+
+    /// Steps 2 and 3 of `alloc_span`, without the lock: commit, initialise, publish.
+    ///
+    /// # Safety
+    /// `s`, `bits` (null for a span that is not a small-object span) and the pages are
+    /// private to this thread, just taken; `cached` says the pages came from its page
+    /// cache.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn finish_alloc(
+        &self,
+        s: NonNull<MSpan>,
+        bits: *mut u64,
+        base: usize,
+        npages: usize,
+        purpose: Purpose,
+        spanclass: u8,
+        scav: usize,
+        cached: bool,
+    ) {
         if spanclass != 0 {
             // SAFETY: the span is private to this thread until published below.
             unsafe { init_small(s, spanclass, bits) };
         }
-
-        // Steps 2 and 3, without the lock.
         self.commit_run(base, npages, scav);
         // SAFETY: `s` is a record nobody else can reach yet, and the pages are ours.
-        unsafe { self.init_and_publish(s, base, npages, purpose, spanclass, scav) };
+        unsafe { self.init_and_publish(s, base, npages, purpose, spanclass, scav, cached) };
+    }
+
+    /// `alloc_span` through the calling thread's heap cache `tc`: spans of fewer than
+    /// `MAX_CACHED_SPAN_PAGES` pages with no alignment beyond a page come from the
+    /// thread's page block and record caches, without the heap lock (the lock is taken
+    /// only when the cache must be refilled). Anything else, or a cache that cannot
+    /// help, goes through `alloc_span`.
+    ///
+    /// The heap lock must not be held.
+    pub(crate) fn alloc_span_with(
+        &self,
+        npages: usize,
+        purpose: Purpose,
+        spanclass: u8,
+        align: usize,
+        tc: &mut HeapCache,
+    ) -> Option<NonNull<MSpan>> {
+        if npages == 0 || npages >= MAX_CACHED_SPAN_PAGES || align > PAGE_SIZE {
+            return self.alloc_span(npages, purpose, spanclass, align);
+        }
+        let bucket =
+            (spanclass != 0).then(|| bits_bucket(CLASS_TO_NOBJS[spanclass as usize] as usize));
+        let ready = |tc: &HeapCache| tc.nspans > 0 && bucket.is_none_or(|b| tc.nbits[b] > 0);
+        if tc.pages.is_empty() || !ready(tc) {
+            self.refill_heap_cache(tc, bucket);
+            if !ready(tc) {
+                return self.alloc_span(npages, purpose, spanclass, align);
+            }
+        }
+        let Some((base, scav)) = tc.pages.alloc(npages) else {
+            // The block has no run this long: leave it for smaller spans.
+            return self.alloc_span(npages, purpose, spanclass, align);
+        };
+        tc.nspans -= 1;
+        let s = tc.spans[tc.nspans];
+        let bits = match bucket {
+            Some(b) => {
+                tc.nbits[b] -= 1;
+                tc.bits[b][tc.nbits[b]]
+            }
+            None => ptr::null_mut(),
+        };
+        // SAFETY: cached records are free records of this heap (Dead), owned by the
+        // cache; the pages were allocated to the cache.
+        let s = unsafe { NonNull::new_unchecked(s) };
+        // SAFETY: all three were private to the cache, now to this call.
+        unsafe { self.finish_alloc(s, bits, base, npages, purpose, spanclass, scav, true) };
         Some(s)
+    }
+
+    /// Refills `tc` under the heap lock: a new page block if the current one is empty
+    /// (growing the heap if no page is free), span records up to half the cache, and
+    /// bitmap records of `bucket` likewise. What cannot be had is left empty.
+    #[cold]
+    fn refill_heap_cache(&self, tc: &mut HeapCache, bucket: Option<usize>) {
+        let mut took = 0u64;
+        self.locked.lock().with(|h| {
+            if tc.pages.is_empty() {
+                let block = h.pages.alloc_to_cache().or_else(|| {
+                    self.grow_locked(h, 1, 1).ok()?;
+                    h.pages.alloc_to_cache()
+                });
+                if let Some((base, cache, scav)) = block {
+                    tc.pages = PageCache { base, cache, scav };
+                    took = u64::from(cache.count_ones());
+                }
+            }
+            while tc.nspans < SPAN_RECS / 2 {
+                let Some(s) = self.span_record_locked(h) else {
+                    break;
+                };
+                tc.spans[tc.nspans] = s.as_ptr();
+                tc.nspans += 1;
+            }
+            if let Some(b) = bucket {
+                while tc.nbits[b] < BITS_RECS / 2 {
+                    let Some(p) = self.bits_record_bucket_locked(h, b) else {
+                        break;
+                    };
+                    tc.bits[b][tc.nbits[b]] = p;
+                    tc.nbits[b] += 1;
+                }
+            }
+        });
+        if took != 0 {
+            self.stats_update(|d| d.add(field::PAGE_CACHED, took * PAGE_SIZE as u64));
+        }
+    }
+
+    /// Gives everything `tc` holds back to the heap (thread exit, or an explicit flush).
+    pub(crate) fn flush_heap_cache(&self, tc: &mut HeapCache) {
+        let pages = u64::from(tc.pages.cache.count_ones());
+        if pages == 0 && tc.nspans == 0 && tc.nbits.iter().all(|&n| n == 0) {
+            tc.pages = PageCache::EMPTY;
+            return;
+        }
+        self.locked.lock().with(|h| {
+            h.pages
+                .free_from_cache(tc.pages.base, tc.pages.cache, tc.pages.scav);
+            for &s in &tc.spans[..tc.nspans] {
+                // SAFETY: cached records are free records of this heap, unused.
+                unsafe { h.spanalloc.free(s) };
+            }
+            for (b, recs) in tc.bits.iter().enumerate() {
+                for &p in &recs[..tc.nbits[b]] {
+                    // SAFETY: cached bitmap records of bucket `b`, unused.
+                    unsafe { h.bitsalloc[b].free(p.cast()) };
+                }
+            }
+        });
+        tc.pages = PageCache::EMPTY;
+        tc.nspans = 0;
+        tc.nbits = [0; crate::pagecache::BITS_BUCKETS];
+        if pages != 0 {
+            self.stats_update(|d| d.sub(field::PAGE_CACHED, pages * PAGE_SIZE as u64));
+        }
     }
 
     /// Frees a span allocated by [`alloc_span`](Self::alloc_span).
@@ -316,6 +461,78 @@ impl<M: MemSource> MHeap<M> {
     /// # Safety
     /// `s` is a live span of this heap, and nobody uses its memory any more.
     pub(crate) unsafe fn free_span(&self, s: NonNull<MSpan>) {
+        // SAFETY: forwarded.
+        let (base, npages, bits) = unsafe { self.unpublish(s, false) };
+        // Under the lock: give back the pages and the records.
+        self.locked.lock().with(|h| {
+            if let Some((p, b)) = bits {
+                // SAFETY: the bitmap record belonged to the span, which is dead.
+                unsafe { h.bitsalloc[b].free(p.cast()) };
+            }
+            h.pages.free(base, npages);
+            // SAFETY: the span is dead and unreachable except for validating readers.
+            unsafe { h.spanalloc.free(s.as_ptr()) };
+        });
+    }
+
+    /// `free_span` through the calling thread's heap cache: pages that lie in the
+    /// thread's page block go back to it, and the records to the record caches while
+    /// they have room, without the lock; whatever remains is freed under it.
+    ///
+    /// # Safety
+    /// As for `free_span`; `tc` is the calling thread's.
+    pub(crate) unsafe fn free_span_with(&self, s: NonNull<MSpan>, tc: &mut HeapCache) {
+        // SAFETY: the caller owns the live span.
+        let (base, npages) = unsafe { (s.as_ref().base(), s.as_ref().npages()) };
+        let to_cache = tc.pages.contains(base, npages);
+        // SAFETY: forwarded.
+        let (base, npages, mut bits) = unsafe { self.unpublish(s, to_cache) };
+        if to_cache {
+            tc.pages.free(base, npages);
+        }
+        let mut rec = Some(s);
+        if tc.nspans < SPAN_RECS {
+            tc.spans[tc.nspans] = s.as_ptr();
+            tc.nspans += 1;
+            rec = None;
+        }
+        if let Some((p, b)) = bits {
+            if tc.nbits[b] < BITS_RECS {
+                tc.bits[b][tc.nbits[b]] = p;
+                tc.nbits[b] += 1;
+                bits = None;
+            }
+        }
+        if to_cache && rec.is_none() && bits.is_none() {
+            return;
+        }
+        self.locked.lock().with(|h| {
+            if let Some((p, b)) = bits {
+                // SAFETY: the bitmap record belonged to the span, which is dead.
+                unsafe { h.bitsalloc[b].free(p.cast()) };
+            }
+            if !to_cache {
+                h.pages.free(base, npages);
+            }
+            if let Some(s) = rec {
+                // SAFETY: the span is dead and unreachable except for validating readers.
+                unsafe { h.spanalloc.free(s.as_ptr()) };
+            }
+        });
+    }
+
+    /// The lock-free half of freeing a span: unpublish it (the mirror of
+    /// `init_and_publish`) and update the counters (`cached`: its pages go to the
+    /// calling thread's page cache). Returns its base, pages and bitmap record (with its
+    /// bucket) for the caller to give back.
+    ///
+    /// # Safety
+    /// As for `free_span`.
+    unsafe fn unpublish(
+        &self,
+        s: NonNull<MSpan>,
+        cached: bool,
+    ) -> (usize, usize, Option<(*mut u64, usize)>) {
         // SAFETY: the caller owns the live span, so its fields are stable and visible.
         let span = unsafe { s.as_ref() };
         let (base, npages) = (span.base(), span.npages());
@@ -337,25 +554,15 @@ impl<M: MemSource> MHeap<M> {
             self.arenas.clear_in_use(base);
         }
         span.set_state(SpanState::Dead);
-        self.account_free(info.purpose, npages << PAGE_SHIFT);
-
-        // Under the lock: give back the pages and the records.
+        self.account_free(info.purpose, npages << PAGE_SHIFT, cached);
         let bits = if info.spanclass != 0 {
             // SAFETY: the caller owns the dead span.
             let p = unsafe { span.small.private_mut() };
-            (p.bits, p.nelems as usize)
+            Some((p.bits, bits_bucket(p.nelems as usize)))
         } else {
-            (ptr::null_mut(), 0)
+            None
         };
-        self.locked.lock().with(|h| {
-            if !bits.0.is_null() {
-                // SAFETY: the bitmap record belonged to the span, which is dead.
-                unsafe { h.bitsalloc[bits_bucket(bits.1)].free(bits.0.cast()) };
-            }
-            h.pages.free(base, npages);
-            // SAFETY: the span is dead and unreachable except for validating readers.
-            unsafe { h.spanalloc.free(s.as_ptr()) };
-        });
+        (base, npages, bits)
     }
 
     /// Shrinks a live heap span in place to `new_npages` (>= 1) pages, freeing the tail.
@@ -372,7 +579,7 @@ impl<M: MemSource> MHeap<M> {
         // The record stops covering the tail before the tail's pages become free.
         span.npages.store(new_npages, Ordering::Relaxed);
         self.pages_in_use.fetch_sub(n, Ordering::Release);
-        self.account_free(Purpose::Heap, n << PAGE_SHIFT);
+        self.account_free(Purpose::Heap, n << PAGE_SHIFT, false);
         self.locked
             .lock()
             .with(|h| h.pages.free(base + (new_npages << PAGE_SHIFT), n));
@@ -405,7 +612,7 @@ impl<M: MemSource> MHeap<M> {
         // Record that these pages are being handed out (their contents do not matter:
         // realloc makes no promise about the new bytes).
         let _ = self.arenas.needs_zero(end, n);
-        self.account_alloc(Purpose::Heap, n << PAGE_SHIFT, scav);
+        self.account_alloc(Purpose::Heap, n << PAGE_SHIFT, scav, false);
         self.arenas.set_spans(end, n, s.as_ptr());
         span.npages.store(new_npages, Ordering::Relaxed);
         self.pages_in_use.fetch_add(n, Ordering::Release);
@@ -610,7 +817,15 @@ impl<M: MemSource> MHeap<M> {
         // SAFETY: `own` is a fresh record in the chunk it describes; nobody else knows
         // it or the pages.
         unsafe {
-            self.init_and_publish(own, base, SPAN_CHUNK_PAGES, Purpose::SpanRecords, 0, scav)
+            self.init_and_publish(
+                own,
+                base,
+                SPAN_CHUNK_PAGES,
+                Purpose::SpanRecords,
+                0,
+                scav,
+                false,
+            )
         };
         NonNull::new(h.spanalloc.alloc())
     }
@@ -627,13 +842,17 @@ impl<M: MemSource> MHeap<M> {
         };
         self.commit_run(base, SPAN_CHUNK_PAGES, scav);
         // SAFETY: fresh record and pages, known to nobody else.
-        unsafe { self.init_and_publish(s, base, SPAN_CHUNK_PAGES, purpose, 0, scav) };
+        unsafe { self.init_and_publish(s, base, SPAN_CHUNK_PAGES, purpose, 0, scav, false) };
         Some(base)
     }
 
     /// A bitmap record for a span of `nelems` objects. Needs the heap lock (`h`).
     fn bits_record_locked(&self, h: &mut Locked, nelems: usize) -> Option<*mut u64> {
-        let b = bits_bucket(nelems);
+        self.bits_record_bucket_locked(h, bits_bucket(nelems))
+    }
+
+    /// A bitmap record of size bucket `b`. Needs the heap lock (`h`).
+    fn bits_record_bucket_locked(&self, h: &mut Locked, b: usize) -> Option<*mut u64> {
         let (mut p, mut fresh) = h.bitsalloc[b].alloc();
         if p.is_null() {
             let base = self.manual_chunk_locked(h, Purpose::SpanBitmaps)?;
@@ -707,6 +926,7 @@ impl<M: MemSource> MHeap<M> {
         purpose: Purpose,
         spanclass: u8,
         scav: usize,
+        cached: bool,
     ) {
         let nbytes = npages << PAGE_SHIFT;
         // Fresh-from-OS memory (beyond the arena's zeroed_base) and fully scavenged runs
@@ -736,7 +956,7 @@ impl<M: MemSource> MHeap<M> {
             })
         };
 
-        self.account_alloc(purpose, nbytes, scav);
+        self.account_alloc(purpose, nbytes, scav, cached);
 
         // Publication. The span must be completely initialised before this point.
         // (1) Span map: Release pairs with the Acquire in `HeapArena::span_at`.
@@ -758,8 +978,9 @@ impl<M: MemSource> MHeap<M> {
     }
 
     /// Counter updates for `nbytes` taken from idle memory for `purpose`, of which `scav`
-    /// bytes had been released (seed 004: the one place for allocation).
-    fn account_alloc(&self, purpose: Purpose, nbytes: usize, scav: usize) {
+    /// bytes had been released (seed 004: the one place for allocation); `cached`: the
+    /// pages came from a thread's page cache.
+    fn account_alloc(&self, purpose: Purpose, nbytes: usize, scav: usize, cached: bool) {
         let st = &self.gauges;
         if scav != 0 {
             sub(&st.heap_released, scav);
@@ -781,12 +1002,15 @@ impl<M: MemSource> MHeap<M> {
             if !purpose.is_manual() {
                 d.add(field::PAGES_IN_USE, n >> PAGE_SHIFT);
             }
+            if cached {
+                d.sub(field::PAGE_CACHED, n);
+            }
         });
     }
 
     /// Counter updates for `nbytes` given back to idle memory by `purpose` (the one place
-    /// for free).
-    fn account_free(&self, purpose: Purpose, nbytes: usize) {
+    /// for free); `cached`: the pages go to a thread's page cache.
+    fn account_free(&self, purpose: Purpose, nbytes: usize, cached: bool) {
         let st = &self.gauges;
         sub(&st.by_purpose[purpose as usize], nbytes);
         if purpose.is_manual() {
@@ -799,6 +1023,9 @@ impl<M: MemSource> MHeap<M> {
             d.sub(field::PURPOSE + purpose as usize, n);
             if !purpose.is_manual() {
                 d.sub(field::PAGES_IN_USE, n >> PAGE_SHIFT);
+            }
+            if cached {
+                d.add(field::PAGE_CACHED, n);
             }
         });
     }
@@ -903,7 +1130,12 @@ mod tests {
         let chunks_bytes = (c.by_purpose[Purpose::SpanRecords as usize]
             - by_purpose[Purpose::SpanRecords as usize]) as usize;
         assert_eq!(chunks_bytes % chunk, 0);
-        assert_eq!(records, live.len() + chunks_bytes / chunk);
+        // Chunks of other record kinds (bitmaps, thread caches) each hold a span record.
+        let other_chunks: usize = [Purpose::SpanBitmaps, Purpose::ThreadCaches]
+            .iter()
+            .map(|&p| (c.by_purpose[p as usize] - by_purpose[p as usize]) as usize / chunk)
+            .sum();
+        assert_eq!(records, live.len() + chunks_bytes / chunk + other_chunks);
         assert!(chunks_bytes / core::mem::size_of::<MSpan>() >= records);
     }
 
@@ -1163,5 +1395,139 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), 4);
         check_counters(h, &[]);
         assert_eq!(h.counters().heap_inuse, 0);
+    }
+
+    /// The consistent statistics of `h`, checked.
+    fn checked_stats(h: &MHeap<OsMemory>) -> crate::stats::Stats {
+        let mut t = [0u64; crate::stats::field::N];
+        h.stats.read(&mut t);
+        let s = crate::stats::Stats::from_totals(&t, h.gauges());
+        s.check().unwrap();
+        s
+    }
+
+    #[test]
+    fn four_threads_with_page_caches_never_overlap_and_flush_everything() {
+        use std::sync::Mutex as StdMutex;
+        let h = new_heap();
+        // Spans handed between threads, freed by whoever takes them.
+        let pool: StdMutex<Vec<(usize, u64)>> = StdMutex::new(Vec::new());
+        let (cached, total) = (StdMutex::new(0u64), StdMutex::new(0u64));
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let (pool, cached, total) = (&pool, &cached, &total);
+                sc.spawn(move || {
+                    let mut tc = HeapCache::new();
+                    let mut rng =
+                        0x0F1E_2D3C_4B5A_6978u64 ^ (t + 1).wrapping_mul(0x9E3779B97F4A7C15);
+                    let mut live: Vec<(NonNull<MSpan>, u64)> = Vec::new();
+                    let free = |tc: &mut HeapCache, s: NonNull<MSpan>, tag: u64| {
+                        let span = unsafe { s.as_ref() };
+                        for p in 0..span.npages() {
+                            let w = (span.base() + p * PAGE_SIZE) as *const u64;
+                            assert_eq!(unsafe { w.read() }, tag, "page overwritten");
+                        }
+                        unsafe { h.free_span_with(s, tc) };
+                    };
+                    for i in 0..20_000u64 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        if live.len() > 64 || (rng % 2 == 0 && !live.is_empty()) {
+                            let (s, tag) = live.swap_remove((rng >> 8) as usize % live.len());
+                            if rng % 8 == 1 {
+                                pool.lock().unwrap().push((s.as_ptr() as usize, tag));
+                            } else {
+                                free(&mut tc, s, tag);
+                            }
+                        } else if rng % 16 == 3 {
+                            // Someone else's span.
+                            let got = pool.lock().unwrap().pop();
+                            if let Some((s, tag)) = got {
+                                free(&mut tc, NonNull::new(s as *mut MSpan).unwrap(), tag);
+                            }
+                        } else {
+                            // Mostly small spans (some of them small-object spans, which
+                            // need bitmap records too); a few of 16..20 pages, which
+                            // bypass the page cache.
+                            let class = (rng >> 32) as usize % NUM_CLASSES;
+                            let (n, sc) = if rng % 5 == 0 && class != 0 {
+                                (
+                                    crate::sizeclasses::CLASS_TO_NPAGES[class] as usize,
+                                    class as u8,
+                                )
+                            } else {
+                                (1 + (rng >> 20) as usize % 20, 0)
+                            };
+                            let s = h.alloc_span_with(n, Purpose::Heap, sc, 1, &mut tc).unwrap();
+                            let span = unsafe { s.as_ref() };
+                            assert_eq!(span.npages(), n);
+                            let tag = (t << 56) | i;
+                            for p in 0..n {
+                                unsafe { ((span.base() + p * PAGE_SIZE) as *mut u64).write(tag) };
+                            }
+                            live.push((s, tag));
+                            if i % 1000 == 0 {
+                                checked_stats(h);
+                            }
+                        }
+                    }
+                    for (s, tag) in live {
+                        free(&mut tc, s, tag);
+                    }
+                    *cached.lock().unwrap() += u64::from(tc.pages.cache.count_ones());
+                    h.flush_heap_cache(&mut tc);
+                    assert!(tc.pages.is_empty() && tc.nspans == 0);
+                    *total.lock().unwrap() += 1;
+                });
+            }
+        });
+        let mut tc = HeapCache::new();
+        for (s, tag) in pool.into_inner().unwrap() {
+            let s = NonNull::new(s as *mut MSpan).unwrap();
+            let span = unsafe { s.as_ref() };
+            assert_eq!(unsafe { (span.base() as *const u64).read() }, tag);
+            unsafe { h.free_span_with(s, &mut tc) };
+        }
+        h.flush_heap_cache(&mut tc);
+        assert_eq!(*total.lock().unwrap(), 4);
+        assert!(*cached.lock().unwrap() > 0, "the page caches were used");
+        check_counters(h, &[]);
+        assert_eq!(h.counters().heap_inuse, 0);
+        let st = checked_stats(h);
+        assert_eq!(
+            (
+                st.page_cache_bytes,
+                st.inuse_bytes - st.span_record_bytes - st.span_bitmap_bytes
+            ),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn page_cache_reuses_a_freed_span_without_the_lock() {
+        let h = new_heap();
+        let mut tc = HeapCache::new();
+        let a = h.alloc_span_with(8, Purpose::Heap, 0, 1, &mut tc).unwrap();
+        let base = unsafe { a.as_ref() }.base();
+        let before = tc.pages;
+        assert!(!before.is_empty());
+        unsafe { h.free_span_with(a, &mut tc) };
+        assert_eq!(tc.pages.cache.count_ones(), before.cache.count_ones() + 8);
+        // Hold the heap lock: a cached allocation must not need it.
+        let mut g = h.locked.lock();
+        let b = h.alloc_span_with(8, Purpose::Heap, 0, 1, &mut tc).unwrap();
+        g.with(|_| ());
+        drop(g);
+        assert_eq!(
+            unsafe { b.as_ref() }.base(),
+            base,
+            "the same pages come back"
+        );
+        assert!(h.span_of(base).is_some());
+        unsafe { h.free_span_with(b, &mut tc) };
+        h.flush_heap_cache(&mut tc);
+        check_counters(h, &[]);
+        assert_eq!(checked_stats(h).page_cache_bytes, 0);
     }
 }

@@ -1208,6 +1208,56 @@ impl PageAlloc {
         self.update(c0, c1, Some(Sum::FREE_CHUNK));
     }
 
+    /// For a thread's page cache (Go's `allocToCache`): takes every free page of the
+    /// 64-page aligned block that holds the first free page of the heap. Returns the
+    /// block's base, the bitmap of the pages taken (bit `i` = page `base + i` pages)
+    /// and the bitmap of those that were scavenged (their scavenged bits are cleared
+    /// here; the cache remembers them). None if no page is free.
+    pub(crate) fn alloc_to_cache(&mut self) -> Option<(usize, u64, u64)> {
+        let first = self.find_and_learn(1)?;
+        let base = first & !(64 * PAGE_SIZE - 1);
+        let ci = base >> LOG_CHUNK_SIZE;
+        let w = (base & (CHUNK_SIZE - 1)) / PAGE_SIZE / 64;
+        let ch = self.chunk_mut(ci)?;
+        let pages = !ch.alloc[w];
+        let scav = ch.scav[w] & pages;
+        ch.alloc[w] = !0;
+        ch.scav[w] &= !pages;
+        self.free -= pages.count_ones() as usize;
+        self.scav -= scav.count_ones() as usize;
+        // `first` was the lowest free page, and the whole block is now allocated.
+        self.search_addr = self.search_addr.max(base + 64 * PAGE_SIZE);
+        self.update(ci, ci + 1, None);
+        Some((base, pages, scav))
+    }
+
+    /// Gives back pages of a thread's page cache (Go's `pageCache.flush`): bit `i` of
+    /// `pages` set = page `base + i` pages is free again, `scav` (a subset) the ones
+    /// still scavenged. `base` is a block returned by
+    /// [`alloc_to_cache`](Self::alloc_to_cache), and the pages are allocated here.
+    pub(crate) fn free_from_cache(&mut self, base: usize, pages: u64, scav: u64) {
+        debug_assert!(scav & !pages == 0 && base % (64 * PAGE_SIZE) == 0);
+        if pages == 0 {
+            return;
+        }
+        let ci = base >> LOG_CHUNK_SIZE;
+        let w = (base & (CHUNK_SIZE - 1)) / PAGE_SIZE / 64;
+        let Some(ch) = self.chunk_mut(ci) else {
+            debug_assert!(false, "free_from_cache outside the heap");
+            return;
+        };
+        debug_assert!(ch.alloc[w] & pages == pages, "cache pages not allocated");
+        ch.alloc[w] &= !pages;
+        ch.scav[w] |= scav;
+        self.free += pages.count_ones() as usize;
+        self.scav += scav.count_ones() as usize;
+        let lowest = base + pages.trailing_zeros() as usize * PAGE_SIZE;
+        if lowest < self.search_addr {
+            self.search_addr = lowest;
+        }
+        self.update(ci, ci + 1, None);
+    }
+
     /// For the scavenger: sets the scavenged bit of every free page in
     /// `[base, base + npages pages)` (the caller has just decommitted them); allocated
     /// pages and pages outside the heap are left alone. Returns how many pages changed
@@ -2027,6 +2077,46 @@ mod tests {
         assert_eq!(pa.alloc(500), Some((addr(BASE, 0), 500 * PAGE_SIZE)));
         assert_eq!(pa.alloc(6), Some((addr(BASE, 507), 6 * PAGE_SIZE)));
         assert_eq!(pa.alloc(5), Some((addr(BASE, 500), 5 * PAGE_SIZE)));
+        pa.check_invariants();
+    }
+
+    #[test]
+    fn page_cache_blocks_are_taken_and_given_back() {
+        let mut pa = new_pa();
+        assert_eq!(
+            pa.alloc_to_cache(),
+            None,
+            "nothing to take before the first grow"
+        );
+        pa.grow(&OsMemory, addr(BASE, 0), CHUNK_SIZE).unwrap();
+        // Pages 0..3 and 5 used, 70 used, page 4 scavenged and free, the rest of the
+        // first block free and not scavenged.
+        assert_eq!(pa.alloc_range(addr(BASE, 0), 64), 64 * PAGE_SIZE);
+        pa.alloc_range(addr(BASE, 70), 1);
+        pa.free(addr(BASE, 4), 1);
+        pa.free(addr(BASE, 6), 58);
+        pa.mark_scavenged(addr(BASE, 4), 1);
+        pa.check_invariants();
+        let free0 = pa.free_pages();
+        let (base, pages, scav) = pa.alloc_to_cache().unwrap();
+        assert_eq!(base, addr(BASE, 0));
+        assert_eq!(pages, !0b10_1111u64, "pages 4 and 6..64");
+        assert_eq!(scav, 1 << 4);
+        assert_eq!(pa.free_pages(), free0 - 59);
+        assert!(!pa.is_free(addr(BASE, 4), 1) && !pa.is_free(addr(BASE, 63), 1));
+        pa.check_invariants();
+        // The next block starts at page 64, whose page 70 is used.
+        let (b2, p2, s2) = pa.alloc_to_cache().unwrap();
+        assert_eq!((b2, p2, s2), (addr(BASE, 64), !(1u64 << 6), !(1u64 << 6)));
+        pa.check_invariants();
+        // Give back part of the first block (page 4 still scavenged) and all of the
+        // second: the allocator hands those pages out again, first fit.
+        pa.free_from_cache(base, (1 << 4) | (1 << 9), 1 << 4);
+        pa.free_from_cache(b2, p2, s2);
+        pa.check_invariants();
+        assert_eq!(pa.alloc(1), Some((addr(BASE, 4), PAGE_SIZE)));
+        assert_eq!(pa.alloc(1), Some((addr(BASE, 9), 0)));
+        assert_eq!(pa.alloc(2), Some((addr(BASE, 64), 2 * PAGE_SIZE)));
         pa.check_invariants();
     }
 

@@ -261,8 +261,10 @@ pub(crate) mod field {
     pub(crate) const LARGE_FREE_BYTES: usize = PAGES_IN_USE + 4;
     /// Live thread caches.
     pub(crate) const CACHES: usize = PAGES_IN_USE + 5;
+    /// Free bytes held in threads' page caches.
+    pub(crate) const PAGE_CACHED: usize = PAGES_IN_USE + 6;
     /// Small-object allocations per class: `SMALL_ALLOCS + class`.
-    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 6;
+    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 7;
     /// Small-object frees per class: `SMALL_FREES + class`.
     pub(crate) const SMALL_FREES: usize = SMALL_ALLOCS + NUM_CLASSES;
     /// Number of counters.
@@ -341,7 +343,8 @@ pub struct HeapGauges {
 ///   and `heap_bytes == pages_in_use * 8 KiB`;
 /// - committed and released bytes make up what the heap holds from the OS:
 ///   `committed_bytes + released_bytes == arena_bytes`, and `inuse_bytes <= committed_bytes`;
-/// - live objects fit in the heap: `small_live_bytes() + large_live_bytes() <= heap_bytes`.
+/// - live objects fit in the heap: `small_live_bytes() + large_live_bytes() <= heap_bytes`;
+/// - page caches hold free memory only: `page_cache_bytes <= arena_bytes - inuse_bytes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stats {
     /// Bytes of address space mapped for heap arenas (64 MiB each). Mapped is not
@@ -369,6 +372,10 @@ pub struct Stats {
     pub free_bytes: u64,
     /// Pages (8 KiB) in live heap spans.
     pub pages_in_use: u64,
+    /// Free bytes held in threads' page caches (each thread keeps up to a 512 KiB
+    /// block of free pages to allocate small spans from without the heap lock). They
+    /// are part of the free memory: committed or released as their pages are.
+    pub page_cache_bytes: u64,
     /// Large objects (over 32 KiB, or alignment over 8 KiB) allocated so far. A `realloc`
     /// that resizes a large block in place counts as one free and one allocation.
     pub large_allocs: u64,
@@ -412,6 +419,7 @@ impl Stats {
             thread_cache_bytes: purpose(Purpose::ThreadCaches),
             free_bytes: t[COMMITTED].wrapping_sub(t[INUSE]),
             pages_in_use: t[PAGES_IN_USE],
+            page_cache_bytes: t[PAGE_CACHED],
             large_allocs: t[LARGE_ALLOCS],
             large_frees: t[LARGE_FREES],
             large_alloc_bytes: t[LARGE_ALLOC_BYTES],
@@ -488,6 +496,11 @@ impl Stats {
         if self.small_live_bytes() + self.large_live_bytes() > self.heap_bytes {
             return Err("live objects occupy more than the heap spans in use");
         }
+        if self.page_cache_bytes >= NEG
+            || self.page_cache_bytes > self.arena_bytes - self.inuse_bytes
+        {
+            return Err("page caches hold more than the free memory");
+        }
         if self.thread_caches >= NEG {
             return Err("negative number of thread caches");
         }
@@ -538,7 +551,12 @@ impl fmt::Display for Stats {
             Bytes(self.span_bitmap_bytes),
             Bytes(self.thread_cache_bytes)
         )?;
-        writeln!(f, "  free, committed    {:>12}", Bytes(self.free_bytes))?;
+        writeln!(
+            f,
+            "  free, committed    {:>12}   page caches hold {}",
+            Bytes(self.free_bytes),
+            Bytes(self.page_cache_bytes)
+        )?;
         writeln!(f, "  metadata (other)   {:>12}", Bytes(self.metadata_bytes))?;
         writeln!(f, "  pages in use       {:>12}", self.pages_in_use)?;
         writeln!(f, "  thread caches      {:>12}", self.thread_caches)?;

@@ -1,0 +1,219 @@
+//! Per-thread caches of the page heap (Go's `mpagecache.go` and `mspancache`): what a
+//! thread needs to allocate and free a small span without the heap lock.
+//!
+//! - [`PageCache`]: a 64-page aligned *block* of pages taken from the page allocator in
+//!   one go, with a bitmap of the pages still free in it (and of those still
+//!   scavenged). Spans of fewer than [`MAX_CACHED_SPAN_PAGES`] pages are carved from
+//!   it with a few bit operations. Pages freed back into the block's range return to
+//!   the bitmap, so a thread that repeatedly allocates and frees a small span (a
+//!   64 KiB buffer, say) never takes the lock.
+//! - span records and small-span bitmap records, a few of each, so that the span a
+//!   cached run becomes needs no lock either.
+//!
+//! From the page allocator's view every page of a cache is allocated, and from the
+//! statistics' view it is free (idle, committed or released as its scavenged bit
+//! says) and counted in `page_cache_bytes`. A cache is refilled, and given back at
+//! thread exit, under the heap lock (`MHeap::refill_heap_cache`, `flush_heap_cache`).
+//!
+//! A `HeapCache` belongs to one thread cache (`MCache`) and is only touched by its
+//! owner, so none of its fields are atomic.
+
+use core::ptr;
+
+use crate::mspan::MSpan;
+use crate::os::PAGE_SIZE;
+
+/// Pages in a page cache block (one bitmap word).
+pub(crate) const CACHE_PAGES: usize = 64;
+/// Spans of fewer pages than this come from the page cache (Go: a quarter of a block).
+pub(crate) const MAX_CACHED_SPAN_PAGES: usize = CACHE_PAGES / 4;
+/// Span records a cache holds at most (refilled to half when empty).
+pub(crate) const SPAN_RECS: usize = 16;
+/// Bitmap records per size bucket a cache holds at most.
+pub(crate) const BITS_RECS: usize = 4;
+/// Number of bitmap record sizes (`mheap::BITS_WORDS`).
+pub(crate) const BITS_BUCKETS: usize = 5;
+
+/// The lowest index `i` such that bits `i..i + n` of `x` are all set, or 64 if there is
+/// none (`1 <= n <= 64`).
+#[inline]
+pub(crate) fn find_set_run(mut x: u64, n: usize) -> usize {
+    debug_assert!((1..=64).contains(&n));
+    // Shrink every run of ones from its top by n - 1 bits: a run survives (as its low
+    // bits) only if it was at least n long, and its lowest bit does not move. Shifting
+    // by doubling amounts takes O(log n) steps.
+    let mut left = n - 1;
+    let mut step = 1;
+    while left > 0 {
+        let k = left.min(step);
+        x &= x >> k;
+        if x == 0 {
+            return 64;
+        }
+        left -= k;
+        step *= 2;
+    }
+    x.trailing_zeros() as usize
+}
+
+/// A block of up to 64 free pages owned by one thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PageCache {
+    /// Address of the block (64-page aligned), or 0 if the cache never had one.
+    pub(crate) base: usize,
+    /// Bit `i` set: page `base + i` pages is free in this cache.
+    pub(crate) cache: u64,
+    /// Bit `i` set: that free page is scavenged (must be committed before use).
+    pub(crate) scav: u64,
+}
+
+impl PageCache {
+    pub(crate) const EMPTY: PageCache = PageCache {
+        base: 0,
+        cache: 0,
+        scav: 0,
+    };
+
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.cache == 0
+    }
+
+    /// Takes `npages` contiguous pages: `(address, scavenged bytes among them)`, or
+    /// None if the block has no such run.
+    #[inline]
+    pub(crate) fn alloc(&mut self, npages: usize) -> Option<(usize, usize)> {
+        if self.cache == 0 || npages == 0 || npages > CACHE_PAGES {
+            return None;
+        }
+        let i = if npages == 1 {
+            self.cache.trailing_zeros() as usize
+        } else {
+            find_set_run(self.cache, npages)
+        };
+        if i >= CACHE_PAGES {
+            return None;
+        }
+        let mask = run_mask(i, npages);
+        let scav = (self.scav & mask).count_ones() as usize;
+        self.cache &= !mask;
+        self.scav &= !mask;
+        Some((self.base + i * PAGE_SIZE, scav * PAGE_SIZE))
+    }
+
+    /// Whether the run `[base, base + npages pages)` lies in this cache's block.
+    #[inline]
+    pub(crate) fn contains(&self, base: usize, npages: usize) -> bool {
+        self.base != 0
+            && base >= self.base
+            && npages <= CACHE_PAGES
+            && base + npages * PAGE_SIZE <= self.base + CACHE_PAGES * PAGE_SIZE
+    }
+
+    /// Takes back the run `[base, base + npages pages)` if it lies in this cache's block
+    /// (it is allocated from the page allocator's view, so the cache may own it);
+    /// returns whether it did. The pages are dirty, not scavenged.
+    #[inline]
+    pub(crate) fn free(&mut self, base: usize, npages: usize) -> bool {
+        if !self.contains(base, npages) {
+            return false;
+        }
+        let mask = run_mask((base - self.base) / PAGE_SIZE, npages);
+        debug_assert!(self.cache & mask == 0, "page cache: double free");
+        self.cache |= mask;
+        true
+    }
+}
+
+/// Bits `i..i + n` set.
+#[inline]
+fn run_mask(i: usize, n: usize) -> u64 {
+    let ones = if n >= 64 { !0 } else { (1u64 << n) - 1 };
+    ones << i
+}
+
+/// A thread's page cache and record caches. Owner-only.
+#[derive(Debug)]
+pub(crate) struct HeapCache {
+    pub(crate) pages: PageCache,
+    pub(crate) spans: [*mut MSpan; SPAN_RECS],
+    pub(crate) nspans: usize,
+    pub(crate) bits: [[*mut u64; BITS_RECS]; BITS_BUCKETS],
+    pub(crate) nbits: [usize; BITS_BUCKETS],
+}
+
+impl HeapCache {
+    crate::sync::const_fn! {
+        pub(crate) fn new() -> Self {
+            HeapCache {
+                pages: PageCache::EMPTY,
+                spans: [ptr::null_mut(); SPAN_RECS],
+                nspans: 0,
+                bits: [[ptr::null_mut(); BITS_RECS]; BITS_BUCKETS],
+                nbits: [0; BITS_BUCKETS],
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_find(x: u64, n: usize) -> usize {
+        (0..=64 - n)
+            .find(|&i| (i..i + n).all(|b| x >> b & 1 == 1))
+            .unwrap_or(64)
+    }
+
+    #[test]
+    fn find_set_run_matches_a_naive_search() {
+        let mut r = 0x9E37_79B9_7F4A_7C15u64;
+        let mut xs = vec![0, !0, 1, 1 << 63, 0xF0F0_F0F0_F0F0_F0F0, !0 >> 1, !0 << 1];
+        for _ in 0..2000 {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            xs.push(r);
+            xs.push(r | r >> 1 | r >> 2); // longer runs
+            xs.push(r & r >> 3);
+        }
+        for &x in &xs {
+            for n in 1..=64 {
+                assert_eq!(find_set_run(x, n), naive_find(x, n), "x={x:#x} n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn page_cache_allocates_runs_and_takes_frees_back() {
+        let base = 1 << 30;
+        // Pages 0..4 free and scavenged, 8..40 free, the rest used.
+        let mut c = PageCache {
+            base,
+            cache: 0xF | (((1u64 << 32) - 1) << 8),
+            scav: 0xF,
+        };
+        assert_eq!(c.alloc(1), Some((base, PAGE_SIZE)));
+        assert_eq!(
+            c.alloc(4),
+            Some((base + 8 * PAGE_SIZE, 0)),
+            "1..4 is only 3 long"
+        );
+        assert_eq!(c.alloc(3), Some((base + PAGE_SIZE, 3 * PAGE_SIZE)));
+        assert_eq!(c.alloc(29), None);
+        assert_eq!(c.alloc(28), Some((base + 12 * PAGE_SIZE, 0)));
+        assert!(c.is_empty());
+        assert_eq!(c.alloc(1), None);
+        // Frees inside the block come back (any page of it: the allocator sees the
+        // whole block as allocated); outside it, they do not.
+        assert!(c.free(base + 8 * PAGE_SIZE, 4));
+        assert!(c.free(base + 63 * PAGE_SIZE, 1));
+        assert!(!c.free(base + 63 * PAGE_SIZE, 2));
+        assert!(!c.free(base - PAGE_SIZE, 1));
+        assert!(!PageCache::EMPTY.clone().free(base, 1));
+        assert_eq!(c.alloc(4), Some((base + 8 * PAGE_SIZE, 0)));
+        assert_eq!(c.alloc(1), Some((base + 63 * PAGE_SIZE, 0)));
+        assert!(c.is_empty());
+    }
+}
