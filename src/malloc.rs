@@ -175,14 +175,29 @@ pub(crate) mod global {
         if class != 0 {
             return mcache::alloc(class as usize);
         }
-        super::alloc(&HEAP, size, align, false, mcache::heap_cache())
+        large_alloc(size, align, false)
+    }
+
+    /// The large-object paths with the calling thread's heap cache. Out of line so that
+    /// the thread-local lookup stays off the small-object paths.
+    #[inline(never)]
+    fn large_alloc(size: usize, align: usize, zero: bool) -> *mut u8 {
+        super::alloc(&HEAP, size, align, zero, mcache::heap_cache())
+    }
+
+    /// # Safety
+    /// `p` is a live large block, given up.
+    #[inline(never)]
+    unsafe fn large_dealloc(p: *mut u8) {
+        // SAFETY: forwarded.
+        unsafe { super::dealloc(&HEAP, p, mcache::heap_cache()) }
     }
 
     #[inline]
     pub(crate) fn alloc_zeroed(size: usize, align: usize) -> *mut u8 {
         let class = class_for_layout(size, align);
         if class == 0 {
-            return super::alloc(&HEAP, size, align, true, mcache::heap_cache());
+            return large_alloc(size, align, true);
         }
         mcache::alloc_zeroed(class as usize, size)
     }
@@ -194,7 +209,7 @@ pub(crate) mod global {
         let class = class_for_layout(size, align);
         if class == 0 {
             // SAFETY: forwarded.
-            return unsafe { super::dealloc(&HEAP, p, mcache::heap_cache()) };
+            return unsafe { large_dealloc(p) };
         }
         let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
             return; // not ours: never panic in dealloc
