@@ -163,7 +163,7 @@ pub(crate) unsafe fn realloc<M: MemSource>(
 /// caches, large ones through the functions above).
 #[cfg(not(spanheap_loom))]
 pub(crate) mod global {
-    use core::ptr::{self, NonNull};
+    use core::ptr;
 
     use crate::global::HEAP;
     use crate::mcache;
@@ -211,11 +211,8 @@ pub(crate) mod global {
             // SAFETY: forwarded.
             return unsafe { large_dealloc(p) };
         }
-        let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
-            return; // not ours: never panic in dealloc
-        };
-        // SAFETY: `p` is a live object of class `class` in span `s`.
-        unsafe { mcache::dealloc(p, s, class as usize) }
+        // SAFETY: `p` is a live object of class `class` (foreign pointers are ignored).
+        unsafe { mcache::dealloc(p, class as usize) }
     }
 
     /// # Safety

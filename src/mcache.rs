@@ -74,15 +74,18 @@ pub(crate) struct ClassCache {
     /// `FREE_LIMIT`.
     free: *mut u8,
     /// Length of `free`.
-    nfree: u32,
+    nfree: u16,
     /// Length of `remote`.
-    nremote: u32,
+    nremote: u16,
+    /// Object size of the class.
+    elemsize: u32,
     /// Free objects of the current window (bit i = object at `window_base + i * elemsize`).
     alloc_cache: u64,
     window_base: usize,
-    elemsize: usize,
-    /// The current span, or null.
-    span: *mut MSpan,
+    /// The current span's memory, `[span_base, span_end)` (both 0 when there is none):
+    /// a free inside it is local without a span-map lookup.
+    span_base: usize,
+    span_end: usize,
     /// Objects taken from `free` since the class's counts were last published.
     pops: u64,
     /// Remote buffer: objects freed by this thread from spans it does not own, linked
@@ -114,12 +117,13 @@ const EMPTY_CLASS: ClassCache = ClassCache {
     free: ptr::null_mut(),
     nfree: 0,
     nremote: 0,
-    pops: 0,
-    remote: ptr::null_mut(),
+    elemsize: 0,
     alloc_cache: 0,
     window_base: 0,
-    elemsize: 0,
-    span: ptr::null_mut(),
+    span_base: 0,
+    span_end: 0,
+    pops: 0,
+    remote: ptr::null_mut(),
 };
 
 /// The cache every thread starts with (and returns to at exit): all misses.
@@ -229,7 +233,8 @@ unsafe fn try_alloc(c: *mut MCache, class: usize) -> *mut u8 {
         let ac = (*e).alloc_cache;
         if ac != 0 {
             (*e).alloc_cache = ac & (ac - 1);
-            return ((*e).window_base + ac.trailing_zeros() as usize * (*e).elemsize) as *mut u8;
+            return ((*e).window_base + ac.trailing_zeros() as usize * (*e).elemsize as usize)
+                as *mut u8;
         }
     }
     ptr::null_mut()
@@ -315,29 +320,66 @@ static FREE_LIMIT: [u32; NUM_CLASSES] = {
     t
 };
 
-/// Frees an object of class `class` whose span is `s`.
+/// Frees an object of class `class`. Pointers that are not objects of this heap are
+/// ignored (never a panic in `dealloc`).
 ///
-/// If this thread's cache owns the object's span or owned it last, the object goes on
-/// the class's local free list (no lock, no atomic RMW); otherwise, and for every free of
-/// a cache-less thread, it is a remote free.
+/// Fast path: the object lies in the class's current span (which this cache owns), so
+/// it goes on the local free list: no span-map lookup, no lock, no atomic RMW.
+/// Otherwise `dealloc_slow` looks the span up.
 ///
 /// # Safety
-/// `p` is a live small object of span `s` and class `class`, not used afterwards.
+/// `p` is a live small object of class `class` (or foreign), not used afterwards.
 #[cfg(not(spanheap_loom))]
 #[inline]
-pub(crate) unsafe fn dealloc(p: *mut u8, s: NonNull<MSpan>, class: usize) {
+pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
     let c = CACHE.with(Cell::get);
-    // Local only for spans this cache owns or owned last: a thread's own recently
-    // rotated spans stay on the fast path, while objects of other (e.g. exited)
-    // threads' spans go back to their spans, which can then empty and retire instead of
-    // being pinned by this thread's list. Relaxed: only this thread stores its own
-    // address there; a stale value only picks the other, also correct, path.
+    // SAFETY: `c` is this thread's cache or the empty one, whose span range is empty
+    // (so it is never written here).
+    unsafe {
+        let e = entry(c, class);
+        if (p as usize).wrapping_sub(e.span_base) < e.span_end - e.span_base {
+            push_local(&HEAP, e, p, class);
+        } else {
+            dealloc_slow(p, class);
+        }
+    }
+}
+
+/// The rest of `dealloc`: a span-map lookup, then `free_to` (or a cache-less free).
+///
+/// # Safety
+/// As for `dealloc`.
+#[cfg(not(spanheap_loom))]
+#[inline(never)]
+unsafe fn dealloc_slow(p: *mut u8, class: usize) {
+    let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
+        return; // not ours
+    };
+    let c = CACHE.with(Cell::get);
     if c == empty_cache() {
         // SAFETY: forwarded.
         return unsafe { pless_free(p, s, class) };
     }
     // SAFETY: forwarded; `c` is this thread's live cache.
     unsafe { free_to(&HEAP, c, p, s, class) }
+}
+
+/// Pushes `p` on the class's local free list, flushing half of the list when it is
+/// over its limit.
+///
+/// # Safety
+/// `e` is an entry of a cache the caller owns; `p` a live object of a span that cache
+/// owns or owned last, of class `class`, given up.
+#[inline(always)]
+unsafe fn push_local<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, p: *mut u8, class: usize) {
+    // SAFETY: per the contract, the object's first word is ours to link through.
+    unsafe { p.cast::<*mut u8>().write(e.free) };
+    e.free = p;
+    e.nfree += 1;
+    // SAFETY: class < NUM_CLASSES.
+    if u32::from(e.nfree) > unsafe { *FREE_LIMIT.get_unchecked(class) } {
+        flush(heap, e, class, FREE_LIMIT[class] / 2);
+    }
 }
 
 /// Frees an object into cache `c`: its local free list if the cache owns (or owned
@@ -354,18 +396,18 @@ pub(crate) unsafe fn free_to<M: MemSource>(
     s: NonNull<MSpan>,
     class: usize,
 ) {
+    // Local only for spans this cache owns or owned last: a thread's own recently
+    // rotated spans stay on the fast path, while objects of other (e.g. exited)
+    // threads' spans go back to their spans, which can then empty and retire instead of
+    // being pinned by this thread's list. Relaxed: only this thread stores its own
+    // address there; a stale value only picks the other, also correct, path.
     // SAFETY: our cache's entry and the object are ours; span records are never unmapped.
     unsafe {
         let e = entry(c, class);
         if s.as_ref().small.owner.load(Ordering::Relaxed) != c as usize {
             return buffer_remote(heap, e, p, class);
         }
-        p.cast::<*mut u8>().write(e.free);
-        e.free = p;
-        e.nfree += 1;
-        if e.nfree > *FREE_LIMIT.get_unchecked(class) {
-            flush(heap, e, class, FREE_LIMIT[class] / 2);
-        }
+        push_local(heap, e, p, class);
     }
 }
 
@@ -385,7 +427,7 @@ unsafe fn buffer_remote<M: MemSource>(
     unsafe { p.cast::<*mut u8>().write(e.remote) };
     e.remote = p;
     e.nremote += 1;
-    if e.nremote >= REMOTE_LIMIT[class] {
+    if u32::from(e.nremote) >= REMOTE_LIMIT[class] {
         flush_remote(heap, e, class);
     }
 }
@@ -454,7 +496,7 @@ fn flush_remote<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize)
 #[inline(never)]
 fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: u32) {
     // Count first: the objects leave the list before their spans see them free.
-    let n = e.nfree.saturating_sub(keep) as u64;
+    let n = u32::from(e.nfree).saturating_sub(keep) as u64;
     let pops = core::mem::take(&mut e.pops);
     if n | pops != 0 {
         heap.stats_update(|d| {
@@ -462,7 +504,7 @@ fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: 
             d.add(field::SMALL_FREES + class, pops + n);
         });
     }
-    while e.nfree > keep {
+    while u32::from(e.nfree) > keep {
         let p = e.free;
         // SAFETY: objects on the list are ours and live from their spans' view.
         unsafe {
@@ -571,7 +613,7 @@ unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) ->
 unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> bool {
     // SAFETY: the entry is ours.
     let e = unsafe { entry(c, class) };
-    if let Some(s) = NonNull::new(e.span) {
+    if let Some(s) = current_span(heap, e) {
         // SAFETY: we own the current span.
         if unsafe { load_window(e, s) } {
             return true;
@@ -587,7 +629,7 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
             // SAFETY: as above.
             return unsafe { load_window(e, s) };
         }
-        e.span = ptr::null_mut();
+        set_span(e, None);
         // SAFETY: we own it and give it up.
         unsafe { heap.central[class].uncache_span(heap, class as u8, s) };
     }
@@ -614,20 +656,46 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
                 None => return false,
             },
         };
-        e.span = s.as_ptr();
+        set_span(e, Some(s));
         // SAFETY: we own the new span.
-        e.elemsize = unsafe { private(s) }.elemsize as usize;
-        // SAFETY: as above.
         if unsafe { load_window(e, s) } {
             return true;
         }
         // A span the mcentral thought partial had nothing free after all (its frees
         // were merged by an earlier owner): give it back as full and take another.
-        e.span = ptr::null_mut();
+        set_span(e, None);
         // SAFETY: we own it and give it up; its window state is reset.
         unsafe {
             normalize(e, s);
             heap.central[class].uncache_span(heap, class as u8, s);
+        }
+    }
+}
+
+/// The current span of entry `e`, found through the span map (the entry keeps its
+/// address range, which the fast free path tests).
+#[inline]
+fn current_span<M: MemSource>(heap: &MHeap<M>, e: &ClassCache) -> Option<NonNull<MSpan>> {
+    if e.span_base == 0 {
+        return None;
+    }
+    NonNull::new(heap.span_of_unchecked(e.span_base))
+}
+
+/// Makes `s` (owned by the cache) the current span of `e`, or none.
+fn set_span(e: &mut ClassCache, s: Option<NonNull<MSpan>>) {
+    match s {
+        Some(s) => {
+            // SAFETY: the cache owns the span; its record is never unmapped.
+            let span = unsafe { s.as_ref() };
+            e.span_base = span.base();
+            e.span_end = span.base() + (span.npages() << crate::os::PAGE_SHIFT);
+            // SAFETY: as above.
+            e.elemsize = unsafe { private(s) }.elemsize;
+        }
+        None => {
+            e.span_base = 0;
+            e.span_end = 0;
         }
     }
 }
@@ -825,7 +893,7 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
         // normalisation below; others are remote frees).
         flush(heap, e, class, 0);
         flush_remote(heap, e, class);
-        if let Some(s) = NonNull::new(e.span) {
+        if let Some(s) = current_span(heap, e) {
             // The window's unused objects were counted as allocated when it was
             // loaded: uncount them before the span can retire.
             let unused = e.alloc_cache.count_ones() as u64;

@@ -1,6 +1,9 @@
 //! spanheap installed as this test binary's global allocator: std collections, threads,
 //! a sweep of sizes and alignments, realloc and alloc_zeroed, all with contents checked.
 
+mod common;
+
+use common::{exclusive, shared};
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{mpsc, Arc};
@@ -35,6 +38,7 @@ fn sample_offsets(n: usize) -> impl Iterator<Item = usize> {
 
 #[test]
 fn std_collections_work_and_keep_their_contents() {
+    let _g = shared();
     let mut v: Vec<u64> = Vec::new();
     for i in 0..200_000u64 {
         v.push(i * 3);
@@ -92,6 +96,7 @@ fn std_collections_work_and_keep_their_contents() {
 
 #[test]
 fn threads_allocate_free_and_exchange_blocks() {
+    let _g = shared();
     let (tx, rx) = mpsc::channel::<(usize, Vec<u8>)>();
     let shared = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let mut handles = Vec::new();
@@ -148,6 +153,7 @@ fn threads_allocate_free_and_exchange_blocks() {
 
 #[test]
 fn sweep_of_sizes_and_alignments_gives_aligned_disjoint_writable_blocks() {
+    let _g = shared();
     let mut sizes: Vec<usize> = Vec::new();
     let mut s = 1usize;
     while s <= 16 << 20 {
@@ -203,6 +209,7 @@ fn sweep_of_sizes_and_alignments_gives_aligned_disjoint_writable_blocks() {
 
 #[test]
 fn realloc_keeps_contents_and_alignment() {
+    let _g = shared();
     for &align in &[8usize, 4096, 64 << 10, 1 << 20] {
         let mut layout = Layout::from_size_align(100, align).unwrap();
         let mut p = unsafe { GLOBAL.alloc(layout) };
@@ -232,9 +239,12 @@ fn realloc_keeps_contents_and_alignment() {
 
 #[test]
 fn realloc_grows_in_place_when_the_next_pages_are_free() {
+    // Alone in the binary: other threads' small spans and page-cache blocks are taken
+    // first fit too, and could land right behind the block.
+    let _g = exclusive();
     // A fresh 1 MiB block at the end of the heap's used region has free pages after it;
-    // growing into them must not move it. Retry a few times in case another test thread
-    // allocates right behind it.
+    // growing into them must not move it. Retry a few times in case a thread of the test
+    // harness allocates right behind it.
     let moved_every_time = (0..20).all(|_| {
         let layout = Layout::from_size_align(1 << 20, 8).unwrap();
         let p = unsafe { GLOBAL.alloc(layout) };
@@ -249,6 +259,7 @@ fn realloc_grows_in_place_when_the_next_pages_are_free() {
 
 #[test]
 fn alloc_zeroed_is_zero_even_over_dirty_memory() {
+    let _g = shared();
     for round in 0..50usize {
         let size = 1 + (round * 7919) % (300 << 10);
         let layout = Layout::from_size_align(size, 8).unwrap();
@@ -267,6 +278,7 @@ fn alloc_zeroed_is_zero_even_over_dirty_memory() {
 
 #[test]
 fn impossible_layouts_return_null() {
+    let _g = shared();
     let huge = Layout::from_size_align(isize::MAX as usize - (1 << 20), 8).unwrap();
     assert!(unsafe { GLOBAL.alloc(huge) }.is_null());
     assert!(unsafe { GLOBAL.alloc_zeroed(huge) }.is_null());
@@ -286,6 +298,7 @@ fn impossible_layouts_return_null() {
 
 #[test]
 fn blocks_are_ours_and_span_lookups_agree() {
+    let _g = shared();
     let layout = Layout::from_size_align(100_000, 8).unwrap();
     let p = unsafe { GLOBAL.alloc(layout) } as usize;
     let (base, pages) =
