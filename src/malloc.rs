@@ -67,7 +67,22 @@ pub(crate) fn alloc<M: MemSource>(
         return ptr::null_mut();
     }
     let s = match tc {
-        Some(tc) => heap.alloc_span_with(npages, Purpose::Heap, 0, align, tc),
+        Some(tc) => {
+            // A cached block of the same size: nothing shared is touched.
+            if align <= PAGE_SIZE {
+                if let Some(s) = tc.take_large(npages) {
+                    // SAFETY: a live span the cache owned, now ours.
+                    let span = unsafe { s.as_ref() };
+                    let p = span.base() as *mut u8;
+                    if zero {
+                        // SAFETY: the span covers at least `size` bytes from `p`.
+                        unsafe { ptr::write_bytes(p, 0, size) };
+                    }
+                    return p;
+                }
+            }
+            heap.alloc_span_with(npages, Purpose::Heap, 0, align, tc)
+        }
         None => heap.alloc_span(npages, Purpose::Heap, 0, align),
     };
     let Some(s) = s else {
@@ -100,12 +115,21 @@ pub(crate) unsafe fn dealloc<M: MemSource>(
         return;
     };
     // SAFETY: `p` is a live block, so `s` is its live span and the caller gives it up.
-    count_large(heap, unsafe { s.as_ref() }.npages(), 0);
-    // SAFETY: as above.
-    unsafe {
-        match tc {
-            Some(tc) => heap.free_span_with(s, tc),
-            None => heap.free_span(s),
+    let npages = unsafe { s.as_ref() }.npages();
+    match tc {
+        Some(tc) => {
+            // SAFETY: as above: the block is given up whole.
+            if unsafe { tc.keep_large(s, npages) } {
+                return;
+            }
+            count_large(heap, npages, 0);
+            // SAFETY: as above.
+            unsafe { heap.free_span_with(s, tc) }
+        }
+        None => {
+            count_large(heap, npages, 0);
+            // SAFETY: as above.
+            unsafe { heap.free_span(s) }
         }
     }
 }

@@ -855,6 +855,8 @@ pub(crate) fn publish_counts() {
         return;
     }
     let c = CACHE.with(Cell::get);
+    // SAFETY: our live cache's heap cache is ours.
+    HEAP.publish_heap_cache(unsafe { &mut *ptr::addr_of_mut!((*c).heap) });
     HEAP.stats_update(|d| {
         for class in 1..NUM_CLASSES {
             // SAFETY: our live cache's entries are ours.

@@ -423,10 +423,45 @@ impl<M: MemSource> MHeap<M> {
         if took != 0 {
             self.stats_update(|d| d.add(field::PAGE_CACHED, took * PAGE_SIZE as u64));
         }
+        self.publish_heap_cache(tc);
+    }
+
+    /// Publishes `tc`'s reuses of cached large blocks (one allocation and one free
+    /// each) to the statistics.
+    pub(crate) fn publish_heap_cache(&self, tc: &mut HeapCache) {
+        let (n, bytes) = (tc.large_reuse, tc.large_reuse_bytes);
+        if n == 0 {
+            return;
+        }
+        tc.large_reuse = 0;
+        tc.large_reuse_bytes = 0;
+        self.stats_update(|d| {
+            d.add(field::LARGE_ALLOCS, n);
+            d.add(field::LARGE_FREES, n);
+            d.add(field::LARGE_ALLOC_BYTES, bytes);
+            d.add(field::LARGE_FREE_BYTES, bytes);
+        });
     }
 
     /// Gives everything `tc` holds back to the heap (thread exit, or an explicit flush).
     pub(crate) fn flush_heap_cache(&self, tc: &mut HeapCache) {
+        self.publish_heap_cache(tc);
+        // Cached large blocks are freed now: count them, then free their spans (into
+        // the page block where they fit, which is flushed below).
+        if tc.nlarge != 0 {
+            let (n, bytes) = (tc.nlarge as u64, tc.large_bytes as u64);
+            self.stats_update(|d| {
+                d.add(field::LARGE_FREES, n);
+                d.add(field::LARGE_FREE_BYTES, bytes);
+            });
+            while tc.nlarge != 0 {
+                tc.nlarge -= 1;
+                let s = tc.large[tc.nlarge];
+                // SAFETY: cached blocks are live spans the cache owns, unused.
+                unsafe { self.free_span_with(NonNull::new_unchecked(s), tc) };
+            }
+            tc.large_bytes = 0;
+        }
         let pages = u64::from(tc.pages.cache.count_ones());
         if pages == 0 && tc.nspans == 0 && tc.nbits.iter().all(|&n| n == 0) {
             tc.pages = PageCache::EMPTY;

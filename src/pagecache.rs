@@ -8,7 +8,13 @@
 //!   the bitmap, so a thread that repeatedly allocates and frees a small span (a
 //!   64 KiB buffer, say) never takes the lock.
 //! - span records and small-span bitmap records, a few of each, so that the span a
-//!   cached run becomes needs no lock either.
+//!   cached run becomes needs no lock either;
+//! - a few freed *large blocks* (spans of up to 64 pages, 1 MiB in all), kept whole and
+//!   published, so that a thread that frees and reallocates a block of the same size
+//!   (a 64 KiB buffer per request, say) touches no shared state at all. Like an
+//!   object on a small-object free list, a cached block still counts as live in the
+//!   statistics until it is reused (then one allocation and one free are counted, at
+//!   the next publication) or flushed.
 //!
 //! From the page allocator's view every page of a cache is allocated, and from the
 //! statistics' view it is free (idle, committed or released as its scavenged bit
@@ -18,7 +24,7 @@
 //! A `HeapCache` belongs to one thread cache (`MCache`) and is only touched by its
 //! owner, so none of its fields are atomic.
 
-use core::ptr;
+use core::ptr::{self, NonNull};
 
 use crate::mspan::MSpan;
 use crate::os::PAGE_SIZE;
@@ -33,6 +39,12 @@ pub(crate) const SPAN_RECS: usize = 16;
 pub(crate) const BITS_RECS: usize = 4;
 /// Number of bitmap record sizes (`mheap::BITS_WORDS`).
 pub(crate) const BITS_BUCKETS: usize = 5;
+/// Largest span (pages) kept whole in the large-block cache (512 KiB).
+pub(crate) const LARGE_MAX_PAGES: usize = 64;
+/// Large blocks a cache keeps at most.
+pub(crate) const LARGE_SLOTS: usize = 8;
+/// Bytes of large blocks a cache keeps at most.
+pub(crate) const LARGE_BYTES: usize = 1 << 20;
 
 /// The lowest index `i` such that bits `i..i + n` of `x` are all set, or 64 if there is
 /// none (`1 <= n <= 64`).
@@ -140,6 +152,15 @@ pub(crate) struct HeapCache {
     pub(crate) nspans: usize,
     pub(crate) bits: [[*mut u64; BITS_RECS]; BITS_BUCKETS],
     pub(crate) nbits: [usize; BITS_BUCKETS],
+    /// Freed large blocks kept whole (live, published spans), most recent last.
+    pub(crate) large: [*mut MSpan; LARGE_SLOTS],
+    pub(crate) nlarge: usize,
+    /// Bytes of the blocks in `large`.
+    pub(crate) large_bytes: usize,
+    /// Reuses of cached large blocks (and their bytes) not yet published to the
+    /// statistics.
+    pub(crate) large_reuse: u64,
+    pub(crate) large_reuse_bytes: u64,
 }
 
 impl HeapCache {
@@ -151,8 +172,61 @@ impl HeapCache {
                 nspans: 0,
                 bits: [[ptr::null_mut(); BITS_RECS]; BITS_BUCKETS],
                 nbits: [0; BITS_BUCKETS],
+                large: [ptr::null_mut(); LARGE_SLOTS],
+                nlarge: 0,
+                large_bytes: 0,
+                large_reuse: 0,
+                large_reuse_bytes: 0,
             }
         }
+    }
+
+    /// A cached large block of exactly `npages` pages (the most recent one), counted as
+    /// a reuse; None if there is none.
+    #[inline]
+    pub(crate) fn take_large(&mut self, npages: usize) -> Option<NonNull<MSpan>> {
+        for i in (0..self.nlarge).rev() {
+            let s = self.large[i];
+            // SAFETY: cached blocks are live spans this cache owns; records are never
+            // unmapped.
+            if unsafe { (*s).npages() } == npages {
+                self.nlarge -= 1;
+                self.large[i] = self.large[self.nlarge];
+                self.large_bytes -= npages * PAGE_SIZE;
+                self.large_reuse += 1;
+                self.large_reuse_bytes += (npages * PAGE_SIZE) as u64;
+                return NonNull::new(s);
+            }
+        }
+        None
+    }
+
+    /// Keeps the freed large block `s` (a live heap span of `npages` pages, given up by
+    /// its user) if there is room; returns whether it did.
+    ///
+    /// # Safety
+    /// `s` is a live span holding one large block that nobody uses any more.
+    #[inline]
+    pub(crate) unsafe fn keep_large(&mut self, s: NonNull<MSpan>, npages: usize) -> bool {
+        let bytes = npages * PAGE_SIZE;
+        if npages > LARGE_MAX_PAGES
+            || self.nlarge == LARGE_SLOTS
+            || self.large_bytes + bytes > LARGE_BYTES
+        {
+            return false;
+        }
+        // The block was written: the next `alloc_zeroed` must clear it.
+        // SAFETY: the caller gives the span up to us, so its private fields are ours.
+        unsafe {
+            let span = s.as_ref();
+            let mut info = span.info();
+            info.needzero = true;
+            span.set_info(info);
+        }
+        self.large[self.nlarge] = s.as_ptr();
+        self.nlarge += 1;
+        self.large_bytes += bytes;
+        true
     }
 }
 
