@@ -474,19 +474,12 @@ fn flush_remote<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize)
         return;
     }
     heap.stats_update(|d| d.add(field::SMALL_FREES + class, n));
-    let mut p = e.remote;
+    let p = e.remote;
     e.remote = ptr::null_mut();
     e.nremote = 0;
-    while !p.is_null() {
-        // SAFETY: objects in the buffer are ours and live from their spans' view.
-        unsafe {
-            let next = p.cast::<*mut u8>().read();
-            if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
-                remote_free(heap, p, s, class);
-            }
-            p = next;
-        }
-    }
+    // SAFETY: the buffer's objects are ours, live from their spans' view, and linked
+    // into a null-terminated list.
+    unsafe { remote_free_list(heap, p, class) };
 }
 
 /// Returns objects from the head of the local free list to their spans (as remote
@@ -504,14 +497,129 @@ fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: 
             d.add(field::SMALL_FREES + class, pops + n);
         });
     }
-    while u32::from(e.nfree) > keep {
-        let p = e.free;
-        // SAFETY: objects on the list are ours and live from their spans' view.
-        unsafe {
-            e.free = p.cast::<*mut u8>().read();
-            e.nfree -= 1;
-            if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
-                remote_free(heap, p, s, class);
+    if n == 0 {
+        return;
+    }
+    // Detach the first `n` objects as a null-terminated list.
+    let head = e.free;
+    let mut last = head;
+    for _ in 1..n {
+        // SAFETY: the list has more than `n` objects; each links to the next.
+        last = unsafe { last.cast::<*mut u8>().read() };
+    }
+    // SAFETY: `last` is an object of the list; its link is ours to rewrite.
+    unsafe {
+        e.free = last.cast::<*mut u8>().read();
+        last.cast::<*mut u8>().write(ptr::null_mut());
+    }
+    e.nfree -= n as u16;
+    // SAFETY: the detached objects are ours and live from their spans' view.
+    unsafe { remote_free_list(heap, head, class) };
+}
+
+/// Remote-frees a null-terminated list of objects of class `class` (linked through
+/// their first word). Objects of one span that follow each other in the list are
+/// returned together: their bits are ORed into the remote bitmap one word at a time,
+/// and the span's state word takes one increment for all of them, which is what an
+/// increment per object would have done, announcements included.
+///
+/// # Safety
+/// The objects are live small objects of class `class` of `heap`, given up.
+unsafe fn remote_free_list<M: MemSource>(heap: &MHeap<M>, mut p: *mut u8, class: usize) {
+    let mut run: Option<RemoteRun> = None;
+    while !p.is_null() {
+        // SAFETY: per the contract, each object links to the next.
+        let next = unsafe { p.cast::<*mut u8>().read() };
+        if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
+            if run.as_ref().is_none_or(|r| r.span != s) {
+                if let Some(r) = run.take() {
+                    // SAFETY: the run's objects were given up by the caller.
+                    unsafe { r.finish(heap, class) };
+                }
+                run = Some(RemoteRun::new(s));
+            }
+            if let Some(r) = run.as_mut() {
+                r.add(p, class);
+            }
+        }
+        p = next;
+    }
+    if let Some(r) = run {
+        // SAFETY: as above.
+        unsafe { r.finish(heap, class) };
+    }
+}
+
+/// Consecutive remote frees into one span (see `remote_free_list`).
+struct RemoteRun {
+    span: NonNull<MSpan>,
+    base: usize,
+    /// The span's bitmap record: remote words first.
+    bits: *mut u64,
+    /// The remote word being collected, and its bits.
+    word: usize,
+    mask: u64,
+    count: u64,
+}
+
+impl RemoteRun {
+    fn new(span: NonNull<MSpan>) -> Self {
+        // SAFETY: span records are never unmapped; `info` is immutable while the span is
+        // live, and the objects being freed keep it live.
+        let (base, bits) = unsafe { (span.as_ref().base(), span.as_ref().info().bits) };
+        RemoteRun {
+            span,
+            base,
+            bits,
+            word: 0,
+            mask: 0,
+            count: 0,
+        }
+    }
+
+    fn add(&mut self, p: *mut u8, class: usize) {
+        let idx = obj_index(class as u8, p as usize - self.base);
+        if idx / 64 != self.word {
+            self.or_word();
+            self.word = idx / 64;
+        }
+        self.mask |= 1 << (idx % 64);
+        self.count += 1;
+    }
+
+    fn or_word(&mut self) {
+        if self.mask != 0 {
+            // SAFETY: the record starts with one atomic word per 64 objects, and `word`
+            // came from an object index below nelems.
+            let w = unsafe { &*self.bits.cast::<AtomicU64>().add(self.word) };
+            // Release: our uses of the objects happen-before whoever merges the bits
+            // reuses them.
+            w.fetch_or(self.mask, Ordering::Release);
+            self.mask = 0;
+        }
+    }
+
+    /// Publishes the bits, then counts the frees in the state word and announces the
+    /// span when the run freed the first object since it was full (the count crossed
+    /// zero) or its last live object.
+    ///
+    /// # Safety
+    /// The run's objects were given up by their user.
+    unsafe fn finish<M: MemSource>(mut self, heap: &MHeap<M>, class: usize) {
+        self.or_word();
+        // SAFETY: span records are never unmapped.
+        let span = unsafe { self.span.as_ref() };
+        // SeqCst: ordered with the owner's SeqCst state-word CASes (ownership changes).
+        let old = span.small.rstate.fetch_add(self.count, Ordering::SeqCst);
+        let (high, low) = rstate_parts(old);
+        if high != RSTATE_OWNED {
+            let n = self.count as i64;
+            let last = low + n == high as i64;
+            // One increment per object would have announced on the one that found the
+            // count at zero (it can be transiently negative, see `mcentral`).
+            let first = low <= 0 && low + n > 0;
+            if last || first {
+                heap.central[class].announce(heap, class as u8, self.span, last);
             }
         }
     }
