@@ -355,10 +355,19 @@ unsafe fn dealloc_slow(p: *mut u8, class: usize) {
     let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
         return; // not ours
     };
-    let c = CACHE.with(Cell::get);
+    let mut c = CACHE.with(Cell::get);
     if c == empty_cache() {
-        // SAFETY: forwarded.
-        return unsafe { pless_free(p, s, class) };
+        // A thread that frees before it ever allocated (a consumer of another thread's
+        // objects) gets a cache here, so that its frees are batched like anyone's.
+        c = match STATE.with(Cell::get) {
+            NO_CACHE => create_cache(),
+            _ => None,
+        }
+        .unwrap_or(c);
+        if c == empty_cache() {
+            // SAFETY: forwarded.
+            return unsafe { pless_free(p, s, class) };
+        }
     }
     // SAFETY: forwarded; `c` is this thread's live cache.
     unsafe { free_to(&HEAP, c, p, s, class) }
