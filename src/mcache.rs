@@ -13,7 +13,7 @@
 //! Freeing is told the size, so the class comes from the `Layout`. If this thread's
 //! cache owns the object's span or owned it last, the object goes on the class's local
 //! free list (no lock, no atomic RMW; the span keeps counting it as allocated). When a list grows
-//! past about 256 KiB worth of objects (32..2048), half of it is flushed back to the spans; at
+//! past about 512 KiB worth of objects (32..2048), half of it is flushed back to the spans; at
 //! thread exit all of it is. An object of a span this cache does not own goes on the
 //! class's *remote buffer* instead (never reused here), which is flushed to the spans
 //! in batches of up to 64 objects (at most about 16 KiB). Flushes, and every free of a
@@ -300,14 +300,16 @@ fn alloc_slow(class: usize) -> *mut u8 {
 }
 
 /// How many freed objects a class's local free list may hold before half of them are
-/// flushed back to their spans: about 256 KiB worth, at least 32 and at most 2048
-/// objects (so a burst of 64 4 KiB blocks, or 32 of the largest class, is recycled
-/// locally; a thread pins at most this much per class it uses).
+/// flushed back to their spans: about 512 KiB worth, at least 32 and at most 2048
+/// objects (so a burst of 128 4 KiB blocks, or 32 of the largest class, is recycled
+/// locally: classes with few objects per span, 2 for 4 KiB, otherwise churn spans on
+/// every burst; a thread pins at most this much per class it uses, and gives it back
+/// at exit or on `flush_thread_cache`).
 static FREE_LIMIT: [u32; NUM_CLASSES] = {
     let mut t = [0u32; NUM_CLASSES];
     let mut c = 1;
     while c < NUM_CLASSES {
-        let n = (256 << 10) / crate::sizeclasses::CLASS_TO_SIZE[c] as u32;
+        let n = (512 << 10) / crate::sizeclasses::CLASS_TO_SIZE[c] as u32;
         t[c] = if n < 32 {
             32
         } else if n > 2048 {

@@ -287,7 +287,7 @@ pub(crate) type HeapDelta = Delta<{ field::N }>;
 /// reuses an object from its local free list, and freed when they go back to a span.
 /// An object freed onto a thread's local free list therefore still counts as live until
 /// that thread reuses it (counted as one allocation and one free) or flushes it (at most
-/// about 256 KiB per class and thread, and everything when the thread exits or calls
+/// about 512 KiB per class and thread, and everything when the thread exits or calls
 /// [`flush_thread_cache`](crate::flush_thread_cache)). A thread publishes its reuse
 /// counts when it next refills or flushes a class, calls [`stats()`](crate::stats()), or exits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
