@@ -1,11 +1,18 @@
-//! A multi-threaded workload run once with each allocator: spanheap, the system
+//! Realistic workloads, each run once with each allocator: spanheap, the system
 //! allocator, mimalloc and jemalloc.
 //!
 //! ```sh
-//! cargo run --release --example demo            # all four, a table at the end
+//! cargo run --release --example demo            # all workloads x all four, a table
 //! cargo run --release --example demo -- 3       # best of 3 runs each
-//! DEMO_ALLOC=spanheap cargo run --release --example demo   # one allocator only
+//! DEMO_ALLOC=spanheap DEMO_WORKLOAD=parser cargo run --release --example demo  # one run
 //! ```
+//!
+//! Workloads (`DEMO_WORKLOAD`): `maps` (maps and trees of strings: a HashMap of
+//! String -> Vec<String> and a BTreeMap built, queried, updated and dropped, on 2
+//! threads), `parser` (a generated program tokenised into Strings and parsed into a
+//! tree of boxed nodes, evaluated and dropped, on 2 threads), `messages` (3 producer ->
+//! consumer pairs passing Vec<u8> and String messages through channels) and `mixed`
+//! (4 threads of strings, maps and trees plus 2 producer/consumer pairs).
 //!
 //! A process has one global allocator, fixed before `main`. So the demo re-executes
 //! itself once per allocator with `DEMO_ALLOC` set; the global allocator below reads
@@ -169,6 +176,234 @@ fn walk(n: &Node) -> u64 {
         .wrapping_add(n.right.as_deref().map_or(0, walk))
 }
 
+// ---------------------------------------------------------------------------------------
+// maps: maps and trees of strings.
+// ---------------------------------------------------------------------------------------
+
+fn maps_thread(t: u64) -> u64 {
+    let mut rng = Rng(t + 77);
+    let mut sum = 0u64;
+    for round in 0..6u64 {
+        let mut hm: HashMap<String, Vec<String>> = HashMap::new();
+        for i in 0..60_000u64 {
+            let k = format!("key:{:x}", rng.next() % 40_000);
+            hm.entry(k).or_default().push(format!("value-{i}-{round}"));
+        }
+        let mut bt: BTreeMap<String, usize> = BTreeMap::new();
+        for (k, v) in &hm {
+            bt.insert(format!("{k}/{}", v.len()), v.iter().map(String::len).sum());
+        }
+        for _ in 0..40_000 {
+            let k = format!("key:{:x}", rng.next() % 40_000);
+            if let Some(v) = hm.get_mut(&k) {
+                sum = sum.wrapping_add(v.len() as u64);
+                if v.len() > 2 {
+                    v.remove(0);
+                } else {
+                    v.push(k.to_uppercase());
+                }
+            }
+        }
+        let lo = String::from("key:1");
+        let hi = String::from("key:8");
+        sum = sum.wrapping_add(bt.range(lo..hi).map(|(_, &n)| n as u64).sum::<u64>());
+        bt.retain(|k, _| k.len() % 3 != 0);
+        sum = sum.wrapping_add(bt.len() as u64 + hm.len() as u64);
+    }
+    sum
+}
+
+fn maps() -> u64 {
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..2).map(|t| sc.spawn(move || maps_thread(t))).collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .fold(0, u64::wrapping_add)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// parser: tokenise a generated program, parse it into boxed nodes, evaluate, drop.
+// ---------------------------------------------------------------------------------------
+
+enum Expr {
+    Num(i64),
+    Var(String),
+    Bin(char, Box<Expr>, Box<Expr>),
+    Call(String, Vec<Expr>),
+}
+
+/// A deterministic program of `n` statements `name = expr;`.
+fn program(seed: u64, n: usize) -> String {
+    fn expr(r: &mut Rng, depth: u32, out: &mut String) {
+        match if depth == 0 {
+            r.next() % 2
+        } else {
+            r.next() % 5
+        } {
+            0 => out.push_str(&(r.next() % 1000).to_string()),
+            1 => out.push_str(&format!("v{}", r.next() % 50)),
+            2 => {
+                out.push_str(&format!("f{}(", r.next() % 7));
+                let k = 1 + r.next() % 3;
+                for i in 0..k {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    expr(r, depth - 1, out);
+                }
+                out.push(')');
+            }
+            _ => {
+                out.push('(');
+                expr(r, depth - 1, out);
+                out.push_str([" + ", " - ", " * "][(r.next() % 3) as usize]);
+                expr(r, depth - 1, out);
+                out.push(')');
+            }
+        }
+    }
+    let mut r = Rng(seed);
+    let mut out = String::new();
+    for i in 0..n {
+        out.push_str(&format!("v{} = ", i % 50));
+        expr(&mut r, 5, &mut out);
+        out.push_str(";\n");
+    }
+    out
+}
+
+fn tokenize(src: &str) -> Vec<String> {
+    let mut toks = Vec::new();
+    let mut cur = String::new();
+    for c in src.chars() {
+        if c.is_alphanumeric() {
+            cur.push(c);
+        } else {
+            if !cur.is_empty() {
+                toks.push(std::mem::take(&mut cur));
+            }
+            if !c.is_whitespace() {
+                toks.push(c.to_string());
+            }
+        }
+    }
+    toks
+}
+
+struct Parser<'a> {
+    toks: &'a [String],
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn next(&mut self) -> &str {
+        self.pos += 1;
+        &self.toks[self.pos - 1]
+    }
+    fn expr(&mut self) -> Expr {
+        let t = self.next().to_string();
+        if t == "(" {
+            let a = self.expr();
+            let op = self.next().chars().next().unwrap();
+            let b = self.expr();
+            self.next(); // ")"
+            Expr::Bin(op, Box::new(a), Box::new(b))
+        } else if t.starts_with('f') && self.toks[self.pos] == "(" {
+            self.next();
+            let mut args = vec![self.expr()];
+            while self.next() == "," {
+                args.push(self.expr());
+            }
+            Expr::Call(t, args)
+        } else if let Ok(n) = t.parse() {
+            Expr::Num(n)
+        } else {
+            Expr::Var(t)
+        }
+    }
+}
+
+fn eval(e: &Expr, env: &HashMap<String, i64>) -> i64 {
+    match e {
+        Expr::Num(n) => *n,
+        Expr::Var(v) => env.get(v).copied().unwrap_or(1),
+        Expr::Bin(op, a, b) => {
+            let (a, b) = (eval(a, env), eval(b, env));
+            match op {
+                '+' => a.wrapping_add(b),
+                '-' => a.wrapping_sub(b),
+                _ => a.wrapping_mul(b) % 1_000_003,
+            }
+        }
+        Expr::Call(f, args) => args
+            .iter()
+            .map(|a| eval(a, env))
+            .fold(f.len() as i64, |x, y| x.wrapping_mul(31).wrapping_add(y)),
+    }
+}
+
+fn parser_thread(t: u64) -> u64 {
+    let mut sum = 0u64;
+    for round in 0..20 {
+        let src = program(t * 100 + round, 6_000);
+        let toks = tokenize(&src);
+        let mut p = Parser {
+            toks: &toks,
+            pos: 0,
+        };
+        let mut env: HashMap<String, i64> = HashMap::new();
+        let mut stmts = Vec::new();
+        while p.pos < toks.len() {
+            let name = p.next().to_string();
+            p.next(); // "="
+            let e = p.expr();
+            p.next(); // ";"
+            stmts.push((name, e));
+        }
+        for (name, e) in &stmts {
+            let v = eval(e, &env);
+            env.insert(name.clone(), v);
+            sum = sum.wrapping_add(v as u64);
+        }
+        sum = sum.wrapping_add(toks.len() as u64 + stmts.len() as u64);
+    }
+    sum
+}
+
+fn parser() -> u64 {
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..2).map(|t| sc.spawn(move || parser_thread(t))).collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .fold(0, u64::wrapping_add)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// messages: producer -> consumer pairs (every message freed by another thread).
+// ---------------------------------------------------------------------------------------
+
+fn messages() -> u64 {
+    std::thread::scope(|sc| {
+        let consumers: Vec<_> = (0..3)
+            .map(|p| {
+                let (tx, rx) = mpsc::sync_channel(256);
+                sc.spawn(move || producer(p + 10, tx));
+                sc.spawn(move || consumer(rx))
+            })
+            .collect();
+        consumers
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold(0, u64::wrapping_add)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// mixed: strings, maps and trees on worker threads, plus producer/consumer pairs.
+// ---------------------------------------------------------------------------------------
+
 /// Strings, maps and trees on one thread.
 fn worker(w: usize) -> u64 {
     let mut rng = Rng(w as u64 + 1);
@@ -260,7 +495,15 @@ fn consumer(rx: mpsc::Receiver<Msg>) -> u64 {
     sum
 }
 
-fn workload() -> u64 {
+/// The workloads, in table order.
+const WORKLOADS: [(&str, fn() -> u64); 4] = [
+    ("maps", maps),
+    ("parser", parser),
+    ("messages", messages),
+    ("mixed", mixed),
+];
+
+fn mixed() -> u64 {
     std::thread::scope(|sc| {
         let workers: Vec<_> = (0..WORKERS).map(|w| sc.spawn(move || worker(w))).collect();
         let consumers: Vec<_> = (0..PIPES)
@@ -301,11 +544,12 @@ struct Run {
     checksum: u64,
 }
 
-/// Runs the workload in a child process with `DEMO_ALLOC=name`.
-fn run_child(name: &str) -> Result<Run, String> {
+/// Runs workload `workload` in a child process with `DEMO_ALLOC=name`.
+fn run_child(name: &str, workload: &str) -> Result<Run, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = Command::new(exe)
         .env("DEMO_ALLOC", name)
+        .env("DEMO_WORKLOAD", workload)
         .output()
         .map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -352,8 +596,14 @@ fn main() {
             .iter()
             .find(|c| c.1 == mode())
             .map_or("system", |c| c.0);
+        let wname = std::env::var("DEMO_WORKLOAD").unwrap_or_else(|_| "mixed".into());
+        let work = WORKLOADS
+            .iter()
+            .find(|w| w.0 == wname)
+            .unwrap_or_else(|| panic!("unknown workload {wname}"))
+            .1;
         let t0 = Instant::now();
-        let checksum = workload();
+        let checksum = work();
         let wall = t0.elapsed();
         let rss = peak_rss_kib();
         // The dispatch really went where it says: spanheap has arenas iff it was chosen.
@@ -374,55 +624,58 @@ fn main() {
         .max(1);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "spanheap demo: {WORKERS} worker threads x {ROUNDS} rounds (strings, HashMap and \
-         BTreeMap of strings, binary trees of depth {TREE_DEPTH}) + {PIPES} producer -> \
-         consumer pairs ({MESSAGES} messages each)"
+        "spanheap demo: {} workloads x 4 allocators, each run in its own process",
+        WORKLOADS.len()
     );
     println!(
-        "machine: {cpus} CPUs (nproc), {}; {} run(s) per allocator, best wall time kept",
+        "machine: {cpus} CPUs (nproc), {}; {} run(s) per cell, best wall time kept",
         cpu_model(),
         runs
     );
     println!();
-
-    let mut results: Vec<(&str, Run)> = Vec::new();
-    for &(name, _) in &CHOICES {
-        let mut best: Option<Run> = None;
-        for _ in 0..runs {
-            match run_child(name) {
-                Ok(r) => {
-                    if best.as_ref().map_or(true, |b| r.wall < b.wall) {
-                        best = Some(r);
+    println!(
+        "{:<9} | {:<9} | {:>9} | {:>17} | {:>9}",
+        "workload", "allocator", "wall time", "ratio to spanheap", "peak RSS"
+    );
+    println!(
+        "{:-<9}-+-{:-<9}-+-{:->9}-+-{:->17}-+-{:->9}",
+        "", "", "", "", ""
+    );
+    for &(wname, _) in &WORKLOADS {
+        let mut results: Vec<(&str, Run)> = Vec::new();
+        for &(name, _) in &CHOICES {
+            let mut best: Option<Run> = None;
+            for _ in 0..runs {
+                match run_child(name, wname) {
+                    Ok(r) => {
+                        if best.as_ref().is_none_or(|b| r.wall < b.wall) {
+                            best = Some(r);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{wname}/{name}: {e}");
+                        std::process::exit(1);
                     }
                 }
-                Err(e) => {
-                    eprintln!("{name}: {e}");
-                    std::process::exit(1);
-                }
             }
+            results.push((name, best.unwrap()));
         }
-        results.push((name, best.unwrap()));
+        let reference = results[0].1.wall.as_secs_f64();
+        for (name, r) in &results {
+            println!(
+                "{:<9} | {:<9} | {:>7.0}ms | {:>16.2}x | {:>6.1}MiB",
+                wname,
+                name,
+                r.wall.as_secs_f64() * 1e3,
+                r.wall.as_secs_f64() / reference,
+                r.rss_kib as f64 / 1024.0
+            );
+        }
+        let sums: Vec<u64> = results.iter().map(|(_, r)| r.checksum).collect();
+        if sums.iter().any(|&s| s != sums[0]) {
+            eprintln!("{wname}: checksums differ between allocators: {sums:?}");
+            std::process::exit(1);
+        }
     }
-
-    let reference = results[0].1.wall.as_secs_f64();
-    println!(
-        "{:<10} | {:>10} | {:>17} | {:>10}",
-        "allocator", "wall time", "ratio to spanheap", "peak RSS"
-    );
-    println!("{:-<10}-+-{:->10}-+-{:->17}-+-{:->10}", "", "", "", "");
-    for (name, r) in &results {
-        println!(
-            "{:<10} | {:>8.0}ms | {:>16.2}x | {:>7.1}MiB",
-            name,
-            r.wall.as_secs_f64() * 1e3,
-            r.wall.as_secs_f64() / reference,
-            r.rss_kib as f64 / 1024.0
-        );
-    }
-    let sums: Vec<u64> = results.iter().map(|(_, r)| r.checksum).collect();
-    if sums.iter().any(|&s| s != sums[0]) {
-        eprintln!("checksums differ between allocators: {sums:?}");
-        std::process::exit(1);
-    }
-    println!("\nchecksum {:#x}, the same for every allocator", sums[0]);
+    println!("\nevery workload's checksum is the same for every allocator");
 }
