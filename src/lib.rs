@@ -459,4 +459,128 @@ pub mod __private {
         pub purpose: Purpose,
         pub spanclass: u8,
     }
+
+    // Hooks for the loom models of the small-object core (span sets, remote frees,
+    // thread exit): the mcentral's census and a span's small-object state, read when no
+    // other thread uses the heap.
+
+    /// A small-object span as [`PageHeap::small_span`] reads it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SmallSpanView {
+        pub base: usize,
+        pub spanclass: u8,
+        /// `SmallSpan::place`: 0 CACHED (owned, or the spare), 1 PARTIAL, 2 FULL,
+        /// 3 PENDING.
+        pub place: u8,
+        /// The mcentral list the span is linked in (1 PARTIAL, 2 FULL), or 0xFF.
+        pub list: u8,
+        /// Whether a cache owns the span (`rstate`'s high half is OWNED).
+        pub owned: bool,
+        /// `rstate`'s high half: live objects at the last merge (if not owned).
+        pub live_at_merge: u32,
+        /// `rstate`'s low half: remote frees counted since the last merge (unbiased).
+        pub unmerged: i64,
+        /// Set bits in the remote-free bitmap.
+        pub remote_bits: u32,
+        pub nelems: usize,
+        /// Free objects according to the alloc bitmap.
+        pub free: usize,
+    }
+
+    impl<M: MemSource> PageHeap<M> {
+        /// The mcentral of class `class`: (partial spans, full spans, spare spans, free
+        /// objects in listed spans).
+        pub fn census(&self, class: usize) -> (usize, usize, usize, usize) {
+            self.heap.central[class].census()
+        }
+
+        /// The small-object state of the live span containing `addr`, if any.
+        ///
+        /// # Safety
+        /// No other thread uses the heap meanwhile (this reads the span's private
+        /// state, which belongs to its owner or the mcentral lock holder).
+        pub unsafe fn small_span(&self, addr: usize) -> Option<SmallSpanView> {
+            let s = self.heap.span_of(addr)?;
+            // SAFETY: span records are never unmapped; `span_of` loaded a live state with
+            // Acquire, so the published fields are visible; nobody else runs (contract).
+            let (span, info) = unsafe { (s.as_ref(), s.as_ref().info()) };
+            if info.spanclass == 0 {
+                return None;
+            }
+            let small = &span.small;
+            // SAFETY: nobody else uses the heap (contract), so the private state is ours
+            // to read.
+            let p = unsafe { crate::mcentral::private(s) };
+            let (high, low) =
+                crate::mspan::rstate_parts(small.rstate.load(crate::sync::Ordering::SeqCst));
+            let remote_bits = (0..p.words as usize)
+                .map(|w| {
+                    // SAFETY: w < words.
+                    let r = unsafe { p.remote(w) };
+                    r.load(crate::sync::Ordering::SeqCst).count_ones()
+                })
+                .sum();
+            Some(SmallSpanView {
+                base: span.base(),
+                spanclass: info.spanclass,
+                place: small.place.load(crate::sync::Ordering::SeqCst),
+                list: p.list,
+                owned: high == crate::mspan::RSTATE_OWNED,
+                live_at_merge: high,
+                unmerged: low,
+                remote_bits,
+                nelems: p.nelems as usize,
+                // SAFETY: as above.
+                free: unsafe { crate::mcentral::count_free(p) },
+            })
+        }
+    }
+
+    /// A registered statistics writer of a [`PageHeap`] made with
+    /// [`PageHeap::with_thread_writers`], for one model thread: like a thread cache's
+    /// sequence counter in the process-wide heap, it makes the thread's statistics
+    /// sections lock-free (without one they take the statistics' leaf lock, an ordering
+    /// the real threads with caches do not have).
+    #[cfg(spanheap_loom)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct StatsThread(&'static crate::stats::StatsSeq);
+
+    #[cfg(spanheap_loom)]
+    loom::thread_local! {
+        static THREAD_WRITER: core::cell::Cell<Option<&'static crate::stats::StatsSeq>> =
+            core::cell::Cell::new(None);
+    }
+
+    #[cfg(spanheap_loom)]
+    fn thread_writer() -> Option<&'static crate::stats::StatsSeq> {
+        THREAD_WRITER.with(|w| w.get())
+    }
+
+    #[cfg(spanheap_loom)]
+    impl<M: MemSource> PageHeap<M> {
+        /// A new heap over `mem` whose statistics sections use the calling thread's
+        /// [`StatsThread`] (see [`StatsThread::bind`]), or the leaf lock on a thread
+        /// without one. Leaked, as [`PageHeap::new`].
+        pub fn with_thread_writers(mem: M) -> Self {
+            PageHeap {
+                heap: Box::leak(Box::new(MHeap::with_writer(mem, thread_writer))),
+            }
+        }
+
+        /// A new registered statistics writer (leaked: the registry keeps it).
+        pub fn stats_writer(&self) -> StatsThread {
+            let w: &'static crate::stats::StatsSeq =
+                Box::leak(Box::new(crate::stats::StatsSeq::new()));
+            self.heap.stats.register(w);
+            StatsThread(w)
+        }
+    }
+
+    #[cfg(spanheap_loom)]
+    impl StatsThread {
+        /// Makes this the calling thread's writer (one thread per writer).
+        pub fn bind(self) {
+            THREAD_WRITER.with(|w| w.set(Some(self.0)));
+        }
+    }
 }

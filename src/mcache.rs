@@ -689,7 +689,12 @@ pub(crate) unsafe fn remote_free<M: MemSource>(
     // SAFETY: the record starts with one atomic word per 64 objects, idx < nelems.
     let word = unsafe { &*bits.cast::<AtomicU64>().add(idx / 64) };
     // Release: our uses of the object happen-before whoever merges the bit reuses it.
-    word.fetch_or(1 << (idx % 64), Ordering::Release);
+    // (The loom mutant `remote_relaxed` weakens it to show that a model catches it.)
+    #[cfg(not(spanheap_mutant = "remote_relaxed"))]
+    const REMOTE_RELEASE: Ordering = Ordering::Release;
+    #[cfg(spanheap_mutant = "remote_relaxed")]
+    const REMOTE_RELEASE: Ordering = Ordering::Relaxed;
+    word.fetch_or(1 << (idx % 64), REMOTE_RELEASE);
     // SeqCst: ordered with the owner's SeqCst state-word CASes (ownership changes).
     let old = span.small.rstate.fetch_add(1, Ordering::SeqCst);
     let (high, low) = rstate_parts(old);

@@ -79,13 +79,19 @@ pub(crate) unsafe fn private<'a>(s: NonNull<MSpan>) -> &'a mut SmallPrivate {
 /// # Safety
 /// The caller owns the span's private state.
 pub(crate) unsafe fn merge_remote(p: &mut SmallPrivate) -> usize {
+    /// The merge's ordering. The loom mutant `merge_relaxed` weakens it to show that a
+    /// model catches it.
+    #[cfg(not(spanheap_mutant = "merge_relaxed"))]
+    const MERGE_ACQUIRE: Ordering = Ordering::Acquire;
+    #[cfg(spanheap_mutant = "merge_relaxed")]
+    const MERGE_ACQUIRE: Ordering = Ordering::Relaxed;
     let mut m = 0;
     for w in 0..p.words as usize {
         // SAFETY: w < words; the caller owns the private state.
         unsafe {
             // Acquire pairs with the freers' Release fetch_or: their use of the
             // object happens-before we hand it out again.
-            let r = p.remote(w).swap(0, Ordering::Acquire);
+            let r = p.remote(w).swap(0, MERGE_ACQUIRE);
             if r != 0 {
                 *p.alloc(w) &= !r;
                 m += r.count_ones() as usize;
@@ -111,6 +117,12 @@ pub(crate) unsafe fn count_free(p: &SmallPrivate) -> usize {
 
 /// Applies `f` to the remote-free state word with a CAS loop; returns the new value.
 fn update_rstate(s: NonNull<MSpan>, f: impl Fn(u32, i64) -> (u32, i64)) -> u64 {
+    /// The CAS's ordering. The loom mutant `rstate_cas_relaxed` weakens it to show that
+    /// the thread-exit model catches it.
+    #[cfg(not(spanheap_mutant = "rstate_cas_relaxed"))]
+    const RSTATE_CAS: Ordering = Ordering::SeqCst;
+    #[cfg(spanheap_mutant = "rstate_cas_relaxed")]
+    const RSTATE_CAS: Ordering = Ordering::Relaxed;
     // SAFETY: span records are never unmapped.
     let word = unsafe { &s.as_ref().small.rstate };
     let mut old = word.load(Ordering::Relaxed);
@@ -120,7 +132,7 @@ fn update_rstate(s: NonNull<MSpan>, f: impl Fn(u32, i64) -> (u32, i64)) -> u64 {
         let new = rstate(nh, nl);
         // SeqCst: orders the ownership change against the freers' SeqCst increments
         // and place CASes (see `MCentral::settle_locked`).
-        match word.compare_exchange_weak(old, new, Ordering::SeqCst, Ordering::Relaxed) {
+        match word.compare_exchange_weak(old, new, RSTATE_CAS, Ordering::Relaxed) {
             Ok(_) => return new,
             Err(x) => old = x,
         }
@@ -274,18 +286,22 @@ impl MCentral {
     }
 
     fn push_pending(&self, s: NonNull<MSpan>) {
+        /// The push's ordering. The loom mutant `pending_push_relaxed` weakens it to show
+        /// that the span-set model catches it.
+        #[cfg(not(spanheap_mutant = "pending_push_relaxed"))]
+        const PUSH: Ordering = Ordering::Release;
+        #[cfg(spanheap_mutant = "pending_push_relaxed")]
+        const PUSH: Ordering = Ordering::Relaxed;
         // SAFETY: span records are never unmapped.
         let link = unsafe { &s.as_ref().small.pending_next };
         let mut head = self.pending.load(Ordering::Relaxed);
         loop {
             link.store(head, Ordering::Relaxed);
             // Release: the link (and the PENDING state) are visible to the drainer.
-            match self.pending.compare_exchange_weak(
-                head,
-                s.as_ptr(),
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
+            match self
+                .pending
+                .compare_exchange_weak(head, s.as_ptr(), PUSH, Ordering::Relaxed)
+            {
                 Ok(_) => return,
                 Err(h) => head = h,
             }
@@ -294,11 +310,17 @@ impl MCentral {
 
     /// Drains the pending stack if the lock is free; never waits.
     fn try_drain<M: MemSource>(&self, heap: &MHeap<M>, class: u8) {
+        /// The hand-off fence. The loom mutant `drain_fence` weakens it (AcqRel orders
+        /// no store before a later load) to show that the span-set model catches it.
+        #[cfg(not(spanheap_mutant = "drain_fence"))]
+        const DRAIN_FENCE: Ordering = Ordering::SeqCst;
+        #[cfg(spanheap_mutant = "drain_fence")]
+        const DRAIN_FENCE: Ordering = Ordering::AcqRel;
         loop {
             // Pairs with the fence in the other side of the hand-off: a pusher fences
             // between its push and its try_lock, an unlocker between its unlock and this
             // load, so whichever runs second sees the other's write.
-            fence(Ordering::SeqCst);
+            fence(DRAIN_FENCE);
             if self.pending.load(Ordering::Relaxed).is_null() {
                 return;
             }

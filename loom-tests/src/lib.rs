@@ -145,8 +145,9 @@ unsafe impl MemSource for TestMem {
 /// executions and the time. If `caught` (the model is run against a mutant it must
 /// catch), asserts that loom reported a failure; otherwise passes failures on.
 pub fn check(name: &str, caught: bool, model: fn()) {
-    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
-    EXECUTIONS.store(0, Ordering::Relaxed);
+    // Per call: the tests of one binary run in parallel.
+    let executions = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = executions.clone();
     let start = Instant::now();
     let result = std::panic::catch_unwind(|| {
         let mut b = loom::model::Builder::new();
@@ -154,11 +155,11 @@ pub fn check(name: &str, caught: bool, model: fn()) {
         // takes a few hundred branches of its own.
         b.max_branches = b.max_branches.max(10_000);
         b.check(move || {
-            EXECUTIONS.fetch_add(1, Ordering::Relaxed);
+            counter.fetch_add(1, Ordering::Relaxed);
             spawn(model).join().unwrap();
         })
     });
-    let n = EXECUTIONS.load(Ordering::Relaxed);
+    let n = executions.load(Ordering::Relaxed);
     let outcome = if result.is_ok() { "passed" } else { "FAILED" };
     eprintln!(
         "loom model {name}: {outcome} after {n} executions in {:.2} s",
@@ -179,4 +180,194 @@ pub fn spawn<T: Send + 'static>(
         .stack_size(1 << 20)
         .spawn(f)
         .unwrap()
+}
+
+/// Model-side bookkeeping of small objects for the models of the small-object core:
+/// which addresses are live (handed out and not freed since), and one loom cell per
+/// object slot standing for the object's contents.
+///
+/// A user writes the slot's cell after allocating the object and before freeing it, so
+/// the allocator's hand-off of a slot from one user to the next must order the two
+/// writes: a missing Release/Acquire on the way shows up as a loom causality violation.
+/// The tables themselves are plain (not loom) state: loom runs every thread of a model
+/// on one OS thread and switches only at its own operations, so each table operation is
+/// atomic in every interleaving and adds no synchronisation loom could see.
+pub struct Objects {
+    /// Live addresses, and the address of each slot of `cells` (assigned on first use).
+    tables: std::sync::Mutex<(Vec<usize>, Vec<usize>)>,
+    cells: Vec<loom::cell::UnsafeCell<u64>>,
+}
+
+// SAFETY: the cells are only accessed through `with_mut`, which loom checks (a race
+// is reported, not undefined); the tables are behind a mutex.
+unsafe impl Sync for Objects {}
+// SAFETY: as above.
+unsafe impl Send for Objects {}
+
+impl Objects {
+    /// Room for `slots` distinct object addresses. Create it on the model's first
+    /// thread before spawning (the cells' creation then happens-before every use).
+    pub fn new(slots: usize) -> Objects {
+        Objects {
+            tables: std::sync::Mutex::new((Vec::new(), Vec::new())),
+            cells: (0..slots).map(|_| loom::cell::UnsafeCell::new(0)).collect(),
+        }
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, (Vec<usize>, Vec<usize>)> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cell(&self, p: usize) -> &loom::cell::UnsafeCell<u64> {
+        let mut t = self.tables();
+        let i = match t.1.iter().position(|&a| a == p) {
+            Some(i) => i,
+            None => {
+                t.1.push(p);
+                t.1.len() - 1
+            }
+        };
+        assert!(
+            i < self.cells.len(),
+            "more object slots than the model expects"
+        );
+        &self.cells[i]
+    }
+
+    /// `p` was just handed out: it must not be live; the new user writes its contents.
+    pub fn allocated(&self, p: *mut u8, tag: u64) {
+        assert!(!p.is_null(), "allocation failed");
+        let p = p as usize;
+        {
+            let mut t = self.tables();
+            assert!(
+                !t.0.contains(&p),
+                "object {p:#x} handed out twice while live"
+            );
+            t.0.push(p);
+        }
+        // SAFETY: the cell holds a plain u64; loom checks that this access is ordered
+        // after every earlier one (the previous user's last write).
+        self.cell(p).with_mut(|v| unsafe { *v = tag });
+    }
+
+    /// The user's last write of `p`'s contents, just before freeing it.
+    pub fn freeing(&self, p: *mut u8, tag: u64) {
+        let p = p as usize;
+        // SAFETY: as in `allocated`.
+        self.cell(p).with_mut(|v| unsafe { *v = tag });
+        let mut t = self.tables();
+        let i = t.0.iter().position(|&a| a == p);
+        let i = i.unwrap_or_else(|| panic!("freeing {p:#x}, which is not live"));
+        t.0.swap_remove(i);
+    }
+
+    /// The live addresses.
+    pub fn live(&self) -> Vec<usize> {
+        self.tables().0.clone()
+    }
+}
+
+/// What [`settled`] found: the live spans of the class and where each is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Spans a cache owns.
+    pub owned: usize,
+    pub partial: usize,
+    pub full: usize,
+    pub spare: usize,
+}
+
+impl Settled {
+    pub fn spans(&self) -> usize {
+        self.owned + self.partial + self.full + self.spare
+    }
+}
+
+/// Checks the spans of size class `class` when no thread uses the heap any more: every
+/// live span that holds one of `addrs` is owned by a cache or sits where its state says
+/// (no announcement left pending, list and `place` agree, the remote count matches the
+/// remote bits and the live count the alloc bitmap, a listed span has a live object, a
+/// full one no known free object, the spare no live object); the mcentral's lists
+/// hold exactly the unowned ones (none lost, none listed twice); and the heap's in-use
+/// bytes are exactly those spans (the others were retired).
+///
+/// # Safety
+/// No other thread uses `heap`; the class's spans are all `npages` long.
+pub unsafe fn settled(
+    heap: &spanheap::__private::PageHeap<TestMem>,
+    class: usize,
+    npages: usize,
+    addrs: &[usize],
+) -> Settled {
+    let mut seen = Vec::new();
+    let mut r = Settled::default();
+    for &a in addrs {
+        // SAFETY: forwarded (nobody else uses the heap).
+        let Some(v) = (unsafe { heap.small_span(a) }) else {
+            continue; // retired
+        };
+        if seen.contains(&v.base) {
+            continue;
+        }
+        seen.push(v.base);
+        assert_eq!(v.spanclass as usize, class, "{v:?}");
+        assert!(v.place != 3, "an announcement was left pending: {v:?}");
+        if v.owned {
+            assert!(v.place == 0 && v.list == 0xFF, "owned but listed: {v:?}");
+            r.owned += 1;
+            continue;
+        }
+        assert_eq!(v.unmerged, v.remote_bits as i64, "remote count: {v:?}");
+        assert_eq!(
+            v.live_at_merge as usize,
+            v.nelems - v.free,
+            "live count: {v:?}"
+        );
+        match v.place {
+            0 => {
+                assert_eq!(v.list, 0xFF, "{v:?}");
+                // (Settling keeps a span as the spare without merging the remote frees
+                // that emptied it; the next owner's merge does.)
+                assert!(
+                    v.unmerged == v.live_at_merge as i64,
+                    "the spare has live objects: {v:?}"
+                );
+                r.spare += 1;
+            }
+            1 | 2 => {
+                assert_eq!(v.list, v.place, "place and list disagree: {v:?}");
+                assert!(
+                    v.unmerged < v.live_at_merge as i64,
+                    "a listed span has no live object (neither retired nor the spare): {v:?}"
+                );
+                if v.place == 2 {
+                    assert!(
+                        v.free == 0 && v.unmerged == 0,
+                        "a full span has free objects: {v:?}"
+                    );
+                    r.full += 1;
+                } else {
+                    assert!(
+                        v.free > 0 || v.unmerged > 0,
+                        "a partial span has nothing free: {v:?}"
+                    );
+                    r.partial += 1;
+                }
+            }
+            _ => unreachable!("{v:?}"),
+        }
+    }
+    let (partial, full, spare, _) = heap.census(class);
+    assert_eq!(
+        (partial, full, spare),
+        (r.partial, r.full, r.spare),
+        "the mcentral's lists disagree with the spans' states ({r:?})"
+    );
+    assert_eq!(
+        heap.heap_inuse(),
+        (r.spans() * npages * spanheap::os::PAGE_SIZE) as u64,
+        "heap in use is not the live spans ({r:?})"
+    );
+    r
 }
