@@ -561,6 +561,14 @@ unsafe fn remote_free_list<M: MemSource>(heap: &MHeap<M>, mut p: *mut u8, class:
     }
 }
 
+/// The ordering of a remote free's bitmap OR (single or in a run): Release, paired with
+/// the merger's Acquire swap. The loom mutant `remote_relaxed` weakens it to show that
+/// a model catches it.
+#[cfg(not(spanheap_mutant = "remote_relaxed"))]
+const REMOTE_RELEASE: Ordering = Ordering::Release;
+#[cfg(spanheap_mutant = "remote_relaxed")]
+const REMOTE_RELEASE: Ordering = Ordering::Relaxed;
+
 /// Consecutive remote frees into one span (see `remote_free_list`).
 struct RemoteRun {
     span: NonNull<MSpan>,
@@ -605,7 +613,7 @@ impl RemoteRun {
             let w = unsafe { &*self.bits.cast::<AtomicU64>().add(self.word) };
             // Release: our uses of the objects happen-before whoever merges the bits
             // reuses them.
-            w.fetch_or(self.mask, Ordering::Release);
+            w.fetch_or(self.mask, REMOTE_RELEASE);
             self.mask = 0;
         }
     }
@@ -689,11 +697,6 @@ pub(crate) unsafe fn remote_free<M: MemSource>(
     // SAFETY: the record starts with one atomic word per 64 objects, idx < nelems.
     let word = unsafe { &*bits.cast::<AtomicU64>().add(idx / 64) };
     // Release: our uses of the object happen-before whoever merges the bit reuses it.
-    // (The loom mutant `remote_relaxed` weakens it to show that a model catches it.)
-    #[cfg(not(spanheap_mutant = "remote_relaxed"))]
-    const REMOTE_RELEASE: Ordering = Ordering::Release;
-    #[cfg(spanheap_mutant = "remote_relaxed")]
-    const REMOTE_RELEASE: Ordering = Ordering::Relaxed;
     word.fetch_or(1 << (idx % 64), REMOTE_RELEASE);
     // SeqCst: ordered with the owner's SeqCst state-word CASes (ownership changes).
     let old = span.small.rstate.fetch_add(1, Ordering::SeqCst);
