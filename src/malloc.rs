@@ -118,9 +118,21 @@ pub(crate) unsafe fn dealloc<M: MemSource>(
     let npages = unsafe { s.as_ref() }.npages();
     match tc {
         Some(tc) => {
-            // SAFETY: as above: the block is given up whole.
-            if unsafe { tc.keep_large(s, npages) } {
-                return;
+            // Keep it for the next allocation of its size, evicting the oldest cached
+            // blocks if there is no room (recent sizes are the likely ones).
+            if HeapCache::cacheable(npages) {
+                loop {
+                    // SAFETY: as above: the block is given up whole.
+                    if unsafe { tc.keep_large(s, npages) } {
+                        return;
+                    }
+                    let Some(old) = tc.evict_oldest() else { break };
+                    // SAFETY: an evicted block is a live span nobody uses.
+                    let old_pages = unsafe { old.as_ref() }.npages();
+                    count_large(heap, old_pages, 0);
+                    // SAFETY: as above.
+                    unsafe { heap.free_span_with(old, tc) };
+                }
             }
             count_large(heap, npages, 0);
             // SAFETY: as above.

@@ -74,11 +74,13 @@ pub(crate) struct ClassCache {
     /// `FREE_LIMIT`.
     free: *mut u8,
     /// Length of `free`.
-    nfree: u16,
+    /// (32 bits: the fast paths' 32-bit read-modify-writes of it then forward from
+    /// each other's stores; a 16-bit store followed by a wider load would stall.)
+    nfree: u32,
     /// Length of `remote`.
     nremote: u16,
-    /// Object size of the class.
-    elemsize: u32,
+    /// Object size of the class (at most 32 KiB).
+    elemsize: u16,
     /// Free objects of the current window (bit i = object at `window_base + i * elemsize`).
     alloc_cache: u64,
     window_base: usize,
@@ -388,7 +390,7 @@ unsafe fn push_local<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, p: *mut 
     e.free = p;
     e.nfree += 1;
     // SAFETY: class < NUM_CLASSES.
-    if u32::from(e.nfree) > unsafe { *FREE_LIMIT.get_unchecked(class) } {
+    if e.nfree > unsafe { *FREE_LIMIT.get_unchecked(class) } {
         flush(heap, e, class, FREE_LIMIT[class] / 2);
     }
 }
@@ -500,7 +502,7 @@ fn flush_remote<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize)
 #[inline(never)]
 fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: u32) {
     // Count first: the objects leave the list before their spans see them free.
-    let n = u32::from(e.nfree).saturating_sub(keep) as u64;
+    let n = e.nfree.saturating_sub(keep) as u64;
     let pops = core::mem::take(&mut e.pops);
     if n | pops != 0 {
         heap.stats_update(|d| {
@@ -523,7 +525,7 @@ fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: 
         e.free = last.cast::<*mut u8>().read();
         last.cast::<*mut u8>().write(ptr::null_mut());
     }
-    e.nfree -= n as u16;
+    e.nfree -= n as u32;
     // SAFETY: the detached objects are ours and live from their spans' view.
     unsafe { remote_free_list(heap, head, class) };
 }
@@ -818,7 +820,7 @@ fn set_span(e: &mut ClassCache, s: Option<NonNull<MSpan>>) {
             e.span_base = span.base();
             e.span_end = span.base() + (span.npages() << crate::os::PAGE_SHIFT);
             // SAFETY: as above.
-            e.elemsize = unsafe { private(s) }.elemsize;
+            e.elemsize = unsafe { private(s) }.elemsize as u16;
         }
         None => {
             e.span_base = 0;

@@ -201,6 +201,27 @@ impl HeapCache {
         None
     }
 
+    /// The oldest cached large block, removed (to make room for a newer one; the
+    /// caller frees it).
+    pub(crate) fn evict_oldest(&mut self) -> Option<NonNull<MSpan>> {
+        if self.nlarge == 0 {
+            return None;
+        }
+        let s = self.large[0];
+        self.large.copy_within(1..self.nlarge, 0);
+        self.nlarge -= 1;
+        // SAFETY: cached blocks are live spans this cache owns.
+        self.large_bytes -= unsafe { (*s).npages() } * PAGE_SIZE;
+        NonNull::new(s)
+    }
+
+    /// Whether a freed large block of `npages` pages could be kept after evicting older
+    /// ones (it is small enough).
+    #[inline]
+    pub(crate) fn cacheable(npages: usize) -> bool {
+        npages <= LARGE_MAX_PAGES && npages * PAGE_SIZE <= LARGE_BYTES
+    }
+
     /// Keeps the freed large block `s` (a live heap span of `npages` pages, given up by
     /// its user) if there is room; returns whether it did.
     ///
