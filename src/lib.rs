@@ -25,6 +25,8 @@
 //!   64-object window per class, no lock and no atomic read-modify-write; remote frees.
 //! - `mcentral`: per-class spans no cache owns: partial/full lists, announcements.
 //! - `malloc`: `Layout` -> small object (size class) or large object (page span).
+//! - `scavenger`: returns free memory to the OS after a delay, paced from the slow
+//!   paths (or a background thread), and [`release_memory`] for all of it now.
 //! - `stats`: consistent statistics (a generation ring with per-thread sequence
 //!   counters) behind [`stats()`], and the [`Stats`] report.
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
@@ -47,6 +49,7 @@ mod mspan;
 pub mod os;
 mod pagealloc;
 mod pagecache;
+mod scavenger;
 mod sizeclasses;
 mod stats;
 mod sync;
@@ -55,6 +58,7 @@ mod sync;
 const _: () = assert!(sizeclasses::MAX_CLASS_ALIGN == os::PAGE_SIZE);
 
 pub use mspan::Purpose;
+pub use scavenger::ScavengerConfig;
 pub use stats::{ClassStats, HeapGauges, Stats};
 
 #[cfg(not(spanheap_loom))]
@@ -66,8 +70,11 @@ mod global {
     use crate::os::OsMemory;
 
     /// The process-wide heap behind [`SpanHeap`].
-    pub(crate) static HEAP: MHeap<OsMemory> =
-        MHeap::with_writer(OsMemory, crate::mcache::current_writer);
+    pub(crate) static HEAP: MHeap<OsMemory> = MHeap::global(
+        OsMemory,
+        crate::mcache::current_writer,
+        crate::scavenger::background::start,
+    );
 
     /// The spanheap global allocator (zero-sized; all state is process-wide).
     ///
@@ -148,6 +155,53 @@ pub fn flush_thread_cache() {
     mcache::flush_own();
 }
 
+/// Returns every free page of the heap to the OS now (Go's `debug.FreeOSMemory`), and
+/// returns how many bytes that was.
+///
+/// The calling thread's cache is flushed first ([`flush_thread_cache`]), so what it
+/// held is returned too; other threads' caches keep what they hold (at most about
+/// 1.5 MiB of pages each, plus their free lists). Free memory is returned whatever its
+/// age, the retained headroom and the density of its chunk. Afterwards the released
+/// pages cost no RAM; allocating them again re-commits them (they read as zero).
+/// Safe to call at any time from any thread; it does not allocate.
+///
+/// ```
+/// let v = vec![0u8; 64 << 20];
+/// drop(v);
+/// let released = spanheap::release_memory();
+/// # let _ = released;
+/// ```
+#[cfg(not(spanheap_loom))]
+pub fn release_memory() -> usize {
+    mcache::flush_own();
+    global::HEAP.scavenge(true, 0, u64::MAX).0
+}
+
+/// The scavenger's settings now (the environment's `SPANHEAP_*` values, or what
+/// [`set_scavenger_config`] set).
+#[cfg(not(spanheap_loom))]
+pub fn scavenger_config() -> ScavengerConfig {
+    global::HEAP.scavenger.config()
+}
+
+/// Changes the scavenger's settings, before or after the allocator is first used; a
+/// call overrides the environment. Takes effect at the next slow path (or background
+/// pass). With `background: true` starts the background thread if it is not running;
+/// returns false if it could not be started (the other settings still apply).
+///
+/// ```
+/// use std::time::Duration;
+/// let mut c = spanheap::scavenger_config();
+/// c.delay = Some(Duration::from_millis(500));
+/// c.retain_percent = 5;
+/// assert!(spanheap::set_scavenger_config(c));
+/// assert_eq!(spanheap::scavenger_config(), c);
+/// ```
+#[cfg(not(spanheap_loom))]
+pub fn set_scavenger_config(config: ScavengerConfig) -> bool {
+    global::HEAP.scavenger.set_config(config)
+}
+
 /// Internals for this workspace's tests, benchmarks and loom models. Not part of the
 /// public API; no semver promise.
 #[doc(hidden)]
@@ -222,6 +276,12 @@ pub mod __private {
             *o = (c, p, f, s, free);
         }
         out
+    }
+
+    /// Whether the scavenger's background thread is running.
+    #[cfg(not(spanheap_loom))]
+    pub fn background_scavenger_running() -> bool {
+        crate::scavenger::background::running()
     }
 
     /// Whether the calling thread has a live thread cache.

@@ -218,7 +218,9 @@ pub(crate) mod global {
     /// the thread-local lookup stays off the small-object paths.
     #[inline(never)]
     fn large_alloc(size: usize, align: usize, zero: bool) -> *mut u8 {
-        super::alloc(&HEAP, size, align, zero, mcache::heap_cache())
+        let p = super::alloc(&HEAP, size, align, zero, mcache::heap_cache());
+        HEAP.maybe_scavenge();
+        p
     }
 
     /// # Safety
@@ -226,7 +228,8 @@ pub(crate) mod global {
     #[inline(never)]
     unsafe fn large_dealloc(p: *mut u8) {
         // SAFETY: forwarded.
-        unsafe { super::dealloc(&HEAP, p, mcache::heap_cache()) }
+        unsafe { super::dealloc(&HEAP, p, mcache::heap_cache()) };
+        HEAP.maybe_scavenge();
     }
 
     #[inline]

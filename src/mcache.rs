@@ -297,6 +297,7 @@ fn alloc_slow(class: usize) -> *mut u8 {
         if !refill(&HEAP, c, class) {
             return ptr::null_mut();
         }
+        HEAP.maybe_scavenge();
         try_alloc(c, class)
     }
 }
@@ -392,6 +393,8 @@ unsafe fn push_local<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, p: *mut 
     // SAFETY: class < NUM_CLASSES.
     if e.nfree > unsafe { *FREE_LIMIT.get_unchecked(class) } {
         flush(heap, e, class, FREE_LIMIT[class] / 2);
+        // A thread that mostly frees reaches no other slow path.
+        heap.maybe_scavenge();
     }
 }
 

@@ -56,8 +56,9 @@ use crate::mspan::{
     place, rstate, MSpan, Purpose, SmallPrivate, SpanInfo, SpanState, NO_LIST, RSTATE_OWNED,
 };
 use crate::os::{MemSource, OsError, PAGE_SHIFT, PAGE_SIZE};
-use crate::pagealloc::PageAlloc;
+use crate::pagealloc::{PageAlloc, ScavPolicy};
 use crate::pagecache::{HeapCache, PageCache, BITS_RECS, MAX_CACHED_SPAN_PAGES, SPAN_RECS};
+use crate::scavenger::{Scavenger, BACKLOG_WAIT, PASS_BUDGET_NS};
 use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
 use crate::stats::{field, HeapDelta, HeapGauges, HeapStats, StatsSeq};
@@ -216,6 +217,8 @@ pub(crate) struct MHeap<M: MemSource> {
     writer: fn() -> Option<&'static StatsSeq>,
     /// One mcentral per size class (index 0 unused).
     pub(crate) central: [MCentral; NUM_CLASSES],
+    /// Settings and pacing of the scavenger (`scavenger.rs`).
+    pub(crate) scavenger: Scavenger,
 }
 
 impl<M: MemSource> MHeap<M> {
@@ -239,7 +242,21 @@ impl<M: MemSource> MHeap<M> {
             stats: HeapStats::new(),
             writer,
             central: [const { MCentral::new() }; NUM_CLASSES],
+            scavenger: Scavenger::new(false, crate::scavenger::no_spawn),
         }
+    }
+
+    /// The process-wide heap: like `with_writer`, and its scavenger reads the
+    /// `SPANHEAP_*` environment variables and can start a background thread (`spawn`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) const fn global(
+        mem: M,
+        writer: fn() -> Option<&'static StatsSeq>,
+        spawn: fn() -> bool,
+    ) -> Self {
+        let mut h = Self::with_writer(mem, writer);
+        h.scavenger = Scavenger::new(true, spawn);
+        h
     }
     #[cfg(spanheap_loom)]
     pub(crate) fn with_writer(mem: M, writer: fn() -> Option<&'static StatsSeq>) -> Self {
@@ -252,6 +269,7 @@ impl<M: MemSource> MHeap<M> {
             stats: HeapStats::new(),
             writer,
             central: core::array::from_fn(|_| MCentral::new()),
+            scavenger: Scavenger::new(false, crate::scavenger::no_spawn),
         }
     }
 
@@ -467,7 +485,9 @@ impl<M: MemSource> MHeap<M> {
             tc.pages = PageCache::EMPTY;
             return;
         }
+        let now = clock_ms();
         self.locked.lock().with(|h| {
+            h.pages.set_clock(now);
             h.pages
                 .free_from_cache(tc.pages.base, tc.pages.cache, tc.pages.scav);
             for &s in &tc.spans[..tc.nspans] {
@@ -499,11 +519,13 @@ impl<M: MemSource> MHeap<M> {
         // SAFETY: forwarded.
         let (base, npages, bits) = unsafe { self.unpublish(s, false) };
         // Under the lock: give back the pages and the records.
+        let now = clock_ms();
         self.locked.lock().with(|h| {
             if let Some((p, b)) = bits {
                 // SAFETY: the bitmap record belonged to the span, which is dead.
                 unsafe { h.bitsalloc[b].free(p.cast()) };
             }
+            h.pages.set_clock(now);
             h.pages.free(base, npages);
             // SAFETY: the span is dead and unreachable except for validating readers.
             unsafe { h.spanalloc.free(s.as_ptr()) };
@@ -541,12 +563,14 @@ impl<M: MemSource> MHeap<M> {
         if to_cache && rec.is_none() && bits.is_none() {
             return;
         }
+        let now = clock_ms();
         self.locked.lock().with(|h| {
             if let Some((p, b)) = bits {
                 // SAFETY: the bitmap record belonged to the span, which is dead.
                 unsafe { h.bitsalloc[b].free(p.cast()) };
             }
             if !to_cache {
+                h.pages.set_clock(now);
                 h.pages.free(base, npages);
             }
             if let Some(s) = rec {
@@ -615,9 +639,11 @@ impl<M: MemSource> MHeap<M> {
         span.npages.store(new_npages, Ordering::Relaxed);
         self.pages_in_use.fetch_sub(n, Ordering::Release);
         self.account_free(Purpose::Heap, n << PAGE_SHIFT, false);
-        self.locked
-            .lock()
-            .with(|h| h.pages.free(base + (new_npages << PAGE_SHIFT), n));
+        let now = clock_ms();
+        self.locked.lock().with(|h| {
+            h.pages.set_clock(now);
+            h.pages.free(base + (new_npages << PAGE_SHIFT), n)
+        });
     }
 
     /// Grows a live heap span in place to `new_npages` pages if the pages after it are
@@ -741,6 +767,132 @@ impl<M: MemSource> MHeap<M> {
                 h.spanalloc.inuse(),
             )
         })
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Scavenging (`scavenger.rs` has the policy).
+    // ----------------------------------------------------------------------------------
+
+    /// Returns free memory to the OS. `force`: every free page, now
+    /// (`release_memory`). Otherwise a paced pass at coarse-clock time `now_ns`: pages
+    /// free for at least the delay, outside dense chunks, beyond the retained headroom,
+    /// stopping once `budget_ns` have passed. Returns the bytes released and whether
+    /// the pass stopped with work left.
+    ///
+    /// The heap lock must not be held. It is taken to pick runs (which become
+    /// allocated, so nobody else takes them) and to give them back scavenged, never
+    /// across the `madvise`.
+    pub(crate) fn scavenge(&self, force: bool, now_ns: u64, budget_ns: u64) -> (usize, bool) {
+        /// Runs and pages picked per visit under the lock (up to 64 MiB).
+        const BATCH_RUNS: usize = 16;
+        const BATCH_PAGES: usize = 8192;
+        let policy = if force {
+            ScavPolicy::ALL
+        } else {
+            match self.scavenger.delay_ms() {
+                Some(delay) => ScavPolicy {
+                    now: (now_ns / 1_000_000) as u32,
+                    min_age: delay,
+                    skip_dense: true,
+                },
+                None => return (0, false),
+            }
+        };
+        let retain = if force {
+            0
+        } else {
+            self.scavenger.retain_percent() as usize
+        };
+        let start = if force { 0 } else { crate::os::now_ns() };
+        let mut released = 0;
+        loop {
+            let mut runs = [(0usize, 0usize); BATCH_RUNS];
+            let (n, pages) = self.locked.lock().with(|h| {
+                let p = &mut h.pages;
+                let inuse = p.total_pages() - p.free_pages();
+                let keep = inuse.saturating_mul(retain) / 100;
+                let dirty = p.free_pages() - p.scavenged_pages();
+                let goal = dirty.saturating_sub(keep).min(BATCH_PAGES);
+                p.scavenge_take(policy, goal, &mut runs)
+            });
+            if n == 0 {
+                return (released, false);
+            }
+            for &(base, npages) in &runs[..n] {
+                // SAFETY: the run is free heap memory that `scavenge_take` marked
+                // allocated for us: nobody else reads or writes it until it is given
+                // back below.
+                unsafe {
+                    self.mem.decommit(
+                        NonNull::new_unchecked(base as *mut u8),
+                        npages << PAGE_SHIFT,
+                    )
+                };
+            }
+            self.locked.lock().with(|h| {
+                for &(base, npages) in &runs[..n] {
+                    h.pages.scavenge_return(base, npages);
+                }
+            });
+            let bytes = pages << PAGE_SHIFT;
+            add(&self.gauges.heap_released, bytes);
+            self.stats_update(|d| {
+                d.add(field::RELEASED, bytes as u64);
+                d.sub(field::COMMITTED, bytes as u64);
+                d.add(field::SCAV_BYTES, bytes as u64);
+                d.add(field::SCAV_CALLS, n as u64);
+            });
+            released += bytes;
+            if !force && crate::os::now_ns().wrapping_sub(start) >= budget_ns {
+                return (released, true);
+            }
+        }
+    }
+
+    /// Runs a paced scavenger pass if one is due. Called from the allocator's slow
+    /// paths with no lock held; costs a coarse-clock read and a load when none is due.
+    #[inline]
+    pub(crate) fn maybe_scavenge(&self) {
+        #[cfg(not(spanheap_loom))]
+        {
+            let now = crate::os::coarse_now_ns();
+            if now >= self.scavenger.next_due.load(Ordering::Relaxed) {
+                self.scavenge_due(now);
+            }
+        }
+    }
+
+    /// Claims the due pass (one thread at a time), runs it, and sets when the next one
+    /// is due: soon (ten times the pass's time) if it left work, a quarter of the delay
+    /// otherwise.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn scavenge_due(&self, now: u64) {
+        let sc = &self.scavenger;
+        let due = sc.next_due.load(Ordering::Relaxed);
+        if now < due
+            || sc
+                .next_due
+                .compare_exchange(due, u64::MAX, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let next = match sc.delay_ms() {
+            // Off: look at the settings again in a second.
+            None => now + 1_000_000_000,
+            Some(delay) => {
+                let t0 = crate::os::now_ns();
+                let (_, more) = self.scavenge(false, now, PASS_BUDGET_NS);
+                let spent = crate::os::now_ns().wrapping_sub(t0);
+                if more {
+                    now + (spent * (BACKLOG_WAIT + 1)).max(1_000_000)
+                } else {
+                    now + (u64::from(delay) * 250_000).clamp(10_000_000, 1_000_000_000)
+                }
+            }
+        };
+        sc.next_due.store(next, Ordering::Relaxed);
     }
 
     // ----------------------------------------------------------------------------------
@@ -1031,6 +1183,7 @@ impl<M: MemSource> MHeap<M> {
             if scav != 0 {
                 d.sub(field::RELEASED, scav);
                 d.add(field::COMMITTED, scav);
+                d.add(field::REUSED_RELEASED, scav);
             }
             d.add(field::INUSE, n);
             d.add(field::PURPOSE + purpose as usize, n);
@@ -1063,6 +1216,20 @@ impl<M: MemSource> MHeap<M> {
                 d.add(field::PAGE_CACHED, n);
             }
         });
+    }
+}
+
+/// The clock that frees stamp on page-allocator chunks, in milliseconds (wrapping).
+/// Loom models run no scavenger and use a constant.
+#[inline]
+fn clock_ms() -> u32 {
+    #[cfg(not(spanheap_loom))]
+    {
+        (crate::os::coarse_now_ns() / 1_000_000) as u32
+    }
+    #[cfg(spanheap_loom)]
+    {
+        0
     }
 }
 

@@ -263,6 +263,32 @@ pub fn os_page_size() -> Result<usize, OsError> {
     Ok(p)
 }
 
+/// Monotonic time in nanoseconds from the kernel's coarse clock (a vDSO read of a few
+/// nanoseconds; resolution one timer tick, typically 1-4 ms). For the scavenger's
+/// pacing and page ages, where a tick is fine and the read must be cheap.
+pub(crate) fn coarse_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// Monotonic time in nanoseconds, full resolution (bounding the work of one
+/// scavenger pass).
+pub(crate) fn now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer; it cannot fail
+    // for these clocks (on an error `t` stays zero, which only delays pacing).
+    unsafe { libc::clock_gettime(clock, &mut t) };
+    (t.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(t.tv_nsec as u64)
+}
+
 /// Writes bytes to stderr without allocating (for the rare diagnostics of the allocator).
 pub(crate) fn write_stderr(msg: &[u8]) {
     // SAFETY: a plain write(2) from a valid buffer; a short or failed write is ignored.

@@ -55,6 +55,15 @@
 //!   first nonzero summary it met (or the exact first free page when it reached it);
 //!   frees and growth below it lower it.
 //!
+//! * **Scavenging.** Free pages start dirty (Ready: they may hold RAM). Each L2 array
+//!   keeps a *dirty* bitmap of the chunks that may hold free, unscavenged pages, set
+//!   whenever pages are freed into a chunk, and the time of that last free. The
+//!   scavenger ([`scavenge_take`](PageAlloc::scavenge_take)) walks the dirty chunks from
+//!   the top of the heap down, skips those freed into too recently or too dense, and
+//!   takes their free unscavenged runs (marking them allocated); the heap returns them
+//!   to the OS without the lock and gives them back with
+//!   [`scavenge_return`](PageAlloc::scavenge_return), free and scavenged.
+//!
 //! * **Updates.** After the bitmaps of a run change, only the leaf summaries of the
 //!   chunks the run touches are recomputed (the chunks wholly inside the run are known
 //!   to be all free or all used without looking), then each level above is recomputed
@@ -72,6 +81,7 @@
 //! 5. `free` and `scav` equal the number of free pages and of scavenged pages.
 //! 6. Every summary entry that covers a grown chunk lies in a mapped unit, as does the
 //!    whole root level; a unit is mapped at most once.
+//! 7. A chunk with free pages that are not scavenged has its dirty mark set.
 
 use core::ptr::{self, NonNull};
 
@@ -286,6 +296,14 @@ struct L2 {
     chunks: [Chunk; L2_ENTRIES],
     /// Bit `k` set: chunk `k` of this array has been grown into the heap.
     grown: [u64; L2_ENTRIES / 64],
+    /// Bit `k` set: chunk `k` may hold free pages that are not scavenged (set when
+    /// pages are freed into it, cleared by the scavenger when it finds none): the
+    /// scavenger's index, so that a pass visits only chunks with work (Go's
+    /// `scavengeIndex`).
+    dirty: [u64; L2_ENTRIES / 64],
+    /// Clock (milliseconds, wrapping) of the last free into chunk `k`: the scavenger
+    /// leaves chunks alone until their pages have stayed free for its delay.
+    freed_at: [u32; L2_ENTRIES],
 }
 
 /// Calls `f(word, mask)` for each word that the page range `[s, e)` of a chunk touches,
@@ -602,6 +620,16 @@ pub(crate) struct PageAlloc {
     free: usize,
     /// Free pages whose scavenged bit is set.
     scav: usize,
+    /// Pages of all grown chunks.
+    total: usize,
+    /// Lowest grown chunk index (`usize::MAX` before the first grow).
+    first_chunk: usize,
+    /// The clock (milliseconds, wrapping) that frees stamp on chunks; set by the owner
+    /// before it frees ([`set_clock`](Self::set_clock)).
+    clock: u32,
+    /// Where the next scavenger scan starts: it looks at chunks below this index,
+    /// downwards, then wraps to the top. 0: start at the top.
+    scav_cursor: usize,
 }
 
 // SAFETY: the raw pointers lead to metadata memory (L2 arrays, summary arrays) that
@@ -621,17 +649,30 @@ impl PageAlloc {
             end_chunk: 0,
             free: 0,
             scav: 0,
+            total: 0,
+            first_chunk: usize::MAX,
+            clock: 0,
+            scav_cursor: 0,
         }
     }
 
+    /// Pages of the heap, free or not.
+    pub(crate) fn total_pages(&self) -> usize {
+        self.total
+    }
+
+    /// Sets the clock (milliseconds, wrapping) that the next frees stamp on the chunks
+    /// they free into. The scavenger compares these stamps with its own clock.
+    pub(crate) fn set_clock(&mut self, ms: u32) {
+        self.clock = ms;
+    }
+
     /// Free pages in the heap.
-    #[allow(dead_code)] // Heap statistics and the scavenger's pacing; today only tests read it.
     pub(crate) fn free_pages(&self) -> usize {
         self.free
     }
 
     /// Free pages that are scavenged (Prepared: reading as zero, holding no RAM).
-    #[allow(dead_code)] // Heap statistics and the scavenger's pacing; today only tests read it.
     pub(crate) fn scavenged_pages(&self) -> usize {
         self.scav
     }
@@ -844,7 +885,9 @@ impl PageAlloc {
         }
         self.free += added;
         self.scav += added;
+        self.total += added;
         self.end_chunk = self.end_chunk.max(c1);
+        self.first_chunk = self.first_chunk.min(c0);
         if base < self.search_addr {
             self.search_addr = base;
         }
@@ -1205,7 +1248,24 @@ impl PageAlloc {
             self.search_addr = base;
         }
         let (c0, c1) = (p0 >> LOG_CHUNK_PAGES, ((p1 - 1) >> LOG_CHUNK_PAGES) + 1);
+        for ci in c0..c1 {
+            self.note_freed(ci);
+        }
         self.update(c0, c1, Some(Sum::FREE_CHUNK));
+    }
+
+    /// Records that pages were just freed into chunk `ci` (dirty, stamped now).
+    fn note_freed(&mut self, ci: usize) {
+        let Some(&p) = self.l1.get(ci >> L2_BITS) else {
+            return;
+        };
+        // SAFETY: as in `chunk_mut`: a non-null L1 entry is our L2 array, and `&mut
+        // self` makes this the only reference into it.
+        if let Some(l2) = unsafe { p.as_mut() } {
+            let k = ci & (L2_ENTRIES - 1);
+            l2.dirty[k / 64] |= 1 << (k % 64);
+            l2.freed_at[k] = self.clock;
+        }
     }
 
     /// For a thread's page cache (Go's `allocToCache`): takes every free page of the
@@ -1251,6 +1311,9 @@ impl PageAlloc {
         ch.scav[w] |= scav;
         self.free += pages.count_ones() as usize;
         self.scav += scav.count_ones() as usize;
+        if pages & !scav != 0 {
+            self.note_freed(ci);
+        }
         let lowest = base + pages.trailing_zeros() as usize * PAGE_SIZE;
         if lowest < self.search_addr {
             self.search_addr = lowest;
@@ -1262,7 +1325,7 @@ impl PageAlloc {
     /// `[base, base + npages pages)` (the caller has just decommitted them); allocated
     /// pages and pages outside the heap are left alone. Returns how many pages changed
     /// from unscavenged to scavenged.
-    #[allow(dead_code)] // The scavenger (a later component) is its user; tests use it now.
+    #[allow(dead_code)] // Tests set up scavenged pages with it; the heap uses `scavenge_take`.
     pub(crate) fn mark_scavenged(&mut self, base: usize, npages: usize) -> usize {
         // Pages past the end of the address space are outside the heap too.
         let npages = npages.min(ADDR_LIMIT.saturating_sub(base) / PAGE_SIZE);
@@ -1277,6 +1340,213 @@ impl PageAlloc {
         }
         self.scav += changed;
         changed
+    }
+
+    // -- scavenging -------------------------------------------------------------------
+
+    /// The highest grown chunk index below `end` whose dirty bit is set.
+    fn prev_dirty(&self, end: usize) -> Option<usize> {
+        let mut c = end.min(self.end_chunk);
+        while c > self.first_chunk {
+            let j = (c - 1) >> L2_BITS;
+            let lo = j << L2_BITS;
+            // SAFETY: as in `l2`.
+            if let Some(l2) = unsafe { self.l1[j].as_ref() } {
+                let mut k = c - 1 - lo;
+                loop {
+                    let w = k / 64;
+                    // Bits 0..=k%64 of word w.
+                    let bits = l2.dirty[w] & (!0u64 >> (63 - k % 64));
+                    if bits != 0 {
+                        let ci = lo + w * 64 + 63 - bits.leading_zeros() as usize;
+                        return (ci >= self.first_chunk).then_some(ci);
+                    }
+                    if w == 0 {
+                        break;
+                    }
+                    k = w * 64 - 1;
+                }
+            }
+            c = lo;
+        }
+        None
+    }
+
+    /// For the scavenger (Go's `scavengeOne`, under the heap lock): finds free pages that
+    /// are not scavenged in the chunks `policy` allows, from the highest address down
+    /// (first-fit allocation reuses low addresses first, so high ones are the least
+    /// likely to be wanted soon), and marks them allocated so that nobody takes them
+    /// while the caller returns them to the OS without the lock. Fills `runs` with
+    /// `(base, npages)` runs, each inside one chunk, at most `max_pages` pages in all.
+    /// Returns how many runs and pages were taken; every run must be given back with
+    /// [`scavenge_return`](Self::scavenge_return).
+    ///
+    /// The scan resumes below where the previous one stopped and wraps to the top once,
+    /// so successive calls spread over the heap. Only chunks marked dirty are visited;
+    /// a visited chunk with nothing left to scavenge loses its mark.
+    pub(crate) fn scavenge_take(
+        &mut self,
+        policy: ScavPolicy,
+        max_pages: usize,
+        runs: &mut [(usize, usize)],
+    ) -> (usize, usize) {
+        let (mut n, mut pages) = (0, 0);
+        if max_pages == 0 || runs.is_empty() || self.end_chunk == 0 {
+            return (0, 0);
+        }
+        let top = self.end_chunk;
+        let start = if self.scav_cursor == 0 || self.scav_cursor > top {
+            top
+        } else {
+            self.scav_cursor
+        };
+        // First the chunks below `start`, then (second) those from `start` to the top.
+        let (mut end, mut second) = (start, false);
+        loop {
+            let ci = match self.prev_dirty(end) {
+                Some(ci) if !second || ci >= start => ci,
+                _ => {
+                    if second || start == top {
+                        self.scav_cursor = 0;
+                        return (n, pages);
+                    }
+                    second = true;
+                    end = top;
+                    continue;
+                }
+            };
+            end = ci;
+            let k = ci & (L2_ENTRIES - 1);
+            // SAFETY: `prev_dirty` only returns chunks of allocated L2 arrays; `&mut
+            // self` makes this the only reference into the array.
+            let l2 = unsafe { &mut *self.l1[ci >> L2_BITS] };
+            let ch = &mut l2.chunks[k];
+            let mut avail = [0u64; CHUNK_WORDS];
+            let mut used = 0;
+            for w in 0..CHUNK_WORDS {
+                avail[w] = !ch.alloc[w] & !ch.scav[w];
+                used += ch.alloc[w].count_ones() as usize;
+            }
+            if avail.iter().all(|&w| w == 0) {
+                l2.dirty[k / 64] &= !(1 << (k % 64));
+                continue;
+            }
+            let young = policy.now.wrapping_sub(l2.freed_at[k]) < policy.min_age;
+            if young || (policy.skip_dense && used >= DENSE_PAGES) {
+                continue;
+            }
+            let mut took = 0;
+            while n < runs.len() && pages < max_pages {
+                let Some((s, e)) = highest_run(&avail) else {
+                    break;
+                };
+                let s = s.max(e - (max_pages - pages).min(e));
+                let (newly, sc) = ch.set_alloc(s, e);
+                debug_assert!(newly == e - s && sc == 0);
+                for_each_word(s, e, |w, m| avail[w] &= !m);
+                runs[n] = ((ci << LOG_CHUNK_SIZE) + s * PAGE_SIZE, e - s);
+                n += 1;
+                pages += e - s;
+                took += e - s;
+            }
+            if avail.iter().all(|&w| w == 0) {
+                l2.dirty[k / 64] &= !(1 << (k % 64));
+            }
+            if took != 0 {
+                self.free -= took;
+                self.update(ci, ci + 1, None);
+            }
+            if n == runs.len() || pages >= max_pages {
+                self.scav_cursor = ci + 1;
+                return (n, pages);
+            }
+        }
+    }
+
+    /// Gives back a run taken by [`scavenge_take`](Self::scavenge_take) once it has been
+    /// returned to the OS: its pages become free and scavenged. The chunk's dirty mark
+    /// and free stamp are left as they are (this is not a free by the program).
+    pub(crate) fn scavenge_return(&mut self, base: usize, npages: usize) {
+        let Some((p0, p1)) = page_span(base, npages) else {
+            debug_assert!(false, "scavenge_return({base:#x}, {npages}): bad range");
+            return;
+        };
+        let ci = p0 >> LOG_CHUNK_PAGES;
+        debug_assert_eq!(
+            (p1 - 1) >> LOG_CHUNK_PAGES,
+            ci,
+            "a scavenged run spans chunks"
+        );
+        let first = ci << LOG_CHUNK_PAGES;
+        let (s, e) = (p0 - first, (p1 - first).min(CHUNK_PAGES));
+        let Some(ch) = self.chunk_mut(ci) else {
+            debug_assert!(false, "scavenge_return outside the heap");
+            return;
+        };
+        let freed = ch.clear_alloc(s, e);
+        let sc = ch.set_scav(s, e);
+        debug_assert!(freed == npages && sc == npages, "scavenged run not taken");
+        self.free += freed;
+        self.scav += sc;
+        if base < self.search_addr {
+            self.search_addr = base;
+        }
+        self.update(ci, ci + 1, None);
+    }
+}
+
+/// A chunk with at least this many of its 512 pages in use is *dense*: the paced
+/// scavenger leaves its few free pages alone, because returning them would break up
+/// the transparent huge pages backing the chunk for little gain (Go's
+/// `scavChunkHiOccFrac`, 31/32). [`ScavPolicy::ALL`] ignores density.
+pub(crate) const DENSE_PAGES: usize = CHUNK_PAGES - CHUNK_PAGES / 32;
+
+/// Which chunks [`PageAlloc::scavenge_take`] may take pages from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScavPolicy {
+    /// The clock now (milliseconds, wrapping; the clock given to `set_clock`).
+    pub(crate) now: u32,
+    /// Only chunks whose last free is at least this many milliseconds old.
+    pub(crate) min_age: u32,
+    /// Leave dense chunks (see [`DENSE_PAGES`]) alone.
+    pub(crate) skip_dense: bool,
+}
+
+impl ScavPolicy {
+    /// Every free page, however recent, in every chunk (`release_memory`).
+    pub(crate) const ALL: ScavPolicy = ScavPolicy {
+        now: 0,
+        min_age: 0,
+        skip_dense: false,
+    };
+}
+
+/// The highest run of set bits in a chunk bitmap, as a page range `[s, e)`.
+fn highest_run(b: &[u64; CHUNK_WORDS]) -> Option<(usize, usize)> {
+    let mut w = CHUNK_WORDS;
+    let (hw, hb) = loop {
+        if w == 0 {
+            return None;
+        }
+        w -= 1;
+        if b[w] != 0 {
+            break (w, 63 - b[w].leading_zeros() as usize);
+        }
+    };
+    let e = hw * 64 + hb + 1;
+    // The run goes down to just above the highest clear bit below `e`.
+    let mut mask = if hb == 63 { !0 } else { (1u64 << (hb + 1)) - 1 };
+    let mut w = hw;
+    loop {
+        let clear = !b[w] & mask;
+        if clear != 0 {
+            return Some((w * 64 + 64 - clear.leading_zeros() as usize, e));
+        }
+        if w == 0 {
+            return Some((0, e));
+        }
+        w -= 1;
+        mask = !0;
     }
 }
 
@@ -1344,6 +1614,15 @@ mod tests {
                     free += ch.alloc[w].count_zeros() as usize;
                     scav += ch.scav[w].count_ones() as usize;
                 }
+                let dirty_work = (0..CHUNK_WORDS).any(|w| !ch.alloc[w] & !ch.scav[w] != 0);
+                if dirty_work {
+                    let l2 = self.l2(ci).unwrap();
+                    let k = ci & (L2_ENTRIES - 1);
+                    assert!(
+                        l2.dirty[k / 64] >> (k % 64) & 1 != 0,
+                        "chunk {ci:#x} has free unscavenged pages but no dirty mark"
+                    );
+                }
                 let ff = next_bit(&ch.alloc, 0, false);
                 if first_free.is_none() && ff < CHUNK_PAGES {
                     first_free = Some(addr(ci, ff));
@@ -1356,6 +1635,7 @@ mod tests {
             }
             assert_eq!(free, self.free, "free page counter");
             assert_eq!(scav, self.scav, "scavenged page counter");
+            assert_eq!(grown.len() * CHUNK_PAGES, self.total, "total page counter");
             if let Some(ff) = first_free {
                 assert!(
                     self.search_addr <= ff,
@@ -2081,6 +2361,105 @@ mod tests {
     }
 
     #[test]
+    fn scavenger_takes_old_free_runs_from_the_top_and_gives_them_back() {
+        let mut pa = new_pa();
+        let mut runs = [(0, 0); 4];
+        assert_eq!(pa.scavenge_take(ScavPolicy::ALL, 100, &mut runs), (0, 0));
+        pa.grow(&OsMemory, addr(BASE, 0), 3 * CHUNK_SIZE).unwrap();
+        assert_eq!(
+            pa.scavenge_take(ScavPolicy::ALL, 100, &mut runs),
+            (0, 0),
+            "fresh memory is already scavenged"
+        );
+        pa.alloc_range(addr(BASE, 0), 3 * CHUNK_PAGES);
+        pa.set_clock(1000);
+        pa.free(addr(BASE, 10), 20);
+        pa.free(addr(BASE + 2, 100), 64);
+        pa.free(addr(BASE + 2, 300), 1);
+        // Chunk BASE + 1 is dense: 8 free pages of 512.
+        pa.free(addr(BASE + 1, 200), 8);
+        pa.check_invariants();
+        let at = |now| ScavPolicy {
+            now,
+            min_age: 1000,
+            skip_dense: true,
+        };
+        assert_eq!(
+            pa.scavenge_take(at(1999), 1000, &mut runs),
+            (0, 0),
+            "pages freed less than the delay ago stay"
+        );
+        // Highest first, limited to 30 pages: the top run, then the top of the next.
+        assert_eq!(pa.scavenge_take(at(2000), 30, &mut runs), (2, 30));
+        assert_eq!(runs[0], (addr(BASE + 2, 300), 1));
+        assert_eq!(runs[1], (addr(BASE + 2, 135), 29));
+        assert!(
+            !pa.is_free(addr(BASE + 2, 135), 1),
+            "taken runs are allocated"
+        );
+        pa.check_invariants();
+        let free_before = pa.free_pages();
+        pa.scavenge_return(runs[0].0, runs[0].1);
+        pa.scavenge_return(runs[1].0, runs[1].1);
+        assert_eq!(pa.free_pages(), free_before + 30);
+        assert_eq!(pa.scavenged_pages(), 30);
+        pa.check_invariants();
+        // The next scan resumes: the rest of that chunk, then chunk BASE (the dense
+        // chunk is skipped).
+        assert_eq!(pa.scavenge_take(at(2000), 1000, &mut runs), (2, 55));
+        assert_eq!(runs[0], (addr(BASE + 2, 100), 35));
+        assert_eq!(runs[1], (addr(BASE, 10), 20));
+        for &(a, n) in &runs[..2] {
+            pa.scavenge_return(a, n);
+        }
+        assert_eq!(pa.scavenge_take(at(2000), 1000, &mut runs), (0, 0));
+        // Forced: the dense chunk too.
+        assert_eq!(pa.scavenge_take(ScavPolicy::ALL, 1000, &mut runs), (1, 8));
+        assert_eq!(runs[0], (addr(BASE + 1, 200), 8));
+        pa.scavenge_return(runs[0].0, runs[0].1);
+        assert_eq!(pa.scavenged_pages(), 93);
+        assert_eq!(pa.scavenged_pages(), pa.free_pages());
+        pa.check_invariants();
+        // Every chunk was visited with nothing left: no dirty marks remain.
+        assert_eq!(pa.prev_dirty(usize::MAX), None);
+        // A scavenged page that is allocated again and freed is dirty again.
+        assert_eq!(pa.alloc_range(addr(BASE, 12), 2), 2 * PAGE_SIZE);
+        pa.set_clock(5000);
+        pa.free(addr(BASE, 12), 2);
+        assert_eq!(pa.prev_dirty(usize::MAX), Some(BASE));
+        assert_eq!(pa.scavenge_take(at(5500), 1000, &mut runs), (0, 0));
+        assert_eq!(pa.scavenge_take(at(6000), 1000, &mut runs), (1, 2));
+        // Page-cache blocks given back dirty mark their chunk too.
+        pa.scavenge_return(runs[0].0, runs[0].1);
+        let (base, pages, scav) = pa.alloc_to_cache().unwrap();
+        let b = 1u64 << pages.trailing_zeros();
+        pa.free_from_cache(base, pages & !b, scav & !b);
+        assert_eq!(pa.prev_dirty(usize::MAX), None, "all still scavenged");
+        // The cache used page `b`: it comes back dirty.
+        pa.free_from_cache(base, b, 0);
+        assert_eq!(pa.prev_dirty(usize::MAX), Some(base >> LOG_CHUNK_SIZE));
+        pa.check_invariants();
+    }
+
+    #[test]
+    fn highest_run_finds_the_top_run() {
+        let mut b = [0u64; CHUNK_WORDS];
+        assert_eq!(highest_run(&b), None);
+        b[0] = 1;
+        assert_eq!(highest_run(&b), Some((0, 1)));
+        b[7] = 1 << 63;
+        assert_eq!(highest_run(&b), Some((511, 512)));
+        b = [!0; CHUNK_WORDS];
+        assert_eq!(highest_run(&b), Some((0, 512)));
+        b[3] = !(1 << 10);
+        assert_eq!(highest_run(&b), Some((3 * 64 + 11, 512)));
+        b = [0; CHUNK_WORDS];
+        b[2] = 1 << 63;
+        b[3] = 0b111;
+        assert_eq!(highest_run(&b), Some((2 * 64 + 63, 3 * 64 + 3)));
+    }
+
+    #[test]
     fn page_cache_blocks_are_taken_and_given_back() {
         let mut pa = new_pa();
         assert_eq!(
@@ -2527,6 +2906,7 @@ mod tests {
             frees: usize,
             grows: usize,
             scav_bytes: usize,
+            scav_taken: usize,
             ranges: usize,
         }
         let mut st = Stats::default();
@@ -2633,6 +3013,40 @@ mod tests {
                     live.swap_remove(i);
                 }
                 st.frees += 1;
+            } else if r < 935 {
+                // The scavenger: take free unscavenged runs, check them against the
+                // reference, give them back scavenged.
+                pa.set_clock(op as u32);
+                let policy = if rng.below(2) == 0 {
+                    ScavPolicy::ALL
+                } else {
+                    ScavPolicy {
+                        now: op as u32,
+                        min_age: rng.below(2000) as u32,
+                        skip_dense: rng.below(2) == 0,
+                    }
+                };
+                let mut runs = [(0, 0); 8];
+                let max = 1 + rng.below(3000);
+                let (n, pages) = pa.scavenge_take(policy, max, &mut runs);
+                assert!(pages <= max);
+                let mut sum = 0;
+                for &(a, np) in &runs[..n] {
+                    let p = a / PAGE_SIZE;
+                    assert!(rf.is_free(p, np), "op {op}: scavenger took used pages");
+                    assert_eq!(rf.alloc_range(p, np), 0, "op {op}: took scavenged pages");
+                    sum += np;
+                }
+                assert_eq!(sum, pages);
+                if rng.below(4) == 0 {
+                    pa.check_invariants();
+                }
+                for &(a, np) in &runs[..n] {
+                    pa.scavenge_return(a, np);
+                    rf.free(a / PAGE_SIZE, np);
+                    assert_eq!(rf.mark_scavenged(a / PAGE_SIZE, np), np);
+                }
+                st.scav_taken += pages;
             } else if r < 950 {
                 // Scavenge part of the heap.
                 let ci = rf.chunks[rng.below(rf.chunks.len())].0;

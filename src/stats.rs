@@ -263,8 +263,14 @@ pub(crate) mod field {
     pub(crate) const CACHES: usize = PAGES_IN_USE + 5;
     /// Free bytes held in threads' page caches.
     pub(crate) const PAGE_CACHED: usize = PAGES_IN_USE + 6;
+    /// Bytes returned to the OS by the scavenger (cumulative).
+    pub(crate) const SCAV_BYTES: usize = PAGES_IN_USE + 7;
+    /// `madvise` calls made by the scavenger (cumulative).
+    pub(crate) const SCAV_CALLS: usize = PAGES_IN_USE + 8;
+    /// Released bytes taken back into use (re-committed) by allocations (cumulative).
+    pub(crate) const REUSED_RELEASED: usize = PAGES_IN_USE + 9;
     /// Small-object allocations per class: `SMALL_ALLOCS + class`.
-    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 7;
+    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 10;
     /// Small-object frees per class: `SMALL_FREES + class`.
     pub(crate) const SMALL_FREES: usize = SMALL_ALLOCS + NUM_CLASSES;
     /// Number of counters.
@@ -388,6 +394,14 @@ pub struct Stats {
     pub large_free_bytes: u64,
     /// Threads with a live thread cache.
     pub thread_caches: u64,
+    /// Bytes the scavenger has returned to the OS so far (cumulative; the automatic
+    /// passes and [`release_memory`](crate::release_memory)).
+    pub scavenged_bytes: u64,
+    /// `madvise` calls the scavenger has made so far (cumulative).
+    pub scavenge_calls: u64,
+    /// Released bytes that allocations have taken back into use so far (cumulative):
+    /// pages returned to the OS (or never touched) and then re-committed.
+    pub reused_released_bytes: u64,
     /// Small-object counts per size class, indexed by class (index 0, "no class", is
     /// all zero). See [`ClassStats`] for when objects are counted.
     pub classes: [ClassStats; NUM_CLASSES],
@@ -425,6 +439,9 @@ impl Stats {
             large_alloc_bytes: t[LARGE_ALLOC_BYTES],
             large_free_bytes: t[LARGE_FREE_BYTES],
             thread_caches: t[CACHES],
+            scavenged_bytes: t[SCAV_BYTES],
+            scavenge_calls: t[SCAV_CALLS],
+            reused_released_bytes: t[REUSED_RELEASED],
             classes,
             gauges,
         }
@@ -560,6 +577,13 @@ impl fmt::Display for Stats {
         writeln!(f, "  metadata (other)   {:>12}", Bytes(self.metadata_bytes))?;
         writeln!(f, "  pages in use       {:>12}", self.pages_in_use)?;
         writeln!(f, "  thread caches      {:>12}", self.thread_caches)?;
+        writeln!(
+            f,
+            "  scavenged          {:>12}   in {} madvise calls; {} released bytes reused",
+            Bytes(self.scavenged_bytes),
+            self.scavenge_calls,
+            Bytes(self.reused_released_bytes)
+        )?;
         writeln!(
             f,
             "  small objects      {:>12} live ({}), {} allocated, {} freed",

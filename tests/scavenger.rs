@@ -1,0 +1,478 @@
+//! The scavenger (returning free memory to the OS): `release_memory()`, paced release
+//! driven by the allocator's own slow paths, the background thread, the statistics
+//! that account for it, reuse of released memory, the settings, and the absence of
+//! madvise storms under churn.
+//!
+//! Each test measures process RSS, so each runs alone in a child process (re-running
+//! this binary with `--exact <name>`); the parent only checks that the child passed.
+
+use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
+use std::time::{Duration, Instant};
+
+use spanheap::ScavengerConfig;
+
+#[global_allocator]
+static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
+
+const MIB: usize = 1 << 20;
+
+/// Whether this process is a child started by `in_child`.
+fn is_child() -> bool {
+    std::env::var_os("SPANHEAP_SCAV_CHILD").is_some()
+}
+
+/// Runs the test `name` alone in a child process with the environment `env`; returns
+/// its stdout (where the children print their figures).
+fn in_child(name: &str, env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("SPANHEAP_SCAV_CHILD", "1");
+    for v in [
+        "SPANHEAP_SCAVENGE_DELAY_MS",
+        "SPANHEAP_RETAIN_PERCENT",
+        "SPANHEAP_BACKGROUND_SCAVENGER",
+    ] {
+        cmd.env_remove(v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "child {name} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "child {name} did not run:\n{stdout}"
+    );
+    println!("{stdout}");
+    stdout
+}
+
+/// Resident set size of this process, in bytes (`/proc/self/statm`). Does not
+/// allocate, so that measuring does not drive the scavenger.
+fn rss() -> usize {
+    let mut buf = [0u8; 256];
+    // SAFETY: open/read/close with a NUL-terminated path and a stack buffer.
+    let n = unsafe {
+        let fd = libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY);
+        assert!(fd >= 0);
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    assert!(n > 0);
+    let mut fields = buf[..n as usize].split(|&b| b == b' ');
+    fields.next();
+    let pages = fields
+        .next()
+        .unwrap()
+        .iter()
+        .fold(0usize, |v, &d| v * 10 + (d - b'0') as usize);
+    // SAFETY: sysconf has no preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
+}
+
+/// splitmix64.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Allocates `total` bytes, half in small blocks (16 B .. 32 KiB) and half in large
+/// ones (64 KiB .. 8 MiB), every byte written. Returns the blocks.
+fn fill(total: usize, seed: u64) -> Vec<(usize, Layout)> {
+    let mut rng = Rng(seed);
+    let mut v = Vec::new();
+    let (mut small, mut large) = (0, 0);
+    while small + large < total {
+        let size = if small <= large {
+            16 + rng.below(32 << 10)
+        } else {
+            (64 << 10) + rng.below(8 * MIB)
+        };
+        let l = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(l) };
+        assert!(!p.is_null());
+        // SAFETY: `size` writable bytes.
+        unsafe { std::ptr::write_bytes(p, 0xA5, size) };
+        if size <= 32 << 10 {
+            small += size;
+        } else {
+            large += size;
+        }
+        v.push((p as usize, l));
+    }
+    v
+}
+
+fn free_all(v: Vec<(usize, Layout)>) {
+    for (p, l) in v {
+        // SAFETY: live blocks from `fill`.
+        unsafe { dealloc(p as *mut u8, l) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn release_memory_brings_rss_back_and_is_accounted() {
+    in_child("child_release_memory", &[]);
+}
+
+#[test]
+fn child_release_memory() {
+    if !is_child() {
+        return;
+    }
+    // Automatic passes off, so that the accounting below sees only this call.
+    spanheap::set_scavenger_config(ScavengerConfig {
+        delay: None,
+        ..ScavengerConfig::default()
+    });
+    let start = rss();
+    let blocks = fill(1 << 30, 1);
+    let peak = rss();
+    assert!(peak > start + 900 * MIB, "1 GiB was not resident: {peak}");
+    free_all(blocks);
+    let before = spanheap::stats();
+    let freed_rss = rss();
+    let released = spanheap::release_memory();
+    let after = spanheap::stats();
+    let end = rss();
+    println!(
+        "rss: start {} MiB, peak {} MiB, after free {} MiB, after release_memory {} MiB; released {} MiB in {} calls",
+        start / MIB,
+        peak / MIB,
+        freed_rss / MIB,
+        end / MIB,
+        released / MIB,
+        after.scavenge_calls - before.scavenge_calls
+    );
+    assert!(
+        end < start + 64 * MIB,
+        "RSS {} MiB not within 64 MiB of the start ({} MiB)",
+        end / MIB,
+        start / MIB
+    );
+    assert!(released >= 900 * MIB, "released only {released} bytes");
+    after.check().unwrap();
+    let released = released as u64;
+    assert_eq!(after.scavenged_bytes - before.scavenged_bytes, released);
+    assert_eq!(after.released_bytes - before.released_bytes, released);
+    assert_eq!(before.committed_bytes - after.committed_bytes, released);
+    assert_eq!(
+        after.gauges.heap_released - before.gauges.heap_released,
+        released
+    );
+    assert!(after.scavenge_calls > before.scavenge_calls);
+    assert!(after.gauges.heap_released <= after.gauges.heap_idle);
+    // Everything free is released: committed memory is what is in use, plus the
+    // free pages the page caches and the span-record chunks keep.
+    assert!(
+        after.committed_bytes - after.inuse_bytes < 4 * MIB as u64,
+        "{} bytes free and committed after release_memory",
+        after.committed_bytes - after.inuse_bytes
+    );
+    // A second call finds nothing.
+    assert_eq!(spanheap::release_memory(), 0);
+}
+
+#[test]
+fn paced_release_without_an_explicit_call() {
+    in_child("child_paced_release", &[]);
+}
+
+/// Light activity after freeing 1 GiB: every 10 ms a few strings and a buffer.
+#[test]
+fn child_paced_release() {
+    if !is_child() {
+        return;
+    }
+    assert_eq!(spanheap::scavenger_config(), ScavengerConfig::default());
+    let start = rss();
+    let blocks = fill(1 << 30, 2);
+    let peak = rss();
+    free_all(blocks);
+    let t0 = Instant::now();
+    let mut rng = Rng(3);
+    let mut timeline = Vec::new();
+    let mut reached = None;
+    let mut last_sample = Duration::ZERO;
+    while t0.elapsed() < Duration::from_secs(3) {
+        let strings: Vec<String> = (0..50).map(|i| "x".repeat(1 + i * 7)).collect();
+        let buf = vec![1u8; (64 << 10) + rng.below(MIB)];
+        std::hint::black_box((&strings, &buf));
+        drop((strings, buf));
+        std::thread::sleep(Duration::from_millis(10));
+        let t = t0.elapsed();
+        if t - last_sample >= Duration::from_millis(250) {
+            last_sample = t;
+            timeline.push((t.as_millis(), rss() / MIB));
+        }
+        if rss() < start + 64 * MIB {
+            reached = Some(t);
+            timeline.push((t.as_millis(), rss() / MIB));
+            break;
+        }
+    }
+    println!(
+        "rss: start {} MiB, peak {} MiB; timeline (ms, MiB): {timeline:?}",
+        start / MIB,
+        peak / MIB
+    );
+    let s = spanheap::stats();
+    s.check().unwrap();
+    println!(
+        "scavenged {} MiB in {} calls",
+        s.scavenged_bytes / MIB as u64,
+        s.scavenge_calls
+    );
+    let t = reached.unwrap_or_else(|| {
+        panic!(
+            "RSS still {} MiB (start {} MiB) 3 s after freeing",
+            rss() / MIB,
+            start / MIB
+        )
+    });
+    // Not before the delay: memory is not returned the moment it is freed.
+    assert!(t >= Duration::from_millis(900), "released after only {t:?}");
+    println!("back within 64 MiB of the start after {} ms", t.as_millis());
+}
+
+#[test]
+fn background_thread_releases_memory_of_an_idle_program() {
+    in_child(
+        "child_background",
+        &[
+            ("SPANHEAP_BACKGROUND_SCAVENGER", "1"),
+            ("SPANHEAP_SCAVENGE_DELAY_MS", "300"),
+        ],
+    );
+}
+
+fn scavenger_thread_exists() -> bool {
+    std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+        let comm = std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap_or_default();
+        comm.trim() == "spanheap-scav"
+    })
+}
+
+#[test]
+fn child_background() {
+    if !is_child() {
+        return;
+    }
+    let c = spanheap::scavenger_config();
+    assert!(c.background, "SPANHEAP_BACKGROUND_SCAVENGER=1 not read");
+    assert_eq!(c.delay, Some(Duration::from_millis(300)));
+    let start = rss();
+    let blocks = fill(256 * MIB, 4);
+    free_all(blocks);
+    assert!(scavenger_thread_exists(), "no spanheap-scav thread");
+    // No allocator call from here on: only the background thread can release.
+    let t0 = Instant::now();
+    while rss() > start + 32 * MIB {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "idle RSS still {} MiB (start {} MiB)",
+            rss() / MIB,
+            start / MIB
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("idle program back to start RSS after {:?}", t0.elapsed());
+    // Turned off: the thread goes away.
+    assert!(spanheap::set_scavenger_config(ScavengerConfig {
+        background: false,
+        ..c
+    }));
+    let t1 = Instant::now();
+    while spanheap::__private::background_scavenger_running() || scavenger_thread_exists() {
+        assert!(t1.elapsed() < Duration::from_secs(2), "thread did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn without_the_background_thread_nothing_runs_behind_the_program() {
+    in_child(
+        "child_no_background",
+        &[("SPANHEAP_SCAVENGE_DELAY_MS", "100")],
+    );
+}
+
+#[test]
+fn child_no_background() {
+    if !is_child() {
+        return;
+    }
+    assert!(!spanheap::scavenger_config().background);
+    let blocks = fill(128 * MIB, 5);
+    free_all(blocks);
+    let freed = rss();
+    std::thread::sleep(Duration::from_millis(600));
+    // Idle and no thread: nothing was returned behind the program's back...
+    assert!(
+        rss() + 16 * MIB > freed,
+        "memory returned with no allocator call"
+    );
+    assert!(!scavenger_thread_exists());
+    // ...until the program calls the allocator's slow paths again (the pass is due).
+    let t0 = Instant::now();
+    while rss() + 64 * MIB > freed {
+        let v = vec![0u8; 200 << 10];
+        std::hint::black_box(&v);
+        drop(v);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(t0.elapsed() < Duration::from_secs(2), "no pass ran");
+    }
+}
+
+#[test]
+fn released_memory_is_reused_zeroed_and_counted() {
+    in_child("child_reuse", &[("SPANHEAP_SCAVENGE_DELAY_MS", "off")]);
+}
+
+#[test]
+fn child_reuse() {
+    if !is_child() {
+        return;
+    }
+    assert_eq!(spanheap::scavenger_config().delay, None);
+    let sizes = [100 << 10, 1 << 20, 3 << 20, 5000, 24 << 10];
+    let mut v = Vec::new();
+    for round in 0..64 {
+        for &s in &sizes {
+            let l = Layout::from_size_align(s, 8).unwrap();
+            // SAFETY: non-zero size.
+            let p = unsafe { alloc(l) };
+            // SAFETY: `s` writable bytes.
+            unsafe { std::ptr::write_bytes(p, 0x5A ^ round as u8, s) };
+            v.push((p as usize, l));
+        }
+    }
+    free_all(v);
+    let released = spanheap::release_memory();
+    assert!(released > 64 * 4 * MIB);
+    let before = spanheap::stats();
+    let mut v = Vec::new();
+    for _ in 0..64 {
+        for &s in &sizes {
+            let l = Layout::from_size_align(s, 8).unwrap();
+            // SAFETY: non-zero size.
+            let p = unsafe { alloc_zeroed(l) };
+            assert!(!p.is_null());
+            // SAFETY: `s` readable bytes.
+            let b = unsafe { std::slice::from_raw_parts(p, s) };
+            assert!(b.iter().all(|&x| x == 0), "alloc_zeroed gave dirty memory");
+            // SAFETY: and writable.
+            unsafe { std::ptr::write_bytes(p, 0xC3, s) };
+            v.push((p as usize, l));
+        }
+    }
+    let after = spanheap::stats();
+    after.check().unwrap();
+    let reused = after.reused_released_bytes - before.reused_released_bytes;
+    println!("released {released} bytes, reused {reused}");
+    assert!(
+        reused > 64 * 4 * MIB as u64,
+        "re-committed bytes not counted: {reused}"
+    );
+    assert_eq!(
+        before.released_bytes - after.released_bytes,
+        reused,
+        "released bytes must drop by what was re-committed (no growth expected)"
+    );
+    for &(p, l) in &v {
+        // SAFETY: live blocks written above.
+        let b = unsafe { std::slice::from_raw_parts(p as *const u8, l.size()) };
+        assert!(b.iter().all(|&x| x == 0xC3));
+    }
+    free_all(v);
+}
+
+#[test]
+fn churn_does_not_cause_a_madvise_storm() {
+    let out = in_child("child_churn", &[]);
+    assert!(out.contains("madvise per million"));
+}
+
+/// Request-style churn: a 16 KiB message buffer per request, strings, and a `Vec`
+/// grown to 1 MiB and dropped, in a loop for about two seconds (twice the delay).
+#[test]
+fn child_churn() {
+    if !is_child() {
+        return;
+    }
+    let before = spanheap::stats();
+    let t0 = Instant::now();
+    let mut ops = 0u64;
+    while t0.elapsed() < Duration::from_millis(2200) {
+        for _ in 0..100 {
+            let msg = vec![7u8; 16 << 10];
+            let s = format!("request {ops}");
+            std::hint::black_box((&msg, &s));
+            ops += 2;
+        }
+        let mut v: Vec<u64> = Vec::new();
+        for i in 0..(128 << 10) {
+            v.push(i);
+        }
+        ops += 18; // reallocations of the growth
+        std::hint::black_box(&v);
+    }
+    let after = spanheap::stats();
+    let calls = after.scavenge_calls - before.scavenge_calls;
+    let per_million = calls as f64 * 1e6 / ops as f64;
+    println!(
+        "{ops} operations, {calls} madvise calls: {per_million:.1} madvise per million operations"
+    );
+    assert!(
+        per_million <= 50.0,
+        "{calls} madvise calls for {ops} operations"
+    );
+}
+
+#[test]
+fn settings_from_the_environment() {
+    in_child(
+        "child_env",
+        &[
+            ("SPANHEAP_SCAVENGE_DELAY_MS", "2500"),
+            ("SPANHEAP_RETAIN_PERCENT", "25"),
+        ],
+    );
+}
+
+#[test]
+fn child_env() {
+    if !is_child() {
+        return;
+    }
+    let c = spanheap::scavenger_config();
+    assert_eq!(c.delay, Some(Duration::from_millis(2500)));
+    assert_eq!(c.retain_percent, 25);
+    assert!(!c.background);
+    // The API wins over the environment, before or after first use.
+    let n = ScavengerConfig {
+        delay: Some(Duration::from_millis(40)),
+        retain_percent: 0,
+        background: false,
+    };
+    assert!(spanheap::set_scavenger_config(n));
+    assert_eq!(spanheap::scavenger_config(), n);
+}
