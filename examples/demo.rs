@@ -28,10 +28,8 @@
 //! and `String`) through bounded channels to consumer threads that check and drop
 //! them (every message is freed by a thread other than the one that allocated it).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -39,94 +37,9 @@ use std::time::{Duration, Instant};
 // The global allocator: one choice per process, made at the first allocation.
 // ---------------------------------------------------------------------------------------
 
-const UNDECIDED: u8 = 0;
-const SYSTEM: u8 = 1;
-const SPANHEAP: u8 = 2;
-const MIMALLOC: u8 = 3;
-const JEMALLOC: u8 = 4;
-
-/// The allocators, in the order the table lists them (spanheap first: the reference).
-const CHOICES: [(&str, u8); 4] = [
-    ("spanheap", SPANHEAP),
-    ("system", SYSTEM),
-    ("mimalloc", MIMALLOC),
-    ("jemalloc", JEMALLOC),
-];
-
-static MODE: AtomicU8 = AtomicU8::new(UNDECIDED);
-
-/// Dispatches every call to the allocator named by `DEMO_ALLOC` at the process's first
-/// allocation. The choice never changes afterwards, so each block is freed by the
-/// allocator that made it.
-struct Switch;
-
-#[global_allocator]
-static GLOBAL: Switch = Switch;
-
-#[inline]
-fn mode() -> u8 {
-    match MODE.load(Ordering::Relaxed) {
-        UNDECIDED => decide(),
-        m => m,
-    }
-}
-
-/// Reads `DEMO_ALLOC` without allocating. Threads racing here read the same variable
-/// (nothing in this program changes the environment) and store the same answer.
-#[cold]
-fn decide() -> u8 {
-    // SAFETY: a NUL-terminated name; the environment is not modified by this program.
-    let v = unsafe { libc::getenv(c"DEMO_ALLOC".as_ptr()) };
-    let m = if v.is_null() {
-        SYSTEM
-    } else {
-        // SAFETY: getenv returns a NUL-terminated string.
-        let name = unsafe { std::ffi::CStr::from_ptr(v) }.to_bytes();
-        CHOICES
-            .iter()
-            .find(|(n, _)| n.as_bytes() == name)
-            .map_or(SYSTEM, |&(_, m)| m)
-    };
-    MODE.store(m, Ordering::Relaxed);
-    m
-}
-
-macro_rules! dispatch {
-    ($method:ident($($arg:expr),*)) => {
-        match mode() {
-            SPANHEAP => spanheap::SpanHeap.$method($($arg),*),
-            MIMALLOC => mimalloc::MiMalloc.$method($($arg),*),
-            JEMALLOC => tikv_jemallocator::Jemalloc.$method($($arg),*),
-            _ => System.$method($($arg),*),
-        }
-    };
-}
-
-// SAFETY: every call goes to one and the same allocator for the life of the process
-// (the mode is decided once, before the first block exists), so each method only
-// forwards `GlobalAlloc`'s contract to an allocator that upholds it.
-unsafe impl GlobalAlloc for Switch {
-    #[inline]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded.
-        unsafe { dispatch!(alloc(layout)) }
-    }
-    #[inline]
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded.
-        unsafe { dispatch!(alloc_zeroed(layout)) }
-    }
-    #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded; `ptr` came from the same allocator.
-        unsafe { dispatch!(dealloc(ptr, layout)) }
-    }
-    #[inline]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded; `ptr` came from the same allocator.
-        unsafe { dispatch!(realloc(ptr, layout, new_size)) }
-    }
-}
+#[path = "common/switch.rs"]
+mod switch;
+use switch::{mode, CHOICES, SPANHEAP};
 
 // ---------------------------------------------------------------------------------------
 // The workload. Deterministic: its checksum depends on nothing but the constants below.

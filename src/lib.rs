@@ -308,7 +308,8 @@ pub mod __private {
     }
 
     /// A private page heap (a separate `MHeap`), for exercising `alloc_span` /
-    /// `free_span` directly (benches/alloc_span.rs). Its memory is never returned to the OS.
+    /// `free_span` directly (benches/alloc_span.rs, the loom models). Its memory goes
+    /// back to the memory source only through [`release_free`](Self::release_free).
     #[derive(Debug)]
     pub struct PageHeap<M: MemSource + 'static = OsMemory> {
         heap: &'static MHeap<M>,
@@ -405,6 +406,22 @@ pub mod __private {
         /// Bytes in live heap spans (the in-use counter).
         pub fn heap_inuse(&self) -> u64 {
             self.heap.counters().heap_inuse
+        }
+
+        /// Returns every free page to the memory source now (the scavenger's forced
+        /// pass, as `release_memory` runs it); returns the bytes released.
+        pub fn release_free(&self) -> usize {
+            self.heap.scavenge(true, 0, u64::MAX).0
+        }
+
+        /// Free bytes returned to the memory source (`heap_released`).
+        pub fn released_bytes(&self) -> u64 {
+            self.heap.counters().heap_released
+        }
+
+        /// Free bytes, released or not (`heap_idle`).
+        pub fn idle_bytes(&self) -> u64 {
+            self.heap.counters().heap_idle
         }
 
         // Lock-free readers (the loom models of span publication).

@@ -85,6 +85,8 @@ pub(crate) fn alloc<M: MemSource>(
         }
         None => heap.alloc_span(npages, Purpose::Heap, 0, align),
     };
+    // The heap was asked: a slow path, where a due scavenger pass may run.
+    heap.maybe_scavenge();
     let Some(s) = s else {
         return ptr::null_mut();
     };
@@ -144,6 +146,9 @@ pub(crate) unsafe fn dealloc<M: MemSource>(
             unsafe { heap.free_span(s) }
         }
     }
+    // The block went back to the heap: a slow path, where a due scavenger pass may
+    // run. (Blocks kept in the thread's large-block cache return above.)
+    heap.maybe_scavenge();
 }
 
 /// Resizes the block at `p` (allocated with `align`, `old_size`) to `new_size` bytes,
@@ -218,9 +223,7 @@ pub(crate) mod global {
     /// the thread-local lookup stays off the small-object paths.
     #[inline(never)]
     fn large_alloc(size: usize, align: usize, zero: bool) -> *mut u8 {
-        let p = super::alloc(&HEAP, size, align, zero, mcache::heap_cache());
-        HEAP.maybe_scavenge();
-        p
+        super::alloc(&HEAP, size, align, zero, mcache::heap_cache())
     }
 
     /// # Safety
@@ -228,8 +231,7 @@ pub(crate) mod global {
     #[inline(never)]
     unsafe fn large_dealloc(p: *mut u8) {
         // SAFETY: forwarded.
-        unsafe { super::dealloc(&HEAP, p, mcache::heap_cache()) };
-        HEAP.maybe_scavenge();
+        unsafe { super::dealloc(&HEAP, p, mcache::heap_cache()) }
     }
 
     #[inline]

@@ -297,7 +297,6 @@ fn alloc_slow(class: usize) -> *mut u8 {
         if !refill(&HEAP, c, class) {
             return ptr::null_mut();
         }
-        HEAP.maybe_scavenge();
         try_alloc(c, class)
     }
 }
@@ -393,8 +392,6 @@ unsafe fn push_local<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, p: *mut 
     // SAFETY: class < NUM_CLASSES.
     if e.nfree > unsafe { *FREE_LIMIT.get_unchecked(class) } {
         flush(heap, e, class, FREE_LIMIT[class] / 2);
-        // A thread that mostly frees reaches no other slow path.
-        heap.maybe_scavenge();
     }
 }
 
@@ -516,6 +513,9 @@ fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: 
     if n == 0 {
         return;
     }
+    // A slow path (a thread that mostly frees reaches no other), where a due
+    // scavenger pass may run.
+    heap.maybe_scavenge();
     // Detach the first `n` objects as a null-terminated list.
     let head = e.free;
     let mut last = head;
@@ -788,6 +788,10 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
                 None => return false,
             },
         };
+        // A new span for the class: a slow path (a few per thousand objects at most),
+        // where a due scavenger pass may run. Window loads from the current span
+        // (every 64 objects) do not look at the clock.
+        heap.maybe_scavenge();
         set_span(e, Some(s));
         // SAFETY: we own the new span.
         if unsafe { load_window(e, s) } {

@@ -863,8 +863,8 @@ impl<M: MemSource> MHeap<M> {
     }
 
     /// Claims the due pass (one thread at a time), runs it, and sets when the next one
-    /// is due: soon (ten times the pass's time) if it left work, a quarter of the delay
-    /// otherwise.
+    /// is due: soon (`BACKLOG_WAIT` times the pass's time) if it left work, a quarter
+    /// of the delay otherwise.
     #[cold]
     #[inline(never)]
     pub(crate) fn scavenge_due(&self, now: u64) {

@@ -1441,7 +1441,13 @@ impl PageAlloc {
                     break;
                 };
                 let s = s.max(e - (max_pages - pages).min(e));
+                // Marking the run allocated is what keeps every allocation away from
+                // it while the heap returns it to the OS without the lock. (The loom
+                // mutant `scavenge_no_take` skips it; the `scavenge` model must fail.)
+                #[cfg(not(spanheap_mutant = "scavenge_no_take"))]
                 let (newly, sc) = ch.set_alloc(s, e);
+                #[cfg(spanheap_mutant = "scavenge_no_take")]
+                let (newly, sc) = (e - s, 0);
                 debug_assert!(newly == e - s && sc == 0);
                 for_each_word(s, e, |w, m| avail[w] &= !m);
                 runs[n] = ((ci << LOG_CHUNK_SIZE) + s * PAGE_SIZE, e - s);
@@ -1453,7 +1459,10 @@ impl PageAlloc {
                 l2.dirty[k / 64] &= !(1 << (k % 64));
             }
             if took != 0 {
-                self.free -= took;
+                #[cfg(not(spanheap_mutant = "scavenge_no_take"))]
+                {
+                    self.free -= took;
+                }
                 self.update(ci, ci + 1, None);
             }
             if n == runs.len() || pages >= max_pages {
@@ -1485,6 +1494,7 @@ impl PageAlloc {
         };
         let freed = ch.clear_alloc(s, e);
         let sc = ch.set_scav(s, e);
+        #[cfg(not(spanheap_mutant = "scavenge_no_take"))]
         debug_assert!(freed == npages && sc == npages, "scavenged run not taken");
         self.free += freed;
         self.scav += sc;

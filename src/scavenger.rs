@@ -24,12 +24,13 @@
 //! # Pacing and cost
 //!
 //! Passes are driven from the allocator's own slow paths (refilling a size class,
-//! flushing a full local free list, large allocations and frees): each checks a coarse
+//! flushing a full local free list, large allocations and frees that reach the page
+//! heap, not those served by the thread's large-block cache): each checks a coarse
 //! clock against `next_due` (one vDSO read and one load) and, if due, one thread claims
 //! the pass. A pass works for at most [`PASS_BUDGET_NS`]; if work remains, the next
-//! pass is due after ten times the time spent, so the scavenger takes at most about a
-//! tenth of the time of the threads that drive it while it has a backlog, and delays
-//! any one allocation by at most about 2 ms. Otherwise the next pass is due a quarter
+//! pass is due after [`BACKLOG_WAIT`] (4) times the time spent, so the scavenger takes
+//! at most about a fifth of the time of the threads that drive it while it has a
+//! backlog, and delays any one allocation by at most about 2 ms. Otherwise the next pass is due a quarter
 //! of the delay later. A page freed at time `t` is therefore returned between
 //! `t + delay` and about `t + 1.25 * delay` plus the time to work off a backlog
 //! (1 GiB takes ~64 ms of madvise in all), as long as the program reaches a slow path
@@ -56,7 +57,7 @@ pub(crate) const DEFAULT_RETAIN_PERCENT: u32 = 10;
 pub(crate) const PASS_BUDGET_NS: u64 = 2_000_000;
 /// After a pass that stopped with work left, the next one waits this many times as
 /// long as the pass took (bounds the scavenger's share of the driving threads' time).
-pub(crate) const BACKLOG_WAIT: u64 = 10;
+pub(crate) const BACKLOG_WAIT: u64 = 4;
 /// `delay_ms` value meaning "automatic scavenging off".
 const OFF: u32 = u32::MAX;
 
@@ -191,28 +192,40 @@ impl Scavenger {
             // then the defaults apply.
             return;
         }
-        let mut start = false;
-        #[cfg(not(spanheap_loom))]
-        {
-            if let Some(v) = env(c"SPANHEAP_SCAVENGE_DELAY_MS") {
-                if v == b"off" {
-                    self.delay_ms.store(OFF, Ordering::Relaxed);
-                } else if let Some(ms) = parse_u32(v) {
-                    self.delay_ms.store(ms.min(OFF - 1), Ordering::Relaxed);
-                }
-            }
-            if let Some(p) = env(c"SPANHEAP_RETAIN_PERCENT").and_then(parse_u32) {
-                self.retain_percent.store(p, Ordering::Relaxed);
-            }
-            if env(c"SPANHEAP_BACKGROUND_SCAVENGER").is_some_and(|v| v != b"0" && !v.is_empty()) {
-                self.background.store(1, Ordering::Relaxed);
-                start = true;
-            }
-        }
+        let start = self.read_env();
         self.env.store(2, Ordering::Relaxed);
         if start {
             (self.spawn)();
         }
+    }
+}
+
+impl Scavenger {
+    /// Applies the `SPANHEAP_*` variables; returns whether the background thread is
+    /// asked for.
+    #[cfg(not(spanheap_loom))]
+    fn read_env(&self) -> bool {
+        if let Some(v) = env(c"SPANHEAP_SCAVENGE_DELAY_MS") {
+            if v == b"off" {
+                self.delay_ms.store(OFF, Ordering::Relaxed);
+            } else if let Some(ms) = parse_u32(v) {
+                self.delay_ms.store(ms.min(OFF - 1), Ordering::Relaxed);
+            }
+        }
+        if let Some(p) = env(c"SPANHEAP_RETAIN_PERCENT").and_then(parse_u32) {
+            self.retain_percent.store(p, Ordering::Relaxed);
+        }
+        let bg = env(c"SPANHEAP_BACKGROUND_SCAVENGER").is_some_and(|v| v != b"0" && !v.is_empty());
+        if bg {
+            self.background.store(1, Ordering::Relaxed);
+        }
+        bg
+    }
+
+    /// Loom models have no environment.
+    #[cfg(spanheap_loom)]
+    fn read_env(&self) -> bool {
+        false
     }
 }
 

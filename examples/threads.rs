@@ -1,0 +1,197 @@
+//! Throughput as threads grow, for each allocator: how the shared parts (mcentral
+//! locks, the page heap, statistics slots, remote frees) hold up on many cores.
+//!
+//! ```sh
+//! cargo run --release --example threads                 # 1, 2, 4, .. nproc threads, all allocators
+//! cargo run --release --example threads -- 1 8 16       # chosen thread counts
+//! DEMO_ALLOC=mimalloc cargo run --release --example threads -- 16   # one allocator, raw
+//! ```
+//!
+//! Three workloads, each run with T threads for a fixed number of operations per
+//! thread (so perfect scaling keeps the wall time constant):
+//!
+//! - `local`: each thread allocates batches of 256 mixed small objects (16 B .. 2 KiB),
+//!   writes them and frees them in allocation order: thread caches and, as spans fill
+//!   and empty, the mcentrals and page caches.
+//! - `spans`: each thread allocates and frees blocks of 40 KiB .. 1 MiB: the page heap.
+//! - `remote`: threads in pairs; one allocates 64-byte .. 1 KiB messages, the other
+//!   frees them (every free is cross-thread).
+//!
+//! Prints million operations per second (all threads together) per allocator and
+//! thread count; the allocator is chosen per process as in the demo (`DEMO_ALLOC`).
+
+use std::hint::black_box;
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Instant;
+
+#[path = "common/switch.rs"]
+mod switch;
+use switch::CHOICES;
+
+/// splitmix64.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
+const LOCAL_OPS: usize = 4_000_000;
+const SPAN_OPS: usize = 200_000;
+const REMOTE_OPS: usize = 2_000_000;
+
+fn local(seed: u64) -> usize {
+    let mut rng = Rng(seed);
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(256);
+    let mut n = 0;
+    while n < LOCAL_OPS {
+        for _ in 0..256 {
+            let size = 16 + rng.below(2048 - 16);
+            let mut v = Vec::<u8>::with_capacity(size);
+            v.push(n as u8);
+            batch.push(v);
+        }
+        black_box(&batch);
+        batch.clear();
+        n += 512;
+    }
+    n
+}
+
+fn spans(seed: u64) -> usize {
+    let mut rng = Rng(seed);
+    let mut n = 0;
+    let mut keep: Vec<Vec<u8>> = Vec::new();
+    while n < SPAN_OPS {
+        let size = (40 << 10) + rng.below(1 << 20);
+        let mut v = Vec::<u8>::with_capacity(size);
+        v.push(1);
+        keep.push(v);
+        if keep.len() == 8 {
+            keep.clear();
+        }
+        n += 2;
+    }
+    n
+}
+
+fn remote_pair(seed: u64) -> usize {
+    let (tx, rx) = mpsc::sync_channel::<Vec<Box<[u8]>>>(64);
+    let consumer = std::thread::spawn(move || {
+        let mut n = 0;
+        for batch in rx {
+            n += batch.len();
+            drop(batch);
+        }
+        n
+    });
+    let mut rng = Rng(seed);
+    let mut sent = 0;
+    while sent < REMOTE_OPS / 2 {
+        let batch: Vec<Box<[u8]>> = (0..64)
+            .map(|_| vec![7u8; 64 + rng.below(1024 - 64)].into_boxed_slice())
+            .collect();
+        sent += batch.len();
+        tx.send(batch).unwrap();
+    }
+    drop(tx);
+    consumer.join().unwrap() * 2
+}
+
+/// Runs `f` on `t` threads at once; returns million operations per second.
+fn run(t: usize, f: fn(u64) -> usize) -> f64 {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..t)
+        .map(|i| std::thread::spawn(move || f(i as u64 + 1)))
+        .collect();
+    let ops: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    ops as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+fn child(threads: &[usize]) {
+    for &t in threads {
+        let l = run(t, local);
+        let s = run(t, spans);
+        // Pairs: t/2 producers each with its consumer (at least one pair).
+        let r = run((t / 2).max(1), remote_pair);
+        println!("{t} {l:.1} {s:.2} {r:.1}");
+    }
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let threads = if args.is_empty() {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let mut v = vec![1];
+        while v.last().unwrap() * 2 <= n {
+            v.push(v.last().unwrap() * 2);
+        }
+        if *v.last().unwrap() != n {
+            v.push(n);
+        }
+        v
+    } else {
+        args
+    };
+    if std::env::var_os("DEMO_ALLOC").is_some() {
+        child(&threads);
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut results = Vec::new();
+    for (name, _) in CHOICES {
+        let out = Command::new(&exe)
+            .args(threads.iter().map(|t| t.to_string()))
+            .env("DEMO_ALLOC", name)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name} failed");
+        results.push((name, String::from_utf8(out.stdout).unwrap()));
+    }
+    for (w, title) in [
+        (1, "local: small objects, Mops/s"),
+        (2, "spans: 40 KiB .. 1 MiB blocks, Mops/s"),
+        (3, "remote: every free cross-thread, Mops/s"),
+    ] {
+        println!("\n{title} (ratio = allocator / spanheap)");
+        print!("{:>8}", "threads");
+        for (name, _) in &results {
+            print!(" {name:>16}");
+        }
+        println!();
+        for (i, t) in threads.iter().enumerate() {
+            print!("{t:>8}");
+            let base: f64 = results[0]
+                .1
+                .lines()
+                .nth(i)
+                .unwrap()
+                .split(' ')
+                .nth(w)
+                .unwrap()
+                .parse()
+                .unwrap();
+            for (_, out) in &results {
+                let v: f64 = out
+                    .lines()
+                    .nth(i)
+                    .unwrap()
+                    .split(' ')
+                    .nth(w)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                print!(" {:>9.2} ({:.2}x)", v, v / base);
+            }
+            println!();
+        }
+    }
+}
