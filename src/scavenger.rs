@@ -158,6 +158,11 @@ impl Scavenger {
     /// returns false if it could not be started.
     pub(crate) fn set_config(&self, c: ScavengerConfig) -> bool {
         self.load_env_once();
+        // If another thread is reading the environment right now, let it finish, or
+        // it would overwrite this call's settings.
+        while self.env.load(Ordering::Relaxed) != 2 {
+            core::hint::spin_loop();
+        }
         let ms = match c.delay {
             Some(d) => d.as_millis().min(u128::from(OFF - 1)) as u32,
             None => OFF,
