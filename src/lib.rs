@@ -41,6 +41,8 @@
 
 mod arena;
 mod fixalloc;
+#[cfg(not(spanheap_loom))]
+mod fork;
 mod malloc;
 mod mcache;
 mod mcentral;

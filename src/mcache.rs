@@ -966,6 +966,7 @@ fn create_cache() -> Option<*mut MCache> {
     STATE.with(|x| x.set(LIVE));
     HEAP.stats_update(|d| d.add(field::CACHES, 1));
     crate::stats::exit_report_once();
+    crate::fork::register_once();
     Some(c)
 }
 
@@ -1059,6 +1060,19 @@ struct Shared(*mut MCache);
 unsafe impl Send for Shared {}
 #[cfg(not(spanheap_loom))]
 static SHARED: Mutex<Shared> = Mutex::new(Shared(ptr::null_mut()));
+
+/// Fork handlers: take and release the shared cache's lock (see `fork.rs`).
+#[cfg(not(spanheap_loom))]
+pub(crate) fn fork_lock_shared() {
+    SHARED.fork_lock();
+}
+/// # Safety
+/// The calling thread holds the lock (`fork_lock_shared`).
+#[cfg(not(spanheap_loom))]
+pub(crate) unsafe fn fork_unlock_shared() {
+    // SAFETY: forwarded.
+    unsafe { SHARED.fork_unlock() };
+}
 
 #[cfg(not(spanheap_loom))]
 #[cold]

@@ -140,6 +140,19 @@ fn update_rstate(s: NonNull<MSpan>, f: impl Fn(u32, i64) -> (u32, i64)) -> u64 {
 }
 
 impl MCentral {
+    /// Fork handlers: take and release this class's lock (see `fork.rs`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn fork_lock(&self) {
+        self.lists.fork_lock();
+    }
+    /// # Safety
+    /// The calling thread holds the lock (`fork_lock`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn fork_unlock(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.lists.fork_unlock() };
+    }
+
     crate::sync::const_fn! {
         pub(crate) fn new() -> Self {
             MCentral {

@@ -769,6 +769,19 @@ impl<M: MemSource> MHeap<M> {
         })
     }
 
+    /// Fork handlers: take and release the heap lock (see `fork.rs`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn fork_lock(&self) {
+        self.locked.fork_lock();
+    }
+    /// # Safety
+    /// The calling thread holds the lock (`fork_lock`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn fork_unlock(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.locked.fork_unlock() };
+    }
+
     // ----------------------------------------------------------------------------------
     // Scavenging (`scavenger.rs` has the policy).
     // ----------------------------------------------------------------------------------

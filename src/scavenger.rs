@@ -125,6 +125,13 @@ impl Scavenger {
         }
     }
 
+    /// In the child of a fork: a pass another thread's copy had claimed will never
+    /// finish; let the child's slow paths claim passes again.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn fork_child_reset(&self) {
+        self.next_due.store(0, Ordering::Relaxed);
+    }
+
     /// Delay in milliseconds, or None if automatic scavenging is off.
     pub(crate) fn delay_ms(&self) -> Option<u32> {
         self.load_env_once();
@@ -304,6 +311,11 @@ pub(crate) mod background {
             libc::pthread_detach(t);
         }
         true
+    }
+
+    /// In the child of a fork: the thread was not copied.
+    pub(crate) fn fork_child_reset() {
+        RUNNING.store(0, Ordering::Relaxed);
     }
 
     /// Whether the background thread is running (for tests).

@@ -190,6 +190,49 @@ impl<const N: usize> ConsistentStats<N> {
         }
     }
 
+    /// Fork handlers: take and release the reader and `nop` locks (see `fork.rs`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn fork_lock_reader(&self) {
+        self.reader.fork_lock();
+    }
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn fork_lock_nop(&self) {
+        self.nop.fork_lock();
+    }
+    /// # Safety
+    /// The calling thread holds the lock (`fork_lock_reader`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn fork_unlock_reader(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.reader.fork_unlock() };
+    }
+    /// # Safety
+    /// The calling thread holds the lock (`fork_lock_nop`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn fork_unlock_nop(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.nop.fork_unlock() };
+    }
+
+    /// In the child of a fork (one thread left): ends every write section that another
+    /// thread's copy was in the middle of, so that the reader does not wait for it
+    /// forever. `me` is the calling thread's own counter (never odd here: fork is not
+    /// called from inside a section).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn fork_child_settle(&self, me: Option<&StatsSeq>) {
+        let me = me.map_or(ptr::null(), |m| m as *const StatsSeq);
+        let mut w = self.writers.load(Ordering::Acquire);
+        while !w.is_null() {
+            // SAFETY: registered counters are 'static.
+            let ws = unsafe { &*w };
+            if !ptr::eq(w, me) && ws.seq.load(Ordering::Relaxed) % 2 != 0 {
+                // Relaxed: single-threaded now.
+                ws.seq.fetch_add(1, Ordering::Relaxed);
+            }
+            w = ws.next.load(Ordering::Relaxed);
+        }
+    }
+
     /// A consistent snapshot of the totals into `out` (one reader at a time; concurrent
     /// readers wait). Never allocates.
     pub(crate) fn read(&self, out: &mut [u64; N]) {

@@ -367,6 +367,23 @@ impl<T> Mutex<T> {
         MutexGuard { mutex: self }
     }
 
+    /// Takes the lock without a guard, for the fork handlers, which hold it across
+    /// `fork()` and release it with [`fork_unlock`](Self::fork_unlock).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn fork_lock(&self) {
+        self.raw.lock();
+    }
+
+    /// Releases a lock taken by [`fork_lock`](Self::fork_lock).
+    ///
+    /// # Safety
+    /// The calling thread took it with `fork_lock` (in the child of a fork, the thread
+    /// that forked).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn fork_unlock(&self) {
+        self.raw.unlock();
+    }
+
     /// The lock if it is free; never waits.
     #[inline]
     pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
