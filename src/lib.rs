@@ -204,6 +204,122 @@ pub fn set_scavenger_config(config: ScavengerConfig) -> bool {
     global::HEAP.scavenger.set_config(config)
 }
 
+/// Entry points by address alone, for C-style callers that do not pass the size or
+/// alignment back when freeing (the `spanheap-preload` library's `free`,
+/// `malloc_usable_size` and `realloc`). Blocks from either API may be freed through
+/// either, as long as each block is freed once.
+#[cfg(not(spanheap_loom))]
+pub mod raw {
+    use crate::malloc::global;
+
+    /// Allocates `size` bytes (at least 1) aligned to `align` (a power of two). Null if
+    /// memory is exhausted or the request is impossible.
+    #[inline]
+    pub fn alloc(size: usize, align: usize) -> *mut u8 {
+        global::alloc(size.max(1), align)
+    }
+
+    /// `malloc`'s alignment, as glibc gives it on 64-bit targets: 16 bytes for blocks
+    /// of more than 8 bytes (they can hold any object that fits), 8 otherwise. `size`
+    /// is rounded up to a multiple of 16, whose size class is always a multiple of 16
+    /// (checked by a test over every small size), so this takes the class lookup of an
+    /// alignment of 8, the fast one.
+    #[inline]
+    pub fn malloc(size: usize) -> *mut u8 {
+        if size <= 8 {
+            return global::alloc(size.max(1), 8);
+        }
+        match size.checked_add(15) {
+            Some(s) => global::alloc(s & !15, 8),
+            None => core::ptr::null_mut(),
+        }
+    }
+
+    /// As [`alloc`], the bytes zeroed.
+    #[inline]
+    pub fn alloc_zeroed(size: usize, align: usize) -> *mut u8 {
+        global::alloc_zeroed(size.max(1), align)
+    }
+
+    /// Frees the block at `p`, looking its size up from its span. Null and pointers
+    /// spanheap never handed out are ignored.
+    ///
+    /// # Safety
+    /// `p` is null, not spanheap's, or a live spanheap block that is not used
+    /// afterwards (and not freed again).
+    #[inline]
+    pub unsafe fn free(p: *mut u8) {
+        // SAFETY: forwarded.
+        unsafe { global::free_unsized(p) }
+    }
+
+    /// The number of usable bytes of the live block at `p` (at least what was asked
+    /// for), or 0 for null and pointers spanheap never handed out.
+    #[inline]
+    pub fn usable_size(p: *const u8) -> usize {
+        global::usable_size(p)
+    }
+
+    /// Resizes the live block at `p` to `new_size` bytes (at least 1), keeping its
+    /// contents up to the smaller size; if it must move, the new block is aligned to
+    /// `align`. Returns the block (maybe `p`), or null with `p` untouched if memory is
+    /// exhausted or `p` is not spanheap's.
+    ///
+    /// # Safety
+    /// `p` is a live spanheap block, not null; after a non-null return only the returned
+    /// pointer may be used.
+    #[inline]
+    pub unsafe fn realloc(p: *mut u8, new_size: usize, align: usize) -> *mut u8 {
+        // SAFETY: forwarded.
+        unsafe { global::realloc_unsized(p, new_size.max(1), align) }
+    }
+}
+
+#[cfg(all(test, not(spanheap_loom)))]
+mod raw_tests {
+    use crate::sizeclasses::{class_for_layout, CLASS_TO_SIZE, MAX_SMALL_SIZE};
+
+    /// `raw::malloc`'s promise: a size rounded up to a multiple of 16 always maps (with
+    /// the alignment-8 lookup) to a class whose size is a multiple of 16.
+    #[test]
+    fn rounded_sizes_get_16_byte_aligned_classes() {
+        for n in 9..=MAX_SMALL_SIZE {
+            let r = (n + 15) & !15;
+            let c = class_for_layout(r, 8) as usize;
+            if c != 0 {
+                assert_eq!(CLASS_TO_SIZE[c] as usize % 16, 0, "size {n} -> class {c}");
+                assert!(CLASS_TO_SIZE[c] as usize >= n);
+            }
+        }
+    }
+
+    #[test]
+    fn c_style_calls_by_address() {
+        for n in [0usize, 1, 8, 9, 24, 100, 4096, 40_000, 1 << 20] {
+            let p = super::raw::malloc(n);
+            assert!(!p.is_null());
+            assert_eq!(p as usize % if n > 8 { 16 } else { 8 }, 0);
+            assert!(super::raw::usable_size(p) >= n.max(1));
+            // SAFETY: a live block of at least n bytes; resized, then freed once.
+            unsafe {
+                p.write_bytes(0xAB, n);
+                let q = super::raw::realloc(p, n * 3 + 1, 16);
+                assert!(!q.is_null() && super::raw::usable_size(q) > n * 3);
+                assert!(core::slice::from_raw_parts(q, n).iter().all(|&b| b == 0xAB));
+                super::raw::free(q);
+            }
+        }
+        assert_eq!(super::raw::usable_size(core::ptr::null()), 0);
+        let local = 5u64;
+        assert_eq!(super::raw::usable_size((&local as *const u64).cast()), 0);
+        // SAFETY: null and foreign pointers are ignored.
+        unsafe {
+            super::raw::free(core::ptr::null_mut());
+            super::raw::free((&local as *const u64 as *mut u64).cast());
+        }
+    }
+}
+
 /// Internals for this workspace's tests, benchmarks and loom models. Not part of the
 /// public API; no semver promise.
 #[doc(hidden)]

@@ -256,6 +256,128 @@ pub(crate) mod global {
         unsafe { mcache::dealloc(p, class as usize) }
     }
 
+    // -- By address alone (the C ABI: `free`, `malloc_usable_size`, `realloc`) -------
+
+    /// What a pointer is to the heap: a small object of `class` (object size `size`,
+    /// `p` at `off` bytes into it), a large block of `size` bytes from `p` to its end,
+    /// or nothing (foreign, a metadata page, or freed).
+    #[derive(Clone, Copy)]
+    pub(crate) enum Block {
+        Small {
+            class: usize,
+            size: usize,
+            off: usize,
+        },
+        Large {
+            size: usize,
+        },
+        Foreign,
+    }
+
+    /// Classifies `p` by its span (a lock-free span-map lookup).
+    #[inline]
+    pub(crate) fn block_of(p: *const u8) -> Block {
+        let addr = p as usize;
+        let Some(s) = HEAP.span_of(addr) else {
+            return Block::Foreign;
+        };
+        // SAFETY: span records are never unmapped; `span_of` validated the span as
+        // published and covering `addr` (Acquire on its state).
+        let span = unsafe { s.as_ref() };
+        // SAFETY: a live span's info is written only before publication (and, for a
+        // cached large block, by the block's owner, who is not using it elsewhere: the
+        // caller of a by-address call owns the block).
+        let info = unsafe { span.info() };
+        if info.purpose != crate::mspan::Purpose::Heap {
+            return Block::Foreign;
+        }
+        let class = info.spanclass as usize;
+        if class == 0 {
+            return Block::Large {
+                size: span.base() + (span.npages() << crate::os::PAGE_SHIFT) - addr,
+            };
+        }
+        let size = crate::sizeclasses::CLASS_TO_SIZE[class] as usize;
+        Block::Small {
+            class,
+            size,
+            off: (addr - span.base()) % size,
+        }
+    }
+
+    /// Frees the block at `p` given only its address; null and foreign pointers are
+    /// ignored.
+    ///
+    /// # Safety
+    /// `p` is null, foreign, or a live block of this heap (from any allocation call),
+    /// not used afterwards.
+    #[inline]
+    pub(crate) unsafe fn free_unsized(p: *mut u8) {
+        let Some(s) = HEAP.span_of(p as usize) else {
+            return;
+        };
+        // SAFETY: as in `block_of` (only the class is needed: no division here).
+        let info = unsafe { s.as_ref().info() };
+        if info.purpose != crate::mspan::Purpose::Heap {
+            return;
+        }
+        if info.spanclass != 0 {
+            // SAFETY: a live object of that class (the caller's contract).
+            unsafe { mcache::dealloc(p, info.spanclass as usize) }
+        } else {
+            // SAFETY: a live large block.
+            unsafe { large_dealloc(p) }
+        }
+    }
+
+    /// Usable bytes of the live block at `p` (0 for null or foreign pointers).
+    #[inline]
+    pub(crate) fn usable_size(p: *const u8) -> usize {
+        match block_of(p) {
+            Block::Small { size, off, .. } => size - off,
+            Block::Large { size } => size,
+            Block::Foreign => 0,
+        }
+    }
+
+    /// Resizes the block at `p` (given only its address) to `new_size` bytes, moving
+    /// it to a block aligned to `align` if it must move. Null if memory is exhausted
+    /// or `p` is foreign (the block is then untouched).
+    ///
+    /// # Safety
+    /// `p` is a live block of this heap, not null.
+    pub(crate) unsafe fn realloc_unsized(p: *mut u8, new_size: usize, align: usize) -> *mut u8 {
+        let new_class = class_for_layout(new_size, align);
+        let old_size = match block_of(p) {
+            Block::Small { class, size, .. } => {
+                if class == new_class as usize {
+                    return p;
+                }
+                size
+            }
+            Block::Large { size } => {
+                if new_class == 0 {
+                    // SAFETY: large to large: in place when possible; the old size
+                    // only bounds the copy.
+                    return unsafe {
+                        super::realloc(&HEAP, p, size, align, new_size, mcache::heap_cache())
+                    };
+                }
+                size
+            }
+            Block::Foreign => return ptr::null_mut(),
+        };
+        let q = alloc(new_size, align);
+        if !q.is_null() {
+            // SAFETY: distinct live blocks, each at least this long.
+            unsafe {
+                ptr::copy_nonoverlapping(p, q, old_size.min(new_size));
+                free_unsized(p);
+            }
+        }
+        q
+    }
+
     /// # Safety
     /// `p` is a live block allocated with `old_size` and `align`.
     pub(crate) unsafe fn realloc(
