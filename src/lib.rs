@@ -40,6 +40,8 @@
 #![warn(missing_debug_implementations)]
 
 mod arena;
+#[cfg(all(feature = "checked", not(spanheap_loom)))]
+mod checked;
 mod fixalloc;
 #[cfg(not(spanheap_loom))]
 mod fork;

@@ -247,6 +247,8 @@ pub(crate) mod global {
     /// `p` is a live block allocated with this `size` and `align`.
     #[inline]
     pub(crate) unsafe fn dealloc(p: *mut u8, size: usize, align: usize) {
+        #[cfg(feature = "checked")]
+        crate::checked::on_free(p, crate::checked::Expect::layout(size, align), true);
         let class = class_for_layout(size, align);
         if class == 0 {
             // SAFETY: forwarded.
@@ -313,6 +315,10 @@ pub(crate) mod global {
     /// not used afterwards.
     #[inline]
     pub(crate) unsafe fn free_unsized(p: *mut u8) {
+        #[cfg(feature = "checked")]
+        if !p.is_null() {
+            crate::checked::on_free(p, None, true);
+        }
         let Some(s) = HEAP.span_of(p as usize) else {
             return;
         };
@@ -347,6 +353,8 @@ pub(crate) mod global {
     /// # Safety
     /// `p` is a live block of this heap, not null.
     pub(crate) unsafe fn realloc_unsized(p: *mut u8, new_size: usize, align: usize) -> *mut u8 {
+        #[cfg(feature = "checked")]
+        crate::checked::on_free(p, None, false);
         let new_class = class_for_layout(new_size, align);
         let old_size = match block_of(p) {
             Block::Small { class, size, .. } => {
@@ -386,6 +394,8 @@ pub(crate) mod global {
         align: usize,
         new_size: usize,
     ) -> *mut u8 {
+        #[cfg(feature = "checked")]
+        crate::checked::on_free(p, crate::checked::Expect::layout(old_size, align), false);
         let old_class = class_for_layout(old_size, align);
         let new_class = class_for_layout(new_size, align);
         if old_class != 0 && old_class == new_class {

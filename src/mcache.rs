@@ -270,6 +270,19 @@ pub(crate) unsafe fn alloc_from<M: MemSource>(
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn alloc(class: usize) -> *mut u8 {
+    #[cfg(feature = "checked")]
+    {
+        let p = alloc_unchecked(class);
+        crate::checked::on_alloc(p);
+        p
+    }
+    #[cfg(not(feature = "checked"))]
+    alloc_unchecked(class)
+}
+
+#[cfg(not(spanheap_loom))]
+#[inline(always)]
+fn alloc_unchecked(class: usize) -> *mut u8 {
     let c = CACHE.with(Cell::get);
     // SAFETY: `c` is this thread's cache or the empty one.
     let p = unsafe { try_alloc(c, class) };

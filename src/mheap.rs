@@ -74,6 +74,18 @@ pub(crate) const MAX_ALIGN: usize = 1 << 46;
 const SPAN_CHUNK_PAGES: usize = 8;
 /// Bitmap record sizes, in 64-bit words per bitmap (a record holds two bitmaps).
 const BITS_WORDS: [usize; 5] = [1, 2, 4, 8, 16];
+/// Bitmaps per record: remote-free and alloc bits, and in checked mode the live bits.
+#[cfg(not(feature = "checked"))]
+const BITS_MAPS: usize = 2;
+#[cfg(feature = "checked")]
+const BITS_MAPS: usize = 3;
+
+/// Words per bitmap of a span of `nelems` objects (checked mode finds its live bits
+/// at `2 * words` from the record's start).
+#[cfg(feature = "checked")]
+pub(crate) fn bits_words(nelems: usize) -> usize {
+    BITS_WORDS[bits_bucket(nelems)]
+}
 
 /// The ordering of the `pages_in_use` increment that ends a span's publication. The
 /// loom mutant `count_relaxed` weakens it to show that the models catch it.
@@ -111,11 +123,11 @@ impl Locked {
             pages: PageAlloc::new(),
             spanalloc: FixAlloc::new(),
             bitsalloc: [
-                RawFixAlloc::new(2 * 8 * BITS_WORDS[0]),
-                RawFixAlloc::new(2 * 8 * BITS_WORDS[1]),
-                RawFixAlloc::new(2 * 8 * BITS_WORDS[2]),
-                RawFixAlloc::new(2 * 8 * BITS_WORDS[3]),
-                RawFixAlloc::new(2 * 8 * BITS_WORDS[4]),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[0]),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[1]),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[2]),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[3]),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[4]),
             ],
             #[cfg(not(spanheap_loom))]
             cachealloc: FixAlloc::new(),
@@ -1064,8 +1076,14 @@ impl<M: MemSource> MHeap<M> {
             // SAFETY: a fresh record of 2 * BITS_WORDS[b] words; chunk memory may be
             // dirty, so zero it first.
             unsafe {
-                ptr::write_bytes(p, 0, 2 * 8 * BITS_WORDS[b]);
+                ptr::write_bytes(p, 0, BITS_MAPS * 8 * BITS_WORDS[b]);
                 init_atomics(p.cast::<crate::sync::AtomicU64>(), BITS_WORDS[b]);
+                // Checked mode's live bits (after the remote and alloc bitmaps).
+                #[cfg(feature = "checked")]
+                init_atomics(
+                    p.add(2 * BITS_WORDS[b]).cast::<crate::sync::AtomicU64>(),
+                    BITS_WORDS[b],
+                );
             }
         }
         Some(p.cast())
@@ -1284,6 +1302,9 @@ unsafe fn init_small(s: NonNull<MSpan>, spanclass: u8, bits: *mut u64) {
             *p.alloc(w) = invalid;
             // Relaxed: the span is not published yet; publication orders it.
             p.remote(w).store(0, Ordering::Relaxed);
+            // Checked mode: no object of the new span is live.
+            #[cfg(feature = "checked")]
+            (*bits.cast::<crate::sync::AtomicU64>().add(2 * words + w)).store(0, Ordering::Relaxed);
         }
     }
     small.owner.store(0, Ordering::Relaxed);

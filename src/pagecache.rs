@@ -219,7 +219,8 @@ impl HeapCache {
     /// ones (it is small enough).
     #[inline]
     pub(crate) fn cacheable(npages: usize) -> bool {
-        npages <= LARGE_MAX_PAGES && npages * PAGE_SIZE <= LARGE_BYTES
+        // Checked mode keeps no freed block live, so a second free finds it dead.
+        !cfg!(feature = "checked") && npages <= LARGE_MAX_PAGES && npages * PAGE_SIZE <= LARGE_BYTES
     }
 
     /// Keeps the freed large block `s` (a live heap span of `npages` pages, given up by
