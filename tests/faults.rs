@@ -23,7 +23,7 @@ fn address_space_exhaustion_fails_cleanly() {
         exhaust();
         return;
     }
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "address_space_exhaustion_fails_cleanly",
