@@ -29,17 +29,9 @@ use std::time::Instant;
 mod switch;
 use switch::CHOICES;
 
-/// splitmix64.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-}
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 const LOCAL_OPS: usize = 4_000_000;
 const SPAN_OPS: usize = 200_000;
@@ -167,28 +159,16 @@ fn main() {
             print!(" {name:>16}");
         }
         println!();
+        // Field `w` of line `i` of a child's output.
+        let field = |out: &str, i: usize| -> f64 {
+            let line = out.lines().nth(i).unwrap();
+            line.split(' ').nth(w).unwrap().parse().unwrap()
+        };
         for (i, t) in threads.iter().enumerate() {
             print!("{t:>8}");
-            let base: f64 = results[0]
-                .1
-                .lines()
-                .nth(i)
-                .unwrap()
-                .split(' ')
-                .nth(w)
-                .unwrap()
-                .parse()
-                .unwrap();
+            let base = field(&results[0].1, i);
             for (_, out) in &results {
-                let v: f64 = out
-                    .lines()
-                    .nth(i)
-                    .unwrap()
-                    .split(' ')
-                    .nth(w)
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let v = field(out, i);
                 print!(" {:>9.2} ({:.2}x)", v, v / base);
             }
             println!();

@@ -9,6 +9,9 @@
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::Rng;
 use spanheap::ScavengerConfig;
 
 #[global_allocator]
@@ -76,21 +79,6 @@ fn rss() -> usize {
     pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
 }
 
-/// splitmix64.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Allocates `total` bytes, half in small blocks (16 B .. 32 KiB) and half in large
 /// ones (64 KiB .. 8 MiB), every byte written. Returns the blocks.
 fn fill(total: usize, seed: u64) -> Vec<(usize, Layout)> {
@@ -99,9 +87,9 @@ fn fill(total: usize, seed: u64) -> Vec<(usize, Layout)> {
     let (mut small, mut large) = (0, 0);
     while small + large < total {
         let size = if small <= large {
-            16 + rng.below(32 << 10)
+            16 + rng.below(32 << 10) as usize
         } else {
-            (64 << 10) + rng.below(8 * MIB)
+            (64 << 10) + rng.below(8 * MIB as u64) as usize
         };
         let l = Layout::from_size_align(size, 8).unwrap();
         // SAFETY: non-zero size.
@@ -214,7 +202,7 @@ fn child_paced_release() {
     let mut last_sample = Duration::ZERO;
     while t0.elapsed() < Duration::from_secs(3) {
         let strings: Vec<String> = (0..50).map(|i| "x".repeat(1 + i * 7)).collect();
-        let buf = vec![1u8; (64 << 10) + rng.below(MIB)];
+        let buf = vec![1u8; (64 << 10) + rng.below(MIB as u64) as usize];
         std::hint::black_box((&strings, &buf));
         drop((strings, buf));
         std::thread::sleep(Duration::from_millis(10));
