@@ -57,6 +57,8 @@ mod scavenger;
 mod sizeclasses;
 mod stats;
 mod sync;
+#[cfg(not(spanheap_loom))]
+mod tls;
 
 // Classes serve alignments up to one heap page (spans are page aligned).
 const _: () = assert!(sizeclasses::MAX_CLASS_ALIGN == os::PAGE_SIZE);

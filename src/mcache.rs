@@ -46,8 +46,6 @@
 //! glue and the process-wide entry points (`alloc`, `dealloc`, thread exit, the shared
 //! cache) are not.
 
-#[cfg(not(spanheap_loom))]
-use core::cell::Cell;
 use core::ptr::{self, NonNull};
 
 use crate::fixalloc::Record;
@@ -130,12 +128,12 @@ const EMPTY_CLASS: ClassCache = ClassCache {
 
 /// The cache every thread starts with (and returns to at exit): all misses.
 #[cfg(not(spanheap_loom))]
-struct SyncCache(MCache);
+pub(crate) struct SyncCache(pub(crate) MCache);
 // SAFETY: the empty cache is never written (every fast path misses on it first).
 #[cfg(not(spanheap_loom))]
 unsafe impl Sync for SyncCache {}
 #[cfg(not(spanheap_loom))]
-static EMPTY_CACHE: SyncCache = SyncCache(MCache::empty());
+pub(crate) static EMPTY_CACHE: SyncCache = SyncCache(MCache::empty());
 
 impl MCache {
     crate::sync::const_fn! {
@@ -169,16 +167,10 @@ const LIVE: u8 = 1;
 #[cfg(not(spanheap_loom))]
 const DEAD: u8 = 2;
 
+// The thread's cache pointer and state live in `tls.rs` (std's thread-locals, or
+// initial-exec TLS for the LD_PRELOAD library). NO_CACHE must be 0: both start zeroed.
 #[cfg(not(spanheap_loom))]
-thread_local! {
-    /// This thread's cache, or the static empty one. Const-initialised, no destructor:
-    /// readable at any point of the thread's life, including TLS teardown.
-    static CACHE: Cell<*mut MCache> = const {
-        Cell::new(&EMPTY_CACHE.0 as *const MCache as *mut MCache)
-    };
-    /// NO_CACHE, LIVE or DEAD (after the exit hook ran).
-    static STATE: Cell<u8> = const { Cell::new(NO_CACHE) };
-}
+const _: () = assert!(NO_CACHE == 0);
 
 #[cfg(not(spanheap_loom))]
 #[inline]
@@ -204,10 +196,10 @@ unsafe fn entry<'a>(c: *mut MCache, class: usize) -> &'a mut ClassCache {
 /// cache is live (the process-wide heap's `writer` hook).
 #[cfg(not(spanheap_loom))]
 pub(crate) fn current_writer() -> Option<&'static StatsSeq> {
-    if STATE.with(Cell::get) != LIVE {
+    if crate::tls::state() != LIVE {
         return None;
     }
-    let c = CACHE.with(Cell::get);
+    let c = crate::tls::cache();
     // SAFETY: a live cache's record is never unmapped; `seq` is only used atomically.
     Some(unsafe { &(*c).seq })
 }
@@ -283,7 +275,7 @@ pub(crate) fn alloc(class: usize) -> *mut u8 {
 #[cfg(not(spanheap_loom))]
 #[inline(always)]
 fn alloc_unchecked(class: usize) -> *mut u8 {
-    let c = CACHE.with(Cell::get);
+    let c = crate::tls::cache();
     // SAFETY: `c` is this thread's cache or the empty one.
     let p = unsafe { try_alloc(c, class) };
     if !p.is_null() {
@@ -296,8 +288,8 @@ fn alloc_unchecked(class: usize) -> *mut u8 {
 #[cold]
 #[inline(never)]
 fn alloc_slow(class: usize) -> *mut u8 {
-    let mut c = CACHE.with(Cell::get);
-    match STATE.with(Cell::get) {
+    let mut c = crate::tls::cache();
+    match crate::tls::state() {
         LIVE => {}
         NO_CACHE => match create_cache() {
             Some(n) => c = n,
@@ -349,7 +341,7 @@ static FREE_LIMIT: [u32; NUM_CLASSES] = {
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
-    let c = CACHE.with(Cell::get);
+    let c = crate::tls::cache();
     // SAFETY: `c` is this thread's cache or the empty one, whose span range is empty
     // (so it is never written here).
     unsafe {
@@ -372,11 +364,11 @@ unsafe fn dealloc_slow(p: *mut u8, class: usize) {
     let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
         return; // not ours
     };
-    let mut c = CACHE.with(Cell::get);
+    let mut c = crate::tls::cache();
     if c == empty_cache() {
         // A thread that frees before it ever allocated (a consumer of another thread's
         // objects) gets a cache here, so that its frees are batched like anyone's.
-        c = match STATE.with(Cell::get) {
+        c = match crate::tls::state() {
             NO_CACHE => create_cache(),
             _ => None,
         }
@@ -666,7 +658,7 @@ impl RemoteRun {
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
-    let c = CACHE.with(Cell::get);
+    let c = crate::tls::cache();
     // SAFETY: `c` is this thread's cache or the empty one (whose list is empty).
     let recycled = unsafe {
         !(*ptr::addr_of!((*c).classes).cast::<ClassCache>().add(class))
@@ -975,8 +967,8 @@ fn create_cache() -> Option<*mut MCache> {
             (*c).registered = true;
         }
     }
-    CACHE.with(|x| x.set(c));
-    STATE.with(|x| x.set(LIVE));
+    crate::tls::set_cache(c);
+    crate::tls::set_state(LIVE);
     HEAP.stats_update(|d| d.add(field::CACHES, 1));
     crate::stats::exit_report_once();
     crate::fork::register_once();
@@ -988,8 +980,8 @@ fn create_cache() -> Option<*mut MCache> {
 #[cfg(not(spanheap_loom))]
 extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
     let c = arg.cast::<MCache>();
-    CACHE.with(|x| x.set(empty_cache()));
-    STATE.with(|x| x.set(DEAD));
+    crate::tls::set_cache(empty_cache());
+    crate::tls::set_state(DEAD);
     // SAFETY: the cache was this thread's, and nothing refers to it any more.
     unsafe {
         release_all(&HEAP, c);
@@ -1001,10 +993,10 @@ extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
 /// Publishes the calling thread's pending reuse counts (for a statistics snapshot).
 #[cfg(not(spanheap_loom))]
 pub(crate) fn publish_counts() {
-    if STATE.with(Cell::get) != LIVE {
+    if crate::tls::state() != LIVE {
         return;
     }
-    let c = CACHE.with(Cell::get);
+    let c = crate::tls::cache();
     // SAFETY: our live cache's heap cache is ours.
     HEAP.publish_heap_cache(unsafe { &mut *ptr::addr_of_mut!((*c).heap) });
     HEAP.stats_update(|d| {
@@ -1025,11 +1017,11 @@ pub(crate) fn publish_counts() {
 /// mcentral. The cache stays usable.
 #[cfg(not(spanheap_loom))]
 pub(crate) fn flush_own() {
-    if STATE.with(Cell::get) != LIVE {
+    if crate::tls::state() != LIVE {
         return;
     }
     // SAFETY: our live cache; `release_all` leaves it empty and valid.
-    unsafe { release_all(&HEAP, CACHE.with(Cell::get)) };
+    unsafe { release_all(&HEAP, crate::tls::cache()) };
 }
 
 /// Gives every span of the cache back to its mcentral (Go's `releaseAll`), after
@@ -1121,8 +1113,8 @@ fn pless_alloc(class: usize) -> *mut u8 {
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn heap_cache<'a>() -> Option<&'a mut HeapCache> {
-    let c = match STATE.with(Cell::get) {
-        LIVE => CACHE.with(Cell::get),
+    let c = match crate::tls::state() {
+        LIVE => crate::tls::cache(),
         NO_CACHE => create_cache()?,
         _ => return None,
     };
@@ -1134,5 +1126,5 @@ pub(crate) fn heap_cache<'a>() -> Option<&'a mut HeapCache> {
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn has_cache() -> bool {
-    STATE.with(Cell::get) == LIVE
+    crate::tls::state() == LIVE
 }
