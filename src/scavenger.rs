@@ -126,10 +126,16 @@ impl Scavenger {
     }
 
     /// In the child of a fork: a pass another thread's copy had claimed will never
-    /// finish; let the child's slow paths claim passes again.
+    /// finish; let the child's slow paths claim passes again. Likewise a reading of the
+    /// environment another thread's copy had started (`env == 1`) will never finish,
+    /// and `set_scavenger_config` would wait for it forever: it is read again.
     #[cfg(not(spanheap_loom))]
     pub(crate) fn fork_child_reset(&self) {
         self.next_due.store(0, Ordering::Relaxed);
+        // Relaxed: single-threaded now.
+        let _ = self
+            .env
+            .compare_exchange(1, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// Delay in milliseconds, or None if automatic scavenging is off.

@@ -45,6 +45,95 @@ static void *cross_free(void *arg) {
     return NULL;
 }
 
+/* --- life cycle: before main, TLS destructors, thread exit, after main ------------- */
+
+/* A constructor runs before main (and before the program's own initialisation); the
+ * C library has called malloc before it, while starting up. */
+static int early_ok;
+__attribute__((constructor(101))) static void early(void) {
+    char *p = malloc(100);
+    char *q = calloc(10, 10);
+    void *a = NULL;
+    if (p && q && q[99] == 0 && posix_memalign(&a, 4096, 100) == 0 && a) {
+        memset(p, 1, 100);
+        p = realloc(p, 100000);
+        early_ok = p != NULL && p[99] == 1;
+    }
+    free(p);
+    free(q);
+    free(a);
+}
+
+/* glibc's C++ thread_local destructor registration; it calls calloc itself. */
+extern int __cxa_thread_atexit_impl(void (*)(void *), void *, void *);
+extern void *__dso_handle;
+
+static volatile int tls_dtor_ok, key_dtor_ok;
+
+static void tls_dtor(void *arg) {
+    /* At thread exit, before the pthread key destructors. */
+    void *p = malloc(64 + (size_t)(uintptr_t)arg);
+    void *q = malloc(200000);
+    if (p && q) tls_dtor_ok++;
+    free(p);
+    free(q);
+}
+
+static pthread_key_t key;
+
+/* Re-arms itself twice, so that its last rounds run after spanheap's own key
+ * destructor has retired the thread's cache: those allocations and frees take the
+ * cache-less path. */
+static void key_dtor(void *arg) {
+    uintptr_t round = (uintptr_t)arg;
+    char *p = malloc(48);
+    char *q = calloc(1, 70000);
+    if (p && q && q[69999] == 0) {
+        memset(p, 3, 48);
+        if (round == 3) key_dtor_ok = 1;
+    }
+    free(p);
+    free(q);
+    if (round < 3) pthread_setspecific(key, (void *)(round + 1));
+}
+
+static void *lifecycle_thread(void *arg) {
+    (void)arg;
+    /* The first allocation of this thread happens inside the registration. */
+    if (__cxa_thread_atexit_impl(tls_dtor, (void *)1, &__dso_handle) != 0) return NULL;
+    if (__cxa_thread_atexit_impl(tls_dtor, (void *)2, &__dso_handle) != 0) return NULL;
+    pthread_setspecific(key, (void *)1);
+    void *p = malloc(10);
+    free(p);
+    return NULL;
+}
+
+/* Runs after main has returned. */
+static void after_main(void) {
+    void *p = malloc(1000), *q = malloc(1 << 20);
+    if (!p || !q || malloc_usable_size(p) < 1000) {
+        fprintf(stderr, "abi: allocation after main failed\n");
+        _exit(1);
+    }
+    free(p);
+    free(q);
+}
+
+static void lifecycle(void) {
+    CHECK(early_ok);
+    CHECK(pthread_key_create(&key, key_dtor) == 0);
+    for (int i = 0; i < 4; i++) {
+        tls_dtor_ok = 0;
+        key_dtor_ok = 0;
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, lifecycle_thread, NULL) == 0);
+        CHECK(pthread_join(t, NULL) == 0);
+        CHECK(tls_dtor_ok == 2);
+        CHECK(key_dtor_ok == 1);
+    }
+    CHECK(atexit(after_main) == 0);
+}
+
 static void semantics(const char *expect) {
     /* The preloaded library answers. */
     Dl_info info;
@@ -275,6 +364,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     semantics(argv[1]);
+    lifecycle();
     printf("abi: ok\n");
     return 0;
 }
