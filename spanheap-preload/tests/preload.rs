@@ -284,6 +284,62 @@ fn rust_test_binary_under_the_preload() {
     );
 }
 
+/// The core crate's own test binary `tests/global_alloc.rs` (which uses `SpanHeap` as
+/// its Rust global allocator, so under the preload the C library's allocations go to
+/// the preload's heap and Rust's to the executable's: two independent heaps in one
+/// process), built here with `cargo test --no-run` and run with one test thread; the
+/// list of passing tests must be the same with and without the preload.
+#[test]
+fn core_test_binary_under_the_preload() {
+    let bin = core_test_binary("global_alloc");
+    compare(
+        "spanheap global_alloc",
+        |l| l.starts_with("test ") && !l.contains("finished in"),
+        || {
+            let mut c = Command::new(&bin);
+            c.args(["--test-threads=1"]);
+            c
+        },
+    );
+}
+
+/// Builds the core crate's integration test `name` (same profile and target directory
+/// as this binary, the same features as the workspace build, so nothing is rebuilt
+/// when `cargo test --workspace` built it already) and returns its path.
+fn core_test_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "test",
+        "--offline",
+        "--no-run",
+        "--message-format=json",
+        "-p",
+        "spanheap",
+    ])
+    .args(["--features", "initial-exec-tls", "--test", name])
+    .arg("--manifest-path")
+    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(profile_dir.parent().unwrap())
+    .stderr(Stdio::inherit());
+    if profile_dir.file_name().unwrap() == "release" {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("cargo test --no-run");
+    assert!(out.status.success(), "building the {name} test failed");
+    // The artifact line of the test target names its executable.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("\"executable\":\"") && l.contains(&format!("\"name\":\"{name}\"")))
+        .unwrap_or_else(|| panic!("no executable for {name} in cargo's output"));
+    let start = line.find("\"executable\":\"").unwrap() + "\"executable\":\"".len();
+    let end = start + line[start..].find('"').unwrap();
+    PathBuf::from(&line[start..end])
+}
+
 /// Threads building maps and strings and passing boxes between them; prints a
 /// checksum (the same with and without the preload).
 #[test]
