@@ -259,6 +259,18 @@ static void semantics(const char *expect) {
             else free(p);
         }
 
+    /* Larger alignments, up to 1 GiB (address space only). */
+    for (size_t a = 8u << 20; a <= (1u << 30); a *= 2) {
+        void *p = NULL;
+        CHECK(posix_memalign(&p, a, 100) == 0 && p != NULL && (uintptr_t)p % a == 0);
+        CHECK(malloc_usable_size(p) >= 100);
+        fill(p, 100, 0x33);
+        free(p);
+        p = aligned_alloc(a, 3 << 20);
+        CHECK(p != NULL && (uintptr_t)p % a == 0 && malloc_usable_size(p) >= (3u << 20));
+        free(p);
+    }
+
     /* aligned_alloc, memalign, valloc, pvalloc. */
     errno = 0;
     CHECK(aligned_alloc(3, 10) == NULL && errno == EINVAL);
