@@ -22,6 +22,8 @@
 //!   allocated (leaked) in the child;
 //! - the background scavenger thread does not exist in the child: its running flag is
 //!   cleared (set the configuration again to start one in the child).
+//! - a reading of the `SPANHEAP_*` environment (`env == 1`) another thread had started:
+//!   restarted, or `set_scavenger_config` would wait for it forever.
 //!
 //! Other threads' thread caches are orphaned in the child: what they held (free lists,
 //! current spans, page blocks) is leaked there, and objects they allocated that the

@@ -30,6 +30,8 @@
 //! - `stats`: consistent statistics (a generation ring with per-thread sequence
 //!   counters) behind [`stats()`], and the [`Stats`] report.
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
+//! - `tls`: the thread cache's thread-local slots (initial-exec TLS in shared libraries
+//!   with the `static-tls` feature); `fork`: the `pthread_atfork` handlers.
 //!
 //! The allocator never panics, never unwinds and never calls the global allocator.
 
