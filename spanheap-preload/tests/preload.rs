@@ -318,7 +318,7 @@ fn core_test_binary(name: &str) -> PathBuf {
         "-p",
         "spanheap",
     ])
-    .args(["--features", "initial-exec-tls", "--test", name])
+    .args(["--features", "static-tls", "--test", name])
     .arg("--manifest-path")
     .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
     .arg("--target-dir")
