@@ -185,7 +185,7 @@ pub(crate) unsafe fn realloc<M: MemSource>(
         return p;
     }
     // SAFETY: as above.
-    if unsafe { heap.grow_span_in_place(s, new_pages) } {
+    if unsafe { heap.grow_span_in_place_with(s, new_pages, tc.as_deref_mut()) } {
         count_large(heap, old_pages, new_pages);
         return p;
     }

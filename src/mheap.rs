@@ -57,7 +57,10 @@ use crate::mspan::{
 };
 use crate::os::{MemSource, OsError, PAGE_SHIFT, PAGE_SIZE};
 use crate::pagealloc::{PageAlloc, ScavPolicy};
-use crate::pagecache::{HeapCache, PageCache, BITS_RECS, MAX_CACHED_SPAN_PAGES, SPAN_RECS};
+use crate::pagecache::{
+    ChunkCache, HeapCache, PageCache, BITS_RECS, MAX_CACHED_SPAN_PAGES, MAX_CHUNK_SPAN_PAGES,
+    SPAN_RECS,
+};
 use crate::scavenger::{Scavenger, BACKLOG_WAIT, PASS_BUDGET_NS};
 use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
@@ -383,8 +386,11 @@ impl<M: MemSource> MHeap<M> {
         align: usize,
         tc: &mut HeapCache,
     ) -> Option<NonNull<MSpan>> {
-        if npages == 0 || npages >= MAX_CACHED_SPAN_PAGES || align > PAGE_SIZE {
+        if npages == 0 || npages > MAX_CHUNK_SPAN_PAGES || align > PAGE_SIZE {
             return self.alloc_span(npages, purpose, spanclass, align);
+        }
+        if npages >= MAX_CACHED_SPAN_PAGES {
+            return self.alloc_span_chunk(npages, purpose, spanclass, align, tc);
         }
         let bucket =
             (spanclass != 0).then(|| bits_bucket(CLASS_TO_NOBJS[spanclass as usize] as usize));
@@ -414,6 +420,96 @@ impl<M: MemSource> MHeap<M> {
         // SAFETY: all three were private to the cache, now to this call.
         unsafe { self.finish_alloc(s, bits, base, npages, purpose, spanclass, scav, true) };
         Some(s)
+    }
+
+    /// `alloc_span_with` for spans of 16..=128 pages: from the thread's chunk cache,
+    /// taking a new wholly free chunk under the lock when the current one has no run
+    /// long enough. Falls back to `alloc_span` when no chunk can be had.
+    fn alloc_span_chunk(
+        &self,
+        npages: usize,
+        purpose: Purpose,
+        spanclass: u8,
+        align: usize,
+        tc: &mut HeapCache,
+    ) -> Option<NonNull<MSpan>> {
+        if tc.nspans == 0 {
+            self.refill_heap_cache(tc, None);
+            if tc.nspans == 0 {
+                return self.alloc_span(npages, purpose, spanclass, align);
+            }
+        }
+        let got = match tc.chunk.alloc(npages) {
+            Some(r) => Some(r),
+            None => {
+                self.refill_chunk_cache(tc);
+                tc.chunk.alloc(npages)
+            }
+        };
+        let Some((base, scav)) = got else {
+            return self.alloc_span(npages, purpose, spanclass, align);
+        };
+        tc.nspans -= 1;
+        // SAFETY: cached records are free records of this heap, owned by the cache.
+        let s = unsafe { NonNull::new_unchecked(tc.spans[tc.nspans]) };
+        let bits =
+            if spanclass != 0 {
+                // Small-object spans are under 16 pages; none comes here. Keep the general
+                // path correct anyway: a bitmap record under the lock.
+                match self.locked.lock().with(|h| {
+                    self.bits_record_locked(h, CLASS_TO_NOBJS[spanclass as usize] as usize)
+                }) {
+                    Some(b) => b,
+                    None => {
+                        tc.nspans += 1;
+                        tc.chunk.free(base, npages);
+                        return None;
+                    }
+                }
+            } else {
+                ptr::null_mut()
+            };
+        // SAFETY: the record, bitmap and pages are private to this call.
+        unsafe { self.finish_alloc(s, bits, base, npages, purpose, spanclass, scav, true) };
+        Some(s)
+    }
+
+    /// Replaces the thread's chunk: its free pages go back to the page allocator and
+    /// the first wholly free chunk is taken (growing the heap if there is none), under
+    /// the heap lock. Leaves the cache empty if no chunk can be had.
+    #[cold]
+    fn refill_chunk_cache(&self, tc: &mut HeapCache) {
+        let old = tc.chunk;
+        let now = clock_ms();
+        let new = self.locked.lock().with(|h| {
+            if old.base != 0 {
+                h.pages.set_clock(now);
+                h.pages
+                    .free_from_chunk_cache(old.base, &old.free, &old.scav);
+            }
+            h.pages.alloc_chunk_to_cache().or_else(|| {
+                self.grow_locked(h, crate::pagecache::CHUNK_CACHE_PAGES, 1)
+                    .ok()?;
+                h.pages.alloc_chunk_to_cache()
+            })
+        });
+        let gave = old.count() as u64;
+        tc.chunk = match new {
+            Some((base, scav)) => ChunkCache {
+                base,
+                free: [!0; 8],
+                scav,
+            },
+            None => ChunkCache::EMPTY,
+        };
+        let took = tc.chunk.count() as u64;
+        if gave != took {
+            self.stats_update(|d| {
+                d.add(field::PAGE_CACHED, took * PAGE_SIZE as u64);
+                d.sub(field::PAGE_CACHED, gave * PAGE_SIZE as u64);
+            });
+        }
+        self.maybe_scavenge();
     }
 
     /// Refills `tc` under the heap lock: a new page block if the current one is empty
@@ -492,9 +588,10 @@ impl<M: MemSource> MHeap<M> {
             }
             tc.large_bytes = 0;
         }
-        let pages = u64::from(tc.pages.cache.count_ones());
+        let pages = u64::from(tc.pages.cache.count_ones()) + tc.chunk.count() as u64;
         if pages == 0 && tc.nspans == 0 && tc.nbits.iter().all(|&n| n == 0) {
             tc.pages = PageCache::EMPTY;
+            tc.chunk = ChunkCache::EMPTY;
             return;
         }
         let now = clock_ms();
@@ -502,6 +599,10 @@ impl<M: MemSource> MHeap<M> {
             h.pages.set_clock(now);
             h.pages
                 .free_from_cache(tc.pages.base, tc.pages.cache, tc.pages.scav);
+            if tc.chunk.base != 0 {
+                h.pages
+                    .free_from_chunk_cache(tc.chunk.base, &tc.chunk.free, &tc.chunk.scav);
+            }
             for &s in &tc.spans[..tc.nspans] {
                 // SAFETY: cached records are free records of this heap, unused.
                 unsafe { h.spanalloc.free(s) };
@@ -514,6 +615,7 @@ impl<M: MemSource> MHeap<M> {
             }
         });
         tc.pages = PageCache::EMPTY;
+        tc.chunk = ChunkCache::EMPTY;
         tc.nspans = 0;
         tc.nbits = [0; crate::pagecache::BITS_BUCKETS];
         if pages != 0 {
@@ -553,11 +655,15 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) unsafe fn free_span_with(&self, s: NonNull<MSpan>, tc: &mut HeapCache) {
         // SAFETY: the caller owns the live span.
         let (base, npages) = unsafe { (s.as_ref().base(), s.as_ref().npages()) };
-        let to_cache = tc.pages.contains(base, npages);
+        let to_block = tc.pages.contains(base, npages);
+        let to_chunk = !to_block && tc.chunk.contains(base, npages);
+        let to_cache = to_block || to_chunk;
         // SAFETY: forwarded.
         let (base, npages, mut bits) = unsafe { self.unpublish(s, to_cache) };
-        if to_cache {
+        if to_block {
             tc.pages.free(base, npages);
+        } else if to_chunk {
+            tc.chunk.free(base, npages);
         }
         let mut rec = Some(s);
         if tc.nspans < SPAN_RECS {
@@ -690,6 +796,42 @@ impl<M: MemSource> MHeap<M> {
         span.npages.store(new_npages, Ordering::Relaxed);
         self.pages_in_use.fetch_add(n, Ordering::Release);
         true
+    }
+
+    /// `grow_span_in_place`, first from the calling thread's chunk cache when the pages
+    /// after the span lie in its chunk (no lock: a block from the chunk cache grows
+    /// into the cache's free pages); otherwise through the page allocator.
+    ///
+    /// # Safety
+    /// As for [`shrink_span`](Self::shrink_span); `tc` is the calling thread's.
+    pub(crate) unsafe fn grow_span_in_place_with(
+        &self,
+        s: NonNull<MSpan>,
+        new_npages: usize,
+        tc: Option<&mut HeapCache>,
+    ) -> bool {
+        // SAFETY: the caller owns the live span.
+        let span = unsafe { s.as_ref() };
+        let (base, old) = (span.base(), span.npages());
+        let end = base + (old << PAGE_SHIFT);
+        if let Some(tc) = tc {
+            let n = new_npages.saturating_sub(old);
+            if n > 0 && tc.chunk.contains(end, n) {
+                let Some(scav) = tc.chunk.take_range(end, n) else {
+                    // The next pages are the cache's but in use: nobody else has them.
+                    return false;
+                };
+                self.commit_run(end, n, scav);
+                let _ = self.arenas.needs_zero(end, n);
+                self.account_alloc(Purpose::Heap, n << PAGE_SHIFT, scav, true);
+                self.arenas.set_spans(end, n, s.as_ptr());
+                span.npages.store(new_npages, Ordering::Relaxed);
+                self.pages_in_use.fetch_add(n, Ordering::Release);
+                return true;
+            }
+        }
+        // SAFETY: forwarded.
+        unsafe { self.grow_span_in_place(s, new_npages) }
     }
 
     /// The span-map entry for `addr`, without validation: for pointers the caller knows
@@ -1684,14 +1826,16 @@ mod tests {
                             }
                         } else {
                             // Mostly small spans (some of them small-object spans, which
-                            // need bitmap records too); a few of 16..20 pages, which
-                            // bypass the page cache.
+                            // need bitmap records too); some of 16..=128 pages, from the
+                            // chunk cache, and a few larger, which bypass both caches.
                             let class = (rng >> 32) as usize % NUM_CLASSES;
                             let (n, sc) = if rng % 5 == 0 && class != 0 {
                                 (
                                     crate::sizeclasses::CLASS_TO_NPAGES[class] as usize,
                                     class as u8,
                                 )
+                            } else if rng % 7 == 0 {
+                                (16 + (rng >> 24) as usize % 125, 0)
                             } else {
                                 (1 + (rng >> 20) as usize % 20, 0)
                             };
@@ -1711,9 +1855,10 @@ mod tests {
                     for (s, tag) in live {
                         free(&mut tc, s, tag);
                     }
-                    *cached.lock().unwrap() += u64::from(tc.pages.cache.count_ones());
+                    *cached.lock().unwrap() +=
+                        u64::from(tc.pages.cache.count_ones()) + tc.chunk.count() as u64;
                     h.flush_heap_cache(&mut tc);
-                    assert!(tc.pages.is_empty() && tc.nspans == 0);
+                    assert!(tc.pages.is_empty() && tc.chunk.base == 0 && tc.nspans == 0);
                     *total.lock().unwrap() += 1;
                 });
             }
@@ -1738,6 +1883,56 @@ mod tests {
             ),
             (0, 0)
         );
+    }
+
+    const CHUNK_SIZE_BYTES: usize = 512 * PAGE_SIZE;
+
+    #[test]
+    fn chunk_cache_serves_medium_spans_without_the_lock() {
+        let h = new_heap();
+        let mut tc = HeapCache::new();
+        let a = h.alloc_span_with(40, Purpose::Heap, 0, 1, &mut tc).unwrap();
+        let base = unsafe { a.as_ref() }.base();
+        assert!(tc.chunk.base != 0 && tc.chunk.contains(base, 40));
+        assert_eq!(tc.chunk.count(), 512 - 40);
+        unsafe { h.free_span_with(a, &mut tc) };
+        assert_eq!(tc.chunk.count(), 512);
+        // Hold the heap lock: a cached allocation must not need it.
+        let mut g = h.locked.lock();
+        let b = h
+            .alloc_span_with(100, Purpose::Heap, 0, 1, &mut tc)
+            .unwrap();
+        let c = h.alloc_span_with(16, Purpose::Heap, 0, 1, &mut tc).unwrap();
+        assert_eq!(unsafe { b.as_ref() }.base(), base, "first fit in the chunk");
+        assert!(h.page_marked_in_use(base));
+        unsafe {
+            h.free_span_with(b, &mut tc);
+            h.free_span_with(c, &mut tc);
+        }
+        g.with(|_| ());
+        drop(g);
+        let st = checked_stats(h);
+        assert_eq!(st.page_cache_bytes as usize, (512 + 64) * PAGE_SIZE - 0);
+        // A span too long for what is left takes a new chunk, the old one's pages go back.
+        let spans: Vec<_> = (0..5)
+            .map(|_| {
+                h.alloc_span_with(128, Purpose::Heap, 0, 1, &mut tc)
+                    .unwrap()
+            })
+            .collect();
+        let bases: Vec<usize> = spans.iter().map(|s| unsafe { s.as_ref() }.base()).collect();
+        assert!(
+            bases[4] >= base + CHUNK_SIZE_BYTES,
+            "a fifth 1 MiB span needs a new chunk"
+        );
+        for s in spans {
+            unsafe { h.free_span_with(s, &mut tc) };
+        }
+        h.flush_heap_cache(&mut tc);
+        check_counters(h, &[]);
+        let st = checked_stats(h);
+        assert_eq!(st.page_cache_bytes, 0);
+        assert_eq!(h.counters().heap_inuse, 0);
     }
 
     #[test]

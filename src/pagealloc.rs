@@ -1321,6 +1321,68 @@ impl PageAlloc {
         self.update(ci, ci + 1, None);
     }
 
+    /// For a thread's chunk cache: takes the first wholly free chunk (address-ordered)
+    /// and returns its address and the bitmap of its pages that were scavenged (their
+    /// bits are cleared here; the cache remembers them). None if no chunk is wholly
+    /// free.
+    pub(crate) fn alloc_chunk_to_cache(&mut self) -> Option<(usize, [u64; CHUNK_WORDS])> {
+        let f = self.find_and_learn(CHUNK_PAGES)?;
+        let mut a = (f + CHUNK_SIZE - 1) & !(CHUNK_SIZE - 1);
+        if !self.is_free(a, CHUNK_PAGES) {
+            // A run of 1023 free pages holds an aligned chunk.
+            let p = self.find_and_learn(2 * CHUNK_PAGES - 1)?;
+            a = (p + CHUNK_SIZE - 1) & !(CHUNK_SIZE - 1);
+        }
+        let scav = self.chunk(a >> LOG_CHUNK_SIZE)?.scav;
+        self.alloc_range(a, CHUNK_PAGES);
+        Some((a, scav))
+    }
+
+    /// Gives back the free pages of a thread's chunk cache: bit `i` of word `i / 64` of
+    /// `pages` set = page `base + i` pages is free again; `scav` (a subset) the ones
+    /// still scavenged. `base` came from
+    /// [`alloc_chunk_to_cache`](Self::alloc_chunk_to_cache) and those pages are
+    /// allocated here.
+    pub(crate) fn free_from_chunk_cache(
+        &mut self,
+        base: usize,
+        pages: &[u64; CHUNK_WORDS],
+        scav: &[u64; CHUNK_WORDS],
+    ) {
+        if pages.iter().all(|&w| w == 0) {
+            return;
+        }
+        let ci = base >> LOG_CHUNK_SIZE;
+        let Some(ch) = self.chunk_mut(ci) else {
+            debug_assert!(false, "free_from_chunk_cache outside the heap");
+            return;
+        };
+        let (mut freed, mut sc, mut dirty) = (0, 0, false);
+        for w in 0..CHUNK_WORDS {
+            debug_assert!(
+                ch.alloc[w] & pages[w] == pages[w],
+                "cache pages not allocated"
+            );
+            debug_assert!(scav[w] & !pages[w] == 0);
+            ch.alloc[w] &= !pages[w];
+            ch.scav[w] |= scav[w];
+            freed += pages[w].count_ones() as usize;
+            sc += scav[w].count_ones() as usize;
+            dirty |= pages[w] & !scav[w] != 0;
+        }
+        self.free += freed;
+        self.scav += sc;
+        if dirty {
+            self.note_freed(ci);
+        }
+        let first = (0..CHUNK_WORDS).find(|&w| pages[w] != 0).unwrap_or(0);
+        let lowest = base + (first * 64 + pages[first].trailing_zeros() as usize) * PAGE_SIZE;
+        if lowest < self.search_addr {
+            self.search_addr = lowest;
+        }
+        self.update(ci, ci + 1, None);
+    }
+
     /// For the scavenger: sets the scavenged bit of every free page in
     /// `[base, base + npages pages)` (the caller has just decommitted them); allocated
     /// pages and pages outside the heap are left alone. Returns how many pages changed
