@@ -1321,21 +1321,34 @@ impl PageAlloc {
         self.update(ci, ci + 1, None);
     }
 
-    /// For a thread's chunk cache: takes the first wholly free chunk (address-ordered)
-    /// and returns its address and the bitmap of its pages that were scavenged (their
-    /// bits are cleared here; the cache remembers them). None if no chunk is wholly
-    /// free.
-    pub(crate) fn alloc_chunk_to_cache(&mut self) -> Option<(usize, [u64; CHUNK_WORDS])> {
-        let f = self.find_and_learn(CHUNK_PAGES)?;
-        let mut a = (f + CHUNK_SIZE - 1) & !(CHUNK_SIZE - 1);
-        if !self.is_free(a, CHUNK_PAGES) {
-            // A run of 1023 free pages holds an aligned chunk.
-            let p = self.find_and_learn(2 * CHUNK_PAGES - 1)?;
-            a = (p + CHUNK_SIZE - 1) & !(CHUNK_SIZE - 1);
+    /// For a thread's chunk cache (the page cache's idea, one chunk wide): takes every
+    /// free page of the chunk where the first run of `npages` free pages starts
+    /// (address-ordered first fit, so recently used, resident pages are reused before
+    /// fresh ones). Returns the chunk's address, the bitmap of the pages taken and the
+    /// bitmap of those that were scavenged (their bits are cleared here; the cache
+    /// remembers them). None if no run of `npages` is free.
+    pub(crate) fn alloc_chunk_to_cache(
+        &mut self,
+        npages: usize,
+    ) -> Option<(usize, [u64; CHUNK_WORDS], [u64; CHUNK_WORDS])> {
+        let first = self.find_and_learn(npages)?;
+        let ci = first >> LOG_CHUNK_SIZE;
+        let ch = self.chunk_mut(ci)?;
+        let (mut pages, mut scav) = ([0u64; CHUNK_WORDS], [0u64; CHUNK_WORDS]);
+        let (mut nfree, mut nscav) = (0, 0);
+        for w in 0..CHUNK_WORDS {
+            pages[w] = !ch.alloc[w];
+            scav[w] = ch.scav[w] & pages[w];
+            ch.alloc[w] = !0;
+            ch.scav[w] &= !pages[w];
+            nfree += pages[w].count_ones() as usize;
+            nscav += scav[w].count_ones() as usize;
         }
-        let scav = self.chunk(a >> LOG_CHUNK_SIZE)?.scav;
-        self.alloc_range(a, CHUNK_PAGES);
-        Some((a, scav))
+        self.free -= nfree;
+        self.scav -= nscav;
+        // The search hint stays a lower bound: pages were only taken.
+        self.update(ci, ci + 1, None);
+        Some((ci << LOG_CHUNK_SIZE, pages, scav))
     }
 
     /// Gives back the free pages of a thread's chunk cache: bit `i` of word `i / 64` of
