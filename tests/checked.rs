@@ -105,6 +105,35 @@ const CASES: &[(&str, &str, fn())] = &[
             let _ = realloc(p, l(4000, 8), 8000);
         },
     ),
+    (
+        "layout_align_mismatch",
+        "layout does not match",
+        || unsafe {
+            // Same size, an alignment that puts the layout in another size class.
+            let p = alloc(l(48, 8));
+            dealloc(p, l(48, 4096));
+        },
+    ),
+    (
+        "free_of_a_slot_never_handed_out",
+        "double free (or free of an object never allocated)",
+        || unsafe {
+            // The object after this one in a fresh span of a big class: a valid object
+            // start that was never allocated.
+            let p = alloc(l(20_000, 8));
+            let next = p.add(spanheap::raw::usable_size(p));
+            dealloc(next, l(20_000, 8));
+        },
+    ),
+    (
+        "free_inside_a_freed_large_block",
+        "double free",
+        || unsafe {
+            let p = alloc(l(1 << 20, 8));
+            dealloc(p, l(1 << 20, 8));
+            dealloc(p.add(4096), l(100, 8));
+        },
+    ),
     ("c_free_twice", "double free", || unsafe {
         let p = spanheap::raw::malloc(40);
         spanheap::raw::free(p);

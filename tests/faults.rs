@@ -1,10 +1,17 @@
 //! Address-space exhaustion: in a child process with `RLIMIT_AS` lowered to what it
-//! uses plus 512 MiB, allocations must fail with null (large, then small), the program
+//! uses plus 512 MiB, allocations must fail with null (large, then small; realloc and
+//! alloc_zeroed too, realloc leaving its block intact), the program
 //! must go on, frees must work, blocks allocated before must be intact, allocation must
 //! work again after frees, and the statistics must stay consistent.
+//!
+//! The child never panics while the limit is down (a panic message needs memory, and
+//! std's out-of-memory hook would then deadlock on the backtrace lock): a failed check
+//! first raises the soft limit back, then panics. The parent kills a child that runs
+//! longer than two minutes.
 
 use std::alloc::{alloc, dealloc, Layout};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
@@ -23,27 +30,41 @@ fn address_space_exhaustion_fails_cleanly() {
         exhaust();
         return;
     }
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "address_space_exhaustion_fails_cleanly",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    run_child("address_space_exhaustion_fails_cleanly");
+}
+
+#[test]
+fn address_space_exhaustion_with_threads() {
+    if std::env::var_os("SPANHEAP_FAULTS_CHILD").is_some() {
+        exhaust_threads();
+        return;
+    }
+    run_child("address_space_exhaustion_with_threads");
+}
+
+/// Runs this test binary's test `name` in a child with the child variable set; it must
+/// exit cleanly within two minutes and print a line with "exhaustion: ok".
+fn run_child(name: &str) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env("SPANHEAP_FAULTS_CHILD", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // A hung child must fail the test, not hang CI.
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(120));
-        // SAFETY: signalling our own child (a no-op if it has been reaped and the
-        // pid not reused within this short window).
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    });
-    drop(watchdog);
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "child hung at address-space exhaustion:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -59,46 +80,63 @@ fn address_space_exhaustion_fails_cleanly() {
     );
 }
 
-/// Writes a progress line to stderr without allocating.
-fn note(msg: &str, n: usize) {
-    use std::fmt::Write;
-    struct Buf([u8; 128], usize);
-    impl Write for Buf {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            let k = s.len().min(self.0.len() - self.1);
-            self.0[self.1..self.1 + k].copy_from_slice(&s.as_bytes()[..k]);
-            self.1 += k;
-            Ok(())
-        }
-    }
-    let mut b = Buf([0; 128], 0);
-    let _ = writeln!(b, "{msg} {n}");
-    // SAFETY: write(2) from a stack buffer.
-    unsafe { libc::write(2, b.0.as_ptr().cast(), b.1) };
-}
-
 fn pattern(i: usize) -> u8 {
     (i * 31 % 251) as u8
 }
 
+/// The original soft limit, restored before any panic.
+static mut SAVED: libc::rlimit = libc::rlimit {
+    rlim_cur: 0,
+    rlim_max: 0,
+};
+
+fn set_soft_limit(cur: libc::rlim_t) {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reading our own limit into a valid struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) }, 0);
+    rl.rlim_cur = cur;
+    // SAFETY: setting the soft limit at or below the (unchanged) hard limit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
+}
+
+/// Raises the limit back, then panics with `msg` (a `&'static str`: no formatting while
+/// memory is exhausted).
+#[cold]
+fn bail(msg: &'static str) -> ! {
+    // SAFETY: single-threaded child; SAVED was written before the limit went down.
+    set_soft_limit(unsafe { SAVED.rlim_cur });
+    panic!("{msg}");
+}
+
+fn ensure(ok: bool, msg: &'static str) {
+    if !ok {
+        bail(msg);
+    }
+}
+
+/// A 64-byte object on the intrusive list: next pointer, then its index's pattern.
+const SMALL: usize = 64;
+
 fn exhaust() {
     // Everything the test needs is allocated before the limit goes down.
     let large_l = Layout::from_size_align(MIB, 8).unwrap();
-    let small_l = Layout::from_size_align(64, 8).unwrap();
-    let mut large: Vec<usize> = Vec::with_capacity(100_000);
-    let mut small: Vec<usize> = Vec::with_capacity(4_000_000);
-    let limit = vm_size() + 512 * MIB;
-    let rl = libc::rlimit {
-        rlim_cur: limit as libc::rlim_t,
-        rlim_max: limit as libc::rlim_t,
-    };
-    // SAFETY: setrlimit with a valid struct (lowering our own limit).
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
+    let small_l = Layout::from_size_align(SMALL, 8).unwrap();
+    let mut large: Vec<usize> = Vec::with_capacity(4096);
+    // SAFETY: reading our own limit into a valid struct.
+    unsafe {
+        let saved = &raw mut SAVED;
+        assert_eq!(libc::getrlimit(libc::RLIMIT_AS, saved), 0);
+    }
+    let vm0 = vm_size();
+    set_soft_limit((vm0 + 512 * MIB) as libc::rlim_t);
 
     // Large blocks until the address space runs out: null, not a crash.
     loop {
         // SAFETY: non-zero size.
-        let p = std::hint::black_box(unsafe { alloc(large_l) });
+        let p = unsafe { alloc(large_l) };
         if p.is_null() {
             break;
         }
@@ -107,92 +145,315 @@ fn exhaust() {
             p.write(pattern(large.len()));
             p.add(MIB - 1).write(pattern(large.len() + 1));
         }
+        ensure(large.len() < large.capacity(), "the limit had no effect");
         large.push(p as usize);
-        assert!(large.len() < 100_000, "the limit had no effect");
     }
-    note("large blocks before null:", large.len());
-    // Small objects until they fail too (the free pages left are used up first).
+    // Small objects until they fail too (the free pages left are used up first). They
+    // are chained through their first word: no Vec to grow while memory is exhausted.
+    let mut head: *mut u8 = core::ptr::null_mut();
+    let mut ns = 0usize;
     loop {
         // SAFETY: non-zero size.
-        let p = std::hint::black_box(unsafe { alloc(small_l) });
+        let p = unsafe { alloc(small_l) };
         if p.is_null() {
             break;
         }
         // SAFETY: a fresh 64-byte object.
-        unsafe { p.write(pattern(small.len())) };
-        small.push(p as usize);
-        assert!(small.len() < 4_000_000, "small objects never failed");
+        unsafe {
+            p.cast::<*mut u8>().write(head);
+            p.add(8).write_bytes(pattern(ns), SMALL - 8);
+        }
+        head = p;
+        ns += 1;
+        ensure(ns < 64 << 20, "small objects never failed");
     }
-    let (nl, ns) = (large.len(), small.len());
-    note("small objects before null:", ns);
-    let s = spanheap::stats();
-    s.check().expect("statistics consistent at exhaustion");
-    // Requests too large for what is left fail too, and disturb nothing.
-    // (black_box: an allocation whose result is only compared with null may be
-    // optimised away and assumed to succeed.)
-    // SAFETY: non-zero size.
-    let p = std::hint::black_box(unsafe { alloc(Layout::from_size_align(1 << 40, 8).unwrap()) });
-    assert!(p.is_null(), "a 1 TiB block under RLIMIT_AS");
+    let nl = large.len();
+    ensure(
+        nl > 0 && ns > 0,
+        "nothing could be allocated under the limit",
+    );
+    ensure(
+        spanheap::stats().check().is_ok(),
+        "statistics inconsistent at exhaustion",
+    );
+    // Further requests of every kind are answered (null, or a usable block when free
+    // pages remain: small objects can fail for want of metadata while a large block
+    // still fits), and disturb nothing.
+    let mut served = [false; 6];
+    const LATER: [usize; 6] = [64 * MIB, 4 * MIB, MIB, 100_000, 4096, SMALL];
+    for (k, size) in LATER.into_iter().enumerate() {
+        let l = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: non-zero size. (black_box: an allocation freed unused may otherwise
+        // be optimized away, "succeeding" without reaching the allocator.)
+        let p = std::hint::black_box(unsafe { alloc(l) });
+        if !p.is_null() {
+            // SAFETY: just allocated with this layout.
+            unsafe {
+                p.write_bytes(0xAB, size);
+                dealloc(p, l);
+            }
+            served[k] = true;
+        }
+    }
 
-    // Everything allocated before is intact; free half of it.
+    // A realloc that cannot be served returns null and leaves the block alone (checked
+    // with the other blocks below); alloc_zeroed fails the same way.
+    if let Some(&p) = large.first() {
+        // SAFETY: a live block of this layout; non-zero new size.
+        let q = unsafe { std::alloc::realloc(p as *mut u8, large_l, 256 * MIB) };
+        ensure(q.is_null(), "a 256 MiB realloc succeeded at exhaustion");
+    }
+    // SAFETY: non-zero size.
+    let z = std::hint::black_box(unsafe {
+        std::alloc::alloc_zeroed(Layout::from_size_align(256 * MIB, 8).unwrap())
+    });
+    ensure(
+        z.is_null(),
+        "a 256 MiB alloc_zeroed succeeded at exhaustion",
+    );
+
+    // Everything allocated before is intact.
     for (i, &p) in large.iter().enumerate() {
         let p = p as *mut u8;
         // SAFETY: live blocks written above.
         unsafe {
-            assert_eq!(p.read(), pattern(i), "large block {i} corrupted");
-            assert_eq!(p.add(MIB - 1).read(), pattern(i + 1));
+            ensure(p.read() == pattern(i), "large block corrupted");
+            ensure(
+                p.add(MIB - 1).read() == pattern(i + 1),
+                "large block corrupted",
+            );
         }
     }
-    for (i, &p) in small.iter().enumerate() {
-        // SAFETY: live objects written above.
-        assert_eq!(
-            unsafe { (p as *mut u8).read() },
-            pattern(i),
-            "object {i} corrupted"
-        );
+    let mut p = head;
+    let mut i = ns;
+    while !p.is_null() {
+        i -= 1;
+        // SAFETY: a live object of the chain written above.
+        unsafe {
+            for k in 8..SMALL {
+                ensure(p.add(k).read() == pattern(i), "small object corrupted");
+            }
+            p = p.cast::<*mut u8>().read();
+        }
     }
-    // (No allocation here: memory is exhausted until these frees.)
-    for &p in &large[nl / 2..] {
+    ensure(i == 0, "small object chain lost objects");
+
+    // Free half of both, still under the limit.
+    while large.len() > nl / 2 {
+        let p = large.pop().unwrap();
         // SAFETY: live blocks of this layout, freed once.
         unsafe { dealloc(p as *mut u8, large_l) };
     }
-    large.truncate(nl / 2);
-    for &p in &small[ns / 2..] {
-        // SAFETY: as above.
-        unsafe { dealloc(p as *mut u8, small_l) };
+    let mut freed_small = 0;
+    while freed_small < ns / 2 {
+        let p = head;
+        // SAFETY: a live object of the chain; unlinked, then freed once.
+        unsafe {
+            head = p.cast::<*mut u8>().read();
+            dealloc(p, small_l);
+        }
+        freed_small += 1;
     }
-    small.truncate(ns / 2);
-    // Allocation works again.
-    let mut again = 0;
-    for _ in 0..nl / 4 {
+    ensure(
+        spanheap::stats().check().is_ok(),
+        "statistics inconsistent after frees",
+    );
+    // Allocation works again, still under the limit: large blocks into the freed
+    // pages, small objects into the freed slots.
+    let again = (nl / 2).min(large.capacity() - large.len());
+    for _ in 0..again {
         // SAFETY: non-zero size.
         let p = unsafe { alloc(large_l) };
-        assert!(!p.is_null(), "no large block after frees");
+        ensure(!p.is_null(), "no large block after frees");
         large.push(p as usize);
-        again += 1;
     }
+    let mut again_small = Vec::with_capacity(1000);
     for _ in 0..1000 {
         // SAFETY: non-zero size.
         let p = unsafe { alloc(small_l) };
-        assert!(!p.is_null(), "no small object after frees");
-        small.push(p as usize);
+        ensure(!p.is_null(), "no small object after frees");
+        again_small.push(p as usize);
     }
-    spanheap::stats()
-        .check()
-        .expect("statistics consistent after frees");
+    ensure(
+        spanheap::stats().check().is_ok(),
+        "statistics inconsistent after allocating again",
+    );
     for p in large.drain(..) {
         // SAFETY: live blocks of this layout.
         unsafe { dealloc(p as *mut u8, large_l) };
     }
-    for p in small.drain(..) {
+    for p in again_small {
         // SAFETY: as above.
         unsafe { dealloc(p as *mut u8, small_l) };
     }
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: a live object of the chain, freed once.
+        unsafe {
+            let next = p.cast::<*mut u8>().read();
+            dealloc(p, small_l);
+            p = next;
+        }
+    }
+    spanheap::flush_thread_cache();
+    let s = spanheap::stats();
+    // SAFETY: single-threaded child; SAVED was written above.
+    set_soft_limit(unsafe { SAVED.rlim_cur });
+    s.check().expect("statistics consistent at the end");
+    assert_eq!(s.large_live_objects(), 0, "large blocks still live: {s}");
+    println!(
+        "exhaustion: ok (limit VmSize {} MiB + 512 MiB; {nl} blocks of 1 MiB and {ns} \
+         objects of 64 B before null; {again} large blocks and 1000 objects again after \
+         freeing half; later requests of {LATER:?} bytes served: {served:?}; at the end {} small objects, \
+         {} large blocks live)",
+        vm0 / MIB,
+        s.small_live_objects(),
+        s.large_live_objects()
+    );
+}
+
+/// Blocks of a thread's chain: a header (next, size, pattern) in the first 24 bytes.
+const SIZES: [usize; 6] = [32, 64, 1000, 20_000, 100_000, MIB];
+
+/// Allocates blocks of rotating sizes onto the chain at `head` until `misses`
+/// consecutive nulls; returns (blocks, nulls seen).
+fn fill_chain(head: &mut *mut u8, seed: usize, misses: usize) -> (usize, usize) {
+    let (mut n, mut nulls, mut run) = (0, 0, 0);
+    let mut i = seed;
+    while run < misses {
+        let size = SIZES[i % SIZES.len()];
+        i += 1;
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(Layout::from_size_align(size, 8).unwrap()) };
+        if p.is_null() {
+            nulls += 1;
+            run += 1;
+            continue;
+        }
+        run = 0;
+        // SAFETY: a fresh block of at least 24 bytes.
+        unsafe {
+            p.cast::<*mut u8>().write(*head);
+            p.add(8).cast::<usize>().write(size);
+            p.add(16).cast::<usize>().write(i);
+            p.add(size - 1).write(pattern(i));
+        }
+        *head = p;
+        n += 1;
+    }
+    (n, nulls)
+}
+
+/// Checks every block of the chain; frees all of them or every other one.
+fn check_and_free(head: &mut *mut u8, free_all: bool) -> Result<usize, &'static str> {
+    let mut kept: *mut u8 = core::ptr::null_mut();
+    let mut p = *head;
+    let mut k = 0usize;
+    let mut freed = 0;
+    while !p.is_null() {
+        // SAFETY: a live block of the chain written by `fill_chain`.
+        unsafe {
+            let next = p.cast::<*mut u8>().read();
+            let size = p.add(8).cast::<usize>().read();
+            let i = p.add(16).cast::<usize>().read();
+            if !SIZES.contains(&size) || p.add(size - 1).read() != pattern(i) {
+                return Err("a block was corrupted under exhaustion");
+            }
+            if free_all || k % 2 == 0 {
+                dealloc(p, Layout::from_size_align(size, 8).unwrap());
+                freed += 1;
+            } else {
+                p.cast::<*mut u8>().write(kept);
+                kept = p;
+            }
+            p = next;
+        }
+        k += 1;
+    }
+    *head = kept;
+    Ok(freed)
+}
+
+/// Four threads exhaust the address space together (blocks of 32 B..1 MiB) while the
+/// main thread takes statistics snapshots; then each checks its blocks, frees half,
+/// allocates again until null, and frees everything.
+fn exhaust_threads() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Arc, Barrier};
+    const T: usize = 4;
+    // SAFETY: reading our own limit into a valid struct.
+    unsafe {
+        let saved = &raw mut SAVED;
+        assert_eq!(libc::getrlimit(libc::RLIMIT_AS, saved), 0);
+    }
+    let start = Arc::new(Barrier::new(T + 1));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed: Arc<AtomicUsize> = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    static ERRS: [&str; 2] = ["", "a block was corrupted under exhaustion"];
+    let handles: Vec<_> = (0..T)
+        .map(|t| {
+            let (start, done, failed) = (start.clone(), done.clone(), failed.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let mut head = core::ptr::null_mut();
+                let (n1, nulls1) = fill_chain(&mut head, t, 64);
+                let r1 = check_and_free(&mut head, false);
+                let (n2, nulls2) = fill_chain(&mut head, t + 1, 64);
+                let r2 = check_and_free(&mut head, true);
+                if r1.is_err() || r2.is_err() {
+                    failed.store(1, SeqCst);
+                }
+                done.fetch_add(1, SeqCst);
+                (n1, nulls1, n2, nulls2)
+            })
+        })
+        .collect();
+    let vm0 = vm_size();
+    set_soft_limit((vm0 + 512 * MIB) as libc::rlim_t);
+    start.wait();
+    let mut snapshots = 0;
+    let mut bad_stats = false;
+    while done.load(SeqCst) < T {
+        bad_stats |= spanheap::stats().check().is_err();
+        snapshots += 1;
+        std::thread::yield_now();
+    }
+    stop.store(true, SeqCst);
+    // SAFETY: SAVED was written above.
+    set_soft_limit(unsafe { SAVED.rlim_cur });
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(failed.load(SeqCst), 0, "{}", ERRS[1]);
+    assert!(
+        !bad_stats,
+        "a statistics snapshot was inconsistent under exhaustion"
+    );
+    // Every thread ran into nulls and went on; between them they got blocks both times
+    // (a thread that starts after the others filled the heap may get none at all).
+    assert!(
+        results.iter().all(|r| r.1 >= 64 && r.3 >= 64),
+        "{results:?}"
+    );
+    assert!(
+        results.iter().map(|r| r.0).sum::<usize>() > 0,
+        "{results:?}"
+    );
+    assert!(
+        results.iter().map(|r| r.2).sum::<usize>() > 0,
+        "{results:?}"
+    );
+    spanheap::flush_thread_cache();
     let s = spanheap::stats();
     s.check().expect("statistics consistent at the end");
+    assert_eq!(s.large_live_objects(), 0, "large blocks still live: {s}");
     println!(
-        "exhaustion: ok ({nl} blocks of 1 MiB and {ns} objects of 64 B before null; \
-         {again} large blocks again after freeing half; live small objects at the end {})",
-        s.small_live_objects()
+        "threads exhaustion: ok (limit VmSize {} MiB + 512 MiB; {T} threads, (blocks, nulls) \
+         first fill then refill after freeing half: {:?}; {snapshots} consistent snapshots \
+         taken meanwhile)",
+        vm0 / MIB,
+        results
+            .iter()
+            .map(|r| ((r.0, r.1), (r.2, r.3)))
+            .collect::<Vec<_>>()
     );
 }

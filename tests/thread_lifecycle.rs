@@ -139,7 +139,10 @@ fn a_hundred_thousand_threads_leave_in_use_where_it_was() {
     // Measured with this thread's own cache flushed both times: what it keeps for
     // reuse (free lists, current spans) is not what the threads left behind.
     spanheap::flush_thread_cache();
+    let s0 = spanheap::stats();
+    s0.check().unwrap();
     let before = inuse();
+    assert_eq!(before, s0.heap_bytes);
     let mut peak = before;
     for w in 0..THREADS / WAVE {
         wave((WARMUP_WAVES + w) * WAVE);
@@ -148,12 +151,27 @@ fn a_hundred_thousand_threads_leave_in_use_where_it_was() {
         }
     }
     spanheap::flush_thread_cache();
+    let s1 = spanheap::stats();
+    s1.check().unwrap();
     let after = inuse();
     eprintln!(
-        "hundred_thousand_threads: {} + {THREADS} threads in {:.2?}; in-use {before} -> {after} \
-         (peak sampled {peak})",
+        "hundred_thousand_threads: {} + {THREADS} threads in {:.2?}; heap in use {before} -> \
+         {after} (peak sampled {peak}); all spans in use (incl. metadata) {} -> {}; \
+         thread caches {} -> {}; small live objects {} -> {}",
         WARMUP_WAVES * WAVE,
-        t0.elapsed()
+        t0.elapsed(),
+        s0.inuse_bytes,
+        s1.inuse_bytes,
+        s0.thread_caches,
+        s1.thread_caches,
+        s0.small_live_objects(),
+        s1.small_live_objects(),
+    );
+    assert!(
+        s1.inuse_bytes <= s0.inuse_bytes + (1 << 20),
+        "spans in use (incl. metadata) grew from {} to {} bytes",
+        s0.inuse_bytes,
+        s1.inuse_bytes
     );
     assert!(
         after <= before + (1 << 20),

@@ -3,7 +3,7 @@
 //! Shared by `tests/differential.rs` (a fixed seed in CI) and
 //! `examples/differential.rs` (long runs, any seed). Each thread runs a random sequence
 //! of `alloc`, `alloc_zeroed`, `realloc` and `dealloc` over sizes from 1 byte to 4 MiB
-//! and alignments from 1 to 64 KiB, through spanheap's `GlobalAlloc` methods, and keeps
+//! (size 0 is excluded: `GlobalAlloc` forbids it) and alignments from 1 byte to 1 MiB, through spanheap's `GlobalAlloc` methods, and keeps
 //! a model of its live blocks (address, layout, a tag). Every block holds a pattern
 //! derived from its tag (every byte of blocks up to 4 KiB; the first and last 256 bytes
 //! and one byte per 4 KiB of larger ones), checked when the block is freed or
@@ -106,8 +106,11 @@ fn fill(b: &Block, upto: usize) -> u64 {
 fn check(b: &Block, upto: usize, ctx: &dyn Fn() -> String) -> u64 {
     let p = b.p as *const u8;
     let mut n = 0;
-    let size = b.layout.size().min(upto);
-    offsets(size, |i| {
+    // The offsets the block's own pattern covers, up to `upto`.
+    offsets(b.layout.size(), |i| {
+        if i >= upto {
+            return;
+        }
         // SAFETY: `i` < size of the live block.
         let v = unsafe { p.add(i).read() };
         if v != pat(b.tag, i) {
@@ -134,9 +137,10 @@ fn random_layout(rng: &mut Rng) -> Layout {
         _ => (1 << 20) + rng.below(3 << 20),
     } as usize;
     let align = match rng.below(100) {
-        0..=69 => 1 << rng.below(4),   // 1..8
-        70..=94 => 16 << rng.below(9), // 16..4096
-        _ => 8192 << rng.below(4),     // 8 KiB..64 KiB
+        0..=69 => 1 << rng.below(4),     // 1..8
+        70..=94 => 16 << rng.below(9),   // 16..4096
+        95..=98 => 8192 << rng.below(4), // 8 KiB..64 KiB
+        _ => 128 << 10 << rng.below(4),  // 128 KiB..1 MiB
     };
     Layout::from_size_align(size, align).unwrap()
 }
@@ -155,6 +159,7 @@ fn thread_run<A: GlobalAlloc>(
     let mut bytes = 0usize;
     let mut rep = Report::default();
     let mut tag = (t as u64) << 48;
+    let mut target = MAX_LIVE;
     const MAX_LIVE: usize = 3000;
     const MAX_BYTES: usize = 96 << 20;
     for op in 0..cfg.ops_per_thread {
@@ -170,9 +175,17 @@ fn thread_run<A: GlobalAlloc>(
             live.push(b);
         }
         rep.ops += 1;
+        // Phases of 20,000 operations with a target number of live blocks (few, some,
+        // many): the heap fills up, drains (spans empty and go back to the page heap)
+        // and refills, instead of hovering at the cap.
+        if op % 20_000 == 0 {
+            target = [8, 256, MAX_LIVE][rng.below(3) as usize];
+        }
         let r = rng.below(100);
-        let must_free = live.len() >= MAX_LIVE || bytes >= MAX_BYTES;
-        if !must_free && (r < 45 || live.is_empty()) {
+        let must_free = live.len() >= target.max(1) + 64 || bytes >= MAX_BYTES;
+        // Below the target, allocations dominate; above it, frees.
+        let p_alloc = if live.len() < target { 55 } else { 30 };
+        if !must_free && (r < p_alloc || live.is_empty()) {
             // Allocate (a quarter zeroed).
             let layout = random_layout(&mut rng);
             let zero = rng.below(4) == 0;
@@ -218,7 +231,7 @@ fn thread_run<A: GlobalAlloc>(
             fill(&b, usize::MAX);
             bytes += layout.size();
             live.push(b);
-        } else if r < 65 && !must_free {
+        } else if r < p_alloc + 20 && !must_free {
             // Realloc a random block to a random size (same alignment).
             let i = rng.below(live.len() as u64) as usize;
             let b = live[i];
@@ -229,13 +242,14 @@ fn thread_run<A: GlobalAlloc>(
             assert!(!q.is_null(), "{}: realloc to {new_size} failed", ctx());
             let nl = Layout::from_size_align(new_size, b.layout.align()).unwrap();
             assert_eq!(q as usize % nl.align(), 0, "{}: realloc misaligned", ctx());
+            // The old block's pattern, at the new address.
             let moved = Block {
                 p: q as usize,
-                layout: nl,
+                layout: b.layout,
                 tag: b.tag,
             };
             // The common prefix survives.
-            rep.bytes_checked += check(&moved, b.layout.size().min(new_size).min(256), &ctx);
+            rep.bytes_checked += check(&moved, b.layout.size().min(new_size), &ctx);
             tag += 1;
             let nb = Block {
                 p: q as usize,
@@ -246,7 +260,7 @@ fn thread_run<A: GlobalAlloc>(
             bytes = bytes - b.layout.size() + new_size;
             live[i] = nb;
             rep.reallocs += 1;
-        } else if r < 72 {
+        } else if (!must_free && r < p_alloc + 27) || (must_free && r % 8 == 0) {
             // Hand a block to the next thread (its free will be cross-thread).
             let i = rng.below(live.len() as u64) as usize;
             let b = live.swap_remove(i);
