@@ -442,7 +442,7 @@ impl<M: MemSource> MHeap<M> {
         let got = match tc.chunk.alloc(npages) {
             Some(r) => Some(r),
             None => {
-                self.refill_chunk_cache(tc, npages);
+                self.refill_chunk_cache(tc);
                 tc.chunk.alloc(npages)
             }
         };
@@ -475,11 +475,10 @@ impl<M: MemSource> MHeap<M> {
     }
 
     /// Replaces the thread's chunk: its free pages go back to the page allocator and
-    /// every free page of the chunk holding the first run of `npages` free pages is
-    /// taken (growing the heap if there is none), under the heap lock. Leaves the cache
-    /// empty if nothing can be had.
+    /// the first wholly free chunk is taken (growing the heap if there is none), under
+    /// the heap lock. Leaves the cache empty if nothing can be had.
     #[cold]
-    fn refill_chunk_cache(&self, tc: &mut HeapCache, npages: usize) {
+    fn refill_chunk_cache(&self, tc: &mut HeapCache) {
         let old = tc.chunk;
         let now = clock_ms();
         let new = self.locked.lock().with(|h| {
@@ -488,9 +487,10 @@ impl<M: MemSource> MHeap<M> {
                 h.pages
                     .free_from_chunk_cache(old.base, &old.free, &old.scav);
             }
-            h.pages.alloc_chunk_to_cache(npages).or_else(|| {
-                self.grow_locked(h, npages, 1).ok()?;
-                h.pages.alloc_chunk_to_cache(npages)
+            h.pages.alloc_chunk_to_cache().or_else(|| {
+                self.grow_locked(h, crate::pagecache::CHUNK_CACHE_PAGES, 1)
+                    .ok()?;
+                h.pages.alloc_chunk_to_cache()
             })
         });
         let gave = old.count() as u64;
@@ -1908,6 +1908,18 @@ mod tests {
         }
         g.with(|_| ());
         drop(g);
+        // A block from the chunk grows in place into the cache's free pages, no lock.
+        let gspan = h.alloc_span_with(20, Purpose::Heap, 0, 1, &mut tc).unwrap();
+        assert_eq!(unsafe { gspan.as_ref() }.base(), base);
+        let mut probe = tc.chunk;
+        assert!(probe.take_range(base + 20 * PAGE_SIZE, 20).is_some());
+        let mut g = h.locked.lock();
+        assert!(unsafe { h.grow_span_in_place_with(gspan, 40, Some(&mut tc)) });
+        g.with(|_| ());
+        drop(g);
+        assert_eq!(unsafe { gspan.as_ref() }.npages(), 40);
+        assert!(h.span_of(base + 39 * PAGE_SIZE) == Some(gspan));
+        unsafe { h.free_span_with(gspan, &mut tc) };
         let st = checked_stats(h);
         let held = tc.chunk.count() + tc.pages.cache.count_ones() as usize;
         assert_eq!(st.page_cache_bytes as usize, held * PAGE_SIZE);

@@ -1321,17 +1321,21 @@ impl PageAlloc {
         self.update(ci, ci + 1, None);
     }
 
-    /// For a thread's chunk cache (the page cache's idea, one chunk wide): takes every
-    /// free page of the chunk where the first run of `npages` free pages starts
-    /// (address-ordered first fit, so recently used, resident pages are reused before
-    /// fresh ones). Returns the chunk's address, the bitmap of the pages taken and the
-    /// bitmap of those that were scavenged (their bits are cleared here; the cache
-    /// remembers them). None if no run of `npages` is free.
+    /// For a thread's chunk cache (the page cache's idea, one chunk wide): takes the
+    /// first wholly free chunk. Returns its address, the bitmap of the pages taken (all
+    /// of them) and the bitmap of those that were scavenged (their bits are cleared
+    /// here; the cache remembers them). None if no chunk is wholly free: the caller
+    /// grows the heap rather than take a fragment, which would run out after a block
+    /// or two and send the thread back to the lock.
     pub(crate) fn alloc_chunk_to_cache(
         &mut self,
-        npages: usize,
     ) -> Option<(usize, [u64; CHUNK_WORDS], [u64; CHUNK_WORDS])> {
-        let first = self.find_and_learn(npages)?;
+        // A run of 1023 free pages holds an aligned chunk.
+        let p = self.find_and_learn(2 * CHUNK_PAGES - 1)?;
+        let first = (p + CHUNK_SIZE - 1) & !(CHUNK_SIZE - 1);
+        if !self.is_free(first, CHUNK_PAGES) {
+            return None;
+        }
         let ci = first >> LOG_CHUNK_SIZE;
         let ch = self.chunk_mut(ci)?;
         let (mut pages, mut scav) = ([0u64; CHUNK_WORDS], [0u64; CHUNK_WORDS]);

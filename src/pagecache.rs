@@ -148,10 +148,9 @@ impl PageCache {
 /// The free pages of one chunk (512 pages, 4 MiB, chunk aligned) owned by one thread,
 /// for spans of 16 to 128 pages (128 KiB .. 1 MiB): the same idea as [`PageCache`],
 /// one size up, so that a thread that allocates and frees such blocks takes the heap
-/// lock once per chunk instead of twice per block. Taken from the chunk where the
-/// first fitting free run starts (first fit: resident pages are reused before fresh
-/// ones); given back (its free pages) when it cannot serve a request, and at thread
-/// exit.
+/// lock once per chunk instead of twice per block. A wholly free chunk is taken (the
+/// heap grows if there is none); its free pages are given back when it cannot serve a
+/// request, and at thread exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ChunkCache {
     /// Address of the chunk (4 MiB aligned), or 0 if the cache has none.

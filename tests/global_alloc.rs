@@ -242,16 +242,17 @@ fn realloc_grows_in_place_when_the_next_pages_are_free() {
     // Alone in the binary: other threads' small spans and page-cache blocks are taken
     // first fit too, and could land right behind the block.
     let _g = exclusive();
-    // A fresh 1 MiB block at the end of the heap's used region has free pages after it;
-    // growing into them must not move it. Retry a few times in case a thread of the test
-    // harness allocates right behind it.
+    // A fresh 2 MiB block (too large for the thread's chunk cache, so placed by the page
+    // allocator) at the end of the heap's used region has free pages after it; growing
+    // into them must not move it. Retry a few times in case a thread of the test harness
+    // allocates right behind it.
     let moved_every_time = (0..20).all(|_| {
-        let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+        let layout = Layout::from_size_align(2 << 20, 8).unwrap();
         let p = unsafe { GLOBAL.alloc(layout) };
-        fill(p, 1 << 20, 3);
-        let q = unsafe { GLOBAL.realloc(p, layout, 3 << 20) };
-        check(q, 1 << 20, 3);
-        unsafe { GLOBAL.dealloc(q, Layout::from_size_align(3 << 20, 8).unwrap()) };
+        fill(p, 2 << 20, 3);
+        let q = unsafe { GLOBAL.realloc(p, layout, 6 << 20) };
+        check(q, 2 << 20, 3);
+        unsafe { GLOBAL.dealloc(q, Layout::from_size_align(6 << 20, 8).unwrap()) };
         q != p
     });
     assert!(!moved_every_time, "realloc never grew in place");
