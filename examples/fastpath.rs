@@ -11,7 +11,9 @@
 //!
 //! Arguments: allocator (`spanheap`, `mimalloc`, `jemalloc`, `system`), workload (`pair`:
 //! alloc + free of one block, repeated; `batch`: 64 allocations then 64 frees, repeated),
-//! block size in bytes. The loop runs 1,000,000 operations pairs after a warm-up of
+//! block size in bytes; `churn` is the suite's churned live set, one step = one free and
+//! one allocation (the size argument is ignored); `scatter` frees 100,000 blocks in a
+//! shuffled order, 50 times. The loop runs 1,000,000 operations pairs after a warm-up of
 //! 10,000; divide callgrind's total instruction count by 1,000,000 after subtracting a
 //! run with `warmup-only` as the workload.
 
@@ -57,6 +59,71 @@ fn batches<A: GlobalAlloc>(a: &A, l: Layout, n: usize) {
     }
 }
 
+/// The suite's `churn-10k`: a live set of 10,000 power-law sizes (8 B .. 128 KiB, half
+/// under 16 B); each step frees a random block and allocates a new one in its place.
+/// `steps` steps after building the set (the warm-up run builds it and takes none).
+fn churn<A: GlobalAlloc>(a: &A, steps: usize) {
+    let mut r = 7u64;
+    let mut next = move || {
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        r
+    };
+    let size = |next: &mut dyn FnMut() -> u64| {
+        let lead = (next() | (1 << 13)).trailing_zeros() as usize;
+        let base = 8usize << lead;
+        Layout::from_size_align(base + (next() as usize % base), 8).expect("layout")
+    };
+    let mut live: Vec<(*mut u8, Layout)> = (0..10_000)
+        .map(|_| {
+            let l = size(&mut next);
+            let p = do_alloc(a, l);
+            assert!(!p.is_null());
+            (p, l)
+        })
+        .collect();
+    for _ in 0..steps {
+        let i = (next() % live.len() as u64) as usize;
+        let (p, l) = live[i];
+        do_dealloc(a, p, l);
+        let l = size(&mut next);
+        let p = do_alloc(a, l);
+        assert!(!p.is_null());
+        live[i] = (p, l);
+    }
+    for (p, l) in live {
+        do_dealloc(a, p, l);
+    }
+}
+
+/// Builds 100,000 blocks of `size` bytes and frees them in a shuffled order (a dropped
+/// hash map), `rounds` times; prints the time per block (alloc + free) to stderr.
+fn scatter<A: GlobalAlloc>(a: &A, size: usize, rounds: usize) {
+    let l = Layout::from_size_align(size, 8).expect("layout");
+    let mut r = 11u64;
+    let mut ps: Vec<*mut u8> = Vec::with_capacity(100_000);
+    let t = std::time::Instant::now();
+    for _ in 0..rounds {
+        ps.extend((0..100_000).map(|_| {
+            let p = do_alloc(a, l);
+            assert!(!p.is_null());
+            p
+        }));
+        for i in (1..ps.len()).rev() {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            ps.swap(i, (r % (i as u64 + 1)) as usize);
+        }
+        for p in ps.drain(..) {
+            do_dealloc(a, p, l);
+        }
+    }
+    let ns = t.elapsed().as_nanos() as f64 / (rounds * 100_000) as f64;
+    eprintln!("scatter {size} B: {ns:.1} ns per block (shuffle included)");
+}
+
 fn run<A: GlobalAlloc>(a: &A, workload: &str, size: usize) {
     let l = Layout::from_size_align(size, 8).expect("layout");
     match workload {
@@ -68,6 +135,11 @@ fn run<A: GlobalAlloc>(a: &A, workload: &str, size: usize) {
             batches(a, l, WARMUP);
             batches(a, l, N);
         }
+        // `size` is ignored: the sizes follow the power law.
+        "churn" => churn(a, N),
+        "scatter" => scatter(a, size, 50),
+        "warmup-scatter" => scatter(a, size, 0),
+        "warmup-churn" => churn(a, 0),
         "warmup-pair" => pairs(a, l, WARMUP),
         "warmup-batch" => batches(a, l, WARMUP),
         w => panic!("unknown workload {w}"),

@@ -521,22 +521,37 @@ fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: 
     // A slow path (a thread that mostly frees reaches no other), where a due
     // scavenger pass may run.
     heap.maybe_scavenge();
-    // Detach the first `n` objects as a null-terminated list.
-    let head = e.free;
-    let mut last = head;
-    for _ in 1..n {
-        // SAFETY: the list has more than `n` objects; each links to the next.
-        last = unsafe { last.cast::<*mut u8>().read() };
+    // Return the first `n` objects in chunks. Objects of spans no cache owns go back
+    // under the mcentral lock without atomics (a short hold per chunk, and never a
+    // wait: a busy lock sends the chunk down the remote path); the rest (of this
+    // cache's current span, or of spans another cache took since) take the remote path.
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(FLUSH_CHUNK);
+        left -= k;
+        // Detach the first `k` objects as a null-terminated list.
+        let head = e.free;
+        let mut last = head;
+        for _ in 1..k {
+            // SAFETY: the list has at least `k` objects; each links to the next.
+            last = unsafe { last.cast::<*mut u8>().read() };
+        }
+        // SAFETY: `last` is an object of the list; its link is ours to rewrite.
+        unsafe {
+            e.free = last.cast::<*mut u8>().read();
+            last.cast::<*mut u8>().write(ptr::null_mut());
+        }
+        e.nfree -= k as u32;
+        // SAFETY: the detached objects are ours, live from their spans' view, counted.
+        unsafe {
+            let rest = heap.central[class].free_unowned(heap, class as u8, head);
+            remote_free_list(heap, rest, class);
+        }
     }
-    // SAFETY: `last` is an object of the list; its link is ours to rewrite.
-    unsafe {
-        e.free = last.cast::<*mut u8>().read();
-        last.cast::<*mut u8>().write(ptr::null_mut());
-    }
-    e.nfree -= n as u32;
-    // SAFETY: the detached objects are ours and live from their spans' view.
-    unsafe { remote_free_list(heap, head, class) };
 }
+
+/// How many objects `flush` returns per hold of the mcentral lock.
+const FLUSH_CHUNK: u64 = 1024;
 
 /// Remote-frees a null-terminated list of objects of class `class` (linked through
 /// their first word). Objects of one span that follow each other in the list are

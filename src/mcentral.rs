@@ -33,6 +33,7 @@ use core::ptr::{self, NonNull};
 use crate::mheap::MHeap;
 use crate::mspan::{place, rstate, rstate_parts, MSpan, SmallPrivate, NO_LIST, RSTATE_OWNED};
 use crate::os::MemSource;
+use crate::sizeclasses::obj_index;
 use crate::sync::{fence, AtomicPtr, Mutex, Ordering};
 
 /// What the mcentral lock protects.
@@ -268,6 +269,158 @@ impl MCentral {
             // SAFETY: the span is in our lists.
             unsafe { self.settle_locked(heap, l, s, new) };
         });
+    }
+
+    /// Returns objects of class `class` that a cache flushes from its local free list
+    /// (a null-terminated list linked through their first word, already counted as
+    /// freed) to their spans, and returns the list of those it did not take: all of
+    /// them if the lock is busy (never waits, like every path of a free).
+    ///
+    /// Under the mcentral lock, the private state of every span of the class that no
+    /// cache owns (place PARTIAL, FULL or PENDING) belongs to the lock holder, and a
+    /// span only becomes owned (CACHED) under the lock. So objects of such spans are
+    /// freed here directly: their alloc bits cleared with plain stores, and each span's
+    /// live count (the high half of its state word) lowered once for all of its objects
+    /// (jemalloc's tcache flush works the same way under its bin lock). The remote path
+    /// would cost two atomic read-modify-writes per object, and a list freed in no
+    /// particular order (a dropped hash map) has almost no two consecutive objects of
+    /// one span to batch. Objects of spans a cache owns (this one's current span, or a
+    /// span another cache took meanwhile) are returned for the remote path.
+    ///
+    /// # Safety
+    /// The objects are live small objects of class `class` of `heap`, given up, and
+    /// counted as freed.
+    pub(crate) unsafe fn free_unowned<M: MemSource>(
+        &self,
+        heap: &MHeap<M>,
+        class: u8,
+        list: *mut u8,
+    ) -> *mut u8 {
+        let Some(mut g) = self.lists.try_lock() else {
+            return list;
+        };
+        let rest = g.with(|l| {
+            self.drain_locked(heap, class, l);
+            let mut p = list;
+            let mut rest = ptr::null_mut::<u8>();
+            let mut touched = ptr::null_mut::<MSpan>();
+            while !p.is_null() {
+                // SAFETY: per the contract, each object links to the next.
+                let next = unsafe { p.cast::<*mut u8>().read() };
+                if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
+                    // SAFETY: span records are never unmapped.
+                    let small = unsafe { &s.as_ref().small };
+                    // Relaxed: CACHED is entered and left only under the lock we hold;
+                    // announcers move PARTIAL/FULL to PENDING, which is as good here.
+                    if small.place.load(Ordering::Relaxed) == place::CACHED {
+                        // SAFETY: the object is ours to relink.
+                        unsafe { p.cast::<*mut u8>().write(rest) };
+                        rest = p;
+                    } else {
+                        // SAFETY: an unowned span of our class: its private state is
+                        // ours under the lock; its base is immutable while it is live.
+                        let (pv, base) = unsafe { (private(s), s.as_ref().base()) };
+                        let idx = obj_index(class, p as usize - base);
+                        // SAFETY: idx < nelems, so the word is in the record; the object
+                        // is allocated (its span counts it live until this free).
+                        unsafe {
+                            debug_assert!(*pv.alloc(idx / 64) & (1 << (idx % 64)) != 0);
+                            *pv.alloc(idx / 64) &= !(1u64 << (idx % 64));
+                        }
+                        pv.dirty = true;
+                        if pv.flushed == 0 {
+                            pv.flush_next = touched;
+                            touched = s.as_ptr();
+                        }
+                        pv.flushed += 1;
+                    }
+                }
+                p = next;
+            }
+            while let Some(s) = NonNull::new(touched) {
+                // SAFETY: touched above: unowned, ours under the lock.
+                let pv = unsafe { private(s) };
+                touched = core::mem::replace(&mut pv.flush_next, ptr::null_mut());
+                let k = core::mem::take(&mut pv.flushed);
+                // SAFETY: as above.
+                unsafe { self.after_direct_free(heap, l, s, k) };
+            }
+            rest
+        });
+        drop(g);
+        // Announcements pushed while we held the lock are ours to place.
+        self.try_drain(heap, class);
+        rest
+    }
+
+    /// Publishes `k` objects freed directly into the alloc bitmap of the unowned span
+    /// `s` (see `free_unowned`): a full span moves to the partial list, then the state
+    /// word's live count drops by `k`, then the span is settled (retired if every object
+    /// is free). The same order as `uncache_span`: the place is stored before the SeqCst
+    /// state-word CAS, so a freer whose increment reads the new count (and finds that it
+    /// freed the last object) also sees the place it must announce from. Needs the
+    /// mcentral lock (`l`).
+    ///
+    /// # Safety
+    /// `s` is an unowned span of this class whose private state the caller holds under
+    /// the lock.
+    unsafe fn after_direct_free<M: MemSource>(
+        &self,
+        heap: &MHeap<M>,
+        l: &mut Lists,
+        s: NonNull<MSpan>,
+        k: u16,
+    ) {
+        /// Whether the place is stored before the state word. The loom mutant
+        /// `direct_place_late` stores it after, to show that a model catches it.
+        const PLACE_FIRST: bool = !cfg!(spanheap_mutant = "direct_place_late");
+        let lower = |h: u32, low: i64| {
+            debug_assert!(h >= u32::from(k) && h != RSTATE_OWNED);
+            (h - u32::from(k), low)
+        };
+        let early = if PLACE_FIRST {
+            None
+        } else {
+            Some(update_rstate(s, lower))
+        };
+        // SAFETY: span records are never unmapped.
+        let small = unsafe { &s.as_ref().small };
+        // SAFETY: per the contract.
+        let list = unsafe { private(s) }.list;
+        // Whether the span sits in the list its place names (not PENDING): then we
+        // settle it; otherwise the drain that takes it from the pending stack does.
+        let mut placed = list != NO_LIST;
+        if list == place::FULL {
+            // It has free objects now. (AcqRel: see the module note on `place`.)
+            if small
+                .place
+                .compare_exchange(
+                    place::FULL,
+                    place::PARTIAL,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                // SAFETY: linked in our lists.
+                unsafe {
+                    unlink(l, s);
+                    link(l, s, place::PARTIAL);
+                }
+            } else {
+                placed = false; // announced meanwhile (PENDING)
+            }
+        } else if placed && small.place.load(Ordering::Relaxed) != list {
+            placed = false; // PENDING
+        }
+        let new = match early {
+            Some(new) => new,
+            None => update_rstate(s, lower),
+        };
+        if placed {
+            // SAFETY: linked in our lists.
+            unsafe { self.settle_locked(heap, l, s, new) };
+        }
     }
 
     /// A remote free has freed the first object of a full span, or (`last`) the last

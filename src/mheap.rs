@@ -1430,6 +1430,8 @@ unsafe fn init_small(s: NonNull<MSpan>, spanclass: u8, bits: *mut u64) {
         next: ptr::null_mut(),
         list: NO_LIST,
         dirty: false,
+        flushed: 0,
+        flush_next: ptr::null_mut(),
     };
     for w in 0..words {
         // Bits at or past nelems are permanently "allocated".

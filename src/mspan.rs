@@ -193,6 +193,11 @@ pub(crate) struct SmallPrivate {
     /// Whether objects have been freed and handed out again (then `alloc_zeroed` must
     /// clear them even if the span came zeroed from the OS).
     pub(crate) dirty: bool,
+    /// Objects freed directly into the alloc bitmap by the running
+    /// `MCentral::free_unowned` whose count the state word does not show yet, and the
+    /// next span that call touched. Zero and null outside it (mcentral lock).
+    pub(crate) flushed: u16,
+    pub(crate) flush_next: *mut MSpan,
 }
 
 /// `SmallPrivate::list` when the span is in no list.
@@ -209,6 +214,8 @@ impl SmallPrivate {
         next: core::ptr::null_mut(),
         list: NO_LIST,
         dirty: false,
+        flushed: 0,
+        flush_next: core::ptr::null_mut(),
     };
 
     /// The remote-free word `w`.

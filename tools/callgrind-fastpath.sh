@@ -23,4 +23,9 @@ for a in "${allocs[@]}"; do
       echo "$a $w $s $(( (full - base) / 1000000 ))"
     done
   done
+  # The suite's churned live set: one free and one allocation per step, ~50 of the
+  # instructions are the benchmark's own (random numbers, the live-set array).
+  full=$(total "$a" churn 0)
+  base=$(total "$a" warmup-churn 0)
+  echo "$a churn - $(( (full - base) / 1000000 ))"
 done
