@@ -349,37 +349,50 @@ pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
         if (p as usize).wrapping_sub(e.span_base) < e.span_end - e.span_base {
             push_local(&HEAP, e, p, class);
         } else {
-            dealloc_slow(p, class);
+            dealloc_slow(p, class, c);
         }
     }
 }
 
-/// The rest of `dealloc`: a span-map lookup, then `free_to` (or a cache-less free).
+/// The rest of `dealloc`: a span-map lookup, then `free_to` (or, for a thread without
+/// a cache, `dealloc_first`). Every call in it is a tail call, so it saves no registers.
 ///
 /// # Safety
-/// As for `dealloc`.
+/// As for `dealloc`; `c` is this thread's cache or the empty one.
 #[cfg(not(spanheap_loom))]
 #[inline(never)]
-unsafe fn dealloc_slow(p: *mut u8, class: usize) {
+unsafe fn dealloc_slow(p: *mut u8, class: usize, c: *mut MCache) {
     let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
         return; // not ours
     };
-    let mut c = crate::tls::cache();
     if c == empty_cache() {
-        // A thread that frees before it ever allocated (a consumer of another thread's
-        // objects) gets a cache here, so that its frees are batched like anyone's.
-        c = match crate::tls::state() {
-            NO_CACHE => create_cache(),
-            _ => None,
-        }
-        .unwrap_or(c);
-        if c == empty_cache() {
-            // SAFETY: forwarded.
-            return unsafe { pless_free(p, s, class) };
-        }
+        // SAFETY: forwarded.
+        return unsafe { dealloc_first(p, s, class) };
     }
     // SAFETY: forwarded; `c` is this thread's live cache.
     unsafe { free_to(&HEAP, c, p, s, class) }
+}
+
+/// A free by a thread still on the empty cache: a thread that frees before it ever
+/// allocated (a consumer of another thread's objects) gets a cache here, so that its
+/// frees are batched like anyone's; a thread that cannot have one frees cache-less.
+///
+/// # Safety
+/// As for `dealloc`; `p` is an object of span `s`.
+#[cfg(not(spanheap_loom))]
+#[cold]
+#[inline(never)]
+unsafe fn dealloc_first(p: *mut u8, s: NonNull<MSpan>, class: usize) {
+    let c = match crate::tls::state() {
+        NO_CACHE => create_cache(),
+        _ => None,
+    };
+    match c {
+        // SAFETY: forwarded; `c` is this thread's new cache.
+        Some(c) => unsafe { free_to(&HEAP, c, p, s, class) },
+        // SAFETY: forwarded.
+        None => unsafe { pless_free(p, s, class) },
+    }
 }
 
 /// Pushes `p` on the class's local free list, flushing half of the list when it is

@@ -133,3 +133,49 @@ fn scattered_drops_return_objects_to_their_spans() {
         "{spans} listed spans with {free} free objects"
     );
 }
+
+#[test]
+fn a_thread_that_only_frees_gets_a_cache() {
+    // A consumer that frees other threads' objects before it ever allocates gets a
+    // cache at its first free, so its frees are batched in the remote buffer instead of
+    // paying a locked statistics section each. The thread is a bare pthread: std's
+    // thread start-up allocates before the closure runs.
+    struct Work {
+        objs: Vec<Box<[u64; 4]>>,
+        before: bool,
+        after: bool,
+    }
+    extern "C" fn consumer(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `arg` is the `Work` the test keeps alive until the join.
+        let w = unsafe { &mut *arg.cast::<Work>() };
+        w.before = spanheap::__private::thread_has_cache();
+        // Frees only: popping moves the box out without allocating.
+        let first = w.objs.pop();
+        drop(first);
+        w.after = spanheap::__private::thread_has_cache();
+        while let Some(b) = w.objs.pop() {
+            drop(b);
+        }
+        std::ptr::null_mut()
+    }
+    let _g = exclusive();
+    let mut w = Work {
+        objs: (0..1000u64).map(|i| Box::new([i; 4])).collect(),
+        before: true,
+        after: false,
+    };
+    // SAFETY: a zeroed pthread_t is a valid out-parameter; `w` outlives the thread,
+    // which is joined below.
+    unsafe {
+        let mut t: libc::pthread_t = std::mem::zeroed();
+        let arg = (&mut w as *mut Work).cast();
+        assert_eq!(
+            libc::pthread_create(&mut t, std::ptr::null(), consumer, arg),
+            0
+        );
+        assert_eq!(libc::pthread_join(t, std::ptr::null_mut()), 0);
+    }
+    assert!(!w.before, "the thread had a cache before its first free");
+    assert!(w.after, "the thread has no cache after its first free");
+    assert!(w.objs.is_empty());
+}
