@@ -242,15 +242,17 @@ fn realloc_grows_in_place_when_the_next_pages_are_free() {
     // Alone in the binary: other threads' small spans and page-cache blocks are taken
     // first fit too, and could land right behind the block.
     let _g = exclusive();
-    // A fresh 2 MiB block (too large for the thread's chunk cache, so placed by the page
-    // allocator) at the end of the heap's used region has free pages after it; growing
-    // into them must not move it. Retry a few times in case a thread of the test harness
-    // allocates right behind it.
+    // An 8 MiB block shrunk in place to 2 MiB has 6 MiB of free pages right after it
+    // (wherever first fit placed it); growing it back to 6 MiB must not move it. Retry a
+    // few times in case a thread of the test harness takes those pages in between.
     let moved_every_time = (0..20).all(|_| {
-        let layout = Layout::from_size_align(2 << 20, 8).unwrap();
-        let p = unsafe { GLOBAL.alloc(layout) };
+        let big = Layout::from_size_align(8 << 20, 8).unwrap();
+        let p = unsafe { GLOBAL.alloc(big) };
+        assert!(!p.is_null());
         fill(p, 2 << 20, 3);
-        let q = unsafe { GLOBAL.realloc(p, layout, 6 << 20) };
+        let s = unsafe { GLOBAL.realloc(p, big, 2 << 20) };
+        assert_eq!(s, p, "shrinking a large block moved it");
+        let q = unsafe { GLOBAL.realloc(s, Layout::from_size_align(2 << 20, 8).unwrap(), 6 << 20) };
         check(q, 2 << 20, 3);
         unsafe { GLOBAL.dealloc(q, Layout::from_size_align(6 << 20, 8).unwrap()) };
         q != p
