@@ -147,10 +147,13 @@ fn run<A: GlobalAlloc>(a: &A, workload: &str, size: usize) {
 }
 
 /// `alloc_span` + `free_span` of `npages` pages through a thread page cache on a private
-/// page heap (the lock-free span path; no global allocator involved).
+/// page heap (the lock-free span path; no global allocator involved). The thread has a
+/// statistics writer, as a thread with a cache has in the process-wide heap (without
+/// one, every statistics section would take the leaf lock).
 fn spans(npages: usize, n: usize) {
     use spanheap::__private::{PageHeap, ThreadPages};
-    let heap = PageHeap::new(spanheap::os::OsMemory);
+    let heap = PageHeap::with_thread_writers(spanheap::os::OsMemory);
+    heap.stats_writer().bind();
     let mut tc = ThreadPages::new();
     for _ in 0..n {
         let s = heap

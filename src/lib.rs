@@ -738,11 +738,10 @@ pub mod __private {
     }
 
     /// A registered statistics writer of a [`PageHeap`] made with
-    /// [`PageHeap::with_thread_writers`], for one model thread: like a thread cache's
-    /// sequence counter in the process-wide heap, it makes the thread's statistics
-    /// sections lock-free (without one they take the statistics' leaf lock, an ordering
-    /// the real threads with caches do not have).
-    #[cfg(spanheap_loom)]
+    /// [`PageHeap::with_thread_writers`], for one (model or benchmark) thread: like a
+    /// thread cache's sequence counter in the process-wide heap, it makes the thread's
+    /// statistics sections lock-free (without one they take the statistics' leaf lock,
+    /// an ordering and a cost the real threads with caches do not have).
     #[derive(Clone, Copy, Debug)]
     pub struct StatsThread(&'static crate::stats::StatsSeq);
 
@@ -752,12 +751,16 @@ pub mod __private {
             core::cell::Cell::new(None);
     }
 
-    #[cfg(spanheap_loom)]
+    #[cfg(not(spanheap_loom))]
+    std::thread_local! {
+        static THREAD_WRITER: core::cell::Cell<Option<&'static crate::stats::StatsSeq>> =
+            const { core::cell::Cell::new(None) };
+    }
+
     fn thread_writer() -> Option<&'static crate::stats::StatsSeq> {
         THREAD_WRITER.with(|w| w.get())
     }
 
-    #[cfg(spanheap_loom)]
     impl<M: MemSource> PageHeap<M> {
         /// A new heap over `mem` whose statistics sections use the calling thread's
         /// [`StatsThread`] (see [`StatsThread::bind`]), or the leaf lock on a thread
@@ -777,7 +780,6 @@ pub mod __private {
         }
     }
 
-    #[cfg(spanheap_loom)]
     impl StatsThread {
         /// Makes this the calling thread's writer (one thread per writer).
         pub fn bind(self) {
