@@ -20,6 +20,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 const N: usize = 1_000_000;
 
 // One call boundary per operation, as a Rust program has (`__rust_alloc` /
@@ -63,31 +67,22 @@ fn batches<A: GlobalAlloc>(a: &A, l: Layout, n: usize) {
 /// under 16 B); each step frees a random block and allocates a new one in its place.
 /// `steps` steps after building the set (the warm-up run builds it and takes none).
 fn churn<A: GlobalAlloc>(a: &A, steps: usize) {
-    let mut r = 7u64;
-    let mut next = move || {
-        r ^= r << 13;
-        r ^= r >> 7;
-        r ^= r << 17;
-        r
-    };
-    let size = |next: &mut dyn FnMut() -> u64| {
-        let lead = (next() | (1 << 13)).trailing_zeros() as usize;
-        let base = 8usize << lead;
-        Layout::from_size_align(base + (next() as usize % base), 8).expect("layout")
-    };
+    let mut r = Rng(7);
+    let mut size = || Layout::from_size_align(r.power_law_size(), 8).expect("layout");
     let mut live: Vec<(*mut u8, Layout)> = (0..10_000)
         .map(|_| {
-            let l = size(&mut next);
+            let l = size();
             let p = do_alloc(a, l);
             assert!(!p.is_null());
             (p, l)
         })
         .collect();
+    let mut pick = Rng(8);
     for _ in 0..steps {
-        let i = (next() % live.len() as u64) as usize;
+        let i = pick.below(live.len());
         let (p, l) = live[i];
         do_dealloc(a, p, l);
-        let l = size(&mut next);
+        let l = size();
         let p = do_alloc(a, l);
         assert!(!p.is_null());
         live[i] = (p, l);
@@ -101,7 +96,7 @@ fn churn<A: GlobalAlloc>(a: &A, steps: usize) {
 /// hash map), `rounds` times; prints the time per block (alloc + free) to stderr.
 fn scatter<A: GlobalAlloc>(a: &A, size: usize, rounds: usize) {
     let l = Layout::from_size_align(size, 8).expect("layout");
-    let mut r = 11u64;
+    let mut r = Rng(11);
     let mut ps: Vec<*mut u8> = Vec::with_capacity(100_000);
     let t = std::time::Instant::now();
     for _ in 0..rounds {
@@ -111,10 +106,7 @@ fn scatter<A: GlobalAlloc>(a: &A, size: usize, rounds: usize) {
             p
         }));
         for i in (1..ps.len()).rev() {
-            r ^= r << 13;
-            r ^= r >> 7;
-            r ^= r << 17;
-            ps.swap(i, (r % (i as u64 + 1)) as usize);
+            ps.swap(i, r.below(i + 1));
         }
         for p in ps.drain(..) {
             do_dealloc(a, p, l);
@@ -138,7 +130,6 @@ fn run<A: GlobalAlloc>(a: &A, workload: &str, size: usize) {
         // `size` is ignored: the sizes follow the power law.
         "churn" => churn(a, N),
         "scatter" => scatter(a, size, 50),
-        "warmup-scatter" => scatter(a, size, 0),
         "warmup-churn" => churn(a, 0),
         "warmup-pair" => pairs(a, l, WARMUP),
         "warmup-batch" => batches(a, l, WARMUP),

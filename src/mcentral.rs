@@ -378,45 +378,21 @@ impl MCentral {
             debug_assert!(h >= u32::from(k) && h != RSTATE_OWNED);
             (h - u32::from(k), low)
         };
-        let early = if PLACE_FIRST {
-            None
-        } else {
-            Some(update_rstate(s, lower))
-        };
-        // SAFETY: span records are never unmapped.
-        let small = unsafe { &s.as_ref().small };
+        let early = (!PLACE_FIRST).then(|| update_rstate(s, lower));
         // SAFETY: per the contract.
         let list = unsafe { private(s) }.list;
-        // Whether the span sits in the list its place names (not PENDING): then we
-        // settle it; otherwise the drain that takes it from the pending stack does.
-        let mut placed = list != NO_LIST;
-        if list == place::FULL {
-            // It has free objects now. (AcqRel: see the module note on `place`.)
-            if small
-                .place
-                .compare_exchange(
-                    place::FULL,
-                    place::PARTIAL,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                // SAFETY: linked in our lists.
-                unsafe {
-                    unlink(l, s);
-                    link(l, s, place::PARTIAL);
-                }
-            } else {
-                placed = false; // announced meanwhile (PENDING)
-            }
-        } else if placed && small.place.load(Ordering::Relaxed) != list {
-            placed = false; // PENDING
-        }
-        let new = match early {
-            Some(new) => new,
-            None => update_rstate(s, lower),
+        // Whether the span sits in the list its place names: then we settle it; if it
+        // was announced meanwhile (PENDING), the drain that takes it from the pending
+        // stack does.
+        let placed = match list {
+            NO_LIST => false,
+            // It has free objects now.
+            // SAFETY: linked in our lists.
+            place::FULL => unsafe { promote_locked(l, s) },
+            // SAFETY: span records are never unmapped.
+            _ => unsafe { s.as_ref() }.small.place.load(Ordering::Relaxed) == list,
         };
+        let new = early.unwrap_or_else(|| update_rstate(s, lower));
         if placed {
             // SAFETY: linked in our lists.
             unsafe { self.settle_locked(heap, l, s, new) };
@@ -599,24 +575,39 @@ impl MCentral {
         } else if low > 0 && cur == place::FULL {
             // (`low` can be transiently negative: a merge that ran ahead of a freer's
             // increment. Only a positive count means unmerged frees exist.)
-            if small
-                .place
-                .compare_exchange(
-                    place::FULL,
-                    place::PARTIAL,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                // SAFETY: linked in our lists.
-                unsafe {
-                    unlink(l, s);
-                    link(l, s, place::PARTIAL);
-                }
-            }
+            // SAFETY: linked in our lists.
+            unsafe { promote_locked(l, s) };
         }
     }
+}
+
+/// Moves a span of the full list to the partial list, unless a freer announced it
+/// meanwhile (then the drain places it). Returns whether it moved. The place changes by
+/// a CAS from FULL, so a racing announcement (FULL -> PENDING) wins (AcqRel: see the
+/// module note on `place`). Needs the mcentral lock (`l`).
+///
+/// # Safety
+/// `s` is linked in `l`'s full list.
+unsafe fn promote_locked(l: &mut Lists, s: NonNull<MSpan>) -> bool {
+    // SAFETY: span records are never unmapped.
+    let small = unsafe { &s.as_ref().small };
+    let moved = small
+        .place
+        .compare_exchange(
+            place::FULL,
+            place::PARTIAL,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok();
+    if moved {
+        // SAFETY: linked in our lists, as the contract says.
+        unsafe {
+            unlink(l, s);
+            link(l, s, place::PARTIAL);
+        }
+    }
+    moved
 }
 
 /// Makes the cache `owner` the owner of a span taken from the mcentral (partial list or

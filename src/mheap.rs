@@ -53,7 +53,7 @@ use crate::fixalloc::{FixAlloc, RawFixAlloc};
 use crate::mcache::MCache;
 use crate::mcentral::MCentral;
 use crate::mspan::{
-    place, rstate, MSpan, Purpose, SmallPrivate, SpanInfo, SpanState, NO_LIST, RSTATE_OWNED,
+    place, rstate, MSpan, Purpose, SmallPrivate, SpanInfo, SpanState, RSTATE_OWNED,
 };
 use crate::os::{MemSource, OsError, PAGE_SHIFT, PAGE_SIZE};
 use crate::pagealloc::{PageAlloc, ScavPolicy};
@@ -1426,12 +1426,7 @@ unsafe fn init_small(s: NonNull<MSpan>, spanclass: u8, bits: *mut u64) {
         next_word: 0,
         nelems: nelems as u16,
         elemsize: CLASS_TO_SIZE[spanclass as usize] as u32,
-        prev: ptr::null_mut(),
-        next: ptr::null_mut(),
-        list: NO_LIST,
-        dirty: false,
-        flushed: 0,
-        flush_next: ptr::null_mut(),
+        ..SmallPrivate::EMPTY
     };
     for w in 0..words {
         // Bits at or past nelems are permanently "allocated".

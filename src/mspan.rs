@@ -204,7 +204,8 @@ pub(crate) struct SmallPrivate {
 pub(crate) const NO_LIST: u8 = 0xFF;
 
 impl SmallPrivate {
-    const EMPTY: SmallPrivate = SmallPrivate {
+    /// No bitmap, in no list: a record's state before `init_small`.
+    pub(crate) const EMPTY: SmallPrivate = SmallPrivate {
         bits: core::ptr::null_mut(),
         words: 0,
         next_word: 0,

@@ -15,6 +15,16 @@ fn stranded() -> (usize, usize) {
         .fold((0, 0), |a, c| (a.0 + c.1 + c.2, a.1 + c.4))
 }
 
+/// Whatever sits in the mcentrals has free objects (partial) or is a spare: no span is
+/// left full of objects that were all freed.
+fn assert_nothing_stranded() {
+    let (spans, free) = stranded();
+    assert!(
+        spans <= 16 && (spans == 0 || free > 0),
+        "{spans} listed spans with {free} free objects"
+    );
+}
+
 #[test]
 fn producer_consumer_memory_is_reused() {
     let _g = exclusive();
@@ -70,13 +80,7 @@ fn exited_threads_spans_retire_when_others_free_their_objects() {
         after <= before + (1 << 20),
         "in-use grew from {before} to {after}"
     );
-    // Whatever sits in the mcentrals has free objects (partial) or is a spare: no span
-    // is left full of objects that were all freed.
-    let (spans, free) = stranded();
-    assert!(
-        spans <= 16 && (spans == 0 || free > 0),
-        "{spans} listed spans with {free} free objects"
-    );
+    assert_nothing_stranded();
 }
 
 #[test]
@@ -127,11 +131,7 @@ fn scattered_drops_return_objects_to_their_spans() {
     }
     // 100,000 x 24 B is 2.4 MB; rounds 2 and 3 reuse what round 1 returned.
     assert!(peak < before + (4 << 20), "in-use peaked at {peak}");
-    let (spans, free) = stranded();
-    assert!(
-        spans <= 16 && (spans == 0 || free > 0),
-        "{spans} listed spans with {free} free objects"
-    );
+    assert_nothing_stranded();
 }
 
 #[test]

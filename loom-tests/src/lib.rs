@@ -268,6 +268,23 @@ impl Objects {
     }
 }
 
+/// Allocates `n` objects of size class `class` through `cache`, each recorded in
+/// `objs` as allocated with its index as the tag; returns their addresses.
+pub fn alloc_objects(
+    cache: &mut spanheap::__private::SmallCache<TestMem>,
+    class: usize,
+    objs: &Objects,
+    n: u64,
+) -> Vec<usize> {
+    (0..n)
+        .map(|i| {
+            let p = cache.alloc(class);
+            objs.allocated(p, i);
+            p as usize
+        })
+        .collect()
+}
+
 /// What [`settled`] found: the live spans of the class and where each is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settled {

@@ -30,7 +30,7 @@
 
 use std::sync::Arc;
 
-use loom_tests::{check, settled, spawn, Objects, Settled, TestMem};
+use loom_tests::{alloc_objects, check, settled, spawn, Objects, Settled, TestMem};
 use spanheap::__private::{class_for_size, objects_per_span, PageHeap};
 
 const SIZE: usize = 12288;
@@ -47,13 +47,7 @@ fn model() {
 
     // Set-up: X and Y full and unowned.
     let mut setup = heap.new_cache();
-    let o: Vec<usize> = (0..4)
-        .map(|i| {
-            let p = setup.alloc(class);
-            objs.allocated(p, i);
-            p as usize
-        })
-        .collect();
+    let o = alloc_objects(&mut setup, class, &objs, 4);
     setup.release();
     let (x0, x1, y0, y1) = (o[0], o[1], o[2], o[3]);
     assert_eq!(x1 - x0, SIZE);

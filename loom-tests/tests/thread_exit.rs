@@ -26,7 +26,7 @@
 
 use std::sync::Arc;
 
-use loom_tests::{check, settled, spawn, Objects, Settled, TestMem};
+use loom_tests::{alloc_objects, check, settled, spawn, Objects, Settled, TestMem};
 use spanheap::__private::{class_for_size, objects_per_span, PageHeap};
 
 const SIZE: usize = 12288;
@@ -42,13 +42,7 @@ fn model() {
     let objs = Arc::new(Objects::new(8));
 
     let mut a = heap.new_cache();
-    let o: Vec<usize> = (0..4)
-        .map(|i| {
-            let p = a.alloc(class);
-            objs.allocated(p, i);
-            p as usize
-        })
-        .collect();
+    let o = alloc_objects(&mut a, class, &objs, 4);
     let (a0, a1, a2, a3) = (o[0], o[1], o[2], o[3]);
     assert_eq!((a1 - a0, a3 - a2), (SIZE, SIZE));
     // SAFETY: no other thread exists yet.
