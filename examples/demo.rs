@@ -561,7 +561,7 @@ fn main() {
             for _ in 0..runs {
                 match run_child(name, wname) {
                     Ok(r) => {
-                        if best.as_ref().is_none_or(|b| r.wall < b.wall) {
+                        if best.as_ref().map_or(true, |b| r.wall < b.wall) {
                             best = Some(r);
                         }
                     }

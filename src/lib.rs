@@ -360,7 +360,7 @@ pub mod __private {
 
     /// A registered writer of a [`StatsPair`] (a thread cache's sequence counter).
     #[derive(Debug)]
-    pub struct StatsWriter(crate::stats::StatsSeq);
+    pub struct StatsWriter(crate::stats::StatsSeq<2>);
 
     impl StatsPair {
         #[allow(clippy::new_without_default)]
@@ -743,21 +743,21 @@ pub mod __private {
     /// statistics sections lock-free (without one they take the statistics' leaf lock,
     /// an ordering and a cost the real threads with caches do not have).
     #[derive(Clone, Copy, Debug)]
-    pub struct StatsThread(&'static crate::stats::StatsSeq);
+    pub struct StatsThread(&'static crate::stats::HeapSeq);
 
     #[cfg(spanheap_loom)]
     loom::thread_local! {
-        static THREAD_WRITER: core::cell::Cell<Option<&'static crate::stats::StatsSeq>> =
+        static THREAD_WRITER: core::cell::Cell<Option<&'static crate::stats::HeapSeq>> =
             core::cell::Cell::new(None);
     }
 
     #[cfg(not(spanheap_loom))]
     std::thread_local! {
-        static THREAD_WRITER: core::cell::Cell<Option<&'static crate::stats::StatsSeq>> =
+        static THREAD_WRITER: core::cell::Cell<Option<&'static crate::stats::HeapSeq>> =
             const { core::cell::Cell::new(None) };
     }
 
-    fn thread_writer() -> Option<&'static crate::stats::StatsSeq> {
+    fn thread_writer() -> Option<&'static crate::stats::HeapSeq> {
         THREAD_WRITER.with(|w| w.get())
     }
 
@@ -773,7 +773,7 @@ pub mod __private {
 
         /// A new registered statistics writer (leaked: the registry keeps it).
         pub fn stats_writer(&self) -> StatsThread {
-            let w: &'static crate::stats::StatsSeq =
+            let w: &'static crate::stats::HeapSeq =
                 Box::leak(Box::new(crate::stats::StatsSeq::new()));
             self.heap.stats.register(w);
             StatsThread(w)

@@ -57,7 +57,7 @@ use crate::mspan::{rstate_parts, MSpan, Purpose, RSTATE_OWNED};
 use crate::os::MemSource;
 use crate::pagecache::HeapCache;
 use crate::sizeclasses::{obj_index, CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
-use crate::stats::{field, StatsSeq};
+use crate::stats::{field, HeapSeq};
 #[cfg(not(spanheap_loom))]
 use crate::sync::Mutex;
 use crate::sync::{AtomicU64, Ordering, UnsafeCell};
@@ -105,7 +105,7 @@ pub(crate) struct MCache {
     /// The thread's page block and record caches (span allocation without the lock).
     heap: HeapCache,
     /// The statistics sequence counter of the thread owning this cache.
-    seq: StatsSeq,
+    seq: HeapSeq,
     /// Whether `seq` is in the statistics registry (records are reused, the
     /// registration stays). Owner only.
     registered: bool,
@@ -142,7 +142,7 @@ impl MCache {
             MCache {
                 classes: [EMPTY_CLASS; NUM_CLASSES],
                 heap: HeapCache::new(),
-                seq: StatsSeq::new(),
+                seq: HeapSeq::new(),
                 registered: false,
                 free_link: UnsafeCell::new(ptr::null_mut()),
             }
@@ -195,7 +195,7 @@ unsafe fn entry<'a>(c: *mut MCache, class: usize) -> &'a mut ClassCache {
 /// The statistics writer of the calling thread: its cache's sequence counter while the
 /// cache is live (the process-wide heap's `writer` hook).
 #[cfg(not(spanheap_loom))]
-pub(crate) fn current_writer() -> Option<&'static StatsSeq> {
+pub(crate) fn current_writer() -> Option<&'static HeapSeq> {
     if crate::tls::state() != LIVE {
         return None;
     }
@@ -580,7 +580,7 @@ unsafe fn remote_free_list<M: MemSource>(heap: &MHeap<M>, mut p: *mut u8, class:
         // SAFETY: per the contract, each object links to the next.
         let next = unsafe { p.cast::<*mut u8>().read() };
         if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
-            if run.as_ref().is_none_or(|r| r.span != s) {
+            if run.as_ref().map_or(true, |r| r.span != s) {
                 if let Some(r) = run.take() {
                     // SAFETY: the run's objects were given up by the caller.
                     unsafe { r.finish(heap, class) };

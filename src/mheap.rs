@@ -38,7 +38,7 @@
 //! | `locked`         | the heap lock (a futex lock that never allocates): page allocator, span-record fixalloc, growth hint |
 //! | `arenas`         | lock-free reads; new arenas inserted under the heap lock            |
 //! | `pages_in_use`   | atomic (seed 001); written by span publication/release              |
-//! | `gauges.*`       | atomic (seed 000); written at span alloc/free/grow/resize           |
+//! | `gauges.*`       | atomic (seed 000); written at growth, scavenging and manual-span alloc/free (heap spans only move `pages_in_use`) |
 //! | `stats`          | consistent statistics (seed 002, `stats.rs`): write sections at span alloc/free/grow/resize |
 //!
 //! Lock order: the heap lock is a leaf. Nothing is locked while holding it, and it is
@@ -64,7 +64,7 @@ use crate::pagecache::{
 use crate::scavenger::{Scavenger, BACKLOG_WAIT, PASS_BUDGET_NS};
 use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
-use crate::stats::{field, HeapDelta, HeapGauges, HeapStats, StatsSeq};
+use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats};
 use crate::sync::init_atomics;
 use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
 
@@ -140,20 +140,25 @@ impl Locked {
 }
 
 /// Heap counters (seed 000): atomics, updated outside the heap lock, in
-/// [`MHeap::account_alloc`] / [`MHeap::account_free`] / growth / resizing. Each is exact
-/// on its own; the consistent statistics (`MHeap::stats`) are updated in the same places.
+/// [`MHeap::account_alloc`] / [`MHeap::account_free`] / growth / scavenging. Each is
+/// exact on its own; the consistent statistics (`MHeap::stats`) are updated in the same
+/// places.
 ///
-/// Invariants once no span operation is in flight:
-/// `heap_inuse + heap_idle == heap_sys`, `heap_released <= heap_idle`,
+/// Go's `heap_inuse` and `heap_idle` are not kept separately: heap spans already move
+/// `pages_in_use` (the publication counter), so `heap_inuse` is `pages_in_use` pages and
+/// `heap_idle` is `heap_sys - heap_inuse` (see [`MHeap::counters`]). A heap span
+/// allocated or freed therefore touches no gauge, only the counter it must publish
+/// with anyway; manual spans (metadata, rare) move `heap_sys` and their purpose's bytes.
+///
+/// Invariants once no span operation is in flight (`counters`):
+/// `heap_idle ==` free pages (page allocator and page caches), `heap_released <= heap_idle`,
 /// `heap_sys + Σ manual purposes == arena bytes mapped`.
 pub(crate) struct Gauges {
     /// Bytes of arena memory obtained from the OS, less bytes lent to manual spans.
     heap_sys: AtomicU64,
-    /// Bytes in free page runs (including released ones).
-    heap_idle: AtomicU64,
     /// Idle bytes returned to the OS (Prepared pages in free runs).
     heap_released: AtomicU64,
-    /// Bytes in live spans, per purpose. `by_purpose[Heap]` is Go's `heap_inuse`.
+    /// Bytes in live manual spans, per purpose (`by_purpose[Heap]` is unused: see above).
     by_purpose: [AtomicU64; Purpose::COUNT],
     /// Bytes of OS memory used for metadata outside the arenas (arena records, index).
     meta_sys: AtomicU64,
@@ -168,7 +173,6 @@ impl Gauges {
         const Z: AtomicU64 = AtomicU64::new(0);
         Gauges {
             heap_sys: Z,
-            heap_idle: Z,
             heap_released: Z,
             by_purpose: [Z; Purpose::COUNT],
             meta_sys: Z,
@@ -179,7 +183,6 @@ impl Gauges {
     fn new() -> Self {
         Gauges {
             heap_sys: AtomicU64::new(0),
-            heap_idle: AtomicU64::new(0),
             heap_released: AtomicU64::new(0),
             by_purpose: core::array::from_fn(|_| AtomicU64::new(0)),
             meta_sys: AtomicU64::new(0),
@@ -229,7 +232,7 @@ pub(crate) struct MHeap<M: MemSource> {
     pub(crate) stats: HeapStats,
     /// The calling thread's statistics sequence counter, if it has a registered one
     /// (a thread cache); `None` makes write sections take the statistics' leaf lock.
-    writer: fn() -> Option<&'static StatsSeq>,
+    writer: fn() -> Option<&'static HeapSeq>,
     /// One mcentral per size class (index 0 unused).
     pub(crate) central: [MCentral; NUM_CLASSES],
     /// Settings and pacing of the scavenger (`scavenger.rs`).
@@ -247,7 +250,7 @@ impl<M: MemSource> MHeap<M> {
     /// A heap whose statistics write sections use the counter `writer` returns for the
     /// calling thread (the process-wide heap: the thread cache's).
     #[cfg(not(spanheap_loom))]
-    pub(crate) const fn with_writer(mem: M, writer: fn() -> Option<&'static StatsSeq>) -> Self {
+    pub(crate) const fn with_writer(mem: M, writer: fn() -> Option<&'static HeapSeq>) -> Self {
         MHeap {
             mem,
             locked: Mutex::new(Locked::new()),
@@ -266,7 +269,7 @@ impl<M: MemSource> MHeap<M> {
     #[cfg(not(spanheap_loom))]
     pub(crate) const fn global(
         mem: M,
-        writer: fn() -> Option<&'static StatsSeq>,
+        writer: fn() -> Option<&'static HeapSeq>,
         spawn: fn() -> bool,
     ) -> Self {
         let mut h = Self::with_writer(mem, writer);
@@ -274,7 +277,7 @@ impl<M: MemSource> MHeap<M> {
         h
     }
     #[cfg(spanheap_loom)]
-    pub(crate) fn with_writer(mem: M, writer: fn() -> Option<&'static StatsSeq>) -> Self {
+    pub(crate) fn with_writer(mem: M, writer: fn() -> Option<&'static HeapSeq>) -> Self {
         MHeap {
             mem,
             locked: Mutex::new(Locked::new()),
@@ -394,7 +397,7 @@ impl<M: MemSource> MHeap<M> {
         }
         let bucket =
             (spanclass != 0).then(|| bits_bucket(CLASS_TO_NOBJS[spanclass as usize] as usize));
-        let ready = |tc: &HeapCache| tc.nspans > 0 && bucket.is_none_or(|b| tc.nbits[b] > 0);
+        let ready = |tc: &HeapCache| tc.nspans > 0 && bucket.map_or(true, |b| tc.nbits[b] > 0);
         if tc.pages.is_empty() || !ready(tc) {
             self.refill_heap_cache(tc, bucket);
             if !ready(tc) {
@@ -872,19 +875,25 @@ impl<M: MemSource> MHeap<M> {
     /// A snapshot of the counters.
     pub(crate) fn counters(&self) -> HeapCounters {
         let st = &self.gauges;
+        let pages_in_use = self.pages_in_use.load(Ordering::Acquire) as u64;
+        let heap_inuse = pages_in_use << PAGE_SHIFT;
         let mut by_purpose = [0u64; Purpose::COUNT];
         for (d, c) in by_purpose.iter_mut().zip(st.by_purpose.iter()) {
             *d = c.load(Ordering::Relaxed);
         }
+        by_purpose[Purpose::Heap as usize] = heap_inuse;
+        let heap_sys = st.heap_sys.load(Ordering::Relaxed);
         HeapCounters {
-            heap_sys: st.heap_sys.load(Ordering::Relaxed),
-            heap_inuse: by_purpose[Purpose::Heap as usize],
-            heap_idle: st.heap_idle.load(Ordering::Relaxed),
+            heap_sys,
+            heap_inuse,
+            // Derived (see `Gauges`); while spans are in flight the two loads may
+            // disagree, so never below zero.
+            heap_idle: heap_sys.saturating_sub(heap_inuse),
             heap_released: st.heap_released.load(Ordering::Relaxed),
             by_purpose,
             meta_sys: st.meta_sys.load(Ordering::Relaxed),
             arena_bytes: st.arena_bytes.load(Ordering::Relaxed),
-            pages_in_use: self.pages_in_use.load(Ordering::Acquire) as u64,
+            pages_in_use,
         }
     }
 
@@ -1138,7 +1147,6 @@ impl<M: MemSource> MHeap<M> {
         }
         add(&self.gauges.arena_bytes, size);
         add(&self.gauges.heap_sys, size);
-        add(&self.gauges.heap_idle, size);
         add(&self.gauges.heap_released, size);
         // A new arena is mapped but untouched: released until pages are handed out.
         self.stats_update(|d| {
@@ -1341,10 +1349,10 @@ impl<M: MemSource> MHeap<M> {
         if scav != 0 {
             sub(&st.heap_released, scav);
         }
-        sub(&st.heap_idle, nbytes);
-        add(&st.by_purpose[purpose as usize], nbytes);
         if purpose.is_manual() {
-            // Manual spans are lent out of the heap: they leave heap_sys.
+            // Manual spans are lent out of the heap: they leave heap_sys. (Heap spans
+            // are counted by `pages_in_use` alone: see `Gauges`.)
+            add(&st.by_purpose[purpose as usize], nbytes);
             sub(&st.heap_sys, nbytes);
         }
         let (n, scav) = (nbytes as u64, scav as u64);
@@ -1369,11 +1377,10 @@ impl<M: MemSource> MHeap<M> {
     /// for free); `cached`: the pages go to a thread's page cache.
     fn account_free(&self, purpose: Purpose, nbytes: usize, cached: bool) {
         let st = &self.gauges;
-        sub(&st.by_purpose[purpose as usize], nbytes);
         if purpose.is_manual() {
+            sub(&st.by_purpose[purpose as usize], nbytes);
             add(&st.heap_sys, nbytes);
         }
-        add(&st.heap_idle, nbytes);
         let n = nbytes as u64;
         self.stats_update(|d| {
             d.sub(field::INUSE, n);
@@ -1403,7 +1410,7 @@ fn clock_ms() -> u32 {
 }
 
 /// The statistics writer of heaps without thread caches: every section takes the lock.
-fn no_writer() -> Option<&'static StatsSeq> {
+fn no_writer() -> Option<&'static HeapSeq> {
     None
 }
 
@@ -1463,7 +1470,11 @@ mod tests {
     fn check_counters(h: &MHeap<OsMemory>, live: &[(NonNull<MSpan>, Purpose)]) {
         let c = h.counters();
         let (free_pages, scav_pages, records) = h.page_state();
-        assert_eq!(c.heap_inuse + c.heap_idle, c.heap_sys, "{c:?}");
+        assert_eq!(
+            c.heap_inuse,
+            c.pages_in_use * PAGE_SIZE as u64,
+            "heap_inuse is pages_in_use: {c:?}"
+        );
         assert_eq!(
             c.heap_idle,
             (free_pages * PAGE_SIZE) as u64,

@@ -3,44 +3,55 @@
 //!
 //! # The protocol
 //!
-//! Statistics are kept as *deltas* in a ring of three generations. Writers add to the
-//! generation `gen` names; a reader (one at a time) takes a snapshot by
+//! Statistics are kept as *deltas* in two generations. Every writer with a thread cache
+//! has its own pair of delta arrays (in its sequence record); writers without one share
+//! a pair under a leaf lock. A writer adds to the generation `gen` names, in its own
+//! array, with plain loads and stores (it is the array's only writer). A reader (one at
+//! a time, holding the running totals) takes a snapshot by
 //!
-//! 1. rotating `gen` to the next slot, which the previous read left cleared, so new
-//!    writes go there;
-//! 2. waiting until no writer is still inside a write section that began before the
-//!    rotation (those may still be adding to the old slot);
-//! 3. merging the old slot `cur` with `prev`, the totals of the previous snapshot, into
-//!    `cur`, which now holds complete totals, and clearing `prev` for the next rotation.
+//! 1. flipping `gen`, so new writes go to the other generation, which the previous read
+//!    left cleared;
+//! 2. for every writer, waiting until it is no longer inside a write section that began
+//!    before the flip (that one may still be adding to the old generation), then adding
+//!    its old-generation deltas to the totals and clearing them;
+//! 3. doing the same with the shared arrays of the cache-less writers.
+//!
+//! Go's `consistentHeapStats` keeps one shared ring of three generations that every P
+//! adds to atomically; here the deltas are per writer, so a write section costs no
+//! atomic read-modify-write on a shared cache line, and two generations are enough
+//! because the reader folds and clears the old one in the same pass.
 //!
 //! A writer with a thread cache brackets its section with its own sequence counter:
-//! odd while writing. Between its increment to odd and its load of `gen` it has a SeqCst
-//! fence, as the reader has between its store of `gen` and its loads of the counters, so
-//! either the writer sees the new `gen`, or the reader sees the counter odd and waits for
-//! it (a store->load pattern on both sides: only the fences' single total order excludes
-//! both missing each other; fences rather than SeqCst accesses because that is the form
-//! loom models exactly). The writer's final increment is Release and the reader's loads
-//! Acquire: the section's additions are visible once the counter is seen even again.
+//! odd while writing. Between its store of the odd value and its load of `gen` it has a
+//! SeqCst fence, as the reader has between its store of `gen` and its loads of the
+//! counters, so either the writer sees the new `gen`, or the reader sees the counter odd
+//! and waits for it (a store->load pattern on both sides: only the fences' single total
+//! order excludes both missing each other; fences rather than SeqCst accesses because
+//! that is the form loom models exactly). The writer's closing store is Release and the
+//! reader's loads Acquire: the section's additions are visible once the counter is seen
+//! even again. The reader's clearing reaches the writer through `gen`: the next flip back
+//! to that generation is a Release store under `reader`, which the writer loads Acquire.
 //!
 //! A writer without a cache (start-up, TLS teardown, a thread that could not get one)
-//! takes the small leaf lock `nop` instead; the reader holds `nop` only while it rotates
-//! `gen`, so such writers are wholly before or wholly after the rotation.
+//! takes the small leaf lock `nop` instead; the reader holds `nop` only while it flips
+//! `gen`, so such writers are wholly before or wholly after the flip.
 //!
-//! A section only adds to atomics, never blocks and never nests, so the reader's wait is
-//! short. Sections are taken at span, refill and flush granularity, never per object on
-//! the fast path. Every update a caller makes in one section is seen by a snapshot
-//! entirely or not at all: the snapshot is *consistent*.
+//! A section only adds, never blocks and never nests, so the reader's wait is short.
+//! Sections are taken at span, refill and flush granularity, never per object on the
+//! fast path. Every update a caller makes in one section is seen by a snapshot entirely
+//! or not at all: the snapshot is *consistent*.
 //!
 //! Shared fields and what protects them:
 //!
-//! | field         | protection                                                          |
-//! |---------------|---------------------------------------------------------------------|
-//! | `slots[g]`    | atomic adds by writers of generation g; the reader alone merges/clears a slot no writer can reach |
-//! | `gen`         | written by the reader under `reader` and `nop`; read Acquire by writers after their fence |
-//! | `nop`         | leaf lock: cache-less writers' sections; the reader's rotation        |
-//! | `reader`      | one reader at a time (lock order: `reader` -> `nop`)                 |
-//! | `writers`     | push-only list of sequence counters (Release push, Acquire walk)    |
-//! | `StatsSeq::seq` | written only by its thread (RMW), read by the reader              |
+//! | field              | protection                                                     |
+//! |--------------------|----------------------------------------------------------------|
+//! | `StatsSeq::slots[g]` | its writer alone, inside sections of generation g; the reader reads and clears it once that writer has left g |
+//! | `shared[g]`        | `nop` for writers of generation g; the reader reads and clears it after the flip |
+//! | `gen`              | written by the reader under `reader` and `nop`; read Acquire by writers after their fence |
+//! | `nop`              | leaf lock: cache-less writers' sections; the reader's flip      |
+//! | `reader`           | one reader at a time, and the running totals (lock order: `reader` -> `nop`) |
+//! | `writers`          | push-only list of sequence records (Release push, Acquire walk) |
+//! | `StatsSeq::seq`    | written only by its thread, read by the reader                 |
 
 use core::fmt;
 use core::ptr;
@@ -61,28 +72,34 @@ fn writer_fence() {
 // The generation ring.
 // ---------------------------------------------------------------------------------------
 
-/// One writer's sequence counter: odd while it is inside a write section. Lives in a
-/// thread cache record (never freed, so the registry can keep pointing to it).
+/// One writer's sequence counter (odd while it is inside a write section) and its own
+/// deltas. Lives in a thread cache record (never freed, so the registry can keep
+/// pointing to it; a record reused by a new thread keeps its registration and deltas).
 #[derive(Debug)]
-pub(crate) struct StatsSeq {
+pub(crate) struct StatsSeq<const N: usize> {
     seq: AtomicU32,
-    /// Next counter in the registry; written before the counter is published.
-    next: AtomicPtr<StatsSeq>,
+    /// Next record in the registry; written before the record is published.
+    next: AtomicPtr<StatsSeq<N>>,
+    /// This writer's deltas per generation (see the module docs).
+    slots: [Delta<N>; 2],
 }
 
-impl StatsSeq {
+impl<const N: usize> StatsSeq<N> {
     crate::sync::const_fn! {
         pub(crate) fn new() -> Self {
             StatsSeq {
                 seq: AtomicU32::new(0),
                 next: AtomicPtr::new(ptr::null_mut()),
+                slots: [Delta::new(), Delta::new()],
             }
         }
     }
 }
 
-/// One generation's deltas: `N` counters, added to with wrapping arithmetic (a delta
-/// may be negative; the merged totals are not).
+/// One generation's deltas of one writer (or of the cache-less writers): `N` counters,
+/// added to with wrapping arithmetic (a delta may be negative; the merged totals are
+/// not). Each array has one writer at a time (its thread, or the holder of `nop`), so
+/// an addition is a load and a store, not a read-modify-write.
 #[derive(Debug)]
 pub(crate) struct Delta<const N: usize>([AtomicU64; N]);
 
@@ -99,56 +116,74 @@ impl<const N: usize> Delta<N> {
     /// Adds `v` to counter `i`.
     #[inline]
     pub(crate) fn add(&self, i: usize, v: u64) {
-        // Relaxed: the section's closing Release on the writer's counter (or the `nop`
+        // Relaxed, and not an RMW: the array's only writer is the caller (see the type
+        // docs). The section's closing Release on the writer's counter (or the `nop`
         // lock) publishes it to the reader.
-        self.0[i].fetch_add(v, Ordering::Relaxed);
+        let c = &self.0[i];
+        c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
     }
 
     /// Subtracts `v` from counter `i`.
     #[inline]
     pub(crate) fn sub(&self, i: usize, v: u64) {
-        self.0[i].fetch_sub(v, Ordering::Relaxed);
+        self.add(i, v.wrapping_neg());
+    }
+
+    /// Adds every counter to `totals` and clears it. Only for the reader, once no
+    /// writer can be writing this array (see `ConsistentStats::read`).
+    fn drain_into(&self, totals: &mut [u64; N]) {
+        for (t, c) in totals.iter_mut().zip(self.0.iter()) {
+            // Relaxed: the caller's Acquire (the writer's counter, or `nop`) made the
+            // writes visible, and the next writer of this array learns of the clearing
+            // through `gen` (see the module docs).
+            let v = c.load(Ordering::Relaxed);
+            if v != 0 {
+                *t = t.wrapping_add(v);
+                c.store(0, Ordering::Relaxed);
+            }
+        }
     }
 }
 
 /// `N` counters that writers update in sections and a reader snapshots consistently.
 #[derive(Debug)]
 pub(crate) struct ConsistentStats<const N: usize> {
-    slots: [Delta<N>; 3],
-    /// The generation writers add to (0, 1 or 2).
+    /// The cache-less writers' deltas per generation (under `nop`).
+    shared: [Delta<N>; 2],
+    /// The generation writers add to (0 or 1).
     gen: AtomicU32,
-    /// Cache-less writers' sections, and the reader's rotation of `gen`. A leaf lock.
+    /// Cache-less writers' sections, and the reader's flip of `gen`. A leaf lock.
     nop: Mutex<()>,
-    /// Serialises readers.
-    reader: Mutex<()>,
-    /// Every registered writer counter (push-only).
-    writers: AtomicPtr<StatsSeq>,
+    /// Serialises readers, and holds the totals of every generation drained so far.
+    reader: Mutex<[u64; N]>,
+    /// Every registered writer record (push-only).
+    writers: AtomicPtr<StatsSeq<N>>,
 }
 
 impl<const N: usize> ConsistentStats<N> {
     crate::sync::const_fn! {
         pub(crate) fn new() -> Self {
             ConsistentStats {
-                slots: [Delta::new(), Delta::new(), Delta::new()],
+                shared: [Delta::new(), Delta::new()],
                 gen: AtomicU32::new(0),
                 nop: Mutex::new(()),
-                reader: Mutex::new(()),
+                reader: Mutex::new([0; N]),
                 writers: AtomicPtr::new(ptr::null_mut()),
             }
         }
     }
 
-    /// Makes `w` a writer the reader waits for. Once per counter, before its first
-    /// section; counters are never unregistered (they live in records that are never
-    /// unmapped, and an idle counter is even, so it costs the reader one load).
-    pub(crate) fn register(&self, w: &'static StatsSeq) {
+    /// Makes `w` a writer the reader waits for and drains. Once per record, before its
+    /// first section; records are never unregistered (they are never unmapped, and an
+    /// idle one costs the reader a load of its counter and of its deltas).
+    pub(crate) fn register(&self, w: &'static StatsSeq<N>) {
         let mut head = self.writers.load(Ordering::Relaxed);
         loop {
             w.next.store(head, Ordering::Relaxed);
             // Release: the link is visible to a reader that finds `w` (Acquire walk).
             match self.writers.compare_exchange_weak(
                 head,
-                w as *const StatsSeq as *mut StatsSeq,
+                w as *const StatsSeq<N> as *mut StatsSeq<N>,
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
@@ -159,32 +194,34 @@ impl<const N: usize> ConsistentStats<N> {
     }
 
     /// Runs one write section: `f` adds its deltas to the current generation. With
-    /// `Some(seq)` (a registered counter owned by the calling thread) the section is
-    /// lock-free; with `None` it takes the leaf lock. Sections must not nest, and `f`
-    /// must only add.
+    /// `Some(w)` (a registered record owned by the calling thread) the section is
+    /// lock-free and adds to `w`'s own deltas; with `None` it takes the leaf lock. Sections
+    /// must not nest, and `f` must only add.
     #[inline]
-    pub(crate) fn update(&self, w: Option<&StatsSeq>, f: impl FnOnce(&Delta<N>)) {
+    pub(crate) fn update(&self, w: Option<&StatsSeq<N>>, f: impl FnOnce(&Delta<N>)) {
         match w {
             Some(w) => {
-                // Relaxed: the fence below orders it before the load of `gen`.
-                let s = w.seq.fetch_add(1, Ordering::Relaxed);
+                // Only this thread writes its counter: a load and a store, no RMW.
+                let s = w.seq.load(Ordering::Relaxed);
                 debug_assert!(s % 2 == 0, "nested statistics section");
+                // Relaxed: the fence below orders it before the load of `gen`.
+                w.seq.store(s.wrapping_add(1), Ordering::Relaxed);
                 // Pairs with the reader's fence (see the module docs): either we load
                 // the new `gen`, or the reader sees our counter odd and waits.
                 writer_fence();
                 // Acquire pairs with the reader's Release store of `gen`: its clearing
-                // of the slot we are about to add to happens-before our additions.
+                // of the deltas we are about to add to happens-before our additions.
                 let g = self.gen.load(Ordering::Acquire);
-                f(&self.slots[g as usize]);
+                f(&w.slots[g as usize]);
                 // Release: our additions happen-before the reader's Acquire load that
                 // sees the counter even again.
-                w.seq.fetch_add(1, Ordering::Release);
+                w.seq.store(s.wrapping_add(2), Ordering::Release);
             }
             None => {
                 self.nop.lock().with(|_| {
                     // Relaxed: `gen` only changes under `nop`, which we hold.
                     let g = self.gen.load(Ordering::Relaxed);
-                    f(&self.slots[g as usize]);
+                    f(&self.shared[g as usize]);
                 });
             }
         }
@@ -219,8 +256,8 @@ impl<const N: usize> ConsistentStats<N> {
     /// forever. `me` is the calling thread's own counter (never odd here: fork is not
     /// called from inside a section).
     #[cfg(not(spanheap_loom))]
-    pub(crate) fn fork_child_settle(&self, me: Option<&StatsSeq>) {
-        let me = me.map_or(ptr::null(), |m| m as *const StatsSeq);
+    pub(crate) fn fork_child_settle(&self, me: Option<&StatsSeq<N>>) {
+        let me = me.map_or(ptr::null(), |m| m as *const StatsSeq<N>);
         let mut w = self.writers.load(Ordering::Acquire);
         while !w.is_null() {
             // SAFETY: registered counters are 'static.
@@ -236,42 +273,38 @@ impl<const N: usize> ConsistentStats<N> {
     /// A consistent snapshot of the totals into `out` (one reader at a time; concurrent
     /// readers wait). Never allocates.
     pub(crate) fn read(&self, out: &mut [u64; N]) {
-        self.reader.lock().with(|_| {
+        self.reader.lock().with(|totals| {
             // Relaxed: only readers write `gen`, under `reader`, which we hold.
-            let cur = self.gen.load(Ordering::Relaxed);
-            let prev = (cur + 2) % 3;
+            let old = self.gen.load(Ordering::Relaxed);
             self.nop.lock().with(|_| {
-                // Release: our earlier clearing of the next slot happens-before any
-                // writer's additions to it (writers load `gen` with Acquire).
-                self.gen.store((cur + 1) % 3, Ordering::Release);
+                // Release: the previous reader's clearing of the other generation
+                // (before it released `reader`) happens-before any writer's additions
+                // to it (writers load `gen` with Acquire).
+                self.gen.store(old ^ 1, Ordering::Release);
             });
             // Pairs with the writers' fence between their odd counter and `gen` load.
             fence(Ordering::SeqCst);
-            // Wait for writers that may have loaded the old generation.
             let mut w = self.writers.load(Ordering::Acquire);
             while !w.is_null() {
-                // SAFETY: registered counters are 'static.
+                // SAFETY: registered records are 'static.
                 let ws = unsafe { &*w };
-                // Acquire pairs with the writer's closing Release increment.
+                // Wait for a section that may have loaded the old generation. Acquire
+                // pairs with the writer's closing Release store.
                 let mut s = ws.seq.load(Ordering::Acquire);
                 let mut spin = SpinWait::new();
                 while s % 2 != 0 {
                     spin.spin();
                     s = ws.seq.load(Ordering::Acquire);
                 }
+                // Every section of the old generation has ended and no later one
+                // can reach it: the deltas are final.
+                ws.slots[old as usize].drain_into(totals);
                 w = ws.next.load(Ordering::Relaxed);
             }
-            let (c, p) = (&self.slots[cur as usize].0, &self.slots[prev as usize].0);
-            for i in 0..N {
-                // Relaxed: every writer of `cur` has finished (seen above), and nobody
-                // writes `prev` until the next rotation publishes our clearing.
-                let v = c[i]
-                    .load(Ordering::Relaxed)
-                    .wrapping_add(p[i].load(Ordering::Relaxed));
-                c[i].store(v, Ordering::Relaxed);
-                p[i].store(0, Ordering::Relaxed);
-                out[i] = v;
-            }
+            // The cache-less writers of the old generation finished before our flip
+            // (they hold `nop`, as we did to flip): their deltas are final too.
+            self.shared[old as usize].drain_into(totals);
+            *out = *totals;
         });
     }
 }
@@ -324,6 +357,8 @@ pub(crate) mod field {
 pub(crate) type HeapStats = ConsistentStats<{ field::N }>;
 /// One generation of them, as a write section sees it.
 pub(crate) type HeapDelta = Delta<{ field::N }>;
+/// A writer's record of them (a thread cache's).
+pub(crate) type HeapSeq = StatsSeq<{ field::N }>;
 
 // ---------------------------------------------------------------------------------------
 // The public snapshot.
@@ -773,7 +808,7 @@ mod tests {
     #[test]
     fn sections_are_seen_whole_and_totals_accumulate() {
         static S: ConsistentStats<2> = ConsistentStats::new();
-        static W: StatsSeq = StatsSeq::new();
+        static W: StatsSeq<2> = StatsSeq::new();
         S.register(&W);
         let mut out = [0u64; 2];
         for round in 1..=5u64 {
@@ -788,6 +823,56 @@ mod tests {
             S.read(&mut out);
             assert_eq!(out, [5 * round, 2 * round]);
         }
+    }
+
+    #[test]
+    fn concurrent_writers_each_with_own_deltas_are_seen_whole() {
+        // Three writers with their own records and one cache-less writer add to both
+        // counters in each section while the main thread takes snapshots: every
+        // snapshot shows both equal and never goes backwards, and the last one has
+        // every section.
+        static S: ConsistentStats<2> = ConsistentStats::new();
+        const SECTIONS: u64 = 20_000;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let mut hs = Vec::new();
+            for t in 0..4u64 {
+                hs.push(sc.spawn(move || {
+                    let w: Option<&'static StatsSeq<2>> = (t < 3).then(|| {
+                        let w = Box::leak(Box::new(StatsSeq::new()));
+                        S.register(w);
+                        &*w
+                    });
+                    for i in 0..SECTIONS {
+                        let v = t + 1 + (i & 1);
+                        S.update(w, |d| {
+                            d.add(0, v);
+                            d.sub(1, 1);
+                            d.add(1, v + 1);
+                        });
+                    }
+                }));
+            }
+            let mut last = 0;
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut out = [0u64; 2];
+                S.read(&mut out);
+                assert_eq!(out[0], out[1], "a snapshot saw half a section");
+                assert!(out[0] >= last, "snapshots went backwards");
+                last = out[0];
+                reads += 1;
+                if hs.iter().all(|h| h.is_finished()) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            assert!(reads > 1);
+        });
+        let mut out = [0u64; 2];
+        S.read(&mut out);
+        // Writer t adds (t + 1) + (i & 1) per section: SECTIONS * (t + 1) + SECTIONS / 2.
+        let expect: u64 = (0..4u64).map(|t| SECTIONS * (t + 1) + SECTIONS / 2).sum();
+        assert_eq!(out, [expect, expect]);
     }
 
     #[test]
