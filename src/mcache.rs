@@ -510,12 +510,13 @@ fn flush_remote<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize)
     e.nremote = 0;
     // SAFETY: the buffer's objects are ours, live from their spans' view, and linked
     // into a null-terminated list.
-    unsafe { remote_free_list(heap, p, class) };
+    unsafe { remote_free_list(heap, p, class, u64::MAX) };
 }
 
-/// Returns objects from the head of the local free list to their spans (as remote
-/// frees: merged by the span's owner, or announced if the span is unowned) until `keep`
-/// remain.
+/// Returns objects from the head of the local free list to their spans until `keep`
+/// remain. Objects of spans no cache owns are freed under the mcentral lock
+/// (`MCentral::free_unowned`); the others, and all of a chunk whose lock is busy, as
+/// remote frees (merged by the span's owner, or announced if the span is unowned).
 #[cold]
 #[inline(never)]
 fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: u32) {
@@ -534,51 +535,58 @@ fn flush<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize, keep: 
     // A slow path (a thread that mostly frees reaches no other), where a due
     // scavenger pass may run.
     heap.maybe_scavenge();
-    // Return the first `n` objects in chunks. Objects of spans no cache owns go back
-    // under the mcentral lock without atomics (a short hold per chunk, and never a
-    // wait: a busy lock sends the chunk down the remote path); the rest (of this
-    // cache's current span, or of spans another cache took since) take the remote path.
+    // Return the first `n` objects (the most recently freed: the older ones stay) in
+    // chunks, walking the list once: objects of spans no cache owns go back under the
+    // mcentral lock without atomics (a short hold per chunk, and never a wait: a busy
+    // lock sends the chunk down the remote path); the rest (of this cache's current
+    // span, or of spans another cache took since) take the remote path.
+    let mut list = e.free;
     let mut left = n;
     while left > 0 {
         let k = left.min(FLUSH_CHUNK);
         left -= k;
-        // Detach the first `k` objects as a null-terminated list.
-        let head = e.free;
-        let mut last = head;
-        for _ in 1..k {
-            // SAFETY: the list has at least `k` objects; each links to the next.
-            last = unsafe { last.cast::<*mut u8>().read() };
-        }
-        // SAFETY: `last` is an object of the list; its link is ours to rewrite.
-        unsafe {
-            e.free = last.cast::<*mut u8>().read();
-            last.cast::<*mut u8>().write(ptr::null_mut());
-        }
-        e.nfree -= k as u32;
-        // SAFETY: the detached objects are ours, live from their spans' view, counted.
-        unsafe {
-            let rest = heap.central[class].free_unowned(heap, class as u8, head);
-            remote_free_list(heap, rest, class);
-        }
+        // SAFETY: the list's first `n` objects are ours, live from their spans' view,
+        // counted; the list is null-terminated and has at least `n` objects.
+        list = unsafe {
+            match heap.central[class].free_unowned(heap, class as u8, list, k) {
+                Some((rest, remaining)) => {
+                    remote_free_list(heap, rest, class, u64::MAX);
+                    remaining
+                }
+                None => remote_free_list(heap, list, class, k),
+            }
+        };
     }
+    e.free = list;
+    e.nfree = keep;
 }
 
 /// How many objects `flush` returns per hold of the mcentral lock.
 const FLUSH_CHUNK: u64 = 1024;
 
-/// Remote-frees a null-terminated list of objects of class `class` (linked through
-/// their first word). Objects of one span that follow each other in the list are
-/// returned together: their bits are ORed into the remote bitmap one word at a time,
-/// and the span's state word takes one increment for all of them, which is what an
-/// increment per object would have done, announcements included.
+/// Remote-frees the first `max` objects (or all) of a null-terminated list of objects
+/// of class `class` (linked through their first word), and returns the rest of the
+/// list. Objects of one span that follow each other in the list are returned together:
+/// their bits are ORed into the remote bitmap one word at a time, and the span's state
+/// word takes one increment for all of them, which is what an increment per object
+/// would have done, announcements included.
 ///
 /// # Safety
 /// The objects are live small objects of class `class` of `heap`, given up.
-unsafe fn remote_free_list<M: MemSource>(heap: &MHeap<M>, mut p: *mut u8, class: usize) {
+unsafe fn remote_free_list<M: MemSource>(
+    heap: &MHeap<M>,
+    mut p: *mut u8,
+    class: usize,
+    max: u64,
+) -> *mut u8 {
     let mut run: Option<RemoteRun> = None;
-    while !p.is_null() {
+    let mut left = max;
+    while !p.is_null() && left > 0 {
+        left -= 1;
         // SAFETY: per the contract, each object links to the next.
         let next = unsafe { p.cast::<*mut u8>().read() };
+        // The next object is likely cold: start loading it while this one is handled.
+        prefetch(next);
         if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
             if run.as_ref().map_or(true, |r| r.span != s) {
                 if let Some(r) = run.take() {
@@ -597,6 +605,20 @@ unsafe fn remote_free_list<M: MemSource>(heap: &MHeap<M>, mut p: *mut u8, class:
         // SAFETY: as above.
         unsafe { r.finish(heap, class) };
     }
+    p
+}
+
+/// Asks the CPU to start loading the cache line at `p` (a no-op on targets without a
+/// stable prefetch intrinsic). A hint only: any address, null included, is fine.
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and changes no memory, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The ordering of a remote free's bitmap OR (single or in a run): Release, paired with

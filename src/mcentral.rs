@@ -271,10 +271,12 @@ impl MCentral {
         });
     }
 
-    /// Returns objects of class `class` that a cache flushes from its local free list
-    /// (a null-terminated list linked through their first word, already counted as
-    /// freed) to their spans, and returns the list of those it did not take: all of
-    /// them if the lock is busy (never waits, like every path of a free).
+    /// Returns the first `max` objects of a list of class `class` that a cache flushes
+    /// from its local free list (null-terminated, linked through their first word,
+    /// already counted as freed) to their spans. Gives back `(rest, remaining)`: the
+    /// objects of those `max` it did not take (a null-terminated list for the remote
+    /// path) and the list after them; `None`, having taken nothing, if the lock is busy
+    /// (never waits, like every path of a free).
     ///
     /// Under the mcentral lock, the private state of every span of the class that no
     /// cache owns (place PARTIAL, FULL or PENDING) belongs to the lock holder, and a
@@ -295,18 +297,22 @@ impl MCentral {
         heap: &MHeap<M>,
         class: u8,
         list: *mut u8,
-    ) -> *mut u8 {
-        let Some(mut g) = self.lists.try_lock() else {
-            return list;
-        };
-        let rest = g.with(|l| {
+        max: u64,
+    ) -> Option<(*mut u8, *mut u8)> {
+        let mut g = self.lists.try_lock()?;
+        let out = g.with(|l| {
             self.drain_locked(heap, class, l);
             let mut p = list;
+            let mut left = max;
             let mut rest = ptr::null_mut::<u8>();
             let mut touched = ptr::null_mut::<MSpan>();
-            while !p.is_null() {
+            while !p.is_null() && left > 0 {
+                left -= 1;
                 // SAFETY: per the contract, each object links to the next.
                 let next = unsafe { p.cast::<*mut u8>().read() };
+                // Flushed objects are the cache's oldest, likely cold: start loading
+                // the next one while this one is handled.
+                crate::mcache::prefetch(next);
                 if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
                     // SAFETY: span records are never unmapped.
                     let small = unsafe { &s.as_ref().small };
@@ -345,12 +351,12 @@ impl MCentral {
                 // SAFETY: as above.
                 unsafe { self.after_direct_free(heap, l, s, k) };
             }
-            rest
+            (rest, p)
         });
         drop(g);
         // Announcements pushed while we held the lock are ours to place.
         self.try_drain(heap, class);
-        rest
+        Some(out)
     }
 
     /// Publishes `k` objects freed directly into the alloc bitmap of the unowned span
