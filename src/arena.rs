@@ -83,6 +83,12 @@ pub(crate) struct HeapArena {
 
 type L2 = [AtomicPtr<HeapArena>; L2_ENTRIES];
 
+/// A one-entry memo of arena lookups: (arena number, record). See
+/// [`ArenaIndex::arena_of_hinted`].
+pub(crate) type ArenaHint = (usize, *const HeapArena);
+/// A hint that matches no address (arena numbers are below 2^38).
+pub(crate) const NO_ARENA: ArenaHint = (usize::MAX, ptr::null());
+
 /// The ordering of span-map stores. The loom mutant `span_map_relaxed` weakens it to
 /// show that the publication model catches it.
 #[cfg(not(spanheap_mutant = "span_map_relaxed"))]
@@ -150,6 +156,24 @@ impl ArenaIndex {
         let a = entry.load(Ordering::Acquire);
         // SAFETY: non-null entries point to arena records that are never freed.
         unsafe { a.as_ref() }
+    }
+
+    /// `arena_of` through a one-entry memo of the caller's: `hint` holds the arena
+    /// number and record of an earlier lookup (start it at [`NO_ARENA`]). Records are
+    /// never moved or removed and an arena number never changes record, so a matching
+    /// number needs no walk of the index: the record pointer is ready before the
+    /// address is even compared, where the walk is two dependent loads.
+    #[inline(always)]
+    pub(crate) fn arena_of_hinted(&self, addr: usize, hint: &mut ArenaHint) -> Option<&HeapArena> {
+        let n = arena_number(addr);
+        if n == hint.0 {
+            // SAFETY: `hint.1` came from `arena_of` for arena number `n` (a number never
+            // matches `NO_ARENA`'s): a record that is never freed.
+            return Some(unsafe { &*hint.1 });
+        }
+        let a = self.arena_of(addr)?;
+        *hint = (n, a);
+        Some(a)
     }
 
     /// Makes sure the L2 array covering `addr` exists. Needs the heap lock.

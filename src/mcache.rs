@@ -48,6 +48,7 @@
 
 use core::ptr::{self, NonNull};
 
+use crate::arena::{ArenaHint, NO_ARENA};
 use crate::fixalloc::Record;
 #[cfg(not(spanheap_loom))]
 use crate::global::HEAP;
@@ -102,6 +103,9 @@ const _: () = assert!(core::mem::size_of::<ClassCache>() == 64);
 #[repr(C)]
 pub(crate) struct MCache {
     classes: [ClassCache; NUM_CLASSES],
+    /// The arena of this thread's last slow-path free (`dealloc_slow`), so that the
+    /// next one in the same arena skips the index walk. Owner only.
+    arena_hint: ArenaHint,
     /// The thread's page block and record caches (span allocation without the lock).
     heap: HeapCache,
     /// The statistics sequence counter of the thread owning this cache.
@@ -141,6 +145,7 @@ impl MCache {
         pub(crate) fn empty() -> Self {
             MCache {
                 classes: [EMPTY_CLASS; NUM_CLASSES],
+                arena_hint: NO_ARENA,
                 heap: HeapCache::new(),
                 seq: HeapSeq::new(),
                 registered: false,
@@ -362,13 +367,15 @@ pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
 #[cfg(not(spanheap_loom))]
 #[inline(never)]
 unsafe fn dealloc_slow(p: *mut u8, class: usize, c: *mut MCache) {
-    let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
-        return; // not ours
-    };
     if c == empty_cache() {
         // SAFETY: forwarded.
-        return unsafe { dealloc_first(p, s, class) };
+        return unsafe { dealloc_first(p, class) };
     }
+    // SAFETY: `c` is this thread's live cache; the hint is its own.
+    let hint = unsafe { &mut *ptr::addr_of_mut!((*c).arena_hint) };
+    let Some(s) = NonNull::new(HEAP.span_of_hinted(p as usize, hint)) else {
+        return; // not ours
+    };
     // SAFETY: forwarded; `c` is this thread's live cache.
     unsafe { free_to(&HEAP, c, p, s, class) }
 }
@@ -378,11 +385,14 @@ unsafe fn dealloc_slow(p: *mut u8, class: usize, c: *mut MCache) {
 /// frees are batched like anyone's; a thread that cannot have one frees cache-less.
 ///
 /// # Safety
-/// As for `dealloc`; `p` is an object of span `s`.
+/// As for `dealloc`.
 #[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]
-unsafe fn dealloc_first(p: *mut u8, s: NonNull<MSpan>, class: usize) {
+unsafe fn dealloc_first(p: *mut u8, class: usize) {
+    let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
+        return; // not ours
+    };
     let c = match crate::tls::state() {
         NO_CACHE => create_cache(),
         _ => None,
@@ -581,13 +591,14 @@ unsafe fn remote_free_list<M: MemSource>(
 ) -> *mut u8 {
     let mut run: Option<RemoteRun> = None;
     let mut left = max;
+    let mut hint = NO_ARENA;
     while !p.is_null() && left > 0 {
         left -= 1;
         // SAFETY: per the contract, each object links to the next.
         let next = unsafe { p.cast::<*mut u8>().read() };
         // The next object is likely cold: start loading it while this one is handled.
         prefetch(next);
-        if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
+        if let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) {
             if run.as_ref().map_or(true, |r| r.span != s) {
                 if let Some(r) = run.take() {
                     // SAFETY: the run's objects were given up by the caller.

@@ -306,6 +306,7 @@ impl MCentral {
             let mut left = max;
             let mut rest = ptr::null_mut::<u8>();
             let mut touched = ptr::null_mut::<MSpan>();
+            let mut hint = crate::arena::NO_ARENA;
             while !p.is_null() && left > 0 {
                 left -= 1;
                 // SAFETY: per the contract, each object links to the next.
@@ -313,7 +314,7 @@ impl MCentral {
                 // Flushed objects are the cache's oldest, likely cold: start loading
                 // the next one while this one is handled.
                 crate::mcache::prefetch(next);
-                if let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) {
+                if let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) {
                     // SAFETY: span records are never unmapped.
                     let small = unsafe { &s.as_ref().small };
                     // Relaxed: CACHED is entered and left only under the lock we hold;

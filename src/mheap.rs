@@ -47,7 +47,7 @@
 
 use core::ptr::{self, NonNull};
 
-use crate::arena::{ArenaIndex, HeapArena, ARENA_SIZE};
+use crate::arena::{ArenaHint, ArenaIndex, HeapArena, ARENA_SIZE};
 use crate::fixalloc::{FixAlloc, RawFixAlloc};
 #[cfg(not(spanheap_loom))]
 use crate::mcache::MCache;
@@ -843,6 +843,15 @@ impl<M: MemSource> MHeap<M> {
         }
     }
 
+    /// `span_of_unchecked` through the caller's arena memo (`ArenaIndex::arena_of_hinted`).
+    #[inline(always)]
+    pub(crate) fn span_of_hinted(&self, addr: usize, hint: &mut ArenaHint) -> *mut MSpan {
+        match self.arenas.arena_of_hinted(addr, hint) {
+            Some(a) => a.span_at(addr),
+            None => ptr::null_mut(),
+        }
+    }
+
     /// The live span containing `addr`, or `None` if `addr` is not in a live span of this
     /// heap ("not ours"). Lock-free; safe for any address, including foreign ones. For an
     /// address whose span is being freed concurrently the answer is either.
@@ -1614,6 +1623,9 @@ mod tests {
             .iter()
             .map(|&n| h.alloc_span(n, Purpose::Heap, 0, 1).unwrap())
             .collect();
+        // One arena memo for every lookup below: it moves between the two arenas and
+        // must answer as the index does.
+        let mut hint = crate::arena::NO_ARENA;
         for &s in &spans {
             let span = unsafe { s.as_ref() };
             let (base, n) = (span.base(), span.npages());
@@ -1628,6 +1640,7 @@ mod tests {
                 for addr in [page, page + 1234, page + PAGE_SIZE - 1] {
                     assert_eq!(h.span_of(addr), Some(s), "page {p} of a {n}-page span");
                     assert_eq!(h.span_of_unchecked(addr), s.as_ptr());
+                    assert_eq!(h.span_of_hinted(addr, &mut hint), s.as_ptr());
                 }
             }
         }
@@ -1644,6 +1657,12 @@ mod tests {
             1 << 48,
         ] {
             assert_eq!(h.span_of(addr), None, "{addr:#x} is not ours");
+            assert!(h.span_of_hinted(addr, &mut hint).is_null());
+            // A miss leaves the memo usable.
+            let last = *spans.last().unwrap();
+            let end = unsafe { last.as_ref().base() + (last.as_ref().npages() << PAGE_SHIFT) };
+            assert_eq!(h.span_of_hinted(end - 1, &mut hint), last.as_ptr());
+            assert_eq!(h.span_of_hinted(end - 1, &mut hint), last.as_ptr());
         }
         // A freed span's pages are no longer answered for, even though the map still
         // points at the dead record.
