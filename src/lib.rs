@@ -390,6 +390,14 @@ pub mod __private {
         }
     }
 
+    /// Whether the calling thread's cache has the size class of `size`-byte,
+    /// 8-aligned objects in wide mode (frees go to the local list without a span-map
+    /// lookup; see `mcache::refill_span`). For tests.
+    #[cfg(not(spanheap_loom))]
+    pub fn thread_class_wide(size: usize) -> bool {
+        crate::mcache::thread_class_wide(crate::sizeclasses::class_for_layout(size, 8) as usize)
+    }
+
     /// Per size class with anything in its mcentral: (class, partial, full, spare, free
     /// objects in listed spans). For tests and debugging.
     #[cfg(not(spanheap_loom))]

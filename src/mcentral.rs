@@ -273,10 +273,11 @@ impl MCentral {
 
     /// Returns the first `max` objects of a list of class `class` that a cache flushes
     /// from its local free list (null-terminated, linked through their first word,
-    /// already counted as freed) to their spans. Gives back `(rest, remaining)`: the
-    /// objects of those `max` it did not take (a null-terminated list for the remote
-    /// path) and the list after them; `None`, having taken nothing, if the lock is busy
-    /// (never waits, like every path of a free).
+    /// already counted as freed) to their spans. Gives back `(rest, remaining, foreign)`:
+    /// the objects of those `max` it did not take (a null-terminated list for the
+    /// remote path), the list after them, and how many of those it took belong to spans
+    /// whose last owner is not `owner` (the flushing cache); `None`, having taken
+    /// nothing, if the lock is busy (never waits, like every path of a free).
     ///
     /// Under the mcentral lock, the private state of every span of the class that no
     /// cache owns (place PARTIAL, FULL or PENDING) belongs to the lock holder, and a
@@ -298,7 +299,8 @@ impl MCentral {
         class: u8,
         list: *mut u8,
         max: u64,
-    ) -> Option<(*mut u8, *mut u8)> {
+        owner: usize,
+    ) -> Option<(*mut u8, *mut u8, u64)> {
         let mut g = self.lists.try_lock()?;
         let out = g.with(|l| {
             self.drain_locked(heap, class, l);
@@ -307,6 +309,7 @@ impl MCentral {
             let mut rest = ptr::null_mut::<u8>();
             let mut touched = ptr::null_mut::<MSpan>();
             let mut hint = crate::arena::NO_ARENA;
+            let mut foreign = 0u64;
             while !p.is_null() && left > 0 {
                 left -= 1;
                 // SAFETY: per the contract, each object links to the next.
@@ -335,6 +338,8 @@ impl MCentral {
                             *pv.alloc(idx / 64) &= !(1u64 << (idx % 64));
                         }
                         pv.dirty = true;
+                        // Relaxed: a hint, as in `mcache::free_to`.
+                        foreign += u64::from(small.owner.load(Ordering::Relaxed) != owner);
                         if pv.flushed == 0 {
                             pv.flush_next = touched;
                             touched = s.as_ptr();
@@ -352,7 +357,7 @@ impl MCentral {
                 // SAFETY: as above.
                 unsafe { self.after_direct_free(heap, l, s, k) };
             }
-            (rest, p)
+            (rest, p, foreign)
         });
         drop(g);
         // Announcements pushed while we held the lock are ours to place.

@@ -179,3 +179,53 @@ fn a_thread_that_only_frees_gets_a_cache() {
     assert!(w.after, "the thread has no cache after its first free");
     assert!(w.objs.is_empty());
 }
+
+#[test]
+fn wide_mode_follows_whose_objects_a_thread_frees() {
+    // A thread that frees what it allocated has the class in wide mode (its frees skip
+    // the span-map lookup); once it frees many objects of another thread's spans, the
+    // flush that returns them sees it and the class leaves wide mode (so a consumer
+    // does not pin a producer's spans); after a stretch of its own objects again, the
+    // class is back in wide mode. The objects keep their contents throughout.
+    const N: usize = 6_000;
+    let _g = exclusive();
+    std::thread::spawn(|| {
+        let own = |round: u8| {
+            let v: Vec<Box<[u8; 48]>> = (0..N).map(|i| Box::new([i as u8 ^ round; 48])).collect();
+            assert!(v
+                .iter()
+                .enumerate()
+                .all(|(i, b)| b.iter().all(|&x| x == i as u8 ^ round)));
+        };
+        own(1);
+        own(2);
+        assert!(
+            spanheap::__private::thread_class_wide(48),
+            "a thread freeing its own objects stays on the owner test"
+        );
+        // Objects allocated by another thread, freed here.
+        let theirs: Vec<Box<[u8; 48]>> =
+            std::thread::spawn(|| (0..N).map(|i| Box::new([i as u8 ^ 0x5a; 48])).collect())
+                .join()
+                .unwrap();
+        assert!(theirs
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.iter().all(|&x| x == i as u8 ^ 0x5a)));
+        drop(theirs);
+        assert!(
+            !spanheap::__private::thread_class_wide(48),
+            "freeing another thread's objects did not leave wide mode"
+        );
+        for round in 3..8 {
+            own(round);
+        }
+        assert!(
+            spanheap::__private::thread_class_wide(48),
+            "wide mode did not come back"
+        );
+    })
+    .join()
+    .unwrap();
+    assert_nothing_stranded();
+}
