@@ -338,8 +338,6 @@ impl MCentral {
                             *pv.alloc(idx / 64) &= !(1u64 << (idx % 64));
                         }
                         pv.dirty = true;
-                        // Relaxed: a hint, as in `mcache::free_to`.
-                        foreign += u64::from(small.owner.load(Ordering::Relaxed) != owner);
                         if pv.flushed == 0 {
                             pv.flush_next = touched;
                             touched = s.as_ptr();
@@ -354,6 +352,11 @@ impl MCentral {
                 let pv = unsafe { private(s) };
                 touched = core::mem::replace(&mut pv.flush_next, ptr::null_mut());
                 let k = core::mem::take(&mut pv.flushed);
+                // Relaxed: a hint, as in `mcache::free_to`.
+                // SAFETY: span records are never unmapped.
+                if unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed) != owner {
+                    foreign += u64::from(k);
+                }
                 // SAFETY: as above.
                 unsafe { self.after_direct_free(heap, l, s, k) };
             }
