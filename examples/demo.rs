@@ -555,14 +555,15 @@ fn main() {
         "", "", "", "", ""
     );
     for &(wname, _) in &WORKLOADS {
-        let mut results: Vec<(&str, Run)> = Vec::new();
-        for &(name, _) in &CHOICES {
-            let mut best: Option<Run> = None;
-            for _ in 0..runs {
+        // Round-robin: run i of every allocator before run i + 1 of any, so that a
+        // slow or fast spell of a shared machine falls on all of them alike.
+        let mut best: Vec<Option<Run>> = CHOICES.iter().map(|_| None).collect();
+        for _ in 0..runs {
+            for (&(name, _), b) in CHOICES.iter().zip(best.iter_mut()) {
                 match run_child(name, wname) {
                     Ok(r) => {
-                        if best.as_ref().map_or(true, |b| r.wall < b.wall) {
-                            best = Some(r);
+                        if b.as_ref().map_or(true, |b| r.wall < b.wall) {
+                            *b = Some(r);
                         }
                     }
                     Err(e) => {
@@ -571,8 +572,12 @@ fn main() {
                     }
                 }
             }
-            results.push((name, best.unwrap()));
         }
+        let results: Vec<(&str, Run)> = CHOICES
+            .iter()
+            .zip(best)
+            .map(|(&(name, _), b)| (name, b.expect("runs >= 1")))
+            .collect();
         let reference = results[0].1.wall.as_secs_f64();
         for (name, r) in &results {
             println!(
