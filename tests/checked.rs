@@ -6,11 +6,25 @@
 //! `cargo test --features checked --test checked`
 #![cfg(feature = "checked")]
 
-use std::alloc::{alloc, dealloc, realloc, GlobalAlloc, Layout};
+use std::alloc::{GlobalAlloc, Layout};
 use std::process::Command;
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
+
+// The abuses call the allocator's methods directly rather than `std::alloc::alloc` and
+// friends: an optimised build may drop an allocation it sees unused together with its
+// free (they are the language's allocation functions), leaving only the abuse's second
+// free, which then has nothing to report.
+unsafe fn alloc(l: Layout) -> *mut u8 {
+    unsafe { GLOBAL.alloc(l) }
+}
+unsafe fn dealloc(p: *mut u8, l: Layout) {
+    unsafe { GLOBAL.dealloc(p, l) }
+}
+unsafe fn realloc(p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+    unsafe { GLOBAL.realloc(p, l, new_size) }
+}
 
 fn l(size: usize, align: usize) -> Layout {
     Layout::from_size_align(size, align).unwrap()
