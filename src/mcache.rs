@@ -1315,3 +1315,64 @@ pub(crate) fn heap_cache<'a>() -> Option<&'a mut HeapCache> {
 pub(crate) fn has_cache() -> bool {
     crate::tls::state() == LIVE
 }
+
+#[cfg(all(test, not(spanheap_loom)))]
+mod tests {
+    use super::*;
+    use crate::os::OsMemory;
+    use crate::sizeclasses::CLASS_TO_NOBJS;
+
+    /// `spans` spans' worth of class `class` objects from cache `c`.
+    fn fill(h: &MHeap<OsMemory>, c: *mut MCache, class: usize, spans: usize) -> Vec<*mut u8> {
+        let n = CLASS_TO_NOBJS[class] as usize * spans;
+        let objs: Vec<*mut u8> = (0..n).map(|_| unsafe { alloc_from(h, c, class) }).collect();
+        assert!(objs.iter().all(|p| !p.is_null()));
+        objs
+    }
+
+    /// Frees every other object of `objs` through cache `c` and gives the cache's spans
+    /// back (`release_all`), so that they sit in the partial list with `c` as their
+    /// last owner.
+    fn free_half_and_release(h: &MHeap<OsMemory>, c: *mut MCache, class: usize, objs: &[*mut u8]) {
+        for &p in objs.iter().step_by(2) {
+            let s = NonNull::new(h.span_of_unchecked(p as usize)).unwrap();
+            unsafe { free_to(h, c, p, s, class) };
+        }
+        unsafe { release_all(h, c) };
+    }
+
+    #[test]
+    fn a_cache_takes_back_a_span_it_owned_last() {
+        // Cache A's and then cache B's partial spans sit in the mcentral, B's nearer
+        // the head. A's next refill must take one of A's own spans (whose live objects
+        // A holds), not B's: two threads trading spans turn each other's frees into
+        // remote frees.
+        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let a = Box::into_raw(Box::new(MCache::empty()));
+        let b = Box::into_raw(Box::new(MCache::empty()));
+        let class = 5;
+        let span_of = |p: usize| h.span_of_unchecked(p) as usize;
+        let (a_objs, b_objs) = (fill(h, a, class, 3), fill(h, b, class, 3));
+        let a_spans: Vec<usize> = a_objs.iter().map(|&p| span_of(p as usize)).collect();
+        let b_spans: Vec<usize> = b_objs.iter().map(|&p| span_of(p as usize)).collect();
+        assert!(a_spans.iter().all(|s| !b_spans.contains(s)));
+        free_half_and_release(h, a, class, &a_objs);
+        free_half_and_release(h, b, class, &b_objs);
+        let p = unsafe { alloc_from(h, a, class) };
+        assert!(!p.is_null());
+        assert!(
+            a_spans.contains(&span_of(p as usize)),
+            "cache A was handed a span it never owned (B's: {})",
+            b_spans.contains(&span_of(p as usize))
+        );
+        let p = unsafe { alloc_from(h, b, class) };
+        assert!(
+            b_spans.contains(&span_of(p as usize)),
+            "and B one of its own"
+        );
+        unsafe {
+            release_all(h, a);
+            release_all(h, b);
+        }
+    }
+}
