@@ -550,7 +550,7 @@ fn flush_remote<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize)
     e.remote = ptr::null_mut();
     e.nremote = 0;
     // SAFETY: the buffer's objects are ours, live from their spans' view, and linked
-    // into a null-terminated list.
+    // into a null-terminated list. (All of it; the owner count is only `flush`'s.)
     unsafe { remote_free_list(heap, p, class, u64::MAX, 0, &mut 0) };
 }
 

@@ -322,7 +322,7 @@ impl MCentral {
                 left -= 1;
                 // SAFETY: per the contract, each object links to the next.
                 let next = unsafe { p.cast::<*mut u8>().read() };
-                // Flushed objects are the cache's oldest, likely cold: start loading
+                // Objects freed in no particular order are often cold: start loading
                 // the next one while this one is handled.
                 crate::mcache::prefetch(next);
                 if let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) {
@@ -625,10 +625,7 @@ unsafe fn promote_locked(l: &mut Lists, s: NonNull<MSpan>) -> bool {
         .is_ok();
     if moved {
         // SAFETY: linked in our lists, as the contract says.
-        unsafe {
-            unlink(l, s);
-            link(l, s, place::PARTIAL);
-        }
+        unsafe { relink(l, s, place::PARTIAL) };
     }
     moved
 }
@@ -678,16 +675,25 @@ unsafe fn prefer_own_locked(l: &mut Lists, owner: usize) {
         if unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed) == owner {
             if i > 0 {
                 // SAFETY: in our partial list, under the lock.
-                unsafe {
-                    unlink(l, s);
-                    link(l, s, place::PARTIAL);
-                }
+                unsafe { relink(l, s, place::PARTIAL) };
             }
             return;
         }
         // SAFETY: list members' private state is ours under the lock.
         cur = unsafe { private(s) }.next;
         i += 1;
+    }
+}
+
+/// Moves `s` from the list it is in to the head of list `which` (PARTIAL or FULL).
+///
+/// # Safety
+/// As for `unlink`.
+unsafe fn relink(l: &mut Lists, s: NonNull<MSpan>, which: u8) {
+    // SAFETY: forwarded.
+    unsafe {
+        unlink(l, s);
+        link(l, s, which);
     }
 }
 

@@ -833,7 +833,6 @@ mod tests {
         // every section.
         static S: ConsistentStats<2> = ConsistentStats::new();
         const SECTIONS: u64 = 20_000;
-        let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|sc| {
             let mut hs = Vec::new();
             for t in 0..4u64 {
@@ -855,7 +854,7 @@ mod tests {
             }
             let mut last = 0;
             let mut reads = 0u64;
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 let mut out = [0u64; 2];
                 S.read(&mut out);
                 assert_eq!(out[0], out[1], "a snapshot saw half a section");
@@ -863,7 +862,7 @@ mod tests {
                 last = out[0];
                 reads += 1;
                 if hs.iter().all(|h| h.is_finished()) {
-                    stop.store(true, Ordering::Relaxed);
+                    break;
                 }
             }
             assert!(reads > 1);

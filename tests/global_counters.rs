@@ -6,6 +6,14 @@ use std::alloc::{GlobalAlloc, Layout};
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
 
+/// The atomic gauges against the consistent statistics, which are kept separately
+/// (with no span operation in flight on other threads).
+fn gauges_match_stats(c: &spanheap::__private::HeapCounters) {
+    let st = spanheap::stats();
+    assert_eq!(c.heap_inuse, st.heap_bytes);
+    assert_eq!(c.heap_idle, st.arena_bytes - st.inuse_bytes, "{c:?} {st:?}");
+}
+
 #[test]
 fn counters_are_consistent_after_a_mixed_workload() {
     let before = spanheap::__private::global_counters();
@@ -30,14 +38,7 @@ fn counters_are_consistent_after_a_mixed_workload() {
         mid.pages_in_use - before.pages_in_use,
         expect_pages + vec_pages
     );
-    // The gauges against the consistent statistics, which are kept separately.
-    let st = spanheap::stats();
-    assert_eq!(mid.heap_inuse, st.heap_bytes);
-    assert_eq!(
-        mid.heap_idle,
-        st.arena_bytes - st.inuse_bytes,
-        "{mid:?} {st:?}"
-    );
+    gauges_match_stats(&mid);
     for (p, l) in blocks.drain(..) {
         unsafe { GLOBAL.dealloc(p, l) };
     }
@@ -55,13 +56,7 @@ fn counters_are_consistent_after_a_mixed_workload() {
     .join()
     .unwrap();
     let after = spanheap::__private::global_counters();
-    let st = spanheap::stats();
-    assert_eq!(after.heap_inuse, st.heap_bytes);
-    assert_eq!(
-        after.heap_idle,
-        st.arena_bytes - st.inuse_bytes,
-        "{after:?} {st:?}"
-    );
+    gauges_match_stats(&after);
     assert!(after.heap_released <= after.heap_idle);
     // Small-object spans emptied by the thread are retired, except at most one spare
     // span (at most 10 pages) per size class.
