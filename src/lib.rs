@@ -21,7 +21,7 @@
 //! - `mheap`: `alloc_span` / `free_span` under a lock held only to take pages, with
 //!   lock-free initialisation and an atomic publication protocol.
 //! - `sizeclasses`: the generated size-class table (67 classes up to 32 KiB).
-//! - `mcache`: the thread-local front end for small objects: local free list and a
+//! - `mcache`: the thread-local front end for small objects: local free stack and a
 //!   64-object window per class, no lock and no atomic read-modify-write; remote frees.
 //! - `mcentral`: per-class spans no cache owns: partial/full lists, announcements.
 //! - `malloc`: `Layout` -> small object (size class) or large object (page span).
@@ -519,7 +519,7 @@ pub mod __private {
         pub fn new_cache(&self) -> SmallCache<M> {
             SmallCache {
                 heap: self.heap,
-                c: Box::leak(Box::new(crate::mcache::MCache::empty())),
+                c: crate::mcache::MCache::leaked(),
             }
         }
 

@@ -3,7 +3,8 @@
 //! Each thread with a cache owns at most one span per size class (its *current* span)
 //! and allocates from it with no lock and no atomic read-modify-write:
 //!
-//! 1. pop the class's local free list (objects of the current span this thread freed);
+//! 1. pop the class's local free list (objects this thread freed: a stack of pointers,
+//!    so neither a free nor a reuse touches the object's memory);
 //! 2. else take the lowest set bit of `alloc_cache`, a 64-object window of the span's
 //!    alloc bitmap inverted (Go's `allocCache`, count-trailing-zeros);
 //! 3. else `refill`: load the span's next window; when the span is exhausted, merge its
@@ -16,7 +17,7 @@
 //! whose frees have all been of this cache's own objects for a span's worth of
 //! allocations is in *wide mode*: its frees go on the local list without looking the
 //! span up (as jemalloc's tcache does for every free), until a flush finds more than
-//! an eighth of what it returns to be other caches' objects. When a list grows
+//! an eighth of what it returns to be other caches' objects. When a local list grows
 //! past about 512 KiB worth of objects (32..2048), half of it is flushed back to the spans; at
 //! thread exit all of it is. An object of a span this cache does not own goes on the
 //! class's *remote buffer* instead (never reused here), which is flushed to the spans
@@ -71,12 +72,17 @@ use crate::sync::{AtomicU64, Ordering, UnsafeCell};
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 pub(crate) struct ClassCache {
-    /// Local free list: objects of this class freed by this thread from spans this
-    /// cache owns or owned last, linked through their first word. Their spans still
-    /// count them as allocated until they are flushed (`flush`) when the list grows past
-    /// `FREE_LIMIT`.
-    free: *mut u8,
-    /// Length of `free`.
+    /// Local free stack: objects of this class freed by this thread (from spans this
+    /// cache owns or owned last, or any in wide mode), `stack[0..nfree]`, the most
+    /// recent on top. Their spans still count them as allocated until they are flushed
+    /// (`flush`) when the stack grows past `FREE_LIMIT`. A stack of pointers rather
+    /// than a list linked through the objects: a free does not write to the object, an
+    /// allocation does not read it, and a flush walks an array instead of chasing
+    /// links through cold objects. The storage (`FREE_LIMIT + 1` slots, in the cache's
+    /// stack span, see `MCache::set_stacks`) is fixed for the record's lifetime; null
+    /// in the empty cache, whose `nfree` stays 0.
+    stack: *mut *mut u8,
+    /// Objects on `stack`.
     /// (32 bits: the fast paths' 32-bit read-modify-writes of it then forward from
     /// each other's stores; a 16-bit store followed by a wider load would stall.)
     nfree: u32,
@@ -128,7 +134,7 @@ pub(crate) struct MCache {
 }
 
 const EMPTY_CLASS: ClassCache = ClassCache {
-    free: ptr::null_mut(),
+    stack: ptr::null_mut(),
     nfree: 0,
     nremote: 0,
     elemsize: 0,
@@ -233,12 +239,13 @@ unsafe fn try_alloc(c: *mut MCache, class: usize) -> *mut u8 {
         let e = ptr::addr_of_mut!((*c).classes)
             .cast::<ClassCache>()
             .add(class);
-        let f = (*e).free;
-        if !f.is_null() {
-            (*e).free = f.cast::<*mut u8>().read();
-            (*e).nfree -= 1;
+        let n = (*e).nfree;
+        if n != 0 {
+            let n = n - 1;
+            (*e).nfree = n;
             (*e).pops += 1;
-            return f;
+            // The stack holds `nfree` objects below its top.
+            return (*e).stack.add(n as usize).read();
         }
         let ac = (*e).alloc_cache;
         if ac != 0 {
@@ -332,18 +339,74 @@ static FREE_LIMIT: [u32; NUM_CLASSES] = {
     let mut t = [0u32; NUM_CLASSES];
     let mut c = 1;
     while c < NUM_CLASSES {
-        let n = (512 << 10) / crate::sizeclasses::CLASS_TO_SIZE[c] as u32;
-        t[c] = if n < 32 {
-            32
-        } else if n > 2048 {
-            2048
-        } else {
-            n
-        };
+        t[c] = free_limit(c);
         c += 1;
     }
     t
 };
+
+/// `FREE_LIMIT[class]` (a function, so that the consts below can use it).
+const fn free_limit(class: usize) -> u32 {
+    let n = (512 << 10) / CLASS_TO_SIZE[class] as u32;
+    if n < 32 {
+        32
+    } else if n > 2048 {
+        2048
+    } else {
+        n
+    }
+}
+
+/// Where each class's free stack starts in a cache's stack storage, in slots: class
+/// `c` has `FREE_LIMIT[c] + 1` slots (a push may reach the limit + 1 before it
+/// flushes); entry `NUM_CLASSES` is the total.
+const STACK_OFFSET: [usize; NUM_CLASSES + 1] = {
+    let mut t = [0usize; NUM_CLASSES + 1];
+    let mut c = 1;
+    while c < NUM_CLASSES {
+        t[c + 1] = t[c] + free_limit(c) as usize + 1;
+        c += 1;
+    }
+    t
+};
+
+/// Bytes of stack storage a cache needs (about 440 KiB of address space; only the
+/// slots a thread's deepest stacks reach are ever touched, so resident memory follows
+/// use: 8 bytes per object a thread keeps freed).
+pub(crate) const STACK_BYTES: usize = STACK_OFFSET[NUM_CLASSES] * core::mem::size_of::<*mut u8>();
+
+impl MCache {
+    /// Points every class's free stack into `base`, `STACK_BYTES` bytes of storage
+    /// that stays with this record for its lifetime.
+    ///
+    /// # Safety
+    /// `base` is writable for `STACK_BYTES` bytes, aligned for pointers, used by
+    /// nothing else; the cache is unused (every stack empty).
+    pub(crate) unsafe fn set_stacks(&mut self, base: *mut *mut u8) {
+        for (e, &off) in self.classes.iter_mut().zip(&STACK_OFFSET).skip(1) {
+            debug_assert!(e.nfree == 0);
+            // SAFETY: off + FREE_LIMIT[c] + 1 <= STACK_OFFSET[NUM_CLASSES] slots.
+            e.stack = unsafe { base.add(off) };
+        }
+    }
+
+    /// Whether the stacks have storage (`set_stacks` ran).
+    pub(crate) fn has_stacks(&self) -> bool {
+        !self.classes[1].stack.is_null()
+    }
+
+    /// A cache whose record and stack storage come from the Rust global allocator and
+    /// are never freed: for unit tests and the loom models, which drive the cache code
+    /// outside the process-wide heap.
+    pub(crate) fn leaked() -> *mut MCache {
+        let c = Box::into_raw(Box::new(MCache::empty()));
+        let slots = STACK_OFFSET[NUM_CLASSES];
+        let stacks = Box::leak(vec![ptr::null_mut::<u8>(); slots].into_boxed_slice());
+        // SAFETY: fresh, unused, `slots` pointer slots (STACK_BYTES).
+        unsafe { (*c).set_stacks(stacks.as_mut_ptr()) };
+        c
+    }
+}
 
 /// Frees an object of class `class`. Never panics.
 ///
@@ -420,8 +483,8 @@ unsafe fn dealloc_first(p: *mut u8, class: usize) {
     }
 }
 
-/// Pushes `p` on the class's local free list, flushing half of the list when it is
-/// over its limit.
+/// Pushes `p` on the class's local free stack, flushing half of it when it is over
+/// its limit.
 ///
 /// # Safety
 /// `e` is entry `class` of cache `c`, which the caller owns; `p` a live object of class
@@ -435,12 +498,13 @@ unsafe fn push_local<M: MemSource>(
     p: *mut u8,
     class: usize,
 ) {
-    // SAFETY: per the contract, the object's first word is ours to link through.
-    unsafe { p.cast::<*mut u8>().write(e.free) };
-    e.free = p;
-    e.nfree += 1;
+    let n = e.nfree;
+    // SAFETY: a live cache's stack has FREE_LIMIT + 1 slots and holds at most
+    // FREE_LIMIT objects between pushes (a push past the limit flushes).
+    unsafe { e.stack.add(n as usize).write(p) };
+    e.nfree = n + 1;
     // SAFETY: class < NUM_CLASSES.
-    if e.nfree > unsafe { *FREE_LIMIT.get_unchecked(class) } {
+    if n >= unsafe { *FREE_LIMIT.get_unchecked(class) } {
         // SAFETY: forwarded.
         unsafe { flush(heap, c, e, class, FREE_LIMIT[class] / 2) };
     }
@@ -550,11 +614,31 @@ fn flush_remote<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize)
     e.remote = ptr::null_mut();
     e.nremote = 0;
     // SAFETY: the buffer's objects are ours, live from their spans' view, and linked
-    // into a null-terminated list. (All of it; the owner count is only `flush`'s.)
-    unsafe { remote_free_list(heap, p, class, u64::MAX, 0, &mut 0) };
+    // into a null-terminated list. (The owner count is only `flush`'s.)
+    unsafe { remote_free_objs(heap, LinkedObjs(p), class, 0, &mut 0) };
 }
 
-/// Returns objects from the head of the local free list to their spans until `keep`
+/// The objects of a null-terminated list linked through their first word (the remote
+/// buffer), each read just before it is handed out.
+struct LinkedObjs(*mut u8);
+
+impl Iterator for LinkedObjs {
+    type Item = *mut u8;
+    #[inline]
+    fn next(&mut self) -> Option<*mut u8> {
+        let p = self.0;
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: the list's creator (`buffer_remote`) linked each object to the next.
+        self.0 = unsafe { p.cast::<*mut u8>().read() };
+        // The next object is likely cold: start loading it while this one is handled.
+        prefetch(self.0);
+        Some(p)
+    }
+}
+
+/// Returns objects from the top of the local free stack to their spans until `keep`
 /// remain. Objects of spans no cache owns are freed under the mcentral lock
 /// (`MCentral::free_unowned`); the others, and all of a chunk whose lock is busy, as
 /// remote frees (merged by the span's owner, or announced if the span is unowned).
@@ -574,7 +658,7 @@ unsafe fn flush<M: MemSource>(
     class: usize,
     keep: u32,
 ) {
-    // Count first: the objects leave the list before their spans see them free.
+    // Count first: the objects leave the stack before their spans see them free.
     let n = e.nfree.saturating_sub(keep) as u64;
     let pops = core::mem::take(&mut e.pops);
     if n | pops != 0 {
@@ -589,36 +673,34 @@ unsafe fn flush<M: MemSource>(
     // A slow path (a thread that mostly frees reaches no other), where a due
     // scavenger pass may run.
     heap.maybe_scavenge();
-    // Return the first `n` objects (the most recently freed: the older ones stay) in
-    // chunks, walking the list once: objects of spans no cache owns go back under the
-    // mcentral lock without atomics (a short hold per chunk, and never a wait: a busy
-    // lock sends the chunk down the remote path); the rest (of this cache's current
-    // span, or of spans another cache took since) take the remote path.
+    // Return the top `n` objects (the most recently freed: the older ones stay) in
+    // chunks: objects of spans no cache owns go back under the mcentral lock without
+    // atomics (a short hold per chunk, and never a wait: a busy lock sends the chunk
+    // down the remote path); the rest (of this cache's current span, or of spans
+    // another cache took since) take the remote path.
     let owner = c as usize;
     let mut foreign = 0u64;
-    let mut list = e.free;
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(FLUSH_CHUNK);
-        left -= k;
-        // SAFETY: the list's first `n` objects are ours, live from their spans' view,
-        // counted; the list is null-terminated and has at least `n` objects.
-        list = unsafe {
-            match heap.central[class].free_unowned(heap, class as u8, list, k, owner) {
-                Some((rest, remaining, f)) => {
+    // SAFETY: slots keep..nfree of the stack hold the objects to return: ours, live
+    // from their spans' view, counted. The stack is not the cache record, so `e` and
+    // the slice do not overlap.
+    let objs = unsafe { core::slice::from_raw_parts_mut(e.stack.add(keep as usize), n as usize) };
+    for chunk in objs.chunks_mut(FLUSH_CHUNK) {
+        // SAFETY: as above.
+        unsafe {
+            match heap.central[class].free_unowned(heap, class as u8, chunk, owner) {
+                Some((kept, f)) => {
                     foreign += f;
-                    remote_free_list(heap, rest, class, u64::MAX, owner, &mut foreign);
-                    remaining
+                    let rest = chunk.get_unchecked(..kept).iter().copied();
+                    remote_free_objs(heap, rest, class, owner, &mut foreign);
                 }
-                None => remote_free_list(heap, list, class, k, owner, &mut foreign),
+                None => remote_free_objs(heap, chunk.iter().copied(), class, owner, &mut foreign),
             }
-        };
+        }
     }
-    e.free = list;
     e.nfree = keep;
     if is_wide(e) && foreign * 8 > n {
         // Wide mode took in other caches' objects (a consumer of another thread's
-        // objects): back to the owner test, and return the rest of the list too.
+        // objects): back to the owner test, and return the rest of the stack too.
         // SAFETY: the counter is the owner's; `class < NUM_CLASSES`.
         unsafe { *ptr::addr_of_mut!((*c).remote_since[class]) = foreign as u32 };
         let s = current_span(heap, e);
@@ -629,35 +711,27 @@ unsafe fn flush<M: MemSource>(
 }
 
 /// How many objects `flush` returns per hold of the mcentral lock.
-const FLUSH_CHUNK: u64 = 1024;
+const FLUSH_CHUNK: usize = 1024;
 
-/// Remote-frees the first `max` objects (or all) of a null-terminated list of objects
-/// of class `class` (linked through their first word), and returns the rest of the
-/// list; objects of spans whose owner (current or last) is not `owner` are added to
-/// `foreign`. Objects of one span that follow each other in the list are returned together:
+/// Remote-frees objects of class `class`; those of spans whose owner (current or last)
+/// is not `owner` are added to `foreign`. Objects of one span that follow each other
+/// are returned together:
 /// their bits are ORed into the remote bitmap one word at a time, and the span's state
 /// word takes one increment for all of them, which is what an increment per object
 /// would have done, announcements included.
 ///
 /// # Safety
 /// The objects are live small objects of class `class` of `heap`, given up.
-unsafe fn remote_free_list<M: MemSource>(
+unsafe fn remote_free_objs<M: MemSource>(
     heap: &MHeap<M>,
-    mut p: *mut u8,
+    objs: impl Iterator<Item = *mut u8>,
     class: usize,
-    max: u64,
     owner: usize,
     foreign: &mut u64,
-) -> *mut u8 {
+) {
     let mut run: Option<RemoteRun> = None;
-    let mut left = max;
     let mut hint = NO_ARENA;
-    while !p.is_null() && left > 0 {
-        left -= 1;
-        // SAFETY: per the contract, each object links to the next.
-        let next = unsafe { p.cast::<*mut u8>().read() };
-        // The next object is likely cold: start loading it while this one is handled.
-        prefetch(next);
+    for p in objs {
         if let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) {
             if run.as_ref().map_or(true, |r| r.span != s) {
                 if let Some(r) = run.take() {
@@ -671,14 +745,12 @@ unsafe fn remote_free_list<M: MemSource>(
                 r.add(p, class);
             }
         }
-        p = next;
     }
     if let Some(r) = run {
         *foreign += r.foreign(owner);
         // SAFETY: as above.
         unsafe { r.finish(heap, class) };
     }
-    p
 }
 
 /// Asks the CPU to start loading the cache line at `p` (a no-op on targets without a
@@ -702,7 +774,7 @@ const REMOTE_RELEASE: Ordering = Ordering::Release;
 #[cfg(spanheap_mutant = "remote_relaxed")]
 const REMOTE_RELEASE: Ordering = Ordering::Relaxed;
 
-/// Consecutive remote frees into one span (see `remote_free_list`).
+/// Consecutive remote frees into one span (see `remote_free_objs`).
 struct RemoteRun {
     span: NonNull<MSpan>,
     base: usize,
@@ -798,11 +870,8 @@ impl RemoteRun {
 pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
     let c = crate::tls::cache();
     // SAFETY: `c` is this thread's cache or the empty one (whose list is empty).
-    let recycled = unsafe {
-        !(*ptr::addr_of!((*c).classes).cast::<ClassCache>().add(class))
-            .free
-            .is_null()
-    };
+    let recycled =
+        unsafe { (*ptr::addr_of!((*c).classes).cast::<ClassCache>().add(class)).nfree != 0 };
     let p = alloc(class);
     if p.is_null() {
         return p;
@@ -1237,7 +1306,11 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
                 heap.central[class].uncache_span(heap, class as u8, s);
             }
         }
-        *e = EMPTY_CLASS;
+        // The stack's storage stays with the record.
+        *e = ClassCache {
+            stack: e.stack,
+            ..EMPTY_CLASS
+        };
     }
     // SAFETY: the heap cache is ours; no class entry borrow is live.
     heap.flush_heap_cache(unsafe { &mut *ptr::addr_of_mut!((*c).heap) });
@@ -1342,14 +1415,54 @@ mod tests {
     }
 
     #[test]
+    fn a_local_free_leaves_the_object_alone() {
+        // The local free list is a stack of pointers: a free writes nothing into the
+        // object (a list linked through the objects would overwrite its first word),
+        // the next allocation of the class hands it back, and a flush past the limit
+        // loses nothing.
+        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let c = MCache::leaked();
+        let class = 5;
+        let size = CLASS_TO_SIZE[class] as usize;
+        let p = unsafe { alloc_from(h, c, class) };
+        unsafe { p.write_bytes(0xA5, size) };
+        let s = NonNull::new(h.span_of_unchecked(p as usize)).unwrap();
+        unsafe { free_to(h, c, p, s, class) };
+        // SAFETY: the object is still heap memory of ours (it sits on the stack).
+        let bytes = unsafe { core::slice::from_raw_parts(p, size) };
+        assert!(
+            bytes.iter().all(|&b| b == 0xA5),
+            "the free wrote into the object"
+        );
+        assert_eq!(unsafe { alloc_from(h, c, class) }, p);
+        // Past the limit: every object comes back exactly once.
+        let limit = FREE_LIMIT[class] as usize;
+        let objs: Vec<*mut u8> = (0..limit * 2)
+            .map(|_| unsafe { alloc_from(h, c, class) })
+            .collect();
+        for &q in &objs {
+            let s = NonNull::new(h.span_of_unchecked(q as usize)).unwrap();
+            unsafe { free_to(h, c, q, s, class) };
+        }
+        assert!(unsafe { entry(c, class) }.nfree as usize <= limit);
+        let mut again: Vec<*mut u8> = (0..limit * 2)
+            .map(|_| unsafe { alloc_from(h, c, class) })
+            .collect();
+        again.sort();
+        again.dedup();
+        assert_eq!(again.len(), limit * 2, "an object was handed out twice");
+        unsafe { release_all(h, c) };
+    }
+
+    #[test]
     fn a_cache_takes_back_a_span_it_owned_last() {
         // Cache A's and then cache B's partial spans sit in the mcentral, B's nearer
         // the head. A's next refill must take one of A's own spans (whose live objects
         // A holds), not B's: two threads trading spans turn each other's frees into
         // remote frees.
         let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
-        let a = Box::into_raw(Box::new(MCache::empty()));
-        let b = Box::into_raw(Box::new(MCache::empty()));
+        let a = MCache::leaked();
+        let b = MCache::leaked();
         let class = 5;
         let span_of = |p: usize| h.span_of_unchecked(p) as usize;
         let (a_objs, b_objs) = (fill(h, a, class, 3), fill(h, b, class, 3));

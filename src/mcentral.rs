@@ -279,13 +279,12 @@ impl MCentral {
         });
     }
 
-    /// Returns the first `max` objects of a list of class `class` that a cache flushes
-    /// from its local free list (null-terminated, linked through their first word,
-    /// already counted as freed) to their spans. Gives back `(rest, remaining, foreign)`:
-    /// the objects of those `max` it did not take (a null-terminated list for the
-    /// remote path), the list after them, and how many of those it took belong to spans
-    /// whose last owner is not `owner` (the flushing cache); `None`, having taken
-    /// nothing, if the lock is busy (never waits, like every path of a free).
+    /// Returns objects of class `class` that a cache flushes from its local free stack
+    /// (already counted as freed) to their spans. Gives back `(kept, foreign)`: the
+    /// objects it did not take are moved to `objs[..kept]` (for the remote path), and
+    /// `foreign` is how many of those it took belong to spans whose last owner is not
+    /// `owner` (the flushing cache); `None`, having taken nothing, if the lock is busy
+    /// (never waits, like every path of a free).
     ///
     /// Under the mcentral lock, the private state of every span of the class that no
     /// cache owns (place PARTIAL, FULL or PENDING) belongs to the lock holder, and a
@@ -293,7 +292,7 @@ impl MCentral {
     /// freed here directly: their alloc bits cleared with plain stores, and each span's
     /// live count (the high half of its state word) lowered once for all of its objects
     /// (jemalloc's tcache flush works the same way under its bin lock). The remote path
-    /// would cost two atomic read-modify-writes per object, and a list freed in no
+    /// would cost two atomic read-modify-writes per object, and objects freed in no
     /// particular order (a dropped hash map) has almost no two consecutive objects of
     /// one span to batch. Objects of spans a cache owns (this one's current span, or a
     /// span another cache took meanwhile) are returned for the remote path.
@@ -305,35 +304,27 @@ impl MCentral {
         &self,
         heap: &MHeap<M>,
         class: u8,
-        list: *mut u8,
-        max: u64,
+        objs: &mut [*mut u8],
         owner: usize,
-    ) -> Option<(*mut u8, *mut u8, u64)> {
+    ) -> Option<(usize, u64)> {
         let mut g = self.lists.try_lock()?;
         let out = g.with(|l| {
             self.drain_locked(heap, class, l);
-            let mut p = list;
-            let mut left = max;
-            let mut rest = ptr::null_mut::<u8>();
+            let mut kept = 0;
             let mut touched = ptr::null_mut::<MSpan>();
             let mut hint = crate::arena::NO_ARENA;
             let mut foreign = 0u64;
-            while !p.is_null() && left > 0 {
-                left -= 1;
-                // SAFETY: per the contract, each object links to the next.
-                let next = unsafe { p.cast::<*mut u8>().read() };
-                // Objects freed in no particular order are often cold: start loading
-                // the next one while this one is handled.
-                crate::mcache::prefetch(next);
+            for i in 0..objs.len() {
+                let p = objs[i];
                 if let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) {
                     // SAFETY: span records are never unmapped.
                     let small = unsafe { &s.as_ref().small };
                     // Relaxed: CACHED is entered and left only under the lock we hold;
                     // announcers move PARTIAL/FULL to PENDING, which is as good here.
                     if small.place.load(Ordering::Relaxed) == place::CACHED {
-                        // SAFETY: the object is ours to relink.
-                        unsafe { p.cast::<*mut u8>().write(rest) };
-                        rest = p;
+                        // Kept for the remote path, at the front (kept <= i).
+                        objs[kept] = p;
+                        kept += 1;
                     } else {
                         // SAFETY: an unowned span of our class: its private state is
                         // ours under the lock; its base is immutable while it is live.
@@ -353,7 +344,6 @@ impl MCentral {
                         pv.flushed += 1;
                     }
                 }
-                p = next;
             }
             while let Some(s) = NonNull::new(touched) {
                 // SAFETY: touched above: unowned, ours under the lock.
@@ -368,7 +358,7 @@ impl MCentral {
                 // SAFETY: as above.
                 unsafe { self.after_direct_free(heap, l, s, k) };
             }
-            (rest, p, foreign)
+            (kept, foreign)
         });
         drop(g);
         // Announcements pushed while we held the lock are ours to place.

@@ -160,7 +160,8 @@ pub(crate) struct Gauges {
     heap_released: AtomicU64,
     /// Bytes in live manual spans, per purpose (`by_purpose[Heap]` is unused: see above).
     by_purpose: [AtomicU64; Purpose::COUNT],
-    /// Bytes of OS memory used for metadata outside the arenas (arena records, index).
+    /// Bytes of OS memory used for metadata outside the arenas (arena records, index,
+    /// thread caches' free stacks).
     meta_sys: AtomicU64,
     /// Arena memory mapped, in bytes.
     arena_bytes: AtomicU64,
@@ -1248,18 +1249,47 @@ impl<M: MemSource> MHeap<M> {
     #[cfg(not(spanheap_loom))]
     pub(crate) fn alloc_cache_record(&self) -> *mut MCache {
         self.locked.lock().with(|h| {
-            let p = h.cachealloc.alloc();
-            if !p.is_null() {
-                return p;
+            let mut p = h.cachealloc.alloc();
+            if p.is_null() {
+                let Some(base) = self.manual_chunk_locked(h, Purpose::ThreadCaches) else {
+                    return ptr::null_mut();
+                };
+                h.cachealloc.add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
+                p = h.cachealloc.alloc();
             }
-            match self.manual_chunk_locked(h, Purpose::ThreadCaches) {
-                Some(base) => {
-                    h.cachealloc.add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
-                    h.cachealloc.alloc()
-                }
-                None => ptr::null_mut(),
+            // A record's free stacks get their storage when it is first handed out and
+            // keep it (records are reused, never unmapped): a mapping of its own, outside
+            // the arenas (metadata, like the arena index), so that it does not split the
+            // heap's free page runs. Lazily backed: pages are touched only as far as the
+            // stacks grow.
+            // SAFETY: the record is ours (just taken, in use by nobody).
+            if !p.is_null() && !unsafe { (*p).has_stacks() } {
+                let bytes = crate::mcache::STACK_BYTES.next_multiple_of(PAGE_SIZE);
+                let Some(base) = self.map_metadata(bytes) else {
+                    // SAFETY: the record was just taken and is unused.
+                    unsafe { h.cachealloc.free(p) };
+                    return ptr::null_mut();
+                };
+                // SAFETY: a fresh mapping of `bytes` >= STACK_BYTES, ours alone.
+                unsafe { (*p).set_stacks(base.cast()) };
             }
+            p
         })
+    }
+
+    /// A fresh mapping of `bytes` bytes of OS memory for metadata that is never freed,
+    /// counted in `meta_sys`. None if the OS refuses.
+    fn map_metadata(&self, bytes: usize) -> Option<*mut u8> {
+        let r = self.mem.reserve(bytes, PAGE_SIZE, 0).ok()?;
+        // SAFETY: the reservation we just made.
+        if unsafe { self.mem.map(r, bytes) }.is_err() {
+            // SAFETY: the whole, unused reservation.
+            unsafe { self.mem.release(r, bytes) };
+            return None;
+        }
+        add(&self.gauges.meta_sys, bytes);
+        self.stats_update(|d| d.add(field::META, bytes as u64));
+        Some(r.as_ptr())
     }
 
     /// Returns a thread-cache record.
