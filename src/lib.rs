@@ -416,6 +416,13 @@ pub mod __private {
         crate::scavenger::background::running()
     }
 
+    /// The address range of the calling thread's free-stack storage (the mapping its
+    /// cache record keeps), if it has a live cache. For tests.
+    #[cfg(not(spanheap_loom))]
+    pub fn thread_stack_storage() -> Option<(usize, usize)> {
+        crate::mcache::thread_stack_storage()
+    }
+
     /// Whether the calling thread has a live thread cache.
     #[cfg(not(spanheap_loom))]
     pub fn thread_has_cache() -> bool {

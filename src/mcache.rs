@@ -376,6 +376,9 @@ const STACK_OFFSET: [usize; NUM_CLASSES + 1] = {
     t
 };
 
+// `stack_base` relies on it: class 1's stack starts the storage.
+const _: () = assert!(STACK_OFFSET[1] == 0);
+
 /// Bytes of stack storage a cache needs (about 440 KiB of address space; only the
 /// slots a thread's deepest stacks reach are ever touched, so resident memory follows
 /// use: 8 bytes per object a thread keeps freed).
@@ -398,7 +401,13 @@ impl MCache {
 
     /// Whether the stacks have storage (`set_stacks` ran).
     pub(crate) fn has_stacks(&self) -> bool {
-        !self.classes[1].stack.is_null()
+        !self.stack_base().is_null()
+    }
+
+    /// The start of the stack storage (null before `set_stacks`).
+    pub(crate) fn stack_base(&self) -> *mut *mut u8 {
+        // Class 1's stack is the first (STACK_OFFSET[1] == 0).
+        self.classes[1].stack
     }
 
     /// A cache whose record and stack storage come from the Rust global allocator and
@@ -1059,6 +1068,21 @@ pub(crate) fn thread_class_wide(class: usize) -> bool {
     }
     // SAFETY: this thread's cache or the empty one; only read.
     is_wide(unsafe { entry(crate::tls::cache(), class) })
+}
+
+/// The calling thread's stack storage, `(base, bytes)`, if it has a live cache (for
+/// tests).
+#[cfg(not(spanheap_loom))]
+pub(crate) fn thread_stack_storage() -> Option<(usize, usize)> {
+    if crate::tls::state() != LIVE {
+        return None;
+    }
+    // SAFETY: this thread's live cache; only read.
+    let base = unsafe { (*crate::tls::cache()).stack_base() };
+    Some((
+        base as usize,
+        STACK_BYTES.next_multiple_of(crate::os::PAGE_SIZE),
+    ))
 }
 
 /// Whether entry `e` is in wide mode (see `refill_span`).

@@ -439,7 +439,8 @@ pub struct Stats {
     /// Arena bytes free and returned to the OS (or never touched since mapping).
     pub released_bytes: u64,
     /// Bytes of OS memory the allocator uses for metadata outside the arenas (arena
-    /// records with their span maps, the arena index, page-allocator summaries).
+    /// records with their span maps, the arena index, page-allocator summaries, the
+    /// thread caches' free stacks: address space, resident only where touched).
     pub metadata_bytes: u64,
     /// Bytes in live spans of every purpose.
     pub inuse_bytes: u64,
