@@ -156,8 +156,9 @@ pub fn stats() -> Stats {
 /// Returns everything the calling thread's cache holds to the shared heap: freed objects
 /// waiting in its free lists and remote buffers go back to their spans, and its current
 /// spans go back to the size classes' shared lists (so spans that are now completely free
-/// are retired). The thread keeps its cache and refills it on its next allocation.
-/// Thread exit does the same automatically.
+/// are retired), and the pages its free stacks had touched are returned to the OS. The
+/// thread keeps its cache and refills it on its next allocation. Thread exit does the
+/// same automatically.
 #[cfg(not(spanheap_loom))]
 pub fn flush_thread_cache() {
     mcache::flush_own();

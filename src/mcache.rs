@@ -1305,8 +1305,13 @@ pub(crate) fn flush_own() {
     if crate::tls::state() != LIVE {
         return;
     }
-    // SAFETY: our live cache; `release_all` leaves it empty and valid.
-    unsafe { release_all(&HEAP, crate::tls::cache()) };
+    let c = crate::tls::cache();
+    // SAFETY: our live cache; `release_all` leaves it empty and valid, so the stack
+    // pages can go too.
+    unsafe {
+        release_all(&HEAP, c);
+        HEAP.drop_stack_pages(c);
+    }
 }
 
 /// Gives every span of the cache back to its mcentral (Go's `releaseAll`), after

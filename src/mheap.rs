@@ -1298,17 +1298,27 @@ impl<M: MemSource> MHeap<M> {
     /// `p` came from `alloc_cache_record` and is not used any more.
     #[cfg(not(spanheap_loom))]
     pub(crate) unsafe fn free_cache_record(&self, p: *mut MCache) {
-        // The free stacks are empty now: drop the pages the thread touched, so that a
-        // dead thread's record holds no resident memory (the mapping stays, and reads
-        // as zero when the record is reused). Outside the lock: the record is ours.
+        // So that a dead thread's record holds no resident memory. Outside the lock:
+        // the record is ours.
+        // SAFETY: the record is ours, its stacks empty (caller's contract).
+        unsafe { self.drop_stack_pages(p) };
+        // SAFETY: forwarded.
+        self.locked.lock().with(|h| unsafe { h.cachealloc.free(p) });
+    }
+
+    /// Drops the resident pages of cache record `p`'s free-stack storage (the mapping
+    /// stays, and reads as zero when touched again).
+    ///
+    /// # Safety
+    /// `p` is a cache record owned by the caller, with every free stack empty.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn drop_stack_pages(&self, p: *mut MCache) {
         // SAFETY: the record is ours (caller's contract).
         if let Some(base) = NonNull::new(unsafe { (*p).stack_base() }) {
             let bytes = crate::mcache::STACK_BYTES.next_multiple_of(PAGE_SIZE);
-            // SAFETY: the record's own stack mapping, unused until it is handed out again.
+            // SAFETY: the record's own stack mapping; no slot holds anything.
             unsafe { self.mem.decommit(base.cast(), bytes) };
         }
-        // SAFETY: forwarded.
-        self.locked.lock().with(|h| unsafe { h.cachealloc.free(p) });
     }
 
     /// Prepared -> Ready for a run that contained `scav` scavenged bytes.

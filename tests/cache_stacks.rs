@@ -20,32 +20,46 @@ fn resident_pages(base: usize, len: usize) -> usize {
     vec.iter().filter(|&&b| b & 1 != 0).count()
 }
 
+/// Allocates and frees 1,000 objects of each of five classes, so the thread's stacks
+/// of those classes hold 1,000 pointers each.
+fn fill_stacks() {
+    let sizes = [16usize, 48, 128, 512, 2048];
+    let mut blocks = Vec::new();
+    for &size in &sizes {
+        let l = Layout::from_size_align(size, 8).unwrap();
+        for _ in 0..1000 {
+            // SAFETY: non-zero size.
+            let p = unsafe { alloc(l) };
+            assert!(!p.is_null());
+            blocks.push((p, l));
+        }
+    }
+    for (p, l) in blocks {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { dealloc(p, l) };
+    }
+}
+
 #[test]
-fn a_dead_threads_free_stacks_hold_no_memory() {
+fn free_stacks_hold_no_memory_after_a_flush_or_thread_exit() {
     let (base, len, touched) = std::thread::spawn(|| {
-        // Fill the stacks of a few classes: 1,000 objects freed each, kept locally.
-        let sizes = [16usize, 48, 128, 512, 2048];
-        let mut blocks = Vec::new();
-        for &size in &sizes {
-            let l = Layout::from_size_align(size, 8).unwrap();
-            for _ in 0..1000 {
-                // SAFETY: non-zero size.
-                let p = unsafe { alloc(l) };
-                assert!(!p.is_null());
-                blocks.push((p, l));
-            }
-        }
-        for (p, l) in blocks {
-            // SAFETY: allocated above with this layout, freed once.
-            unsafe { dealloc(p, l) };
-        }
+        fill_stacks();
         let (base, len) = spanheap::__private::thread_stack_storage().expect("a live cache");
+        // 5 classes x 1,000 pointers: several pages of stack in use.
+        let touched = resident_pages(base, len);
+        assert!(touched >= 5, "stacks barely touched: {touched} pages");
+        spanheap::flush_thread_cache();
+        assert_eq!(
+            resident_pages(base, len),
+            0,
+            "flush_thread_cache kept stack pages"
+        );
+        fill_stacks();
         (base, len, resident_pages(base, len))
     })
     .join()
     .unwrap();
-    // 5 classes x 1,000 pointers: at least a few pages of stack were in use.
-    assert!(touched >= 5, "stacks barely touched: {touched} pages");
+    assert!(touched >= 5, "stacks barely touched again: {touched} pages");
     assert_eq!(
         resident_pages(base, len),
         0,
