@@ -78,9 +78,9 @@ pub(crate) struct ClassCache {
     /// (`flush`) when the stack grows past `FREE_LIMIT`. A stack of pointers rather
     /// than a list linked through the objects: a free does not write to the object, an
     /// allocation does not read it, and a flush walks an array instead of chasing
-    /// links through cold objects. The storage (`FREE_LIMIT + 1` slots, in the cache's
-    /// stack span, see `MCache::set_stacks`) is fixed for the record's lifetime; null
-    /// in the empty cache, whose `nfree` stays 0.
+    /// links through cold objects. The storage (`FREE_LIMIT + 1` slots in the record's
+    /// stack mapping, see `MCache::set_stacks` and `MHeap::alloc_cache_record`) is
+    /// fixed for the record's lifetime; null in the empty cache, whose `nfree` stays 0.
     stack: *mut *mut u8,
     /// Objects on `stack`.
     /// (32 bits: the fast paths' 32-bit read-modify-writes of it then forward from
