@@ -337,10 +337,14 @@ impl MCentral {
                             *pv.alloc(idx / 64) &= !(1u64 << (idx % 64));
                         }
                         pv.dirty = true;
-                        if pv.flushed == 0 {
-                            pv.flush_next = touched;
-                            touched = s.as_ptr();
-                        }
+                        // The span's first object in this call chains it on `touched`.
+                        // Written as indexed selects, not a branch (which the compiler
+                        // kept for `if`): objects freed in no order make it
+                        // unpredictable — 15% of them mispredicted in the scatter
+                        // benchmark (callgrind --branch-sim), 0.2% now.
+                        let first = usize::from(pv.flushed == 0);
+                        pv.flush_next = [pv.flush_next, touched][first];
+                        touched = [touched, s.as_ptr()][first];
                         pv.flushed += 1;
                     }
                 }
