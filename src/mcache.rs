@@ -384,6 +384,10 @@ const _: () = assert!(STACK_OFFSET[1] == 0);
 /// use: 8 bytes per object a thread keeps freed).
 pub(crate) const STACK_BYTES: usize = STACK_OFFSET[NUM_CLASSES] * core::mem::size_of::<*mut u8>();
 
+/// Bytes of the mapping that holds a cache record's stacks (`STACK_BYTES` in whole
+/// pages).
+pub(crate) const STACK_MAP_BYTES: usize = STACK_BYTES.next_multiple_of(crate::os::PAGE_SIZE);
+
 impl MCache {
     /// Points every class's free stack into `base`, `STACK_BYTES` bytes of storage
     /// that stays with this record for its lifetime.
@@ -519,9 +523,10 @@ unsafe fn push_local<M: MemSource>(
     unsafe { e.stack.add(n as usize).write(p) };
     e.nfree = n + 1;
     // SAFETY: class < NUM_CLASSES.
-    if n >= unsafe { *FREE_LIMIT.get_unchecked(class) } {
+    let limit = unsafe { *FREE_LIMIT.get_unchecked(class) };
+    if n >= limit {
         // SAFETY: forwarded.
-        unsafe { flush(heap, c, e, class, FREE_LIMIT[class] / 2) };
+        unsafe { flush(heap, c, e, class, limit / 2) };
     }
 }
 
@@ -771,7 +776,7 @@ unsafe fn remote_free_objs<M: MemSource>(
 /// Asks the CPU to start loading the cache line at `p` (a no-op on targets without a
 /// stable prefetch intrinsic). A hint only: any address, null included, is fine.
 #[inline(always)]
-pub(crate) fn prefetch(p: *const u8) {
+fn prefetch(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults and changes no memory, whatever the address.
     unsafe {
@@ -1079,10 +1084,7 @@ pub(crate) fn thread_stack_storage() -> Option<(usize, usize)> {
     }
     // SAFETY: this thread's live cache; only read.
     let base = unsafe { (*crate::tls::cache()).stack_base() };
-    Some((
-        base as usize,
-        STACK_BYTES.next_multiple_of(crate::os::PAGE_SIZE),
-    ))
+    Some((base as usize, STACK_MAP_BYTES))
 }
 
 /// Whether entry `e` is in wide mode (see `refill_span`).

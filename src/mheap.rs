@@ -1264,32 +1264,19 @@ impl<M: MemSource> MHeap<M> {
             // stacks grow.
             // SAFETY: the record is ours (just taken, in use by nobody).
             if !p.is_null() && !unsafe { (*p).has_stacks() } {
-                let bytes = crate::mcache::STACK_BYTES.next_multiple_of(PAGE_SIZE);
-                let Some(base) = self.map_metadata(bytes) else {
+                let bytes = crate::mcache::STACK_MAP_BYTES;
+                let Ok(base) = self.mem.alloc_meta(bytes) else {
                     // SAFETY: the record was just taken and is unused.
                     unsafe { h.cachealloc.free(p) };
                     return ptr::null_mut();
                 };
+                add(&self.gauges.meta_sys, bytes);
+                self.stats_update(|d| d.add(field::META, bytes as u64));
                 // SAFETY: a fresh mapping of `bytes` >= STACK_BYTES, ours alone.
-                unsafe { (*p).set_stacks(base.cast()) };
+                unsafe { (*p).set_stacks(base.as_ptr().cast()) };
             }
             p
         })
-    }
-
-    /// A fresh mapping of `bytes` bytes of OS memory for metadata that is never freed,
-    /// counted in `meta_sys`. None if the OS refuses.
-    fn map_metadata(&self, bytes: usize) -> Option<*mut u8> {
-        let r = self.mem.reserve(bytes, PAGE_SIZE, 0).ok()?;
-        // SAFETY: the reservation we just made.
-        if unsafe { self.mem.map(r, bytes) }.is_err() {
-            // SAFETY: the whole, unused reservation.
-            unsafe { self.mem.release(r, bytes) };
-            return None;
-        }
-        add(&self.gauges.meta_sys, bytes);
-        self.stats_update(|d| d.add(field::META, bytes as u64));
-        Some(r.as_ptr())
     }
 
     /// Returns a thread-cache record.
@@ -1315,9 +1302,11 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) unsafe fn drop_stack_pages(&self, p: *mut MCache) {
         // SAFETY: the record is ours (caller's contract).
         if let Some(base) = NonNull::new(unsafe { (*p).stack_base() }) {
-            let bytes = crate::mcache::STACK_BYTES.next_multiple_of(PAGE_SIZE);
             // SAFETY: the record's own stack mapping; no slot holds anything.
-            unsafe { self.mem.decommit(base.cast(), bytes) };
+            unsafe {
+                self.mem
+                    .decommit(base.cast(), crate::mcache::STACK_MAP_BYTES)
+            };
         }
     }
 
