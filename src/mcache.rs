@@ -1440,11 +1440,17 @@ mod tests {
         objs
     }
 
-    /// Frees every other object of `objs` through cache `c` and gives the cache's spans
-    /// back (`release_all`), so that they sit in the partial list with `c` as their
-    /// last owner.
-    fn free_half_and_release(h: &MHeap<OsMemory>, c: *mut MCache, class: usize, objs: &[*mut u8]) {
-        for &p in objs.iter().step_by(2) {
+    /// Frees the objects of `objs` whose index passes `free` through cache `c` and gives
+    /// the cache's spans back (`release_all`), so that they sit in the partial list with
+    /// `c` as their last owner.
+    fn free_and_release(
+        h: &MHeap<OsMemory>,
+        c: *mut MCache,
+        class: usize,
+        objs: &[*mut u8],
+        free: impl Fn(usize) -> bool,
+    ) {
+        for (_, &p) in objs.iter().enumerate().filter(|&(i, _)| free(i)) {
             let s = NonNull::new(h.span_of_unchecked(p as usize)).unwrap();
             unsafe { free_to(h, c, p, s, class) };
         }
@@ -1506,8 +1512,8 @@ mod tests {
         let a_spans: Vec<usize> = a_objs.iter().map(|&p| span_of(p as usize)).collect();
         let b_spans: Vec<usize> = b_objs.iter().map(|&p| span_of(p as usize)).collect();
         assert!(a_spans.iter().all(|s| !b_spans.contains(s)));
-        free_half_and_release(h, a, class, &a_objs);
-        free_half_and_release(h, b, class, &b_objs);
+        free_and_release(h, a, class, &a_objs, |i| i % 2 == 0);
+        free_and_release(h, b, class, &b_objs, |i| i % 2 == 0);
         let p = unsafe { alloc_from(h, a, class) };
         assert!(!p.is_null());
         assert!(
@@ -1520,6 +1526,43 @@ mod tests {
             b_spans.contains(&span_of(p as usize)),
             "and B one of its own"
         );
+        unsafe {
+            release_all(h, a);
+            release_all(h, b);
+        }
+    }
+
+    #[test]
+    fn another_caches_span_is_taken_only_when_mostly_free() {
+        // Cache A leaves spans in the mcentral with a quarter of their objects free
+        // (class 5) and with three quarters free (class 6). A cache that owned none of
+        // them gets a fresh span of class 5 (taking one would make A's frees of the
+        // live three quarters remote) but reuses one of A's class 6 spans (few live
+        // objects: the memory is worth more than the locality).
+        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let a = MCache::leaked();
+        let b = MCache::leaked();
+        let span_of = |p: usize| h.span_of_unchecked(p) as usize;
+        // (class, whether A frees its object i, whether B reuses one of A's spans)
+        type Case = (usize, fn(usize) -> bool, bool);
+        let cases: [Case; 2] = [(5, |i| i % 4 == 0, false), (6, |i| i % 4 != 0, true)];
+        for (class, free, reused) in cases {
+            let objs = fill(h, a, class, 3);
+            let a_spans: Vec<usize> = objs.iter().map(|&p| span_of(p as usize)).collect();
+            free_and_release(h, a, class, &objs, free);
+            let (partial, _, _, _) = h.central[class].census();
+            assert!(
+                partial >= 3,
+                "A's spans are not in the partial list ({partial})"
+            );
+            let p = unsafe { alloc_from(h, b, class) };
+            assert!(!p.is_null());
+            assert_eq!(
+                a_spans.contains(&span_of(p as usize)),
+                reused,
+                "class {class}: whether B took one of A's spans"
+            );
+        }
         unsafe {
             release_all(h, a);
             release_all(h, b);

@@ -38,8 +38,10 @@ use crate::sync::{fence, AtomicPtr, Mutex, Ordering};
 
 /// What the mcentral lock protects.
 struct Lists {
-    /// Spans with free objects (doubly linked through `SmallPrivate::{prev,next}`).
-    partial: *mut MSpan,
+    /// Spans with free objects (doubly linked through `SmallPrivate::{prev,next}`), in
+    /// `PARTIAL_BUCKETS` lists by their last owner (`bucket`), so that a cache finds
+    /// the spans it owned last without walking everyone else's.
+    partial: [*mut MSpan; PARTIAL_BUCKETS],
     /// Spans with no free object known.
     full: *mut MSpan,
     /// One completely free span, or null.
@@ -158,7 +160,7 @@ impl MCentral {
         pub(crate) fn new() -> Self {
             MCentral {
                 lists: Mutex::new(Lists {
-                    partial: ptr::null_mut(),
+                    partial: [ptr::null_mut(); PARTIAL_BUCKETS],
                     full: ptr::null_mut(),
                     spare: ptr::null_mut(),
                 }),
@@ -171,7 +173,8 @@ impl MCentral {
     pub(crate) fn census(&self) -> (usize, usize, usize, usize) {
         self.lists.lock().with(|l| {
             let mut r = (0, 0, usize::from(!l.spare.is_null()), 0);
-            for (head, slot) in [(l.partial, 0), (l.full, 1)] {
+            let heads = l.partial.iter().map(|&h| (h, 0)).chain([(l.full, 1)]);
+            for (head, slot) in heads {
                 let mut cur = head;
                 while let Some(s) = NonNull::new(cur) {
                     // SAFETY: listed spans are ours under the lock.
@@ -191,13 +194,20 @@ impl MCentral {
     }
 
     /// A span of class `class` with free objects, now owned by the cache `owner`, or
-    /// `None` if the mcentral has none (the caller grows with `alloc_span`).
+    /// `None` if the mcentral has none the cache should take (the caller grows with
+    /// `alloc_span`).
     ///
-    /// A span `owner` owned last is preferred (among the first `PREFER_OWN_SCAN` of the
-    /// partial list): its objects that the cache still holds on its local free list, or
-    /// still has live, then stay its own, so their frees stay local instead of going to
-    /// another cache's span as remote frees (two threads trading spans through the
-    /// mcentral sent half of the `maps` demo's frees down the remote path).
+    /// Spans keep to the cache that owned them last. A cache takes, in order: a partial
+    /// span it owned last; a partial span of another cache of which at least half is
+    /// free (`FOREIGN_FREE`); the spare. Otherwise it gets a fresh span. Objects a cache
+    /// allocated then stay on spans it owns when it frees them, and the frees are
+    /// local. When two threads traded spans through the mcentral instead (any partial
+    /// span to any cache), a thread's frees of objects in spans the other had taken
+    /// went down the remote path: half of the frees of the `maps` demo, where the
+    /// threads share nothing. The half-free rule bounds what the preference costs in
+    /// memory: a span another cache (or a thread that has exited) keeps partly live is
+    /// reused by others once half of it or less is live. (Asking for three quarters
+    /// free instead raised `parser`'s peak RSS by up to 9%.)
     pub(crate) fn cache_span<M: MemSource>(
         &self,
         heap: &MHeap<M>,
@@ -205,27 +215,12 @@ impl MCentral {
         owner: usize,
     ) -> Option<NonNull<MSpan>> {
         self.with_lock(heap, class, |l| {
-            // SAFETY: we hold the lock; the lists are ours.
-            unsafe { prefer_own_locked(l, owner) };
-            while let Some(s) = NonNull::new(l.partial) {
-                // SAFETY: the span is in our list, so we own its private state.
-                unsafe { unlink(l, s) };
-                // SAFETY: span records are never unmapped.
-                let small = unsafe { &s.as_ref().small };
-                // AcqRel: see the module note on `place` orderings.
-                if small
-                    .place
-                    .compare_exchange(
-                        place::PARTIAL,
-                        place::CACHED,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
-                    .is_err()
-                {
-                    // Announced meanwhile (PENDING): the drain places it.
-                    continue;
-                }
+            // SAFETY (both calls): we hold the lock; the lists are ours.
+            let s = match unsafe { own_partial_locked(l, owner) } {
+                Some(s) => Some(s),
+                None => unsafe { foreign_partial_locked(l) },
+            };
+            if let Some(s) = s {
                 // SAFETY: unlinked and CACHED: ours until handed over.
                 unsafe { take_ownership(s, owner) };
                 return Some(s);
@@ -646,37 +641,122 @@ unsafe fn take_ownership(s: NonNull<MSpan>, owner: usize) {
     update_rstate(s, |_, low| (RSTATE_OWNED, low - m as i64));
 }
 
-/// How many spans of the partial list `cache_span` looks at for one the taking cache
-/// owned last.
-const PREFER_OWN_SCAN: usize = 16;
+/// How many partial lists spans are spread over by last owner. Caches whose addresses
+/// share a bucket see each other's spans when they look for their own.
+const PARTIAL_BUCKETS: usize = 8;
 
-/// Moves the first span among the first `PREFER_OWN_SCAN` of the partial list whose
-/// last owner is `owner` to the head of the list (see `cache_span`). Needs the mcentral
-/// lock (`l`). The span stays in the partial list (its `list` and `place` unchanged),
-/// so announcers and drains see nothing different.
+/// The partial list of spans whose last owner is `owner` (a Fibonacci hash of the cache
+/// address: records are a few KiB apart, so the low bits alone would collide).
+#[cfg(not(spanheap_loom))]
+fn bucket(owner: usize) -> usize {
+    ((owner as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PARTIAL_BUCKETS.trailing_zeros()))
+        as usize
+}
+
+/// Under loom every span is in bucket 0: the models' caches are fresh allocations in
+/// each execution, and a bucket drawn from their addresses would change the order in
+/// which `foreign_partial_locked` tries spans from one execution to the next (loom
+/// requires each execution to replay the same operations). The list code is the same;
+/// only the spreading is not modelled.
+#[cfg(spanheap_loom)]
+fn bucket(_owner: usize) -> usize {
+    0
+}
+
+/// How many spans of its own bucket a cache looks at for one it owned last.
+const OWN_SCAN: usize = 32;
+
+/// How many spans at the head of each bucket a cache without a partial span of its own
+/// looks at for a mostly free one.
+const FOREIGN_SCAN: usize = 4;
+
+/// How many quarters of its objects must be free in a partial span for a
+/// cache other than its last owner to take it.
+const FOREIGN_FREE: usize = 2;
+
+/// The last owner of `s` (a hint written when a cache takes the span; unchanged while
+/// the span is in a list, since only `take_ownership` and a fresh span write it).
+fn last_owner(s: NonNull<MSpan>) -> usize {
+    // Relaxed: written under this mcentral's lock (or before the span was first
+    // published), which we hold.
+    // SAFETY: span records are never unmapped.
+    unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed)
+}
+
+/// Unlinks the partial span `s` and marks it CACHED for the caller, unless a freer
+/// announced it meanwhile (PENDING): then it is only unlinked, and the drain places
+/// it. Returns whether the caller now holds the span.
+///
+/// # Safety
+/// The caller holds the mcentral lock; `s` is in one of its partial lists.
+unsafe fn take_partial_locked(l: &mut Lists, s: NonNull<MSpan>) -> bool {
+    // SAFETY: per the contract.
+    unsafe { unlink(l, s) };
+    // SAFETY: span records are never unmapped.
+    let small = unsafe { &s.as_ref().small };
+    // AcqRel: see the module note on `place` orderings.
+    small
+        .place
+        .compare_exchange(
+            place::PARTIAL,
+            place::CACHED,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+}
+
+/// A partial span whose last owner is `owner`, taken out of its list and CACHED; among
+/// the first `OWN_SCAN` of its bucket.
 ///
 /// # Safety
 /// The caller holds the mcentral lock.
-unsafe fn prefer_own_locked(l: &mut Lists, owner: usize) {
-    let mut cur = l.partial;
+unsafe fn own_partial_locked(l: &mut Lists, owner: usize) -> Option<NonNull<MSpan>> {
+    let mut cur = l.partial[bucket(owner)];
     let mut i = 0;
     while let Some(s) = NonNull::new(cur) {
-        if i == PREFER_OWN_SCAN {
-            return;
-        }
-        // Relaxed: a hint (see `mcache::free_to`).
-        // SAFETY: span records are never unmapped.
-        if unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed) == owner {
-            if i > 0 {
-                // SAFETY: in our partial list, under the lock.
-                unsafe { relink(l, s, place::PARTIAL) };
-            }
-            return;
+        if i == OWN_SCAN {
+            return None;
         }
         // SAFETY: list members' private state is ours under the lock.
         cur = unsafe { private(s) }.next;
+        // SAFETY: in our partial list, under the lock (the next link was read first).
+        if last_owner(s) == owner && unsafe { take_partial_locked(l, s) } {
+            return Some(s);
+        }
         i += 1;
     }
+    None
+}
+
+/// A partial span of any owner with at least `FOREIGN_FREE` quarters of its objects
+/// free (by its alloc bitmap), taken out of its list and CACHED; among the first
+/// `FOREIGN_SCAN` of each bucket.
+///
+/// # Safety
+/// The caller holds the mcentral lock.
+unsafe fn foreign_partial_locked(l: &mut Lists) -> Option<NonNull<MSpan>> {
+    for b in 0..PARTIAL_BUCKETS {
+        let mut cur = l.partial[b];
+        let mut i = 0;
+        while let Some(s) = NonNull::new(cur) {
+            if i == FOREIGN_SCAN {
+                break;
+            }
+            // SAFETY: list members' private state is ours under the lock.
+            let p = unsafe { private(s) };
+            cur = p.next;
+            let nelems = p.nelems as usize;
+            // SAFETY: as above.
+            let free = unsafe { count_free(p) };
+            // SAFETY: in our partial list, under the lock (`p` is not used again).
+            if free * 4 >= nelems * FOREIGN_FREE && unsafe { take_partial_locked(l, s) } {
+                return Some(s);
+            }
+            i += 1;
+        }
+    }
+    None
 }
 
 /// Moves `s` from the list it is in to the head of list `which` (PARTIAL or FULL).
@@ -697,7 +777,7 @@ unsafe fn relink(l: &mut Lists, s: NonNull<MSpan>, which: u8) {
 /// The caller holds the mcentral lock and owns `s`'s private state; `s` is in no list.
 unsafe fn link(l: &mut Lists, s: NonNull<MSpan>, which: u8) {
     let head = if which == place::PARTIAL {
-        &mut l.partial
+        &mut l.partial[bucket(last_owner(s))]
     } else {
         &mut l.full
     };
@@ -732,7 +812,7 @@ unsafe fn unlink(l: &mut Lists, s: NonNull<MSpan>) {
         Some(pr) => unsafe { private(pr) }.next = next,
         None => {
             if which == place::PARTIAL {
-                l.partial = next;
+                l.partial[bucket(last_owner(s))] = next;
             } else {
                 l.full = next;
             }

@@ -160,8 +160,10 @@ pub(crate) struct SmallSpan {
     /// span's owner (cache or mcentral lock holder).
     pub(crate) rstate: AtomicU64,
     /// Address of the cache that owns the span or owned it last (0 if none yet).
-    /// Written only by a cache taking the span. Read (Relaxed) by freeing threads: a
-    /// thread seeing its own cache's address may keep the object on its local list.
+    /// Written only by a cache taking the span (never while the span is in an mcentral
+    /// list). Read (Relaxed) by freeing threads: a thread seeing its own cache's address
+    /// may keep the object on its local list; and by the mcentral lock holder, which
+    /// files partial spans by last owner (`mcentral::bucket`).
     pub(crate) owner: AtomicUsize,
     /// One of [`place`]'s values. Transitions into and out of PENDING are CASes (remote
     /// freers race with the mcentral lock holder); the others happen under the lock.
