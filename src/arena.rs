@@ -171,8 +171,18 @@ impl ArenaIndex {
             // matches `NO_ARENA`'s): a record that is never freed.
             return Some(unsafe { &*hint.1 });
         }
+        self.arena_of_miss(addr, hint)
+    }
+
+    /// `arena_of_hinted` when the memo does not match: walks the index and refills the
+    /// memo. Out of line and cold, so that the hit path keeps its registers (inline, the
+    /// flush loop of `MCentral::free_unowned` shuffled the memo between registers on
+    /// every object).
+    #[cold]
+    #[inline(never)]
+    fn arena_of_miss(&self, addr: usize, hint: &mut ArenaHint) -> Option<&HeapArena> {
         let a = self.arena_of(addr)?;
-        *hint = (n, a);
+        *hint = (arena_number(addr), a);
         Some(a)
     }
 

@@ -351,13 +351,16 @@ static FREE_LIMIT: [u32; NUM_CLASSES] = {
     t
 };
 
+/// The largest `FREE_LIMIT`.
+const MAX_FREE_LIMIT: u32 = 2048;
+
 /// `FREE_LIMIT[class]` (a function, so that the consts below can use it).
 const fn free_limit(class: usize) -> u32 {
     let n = (512 << 10) / CLASS_TO_SIZE[class] as u32;
     if n < 32 {
         32
-    } else if n > 2048 {
-        2048
+    } else if n > MAX_FREE_LIMIT {
+        MAX_FREE_LIMIT
     } else {
         n
     }
@@ -525,8 +528,11 @@ unsafe fn push_local<M: MemSource>(
     // SAFETY: class < NUM_CLASSES.
     let limit = unsafe { *FREE_LIMIT.get_unchecked(class) };
     if n >= limit {
+        // The stack holds limit + 1: return limit / 2 of them, one `FLUSH_CHUNK` at
+        // most (keeping limit / 2 sent a chunk of 1,024 and one of a single object, a
+        // lock round trip and a state-word CAS, for the 2,048-object classes).
         // SAFETY: forwarded.
-        unsafe { flush(heap, c, e, class, limit / 2) };
+        unsafe { flush(heap, c, e, class, limit - limit / 2 + 1) };
     }
 }
 
@@ -732,6 +738,9 @@ unsafe fn flush<M: MemSource>(
 
 /// How many objects `flush` returns per hold of the mcentral lock.
 const FLUSH_CHUNK: usize = 1024;
+
+// A flush on a push returns half of the largest stack in one chunk.
+const _: () = assert!(MAX_FREE_LIMIT as usize / 2 <= FLUSH_CHUNK);
 
 /// Remote-frees objects of class `class`; those of spans whose owner (current or last)
 /// is not `owner` are added to `foreign`. Objects of one span that follow each other

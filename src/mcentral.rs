@@ -33,7 +33,7 @@ use core::ptr::{self, NonNull};
 use crate::mheap::MHeap;
 use crate::mspan::{place, rstate, rstate_parts, MSpan, SmallPrivate, NO_LIST, RSTATE_OWNED};
 use crate::os::MemSource;
-use crate::sizeclasses::obj_index;
+use crate::sizeclasses::{div_magic, obj_index_by};
 use crate::sync::{fence, AtomicPtr, Mutex, Ordering};
 
 /// What the mcentral lock protects.
@@ -309,6 +309,8 @@ impl MCentral {
             let mut touched = ptr::null_mut::<MSpan>();
             let mut hint = crate::arena::NO_ARENA;
             let mut foreign = 0u64;
+            // Looked up once: the compiler reloaded it (and its bounds test) per object.
+            let magic = div_magic(class);
             for i in 0..objs.len() {
                 let p = objs[i];
                 if let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) {
@@ -324,14 +326,13 @@ impl MCentral {
                         // SAFETY: an unowned span of our class: its private state is
                         // ours under the lock; its base is immutable while it is live.
                         let (pv, base) = unsafe { (private(s), s.as_ref().base()) };
-                        let idx = obj_index(class, p as usize - base);
+                        let idx = obj_index_by(magic, p as usize - base);
                         // SAFETY: idx < nelems, so the word is in the record; the object
                         // is allocated (its span counts it live until this free).
                         unsafe {
                             debug_assert!(*pv.alloc(idx / 64) & (1 << (idx % 64)) != 0);
                             *pv.alloc(idx / 64) &= !(1u64 << (idx % 64));
                         }
-                        pv.dirty = true;
                         // The span's first object in this call chains it on `touched`.
                         // Written as indexed selects, not a branch (which the compiler
                         // kept for `if`): objects freed in no order make it
@@ -349,6 +350,8 @@ impl MCentral {
                 let pv = unsafe { private(s) };
                 touched = core::mem::replace(&mut pv.flush_next, ptr::null_mut());
                 let k = core::mem::take(&mut pv.flushed);
+                // Its freed objects will be handed out again.
+                pv.dirty = true;
                 // Relaxed: a hint, as in `mcache::free_to`.
                 // SAFETY: span records are never unmapped.
                 if unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed) != owner {

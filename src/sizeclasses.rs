@@ -466,10 +466,22 @@ pub(crate) fn class_for_layout(size: usize, align: usize) -> u8 {
 /// the table give 0. Never panics.
 #[inline]
 pub(crate) fn obj_index(class: u8, offset: usize) -> usize {
-    let magic = match CLASS_TO_DIVMAGIC.get(class as usize) {
+    obj_index_by(div_magic(class), offset)
+}
+
+/// `CLASS_TO_DIVMAGIC[class]` (0 for an out-of-range class), for callers that divide
+/// many offsets of one class (`obj_index_by`).
+#[inline]
+pub(crate) fn div_magic(class: u8) -> u64 {
+    match CLASS_TO_DIVMAGIC.get(class as usize) {
         Some(&magic) => magic as u64,
         None => 0,
-    };
+    }
+}
+
+/// `obj_index` with the class's `div_magic` looked up once by the caller.
+#[inline]
+pub(crate) fn obj_index_by(magic: u64, offset: usize) -> usize {
     ((offset as u64).wrapping_mul(magic) >> 32) as usize
 }
 
