@@ -1542,6 +1542,38 @@ mod tests {
     }
 
     #[test]
+    fn many_caches_each_take_back_their_own_spans() {
+        // Sixteen caches leave four partly free spans each in the mcentral, one cache
+        // after the other. Each must get one of its own back: in a single partial list
+        // the first caches' spans would lie 48 deep, past any bounded search for one's
+        // own, and they would be handed fresh spans (or others') while theirs waited.
+        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let class = 5;
+        let span_of = |p: usize| h.span_of_unchecked(p) as usize;
+        let caches: Vec<*mut MCache> = (0..16).map(|_| MCache::leaked()).collect();
+        let mut owned: Vec<Vec<usize>> = Vec::new();
+        for &c in &caches {
+            let objs = fill(h, c, class, 4);
+            owned.push(objs.iter().map(|&p| span_of(p as usize)).collect());
+            // A third free: too little for the later caches to take them.
+            free_and_release(h, c, class, &objs, |i| i % 3 == 0);
+        }
+        let (partial, _, _, _) = h.central[class].census();
+        assert_eq!(partial, 64);
+        for (i, &c) in caches.iter().enumerate() {
+            let p = unsafe { alloc_from(h, c, class) };
+            assert!(
+                owned[i].contains(&span_of(p as usize)),
+                "cache {i} got a span not its own"
+            );
+        }
+        for &c in &caches {
+            unsafe { release_all(h, c) };
+        }
+        h.central[class].census();
+    }
+
+    #[test]
     fn another_caches_span_is_taken_only_when_mostly_free() {
         // Cache A leaves spans in the mcentral with a quarter of their objects free
         // (class 5) and with three quarters free (class 6). A cache that owned none of

@@ -42,6 +42,8 @@ struct Lists {
     /// `PARTIAL_BUCKETS` lists by their last owner (`bucket`), so that a cache finds
     /// the spans it owned last without walking everyone else's.
     partial: [*mut MSpan; PARTIAL_BUCKETS],
+    /// Bit `b` set: `partial[b]` is not empty.
+    nonempty: u64,
     /// Spans with no free object known.
     full: *mut MSpan,
     /// One completely free span, or null.
@@ -161,6 +163,7 @@ impl MCentral {
             MCentral {
                 lists: Mutex::new(Lists {
                     partial: [ptr::null_mut(); PARTIAL_BUCKETS],
+                    nonempty: 0,
                     full: ptr::null_mut(),
                     spare: ptr::null_mut(),
                 }),
@@ -172,6 +175,13 @@ impl MCentral {
     /// (partial spans, full spans, spare spans, free objects in listed spans), for tests.
     pub(crate) fn census(&self) -> (usize, usize, usize, usize) {
         self.lists.lock().with(|l| {
+            for (b, head) in l.partial.iter().enumerate() {
+                assert_eq!(
+                    head.is_null(),
+                    l.nonempty & (1 << b) == 0,
+                    "bucket {b}'s bit"
+                );
+            }
             let mut r = (0, 0, usize::from(!l.spare.is_null()), 0);
             let heads = l.partial.iter().map(|&h| (h, 0)).chain([(l.full, 1)]);
             for (head, slot) in heads {
@@ -645,8 +655,11 @@ unsafe fn take_ownership(s: NonNull<MSpan>, owner: usize) {
 }
 
 /// How many partial lists spans are spread over by last owner. Caches whose addresses
-/// share a bucket see each other's spans when they look for their own.
-const PARTIAL_BUCKETS: usize = 8;
+/// share a bucket see each other's spans when they look for their own (and may miss
+/// their own behind `OWN_SCAN` of others'): 64 keeps that rare up to tens of threads
+/// (one bit each of `Lists::nonempty`).
+const PARTIAL_BUCKETS: usize = 64;
+const _: () = assert!(PARTIAL_BUCKETS.is_power_of_two() && PARTIAL_BUCKETS <= 64);
 
 /// The partial list of spans whose last owner is `owner` (a Fibonacci hash of the cache
 /// address: records are a few KiB apart, so the low bits alone would collide).
@@ -734,12 +747,15 @@ unsafe fn own_partial_locked(l: &mut Lists, owner: usize) -> Option<NonNull<MSpa
 
 /// A partial span of any owner with at least `FOREIGN_FREE` quarters of its objects
 /// free (by its alloc bitmap), taken out of its list and CACHED; among the first
-/// `FOREIGN_SCAN` of each bucket.
+/// `FOREIGN_SCAN` of each non-empty bucket.
 ///
 /// # Safety
 /// The caller holds the mcentral lock.
 unsafe fn foreign_partial_locked(l: &mut Lists) -> Option<NonNull<MSpan>> {
-    for b in 0..PARTIAL_BUCKETS {
+    let mut buckets = l.nonempty;
+    while buckets != 0 {
+        let b = buckets.trailing_zeros() as usize;
+        buckets &= buckets - 1;
         let mut cur = l.partial[b];
         let mut i = 0;
         while let Some(s) = NonNull::new(cur) {
@@ -780,7 +796,9 @@ unsafe fn relink(l: &mut Lists, s: NonNull<MSpan>, which: u8) {
 /// The caller holds the mcentral lock and owns `s`'s private state; `s` is in no list.
 unsafe fn link(l: &mut Lists, s: NonNull<MSpan>, which: u8) {
     let head = if which == place::PARTIAL {
-        &mut l.partial[bucket(last_owner(s))]
+        let b = bucket(last_owner(s));
+        l.nonempty |= 1 << b;
+        &mut l.partial[b]
     } else {
         &mut l.full
     };
@@ -815,7 +833,11 @@ unsafe fn unlink(l: &mut Lists, s: NonNull<MSpan>) {
         Some(pr) => unsafe { private(pr) }.next = next,
         None => {
             if which == place::PARTIAL {
-                l.partial[bucket(last_owner(s))] = next;
+                let b = bucket(last_owner(s));
+                l.partial[b] = next;
+                if next.is_null() {
+                    l.nonempty &= !(1 << b);
+                }
             } else {
                 l.full = next;
             }
