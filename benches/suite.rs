@@ -205,6 +205,22 @@ impl Workload for Churn {
     }
 }
 
+/// Writes `i` to element `i` of `p` for `i` in `from..to`: the element stores of
+/// `vec-growth`, out of line so that every allocator runs the same machine code at the
+/// same address. (Inlined, each allocator's copy of the loop sat at its own alignment;
+/// spanheap's once crossed a 64-byte boundary and its row read 450 µs instead of 270
+/// with no change in the allocator.)
+///
+/// # Safety
+/// `p` is valid for writes of `to` elements.
+#[inline(never)]
+unsafe fn fill(p: *mut u64, from: usize, to: usize) {
+    for i in from..to {
+        // SAFETY: i < to.
+        unsafe { p.add(i).write(i as u64) };
+    }
+}
+
 struct VecGrowth;
 impl Workload for VecGrowth {
     fn run<A: GlobalAlloc + Sync + 'static>(
@@ -225,9 +241,10 @@ impl Workload for VecGrowth {
                         assert!(!p.is_null());
                         cap *= 2;
                     }
-                    // SAFETY: len < cap elements of 8 bytes.
-                    unsafe { p.cast::<u64>().add(len).write(len as u64) };
-                    len += 1;
+                    let end = cap.min(1_000_000);
+                    // SAFETY: end <= cap elements of 8 bytes.
+                    unsafe { fill(p.cast::<u64>(), len, end) };
+                    len = end;
                 }
                 // SAFETY: as above.
                 assert_eq!(unsafe { p.cast::<u64>().add(999_999).read() }, 999_999);
