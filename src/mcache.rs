@@ -898,7 +898,7 @@ impl RemoteRun {
 #[inline]
 pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
     let c = crate::tls::cache();
-    // SAFETY: `c` is this thread's cache or the empty one (whose list is empty).
+    // SAFETY: `c` is this thread's cache or the empty one (whose stacks are empty).
     let recycled =
         unsafe { (*ptr::addr_of!((*c).classes).cast::<ClassCache>().add(class)).nfree != 0 };
     let p = alloc(class);

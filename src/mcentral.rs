@@ -209,7 +209,7 @@ impl MCentral {
     ///
     /// Spans keep to the cache that owned them last. A cache takes, in order: a partial
     /// span it owned last; a partial span of another cache of which at least half is
-    /// free (`FOREIGN_FREE`); the spare. Otherwise it gets a fresh span. Objects a cache
+    /// free (`mostly_free`); the spare. Otherwise it gets a fresh span. Objects a cache
     /// allocated then stay on spans it owns when it frees them, and the frees are
     /// local. When two threads traded spans through the mcentral instead (any partial
     /// span to any cache), a thread's frees of objects in spans the other had taken
@@ -362,9 +362,7 @@ impl MCentral {
                 let k = core::mem::take(&mut pv.flushed);
                 // Its freed objects will be handed out again.
                 pv.dirty = true;
-                // Relaxed: a hint, as in `mcache::free_to`.
-                // SAFETY: span records are never unmapped.
-                if unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed) != owner {
+                if last_owner(s) != owner {
                     foreign += u64::from(k);
                 }
                 // SAFETY: as above.
@@ -686,15 +684,18 @@ const OWN_SCAN: usize = 32;
 /// looks at for a mostly free one.
 const FOREIGN_SCAN: usize = 4;
 
-/// How many quarters of its objects must be free in a partial span for a
-/// cache other than its last owner to take it.
-const FOREIGN_FREE: usize = 2;
+/// Whether a partial span with `free` of its `nelems` objects free may go to a cache
+/// other than its last owner: at least half of it is free.
+fn mostly_free(free: usize, nelems: usize) -> bool {
+    free * 2 >= nelems
+}
 
 /// The last owner of `s` (a hint written when a cache takes the span; unchanged while
 /// the span is in a list, since only `take_ownership` and a fresh span write it).
 fn last_owner(s: NonNull<MSpan>) -> usize {
-    // Relaxed: written under this mcentral's lock (or before the span was first
-    // published), which we hold.
+    // Relaxed: written by `take_ownership` under this mcentral's lock, which the caller
+    // holds or (a hint) by the cache that got the span fresh, before its
+    // `uncache_span` took that lock.
     // SAFETY: span records are never unmapped.
     unsafe { s.as_ref() }.small.owner.load(Ordering::Relaxed)
 }
@@ -745,8 +746,8 @@ unsafe fn own_partial_locked(l: &mut Lists, owner: usize) -> Option<NonNull<MSpa
     None
 }
 
-/// A partial span of any owner with at least `FOREIGN_FREE` quarters of its objects
-/// free (by its alloc bitmap), taken out of its list and CACHED; among the first
+/// A partial span of any owner that is `mostly_free` (by its alloc bitmap), taken out
+/// of its list and CACHED; among the first
 /// `FOREIGN_SCAN` of each non-empty bucket.
 ///
 /// # Safety
@@ -769,7 +770,7 @@ unsafe fn foreign_partial_locked(l: &mut Lists) -> Option<NonNull<MSpan>> {
             // SAFETY: as above.
             let free = unsafe { count_free(p) };
             // SAFETY: in our partial list, under the lock (`p` is not used again).
-            if free * 4 >= nelems * FOREIGN_FREE && unsafe { take_partial_locked(l, s) } {
+            if mostly_free(free, nelems) && unsafe { take_partial_locked(l, s) } {
                 return Some(s);
             }
             i += 1;

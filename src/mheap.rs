@@ -1146,8 +1146,7 @@ impl<M: MemSource> MHeap<M> {
             }
             h.pages.grow(&self.mem, base, size)
         })();
-        add(&self.gauges.meta_sys, meta);
-        self.stats_update(|d| d.add(field::META, meta as u64));
+        self.count_meta(meta);
         if let Err(e) = result {
             // Arena records already inserted stay (harmless: their span maps are empty
             // and the page allocator never hands out their pages).
@@ -1270,8 +1269,7 @@ impl<M: MemSource> MHeap<M> {
                     unsafe { h.cachealloc.free(p) };
                     return ptr::null_mut();
                 };
-                add(&self.gauges.meta_sys, bytes);
-                self.stats_update(|d| d.add(field::META, bytes as u64));
+                self.count_meta(bytes);
                 // SAFETY: a fresh mapping of `bytes` >= STACK_BYTES, ours alone.
                 unsafe { (*p).set_stacks(base.as_ptr().cast()) };
             }
@@ -1291,6 +1289,13 @@ impl<M: MemSource> MHeap<M> {
         unsafe { self.drop_stack_pages(p) };
         // SAFETY: forwarded.
         self.locked.lock().with(|h| unsafe { h.cachealloc.free(p) });
+    }
+
+    /// Counts `bytes` more of OS memory for metadata outside the arenas (the gauge and
+    /// the consistent statistics).
+    fn count_meta(&self, bytes: usize) {
+        add(&self.gauges.meta_sys, bytes);
+        self.stats_update(|d| d.add(field::META, bytes as u64));
     }
 
     /// Drops the resident pages of cache record `p`'s free-stack storage (the mapping
