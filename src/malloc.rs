@@ -215,10 +215,19 @@ pub(crate) mod global {
 
     use crate::global::HEAP;
     use crate::mcache;
-    use crate::sizeclasses::class_for_layout;
+    use crate::sizeclasses::{class_for_layout, common_class, is_common};
 
     #[inline]
     pub(crate) fn alloc(size: usize, align: usize) -> *mut u8 {
+        if is_common(size, align) {
+            return mcache::alloc(common_class(size));
+        }
+        alloc_uncommon(size, align)
+    }
+
+    /// `alloc` of an over-aligned small object or a large block.
+    #[inline(never)]
+    fn alloc_uncommon(size: usize, align: usize) -> *mut u8 {
         let class = class_for_layout(size, align);
         if class != 0 {
             return mcache::alloc(class as usize);
@@ -256,6 +265,20 @@ pub(crate) mod global {
     pub(crate) unsafe fn dealloc(p: *mut u8, size: usize, align: usize) {
         #[cfg(feature = "checked")]
         crate::checked::on_free(p, crate::checked::Expect::layout(size, align), true);
+        if is_common(size, align) {
+            // SAFETY: `p` is a live object of this class (foreign pointers are ignored).
+            return unsafe { mcache::dealloc(p, common_class(size)) };
+        }
+        // SAFETY: forwarded.
+        unsafe { dealloc_uncommon(p, size, align) }
+    }
+
+    /// `dealloc` of an over-aligned small object or a large block.
+    ///
+    /// # Safety
+    /// As for `dealloc`.
+    #[inline(never)]
+    unsafe fn dealloc_uncommon(p: *mut u8, size: usize, align: usize) {
         let class = class_for_layout(size, align);
         if class == 0 {
             // SAFETY: forwarded.

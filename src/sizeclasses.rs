@@ -419,6 +419,32 @@ pub(crate) static SIZE_TO_CLASS: [u8; MAX_SMALL_SIZE / SMALL_SIZE_DIV + 1] = {
     t
 };
 
+// `common_class` relies on it: every size up to `MAX_SMALL_SIZE` has a class.
+const _: () = {
+    let mut i = 0;
+    while i < SIZE_TO_CLASS.len() {
+        assert!(SIZE_TO_CLASS[i] != 0);
+        i += 1;
+    }
+};
+
+/// Whether a request of `size` bytes aligned to `align` is of the common kind: a
+/// small object with an alignment of at most 8, whose class is `common_class(size)`
+/// (as `class_for_layout` would say). The allocation and free fast paths test this
+/// first, so that they need neither `class_for_layout`'s alignment cases nor its
+/// "large object" answer (class 0).
+#[inline(always)]
+pub(crate) fn is_common(size: usize, align: usize) -> bool {
+    align <= 8 && size <= MAX_SMALL_SIZE
+}
+
+/// The class of a common request (`is_common(size, _)`): never 0.
+#[inline(always)]
+pub(crate) fn common_class(size: usize) -> usize {
+    debug_assert!(size <= MAX_SMALL_SIZE);
+    SIZE_TO_CLASS[(size + (SMALL_SIZE_DIV - 1)) >> SMALL_SIZE_SHIFT] as usize
+}
+
 // `class_for_layout` relies on it: every class size is a multiple of 8.
 const _: () = {
     let mut c = 0;
@@ -550,6 +576,23 @@ mod tests {
             assert_eq!(nobjs(c), span_bytes(c) / size, "class {c}");
             let magic = CLASS_TO_DIVMAGIC[c as usize];
             assert_eq!(magic, u32::MAX / size as u32 + 1, "class {c}");
+        }
+    }
+
+    #[test]
+    fn common_requests_take_the_class_for_layout() {
+        for size in 0..=MAX_SMALL_SIZE + 1 {
+            for align in [1, 2, 4, 8, 16] {
+                if is_common(size, align) {
+                    assert_eq!(
+                        common_class(size),
+                        class_for_layout(size, align) as usize,
+                        "size {size} align {align}"
+                    );
+                } else {
+                    assert!(size > MAX_SMALL_SIZE || align > 8);
+                }
+            }
         }
     }
 
