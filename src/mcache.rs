@@ -86,8 +86,10 @@ pub(crate) struct ClassCache {
     /// (32 bits: the fast paths' 32-bit read-modify-writes of it then forward from
     /// each other's stores; a 16-bit store followed by a wider load would stall.)
     nfree: u32,
-    /// Length of `remote`.
-    nremote: u16,
+    /// `FREE_LIMIT` of the class, here so that a push compares with a value on the
+    /// line it already has (`MCache::set_stacks` sets it; 0 in the empty cache, whose
+    /// stacks are never pushed to).
+    limit: u16,
     /// Object size of the class (at most 32 KiB).
     elemsize: u16,
     /// Free objects of the current window (bit i = object at `window_base + i * elemsize`).
@@ -122,6 +124,8 @@ pub(crate) struct MCache {
     /// last took a span. 0 when a span is taken puts the class in wide mode (see
     /// `refill_span`). Owner only.
     remote_since: [u32; NUM_CLASSES],
+    /// Per class: objects on the entry's remote buffer. Owner only.
+    nremote: [u16; NUM_CLASSES],
     /// The thread's page block and record caches (span allocation without the lock).
     heap: HeapCache,
     /// The statistics sequence counter of the thread owning this cache.
@@ -136,7 +140,7 @@ pub(crate) struct MCache {
 const EMPTY_CLASS: ClassCache = ClassCache {
     stack: ptr::null_mut(),
     nfree: 0,
-    nremote: 0,
+    limit: 0,
     elemsize: 0,
     alloc_cache: 0,
     window_base: 0,
@@ -163,6 +167,7 @@ impl MCache {
                 classes: [EMPTY_CLASS; NUM_CLASSES],
                 arena_hint: NO_ARENA,
                 remote_since: [0; NUM_CLASSES],
+                nremote: [0; NUM_CLASSES],
                 heap: HeapCache::new(),
                 seq: HeapSeq::new(),
                 registered: false,
@@ -351,8 +356,9 @@ static FREE_LIMIT: [u32; NUM_CLASSES] = {
     t
 };
 
-/// The largest `FREE_LIMIT`.
+/// The largest `FREE_LIMIT` (`ClassCache::limit` holds it in 16 bits).
 const MAX_FREE_LIMIT: u32 = 4096;
+const _: () = assert!(MAX_FREE_LIMIT <= u16::MAX as u32);
 
 /// `FREE_LIMIT[class]` (a function, so that the consts below can use it).
 const fn free_limit(class: usize) -> u32 {
@@ -399,10 +405,12 @@ impl MCache {
     /// `base` is writable for `STACK_BYTES` bytes, aligned for pointers, used by
     /// nothing else; the cache is unused (every stack empty).
     pub(crate) unsafe fn set_stacks(&mut self, base: *mut *mut u8) {
-        for (e, &off) in self.classes.iter_mut().zip(&STACK_OFFSET).skip(1) {
+        let per_class = self.classes.iter_mut().zip(&STACK_OFFSET).zip(&FREE_LIMIT);
+        for ((e, &off), &limit) in per_class.skip(1) {
             debug_assert!(e.nfree == 0);
             // SAFETY: off + FREE_LIMIT[c] + 1 <= STACK_OFFSET[NUM_CLASSES] slots.
             e.stack = unsafe { base.add(off) };
+            e.limit = limit as u16;
         }
     }
 
@@ -525,8 +533,7 @@ unsafe fn push_local<M: MemSource>(
     // FREE_LIMIT objects between pushes (a push past the limit flushes).
     unsafe { e.stack.add(n as usize).write(p) };
     e.nfree = n + 1;
-    // SAFETY: class < NUM_CLASSES.
-    let limit = unsafe { *FREE_LIMIT.get_unchecked(class) };
+    let limit = u32::from(e.limit);
     if n >= limit {
         // The stack holds limit + 1: return all but a quarter of the limit, in one
         // `FLUSH_CHUNK`. A flush costs a lock round trip and a state-word CAS per span
@@ -590,9 +597,12 @@ unsafe fn buffer_remote<M: MemSource>(
     // SAFETY: per the contract, the object's first word is ours to link through.
     unsafe { p.cast::<*mut u8>().write(e.remote) };
     e.remote = p;
-    e.nremote += 1;
-    if u32::from(e.nremote) >= REMOTE_LIMIT[class] {
-        flush_remote(heap, e, class);
+    // SAFETY: the counters are the owner's; `class < NUM_CLASSES`.
+    let n = unsafe { &mut *ptr::addr_of_mut!((*c).nremote[class]) };
+    *n += 1;
+    if u32::from(*n) >= REMOTE_LIMIT[class] {
+        // SAFETY: forwarded.
+        unsafe { flush_remote(heap, c, e, class) };
     }
 }
 
@@ -630,17 +640,27 @@ unsafe fn pless_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
 }
 
 /// Returns the whole remote buffer to the objects' spans, after counting the frees.
+///
+/// # Safety
+/// `e` is entry `class` of cache `c`, which the caller owns.
 #[cold]
 #[inline(never)]
-fn flush_remote<M: MemSource>(heap: &MHeap<M>, e: &mut ClassCache, class: usize) {
-    let n = e.nremote as u64;
+unsafe fn flush_remote<M: MemSource>(
+    heap: &MHeap<M>,
+    c: *mut MCache,
+    e: &mut ClassCache,
+    class: usize,
+) {
+    // SAFETY: the counters are the owner's; `class < NUM_CLASSES`.
+    let n = u64::from(core::mem::take(unsafe {
+        &mut *ptr::addr_of_mut!((*c).nremote[class])
+    }));
     if n == 0 {
         return;
     }
     heap.stats_update(|d| d.add(field::SMALL_FREES + class, n));
     let p = e.remote;
     e.remote = ptr::null_mut();
-    e.nremote = 0;
     // SAFETY: the buffer's objects are ours, live from their spans' view, and linked
     // into a null-terminated list. (The owner count is only `flush`'s.)
     unsafe { remote_free_objs(heap, LinkedObjs(p), class, 0, &mut 0) };
@@ -1344,7 +1364,8 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
         // normalisation below; others are remote frees).
         // SAFETY: `e` is entry `class` of our cache.
         unsafe { flush(heap, c, e, class, 0) };
-        flush_remote(heap, e, class);
+        // SAFETY: as above.
+        unsafe { flush_remote(heap, c, e, class) };
         if let Some(s) = current_span(heap, e) {
             // The window's unused objects were counted as allocated when it was
             // loaded: uncount them before the span can retire.
@@ -1361,6 +1382,7 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
         // The stack's storage stays with the record.
         *e = ClassCache {
             stack: e.stack,
+            limit: e.limit,
             ..EMPTY_CLASS
         };
     }
