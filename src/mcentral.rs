@@ -32,8 +32,8 @@ use core::ptr::{self, NonNull};
 
 use crate::mheap::MHeap;
 use crate::mspan::{place, rstate, rstate_parts, MSpan, SmallPrivate, NO_LIST, RSTATE_OWNED};
-use crate::os::MemSource;
-use crate::sizeclasses::{div_magic, obj_index_by};
+use crate::os::{MemSource, PAGE_SHIFT};
+use crate::sizeclasses::{div_magic, obj_index_by, CLASS_TO_NPAGES};
 use crate::sync::{fence, AtomicPtr, Mutex, Ordering};
 
 /// What the mcentral lock protects.
@@ -321,9 +321,22 @@ impl MCentral {
             let mut foreign = 0u64;
             // Looked up once: the compiler reloaded it (and its bounds test) per object.
             let magic = div_magic(class);
+            // The span of the previous object, if no cache owns it: the next object, if
+            // it lies in `[run_base, run_base + run_bytes)`, is freed with no span
+            // lookup (a structure freed in the order it was built comes in runs of one
+            // span). `run_bytes` is 0 when there is none.
+            let span_bytes = usize::from(CLASS_TO_NPAGES[usize::from(class)]) << PAGE_SHIFT;
+            let (mut run_base, mut run_bytes) = (0usize, 0usize);
+            let mut run_pv: *mut SmallPrivate = ptr::null_mut();
             for i in 0..objs.len() {
                 let p = objs[i];
-                if let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) {
+                let mut off = (p as usize).wrapping_sub(run_base);
+                if off >= run_bytes {
+                    let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint))
+                    else {
+                        run_bytes = 0;
+                        continue;
+                    };
                     // SAFETY: span records are never unmapped.
                     let small = unsafe { &s.as_ref().small };
                     // Relaxed: CACHED is entered and left only under the lock we hold;
@@ -332,28 +345,34 @@ impl MCentral {
                         // Kept for the remote path, at the front (kept <= i).
                         objs[kept] = p;
                         kept += 1;
-                    } else {
-                        // SAFETY: an unowned span of our class: its private state is
-                        // ours under the lock; its base is immutable while it is live.
-                        let (pv, base) = unsafe { (private(s), s.as_ref().base()) };
-                        let idx = obj_index_by(magic, p as usize - base);
-                        // SAFETY: idx < nelems, so the word is in the record; the object
-                        // is allocated (its span counts it live until this free).
-                        unsafe {
-                            debug_assert!(*pv.alloc(idx / 64) & (1 << (idx % 64)) != 0);
-                            *pv.alloc(idx / 64) &= !(1u64 << (idx % 64));
-                        }
-                        // The span's first object in this call chains it on `touched`.
-                        // Written as indexed selects, not a branch (which the compiler
-                        // kept for `if`): objects freed in no order make it
-                        // unpredictable — 15% of them mispredicted in the scatter
-                        // benchmark (callgrind --branch-sim), 0.2% now.
-                        let first = usize::from(pv.flushed == 0);
-                        pv.flush_next = [pv.flush_next, touched][first];
-                        touched = [touched, s.as_ptr()][first];
-                        pv.flushed += 1;
+                        run_bytes = 0;
+                        continue;
                     }
+                    // SAFETY: an unowned span of our class: its private state is ours
+                    // under the lock; its base is immutable while it is live.
+                    let (pv, base) = unsafe { (private(s), s.as_ref().base()) };
+                    // The span's first object in this call chains it on `touched`.
+                    // Written as indexed selects, not a branch (which the compiler kept
+                    // for `if`): objects freed in no order make it unpredictable — 15%
+                    // of them mispredicted in the scatter benchmark (callgrind
+                    // --branch-sim), 0.2% now.
+                    let first = usize::from(pv.flushed == 0);
+                    pv.flush_next = [pv.flush_next, touched][first];
+                    touched = [touched, s.as_ptr()][first];
+                    (run_base, run_bytes, run_pv) = (base, span_bytes, pv);
+                    off = p as usize - base;
                 }
+                // SAFETY: `run_pv` is the private state of the object's span, set above
+                // for this object or an earlier one of the same span.
+                let pv = unsafe { &mut *run_pv };
+                let idx = obj_index_by(magic, off);
+                // SAFETY: idx < nelems, so the word is in the record; the object is
+                // allocated (its span counts it live until this free).
+                unsafe {
+                    debug_assert!(*pv.alloc(idx / 64) & (1 << (idx % 64)) != 0);
+                    *pv.alloc(idx / 64) &= !(1u64 << (idx % 64));
+                }
+                pv.flushed += 1;
             }
             while let Some(s) = NonNull::new(touched) {
                 // SAFETY: touched above: unowned, ours under the lock.
