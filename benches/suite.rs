@@ -19,6 +19,11 @@
 //! - `large/<size>`: alloc, touch one byte per 4 KiB page, free; 64 KiB .. 16 MiB.
 //!
 //! Every allocation is checked non-null and written, so no work can be optimised away.
+//! Every allocator call is one out-of-line call (`alloc_call`, `dealloc_call`,
+//! `realloc_call`), as `__rust_alloc` and friends are in a Rust program: inlined into
+//! each workload's loop instead, an allocator's code was laid out anew in every loop,
+//! and where it happened to fall moved rows by a few percent (by 30-60% once, see
+//! `vec-growth`).
 //!
 //! Run: `cargo bench --bench suite` (about 5 minutes), then `tools/bench-table.sh` for
 //! the ratio table. `SUITE_QUICK=1` shortens every measurement (a smoke test).
@@ -35,7 +40,8 @@ static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static JEMALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static SYSTEM: System = System;
 
-/// Runs a workload once per allocator with its concrete type (direct, inlinable calls).
+/// Runs a workload once per allocator with its concrete type (static dispatch; each
+/// allocator call is one out-of-line call, see the module note).
 trait Workload {
     fn run<A: GlobalAlloc + Sync + 'static>(
         &mut self,
@@ -95,11 +101,37 @@ fn layout(size: usize) -> Layout {
     Layout::from_size_align(size, 8).unwrap()
 }
 
+/// `a.alloc(l)` behind one call boundary (see the module note).
+#[inline(never)]
+fn alloc_call<A: GlobalAlloc>(a: &A, l: Layout) -> *mut u8 {
+    // SAFETY: callers pass non-zero layouts.
+    unsafe { a.alloc(l) }
+}
+
+/// `a.dealloc(p, l)` behind one call boundary.
+///
+/// # Safety
+/// As for `GlobalAlloc::dealloc`.
+#[inline(never)]
+unsafe fn dealloc_call<A: GlobalAlloc>(a: &A, p: *mut u8, l: Layout) {
+    // SAFETY: forwarded.
+    unsafe { a.dealloc(p, l) }
+}
+
+/// `a.realloc(p, l, new_size)` behind one call boundary.
+///
+/// # Safety
+/// As for `GlobalAlloc::realloc`.
+#[inline(never)]
+unsafe fn realloc_call<A: GlobalAlloc>(a: &A, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+    // SAFETY: forwarded.
+    unsafe { a.realloc(p, l, new_size) }
+}
+
 /// Allocates and writes the first byte; panics on null.
 #[inline]
 fn get<A: GlobalAlloc>(a: &A, l: Layout) -> *mut u8 {
-    // SAFETY: non-zero layouts only.
-    let p = unsafe { a.alloc(l) };
+    let p = alloc_call(a, l);
     assert!(!p.is_null(), "allocation failed");
     // SAFETY: at least one byte.
     unsafe { p.write(l.size() as u8) };
@@ -111,7 +143,7 @@ fn put<A: GlobalAlloc>(a: &A, p: *mut u8, l: Layout) {
     // SAFETY: `p` came from `get` with this layout; the check keeps the write alive.
     unsafe {
         assert_eq!(p.read(), l.size() as u8, "block corrupted");
-        a.dealloc(p, l);
+        dealloc_call(a, p, l);
     }
 }
 
@@ -237,7 +269,7 @@ impl Workload for VecGrowth {
                 while len < 1_000_000 {
                     if len == cap {
                         // SAFETY: `p` is live with this layout; the new size is non-zero.
-                        p = unsafe { a.realloc(p, layout(cap * 8), cap * 16) };
+                        p = unsafe { realloc_call(a, p, layout(cap * 8), cap * 16) };
                         assert!(!p.is_null());
                         cap *= 2;
                     }
@@ -249,7 +281,7 @@ impl Workload for VecGrowth {
                 // SAFETY: as above.
                 assert_eq!(unsafe { p.cast::<u64>().add(999_999).read() }, 999_999);
                 // SAFETY: `p` is live with this layout.
-                unsafe { a.dealloc(p, layout(cap * 8)) };
+                unsafe { dealloc_call(a, p, layout(cap * 8)) };
             })
         });
     }

@@ -332,8 +332,7 @@ impl MCentral {
                 let p = objs[i];
                 let mut off = (p as usize).wrapping_sub(run_base);
                 if off >= run_bytes {
-                    let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint))
-                    else {
+                    let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) else {
                         run_bytes = 0;
                         continue;
                     };
