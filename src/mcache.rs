@@ -95,11 +95,13 @@ pub(crate) struct ClassCache {
     /// Free objects of the current window (bit i = object at `window_base + i * elemsize`).
     alloc_cache: u64,
     window_base: usize,
-    /// The current span's memory, `[span_base, span_end)` (both 0 when there is none):
-    /// a free inside it is local without a span-map lookup. In wide mode `span_end` is
-    /// `span_base - 1` (wrapping), so that every address but one is "inside".
+    /// The current span's memory, `[span_base, span_base + span_len)` (both 0 when
+    /// there is none): a free inside it is local without a span-map lookup. In wide
+    /// mode `span_len` is `usize::MAX`, so that every address but `span_base - 1` is
+    /// "inside". (A length rather than an end: the free path's range test is then one
+    /// subtraction and one compare.)
     span_base: usize,
-    span_end: usize,
+    span_len: usize,
     /// Objects taken from `free` since the class's counts were last published.
     pops: u64,
     /// Remote buffer: objects freed by this thread from spans it does not own, linked
@@ -145,7 +147,7 @@ const EMPTY_CLASS: ClassCache = ClassCache {
     alloc_cache: 0,
     window_base: 0,
     span_base: 0,
-    span_end: 0,
+    span_len: 0,
     pops: 0,
     remote: ptr::null_mut(),
 };
@@ -458,8 +460,9 @@ pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
     // (so it is never written here).
     unsafe {
         let e = entry(c, class);
-        // Wrapping: in wide mode `span_end` is `span_base - 1` (see `set_span`).
-        if (p as usize).wrapping_sub(e.span_base) < e.span_end.wrapping_sub(e.span_base) {
+        // Wrapping: below `span_base` the difference is huge (and in wide mode
+        // `span_len` is usize::MAX, see `set_span`).
+        if (p as usize).wrapping_sub(e.span_base) < e.span_len {
             push_local(&HEAP, c, e, p, class);
         } else {
             dealloc_slow(p, class, c);
@@ -1125,7 +1128,7 @@ pub(crate) fn thread_stack_storage() -> Option<(usize, usize)> {
 /// Whether entry `e` is in wide mode (see `refill_span`).
 #[inline]
 fn is_wide(e: &ClassCache) -> bool {
-    e.span_base != 0 && e.span_end == e.span_base.wrapping_sub(1)
+    e.span_base != 0 && e.span_len == usize::MAX
 }
 
 /// The current span of entry `e`, found through the span map (the entry keeps its
@@ -1146,19 +1149,19 @@ fn set_span(e: &mut ClassCache, s: Option<NonNull<MSpan>>, wide: bool) {
             // SAFETY: the cache owns the span; its record is never unmapped.
             let span = unsafe { s.as_ref() };
             e.span_base = span.base();
-            e.span_end = if wide {
-                // `span_end - span_base` (wrapping) is then usize::MAX: the free fast
-                // path's range test passes for every address but `span_base - 1`.
-                span.base().wrapping_sub(1)
+            e.span_len = if wide {
+                // The free fast path's range test then passes for every address but
+                // `span_base - 1`.
+                usize::MAX
             } else {
-                span.base() + (span.npages() << crate::os::PAGE_SHIFT)
+                span.npages() << crate::os::PAGE_SHIFT
             };
             // SAFETY: as above.
             e.elemsize = unsafe { private(s) }.elemsize as u16;
         }
         None => {
             e.span_base = 0;
-            e.span_end = 0;
+            e.span_len = 0;
         }
     }
 }
