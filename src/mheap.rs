@@ -443,7 +443,7 @@ impl<M: MemSource> MHeap<M> {
                 return self.alloc_span(npages, purpose, spanclass, align);
             }
         }
-        let got = match tc.chunk.alloc(npages) {
+        let got = match tc.chunk.alloc(npages).or_else(|| tc.prev.alloc(npages)) {
             Some(r) => Some(r),
             None => {
                 self.refill_chunk_cache(tc);
@@ -466,7 +466,9 @@ impl<M: MemSource> MHeap<M> {
                     Some(b) => b,
                     None => {
                         tc.nspans += 1;
-                        tc.chunk.free(base, npages);
+                        if let Some(c) = tc.chunk_with(base, npages) {
+                            c.free(base, npages);
+                        }
                         return None;
                     }
                 }
@@ -478,12 +480,13 @@ impl<M: MemSource> MHeap<M> {
         Some(s)
     }
 
-    /// Replaces the thread's chunk: its free pages go back to the page allocator and
-    /// the first wholly free chunk is taken (growing the heap if there is none), under
-    /// the heap lock. Leaves the cache empty if nothing can be had.
+    /// Takes a new chunk for the thread: the current one becomes the previous one, the
+    /// previous one's free pages go back to the page allocator, and the first wholly
+    /// free chunk is taken (growing the heap if there is none), under the heap lock.
+    /// Leaves the current chunk empty if nothing can be had.
     #[cold]
     fn refill_chunk_cache(&self, tc: &mut HeapCache) {
-        let old = tc.chunk;
+        let old = core::mem::replace(&mut tc.prev, tc.chunk);
         let now = clock_ms();
         let new = self.locked.lock().with(|h| {
             if old.base != 0 {
@@ -588,10 +591,13 @@ impl<M: MemSource> MHeap<M> {
             }
             tc.large_bytes = 0;
         }
-        let pages = u64::from(tc.pages.cache.count_ones()) + tc.chunk.count() as u64;
+        let pages = u64::from(tc.pages.cache.count_ones())
+            + tc.chunk.count() as u64
+            + tc.prev.count() as u64;
         if pages == 0 && tc.nspans == 0 && tc.nbits.iter().all(|&n| n == 0) {
             tc.pages = PageCache::EMPTY;
             tc.chunk = ChunkCache::EMPTY;
+            tc.prev = ChunkCache::EMPTY;
             return;
         }
         let now = clock_ms();
@@ -599,9 +605,10 @@ impl<M: MemSource> MHeap<M> {
             h.pages.set_clock(now);
             h.pages
                 .free_from_cache(tc.pages.base, tc.pages.cache, tc.pages.scav);
-            if tc.chunk.base != 0 {
-                h.pages
-                    .free_from_chunk_cache(tc.chunk.base, &tc.chunk.free, &tc.chunk.scav);
+            for c in [&tc.chunk, &tc.prev] {
+                if c.base != 0 {
+                    h.pages.free_from_chunk_cache(c.base, &c.free, &c.scav);
+                }
             }
             for &s in &tc.spans[..tc.nspans] {
                 // SAFETY: cached records are free records of this heap, unused.
@@ -616,6 +623,7 @@ impl<M: MemSource> MHeap<M> {
         });
         tc.pages = PageCache::EMPTY;
         tc.chunk = ChunkCache::EMPTY;
+        tc.prev = ChunkCache::EMPTY;
         tc.nspans = 0;
         tc.nbits = [0; crate::pagecache::BITS_BUCKETS];
         if pages != 0 {
@@ -656,14 +664,14 @@ impl<M: MemSource> MHeap<M> {
         // SAFETY: the caller owns the live span.
         let (base, npages) = unsafe { (s.as_ref().base(), s.as_ref().npages()) };
         let to_block = tc.pages.contains(base, npages);
-        let to_chunk = !to_block && tc.chunk.contains(base, npages);
+        let to_chunk = !to_block && tc.chunk_with(base, npages).is_some();
         let to_cache = to_block || to_chunk;
         // SAFETY: forwarded.
         let (base, npages, mut bits) = unsafe { self.unpublish(s, to_cache) };
         if to_block {
             tc.pages.free(base, npages);
-        } else if to_chunk {
-            tc.chunk.free(base, npages);
+        } else if let Some(c) = tc.chunk_with(base, npages) {
+            c.free(base, npages);
         }
         let mut rec = Some(s);
         if tc.nspans < SPAN_RECS {
@@ -816,8 +824,8 @@ impl<M: MemSource> MHeap<M> {
         let end = base + (old << PAGE_SHIFT);
         if let Some(tc) = tc {
             let n = new_npages.saturating_sub(old);
-            if n > 0 && tc.chunk.contains(end, n) {
-                let Some(scav) = tc.chunk.take_range(end, n) else {
+            if let Some(c) = tc.chunk_with(end, n).filter(|_| n > 0) {
+                let Some(scav) = c.take_range(end, n) else {
                     // The next pages are the cache's but in use: nobody else has them.
                     return false;
                 };
@@ -1952,6 +1960,61 @@ mod tests {
     }
 
     const CHUNK_SIZE_BYTES: usize = 512 * PAGE_SIZE;
+
+    #[test]
+    fn blocks_of_the_previous_chunk_come_back_without_the_lock() {
+        // 1 MiB spans until the thread takes a second chunk: the first becomes its
+        // previous chunk. A block of it freed then goes back to that chunk's bitmap in
+        // the thread's cache (it went to the page allocator under the lock, with a
+        // summary update, when a thread kept one chunk), and serves a later allocation.
+        let h = new_heap();
+        let mut tc = HeapCache::new();
+        let base_of = |s: NonNull<MSpan>| unsafe { s.as_ref() }.base();
+        let mut spans = vec![h
+            .alloc_span_with(128, Purpose::Heap, 0, 1, &mut tc)
+            .unwrap()];
+        let first = tc.chunk.base;
+        while tc.chunk.base == first {
+            assert!(spans.len() < 8, "a chunk holds four 1 MiB spans");
+            spans.push(
+                h.alloc_span_with(128, Purpose::Heap, 0, 1, &mut tc)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(tc.prev.base, first);
+        let i = spans
+            .iter()
+            .position(|&s| (first..first + CHUNK_SIZE_BYTES).contains(&base_of(s)))
+            .unwrap();
+        let x = spans.swap_remove(i);
+        let (xbase, before) = (base_of(x), tc.prev.count());
+        unsafe { h.free_span_with(x, &mut tc) };
+        // In the thread's cache, so not in the page allocator: no lock was needed.
+        assert_eq!(tc.prev.count(), before + 128, "back in the previous chunk");
+        assert!(!h.page_marked_in_use(xbase));
+        let st = checked_stats(h);
+        let held = tc.chunk.count() + tc.prev.count() + tc.pages.cache.count_ones() as usize;
+        assert_eq!(st.page_cache_bytes as usize, held * PAGE_SIZE);
+        // The current chunk's runs first, then the previous chunk's.
+        loop {
+            let s = h
+                .alloc_span_with(128, Purpose::Heap, 0, 1, &mut tc)
+                .unwrap();
+            spans.push(s);
+            if base_of(s) == xbase {
+                break;
+            }
+            assert!(spans.len() < 16, "the freed run was not reused");
+        }
+        assert_eq!(tc.prev.base, first, "no chunk was replaced on the way");
+        for &s in &spans {
+            unsafe { h.free_span_with(s, &mut tc) };
+        }
+        h.flush_heap_cache(&mut tc);
+        check_counters(h, &[]);
+        assert_eq!(checked_stats(h).page_cache_bytes, 0);
+        assert_eq!(h.counters().heap_inuse, 0);
+    }
 
     #[test]
     fn chunk_cache_serves_medium_spans_without_the_lock() {

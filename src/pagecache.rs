@@ -149,8 +149,9 @@ impl PageCache {
 /// for spans of 16 to 128 pages (128 KiB .. 1 MiB): the same idea as [`PageCache`],
 /// one size up, so that a thread that allocates and frees such blocks takes the heap
 /// lock once per chunk instead of twice per block. A wholly free chunk is taken (the
-/// heap grows if there is none); its free pages are given back when it cannot serve a
-/// request, and at thread exit.
+/// heap grows if there is none); when it cannot serve a request it becomes the
+/// thread's previous chunk (`HeapCache::prev`) and a new one is taken, and the
+/// previous one's free pages are given back then, or at thread exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ChunkCache {
     /// Address of the chunk (4 MiB aligned), or 0 if the cache has none.
@@ -293,6 +294,11 @@ pub(crate) struct HeapCache {
     pub(crate) pages: PageCache,
     /// A whole chunk for spans of 16..=128 pages.
     pub(crate) chunk: ChunkCache,
+    /// The chunk before `chunk`: kept until the next replacement, so that blocks still
+    /// live in it come back to the thread's cache, not to the page allocator under the
+    /// lock (a thread whose blocks of this size outgrow one chunk otherwise gave each
+    /// of them back under the lock with a summary update).
+    pub(crate) prev: ChunkCache,
     pub(crate) spans: [*mut MSpan; SPAN_RECS],
     pub(crate) nspans: usize,
     pub(crate) bits: [[*mut u64; BITS_RECS]; BITS_BUCKETS],
@@ -314,6 +320,7 @@ impl HeapCache {
             HeapCache {
                 pages: PageCache::EMPTY,
                 chunk: ChunkCache::EMPTY,
+                prev: ChunkCache::EMPTY,
                 spans: [ptr::null_mut(); SPAN_RECS],
                 nspans: 0,
                 bits: [[ptr::null_mut(); BITS_RECS]; BITS_BUCKETS],
@@ -324,6 +331,18 @@ impl HeapCache {
                 large_reuse: 0,
                 large_reuse_bytes: 0,
             }
+        }
+    }
+
+    /// The cached chunk (current or previous) that holds `[base, base + npages pages)`.
+    #[inline]
+    pub(crate) fn chunk_with(&mut self, base: usize, npages: usize) -> Option<&mut ChunkCache> {
+        if self.chunk.contains(base, npages) {
+            Some(&mut self.chunk)
+        } else if self.prev.contains(base, npages) {
+            Some(&mut self.prev)
+        } else {
+            None
         }
     }
 
