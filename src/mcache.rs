@@ -1480,6 +1480,24 @@ mod tests {
         objs
     }
 
+    /// A heap of its own for one test.
+    fn test_heap() -> &'static MHeap<OsMemory> {
+        Box::leak(Box::new(MHeap::new(OsMemory)))
+    }
+
+    /// Frees `objs`, live objects of class `class`, through cache `c`, in order.
+    fn free_all<'a>(
+        h: &MHeap<OsMemory>,
+        c: *mut MCache,
+        class: usize,
+        objs: impl IntoIterator<Item = &'a *mut u8>,
+    ) {
+        for &p in objs {
+            let s = NonNull::new(h.span_of_unchecked(p as usize)).unwrap();
+            unsafe { free_to(h, c, p, s, class) };
+        }
+    }
+
     /// Frees the objects of `objs` whose index passes `free` through cache `c` and gives
     /// the cache's spans back (`release_all`), so that they sit in the partial list with
     /// `c` as their last owner.
@@ -1490,10 +1508,8 @@ mod tests {
         objs: &[*mut u8],
         free: impl Fn(usize) -> bool,
     ) {
-        for (_, &p) in objs.iter().enumerate().filter(|&(i, _)| free(i)) {
-            let s = NonNull::new(h.span_of_unchecked(p as usize)).unwrap();
-            unsafe { free_to(h, c, p, s, class) };
-        }
+        let chosen = objs.iter().enumerate().filter(|&(i, _)| free(i));
+        free_all(h, c, class, chosen.map(|(_, p)| p));
         unsafe { release_all(h, c) };
     }
 
@@ -1503,14 +1519,13 @@ mod tests {
         // object (a list linked through the objects would overwrite its first word),
         // the next allocation of the class hands it back, and a flush past the limit
         // loses nothing.
-        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let h = test_heap();
         let c = MCache::leaked();
         let class = 5;
         let size = CLASS_TO_SIZE[class] as usize;
         let p = unsafe { alloc_from(h, c, class) };
         unsafe { p.write_bytes(0xA5, size) };
-        let s = NonNull::new(h.span_of_unchecked(p as usize)).unwrap();
-        unsafe { free_to(h, c, p, s, class) };
+        free_all(h, c, class, [&p]);
         // SAFETY: the object is still heap memory of ours (it sits on the stack).
         let bytes = unsafe { core::slice::from_raw_parts(p, size) };
         assert!(
@@ -1523,10 +1538,7 @@ mod tests {
         let objs: Vec<*mut u8> = (0..limit * 2)
             .map(|_| unsafe { alloc_from(h, c, class) })
             .collect();
-        for &q in &objs {
-            let s = NonNull::new(h.span_of_unchecked(q as usize)).unwrap();
-            unsafe { free_to(h, c, q, s, class) };
-        }
+        free_all(h, c, class, &objs);
         assert!(unsafe { entry(c, class) }.nfree as usize <= limit);
         let mut again: Vec<*mut u8> = (0..limit * 2)
             .map(|_| unsafe { alloc_from(h, c, class) })
@@ -1543,7 +1555,7 @@ mod tests {
         // limit to the spans, in one hold of the mcentral lock (`FLUSH_CHUNK`): for the
         // 16-byte class, 3,072 objects. The spans no cache owns get them straight into
         // their alloc bitmaps, so they show as free in the mcentral's census.
-        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let h = test_heap();
         let c = MCache::leaked();
         let class = 2;
         let limit = FREE_LIMIT[class] as usize;
@@ -1558,10 +1570,7 @@ mod tests {
         assert_eq!(h.central[class].census().3, 0, "full spans");
         // Oldest first: the flush returns the most recently freed, which (but for the
         // last, of the current span) lie in spans the mcentral holds.
-        for &p in &objs {
-            let s = NonNull::new(h.span_of_unchecked(p as usize)).unwrap();
-            unsafe { free_to(h, c, p, s, class) };
-        }
+        free_all(h, c, class, &objs);
         let kept = unsafe { entry(c, class) }.nfree as usize;
         assert_eq!(kept, limit / 4 + 1);
         // objs[1025..4097] went back: spans 0 and 1 stay full, span 2 has its last 511
@@ -1584,7 +1593,7 @@ mod tests {
         // the head. A's next refill must take one of A's own spans (whose live objects
         // A holds), not B's: two threads trading spans turn each other's frees into
         // remote frees.
-        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let h = test_heap();
         let a = MCache::leaked();
         let b = MCache::leaked();
         let class = 5;
@@ -1619,7 +1628,7 @@ mod tests {
         // after the other. Each must get one of its own back: in a single partial list
         // the first caches' spans would lie 48 deep, past any bounded search for one's
         // own, and they would be handed fresh spans (or others') while theirs waited.
-        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let h = test_heap();
         let class = 5;
         let span_of = |p: usize| h.span_of_unchecked(p) as usize;
         let caches: Vec<*mut MCache> = (0..16).map(|_| MCache::leaked()).collect();
@@ -1652,7 +1661,7 @@ mod tests {
         // them gets a fresh span of class 5 (taking one would make A's frees of the
         // live three quarters remote) but reuses one of A's class 6 spans (few live
         // objects: the memory is worth more than the locality).
-        let h: &'static MHeap<OsMemory> = Box::leak(Box::new(MHeap::new(OsMemory)));
+        let h = test_heap();
         let a = MCache::leaked();
         let b = MCache::leaked();
         let span_of = |p: usize| h.span_of_unchecked(p) as usize;

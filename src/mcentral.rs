@@ -765,8 +765,7 @@ unsafe fn own_partial_locked(l: &mut Lists, owner: usize) -> Option<NonNull<MSpa
 }
 
 /// A partial span of any owner that is `mostly_free` (by its alloc bitmap), taken out
-/// of its list and CACHED; among the first
-/// `FOREIGN_SCAN` of each non-empty bucket.
+/// of its list and CACHED; among the first `FOREIGN_SCAN` of each non-empty bucket.
 ///
 /// # Safety
 /// The caller holds the mcentral lock.

@@ -664,14 +664,18 @@ impl<M: MemSource> MHeap<M> {
         // SAFETY: the caller owns the live span.
         let (base, npages) = unsafe { (s.as_ref().base(), s.as_ref().npages()) };
         let to_block = tc.pages.contains(base, npages);
-        let to_chunk = !to_block && tc.chunk_with(base, npages).is_some();
-        let to_cache = to_block || to_chunk;
+        let chunk = if to_block {
+            None
+        } else {
+            tc.chunk_with(base, npages)
+        };
+        let to_cache = to_block || chunk.is_some();
         // SAFETY: forwarded.
         let (base, npages, mut bits) = unsafe { self.unpublish(s, to_cache) };
-        if to_block {
-            tc.pages.free(base, npages);
-        } else if let Some(c) = tc.chunk_with(base, npages) {
+        if let Some(c) = chunk {
             c.free(base, npages);
+        } else if to_block {
+            tc.pages.free(base, npages);
         }
         let mut rec = Some(s);
         if tc.nspans < SPAN_RECS {

@@ -391,9 +391,7 @@ pub(crate) fn class_size(class: u8) -> usize {
 #[inline]
 pub(crate) fn size_to_class(size: usize) -> u8 {
     if size <= MAX_SMALL_SIZE {
-        // size <= 32768, so the index is at most (32768 + 7) >> 3 == 4096, the
-        // last entry: in range, and the addition cannot overflow.
-        SIZE_TO_CLASS[(size + (SMALL_SIZE_DIV - 1)) >> SMALL_SIZE_SHIFT]
+        common_class(size) as u8
     } else {
         0
     }
@@ -438,10 +436,13 @@ pub(crate) fn is_common(size: usize, align: usize) -> bool {
     align <= 8 && size <= MAX_SMALL_SIZE
 }
 
-/// The class of a common request (`is_common(size, _)`): never 0.
+/// The class of a request of `size <= MAX_SMALL_SIZE` bytes (of a common request,
+/// `is_common(size, _)`): never 0.
 #[inline(always)]
 pub(crate) fn common_class(size: usize) -> usize {
     debug_assert!(size <= MAX_SMALL_SIZE);
+    // size <= 32768, so the index is at most (32768 + 7) >> 3 == 4096, the last
+    // entry: in range, and the addition cannot overflow.
     SIZE_TO_CLASS[(size + (SMALL_SIZE_DIV - 1)) >> SMALL_SIZE_SHIFT] as usize
 }
 
