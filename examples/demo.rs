@@ -408,8 +408,11 @@ fn consumer(rx: mpsc::Receiver<Msg>) -> u64 {
     sum
 }
 
+/// A workload: its name and the function that runs it (returning a checksum).
+type Workload = (&'static str, fn() -> u64);
+
 /// The workloads, in table order.
-const WORKLOADS: [(&str, fn() -> u64); 4] = [
+const WORKLOADS: [Workload; 4] = [
     ("maps", maps),
     ("parser", parser),
     ("messages", messages),

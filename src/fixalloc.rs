@@ -112,47 +112,6 @@ unsafe impl Record for crate::mspan::MSpan {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mspan::MSpan;
-
-    #[test]
-    fn carves_recycles_and_reports_empty() {
-        // Backing memory from the test's own (system) allocator: fixalloc never allocates.
-        const SZ: usize = core::mem::size_of::<MSpan>();
-        let layout = std::alloc::Layout::from_size_align(4 * SZ, 4096).unwrap();
-        let mem = unsafe { std::alloc::alloc_zeroed(layout) } as usize;
-        let mut fa: FixAlloc<MSpan> = FixAlloc::new();
-        assert!(fa.alloc().is_null(), "empty allocator must say so");
-        fa.add_chunk(mem, 4 * SZ);
-        let a: Vec<*mut MSpan> = (0..4).map(|_| fa.alloc()).collect();
-        assert!(a.iter().all(|p| !p.is_null()));
-        for w in a.windows(2) {
-            assert_eq!(
-                w[1] as usize - w[0] as usize,
-                SZ,
-                "records are carved back to back"
-            );
-        }
-        assert!(fa.alloc().is_null(), "chunk exhausted");
-        assert_eq!(fa.inuse(), 4);
-        unsafe {
-            fa.free(a[1]);
-            fa.free(a[3]);
-        }
-        assert_eq!(fa.inuse(), 2);
-        // LIFO recycling, and records are not reconstructed.
-        unsafe { (*a[1]).base.store(77, crate::sync::Ordering::Relaxed) };
-        assert_eq!(fa.alloc(), a[3]);
-        let again = fa.alloc();
-        assert_eq!(again, a[1]);
-        assert_eq!(unsafe { (*again).base() }, 77);
-        assert!(fa.alloc().is_null());
-        unsafe { std::alloc::dealloc(mem as *mut u8, layout) };
-    }
-}
-
 /// An untyped fixed-size record allocator, for records whose size is chosen at run
 /// time (small-object bitmaps). Same rules as [`FixAlloc`]; the free-list link is kept
 /// in the record's last word, and [`alloc`](Self::alloc) says whether the record is
@@ -209,5 +168,46 @@ impl RawFixAlloc {
     pub(crate) fn add_chunk(&mut self, base: usize, bytes: usize) {
         self.chunk = base;
         self.nchunk = bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mspan::MSpan;
+
+    #[test]
+    fn carves_recycles_and_reports_empty() {
+        // Backing memory from the test's own (system) allocator: fixalloc never allocates.
+        const SZ: usize = core::mem::size_of::<MSpan>();
+        let layout = std::alloc::Layout::from_size_align(4 * SZ, 4096).unwrap();
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) } as usize;
+        let mut fa: FixAlloc<MSpan> = FixAlloc::new();
+        assert!(fa.alloc().is_null(), "empty allocator must say so");
+        fa.add_chunk(mem, 4 * SZ);
+        let a: Vec<*mut MSpan> = (0..4).map(|_| fa.alloc()).collect();
+        assert!(a.iter().all(|p| !p.is_null()));
+        for w in a.windows(2) {
+            assert_eq!(
+                w[1] as usize - w[0] as usize,
+                SZ,
+                "records are carved back to back"
+            );
+        }
+        assert!(fa.alloc().is_null(), "chunk exhausted");
+        assert_eq!(fa.inuse(), 4);
+        unsafe {
+            fa.free(a[1]);
+            fa.free(a[3]);
+        }
+        assert_eq!(fa.inuse(), 2);
+        // LIFO recycling, and records are not reconstructed.
+        unsafe { (*a[1]).base.store(77, crate::sync::Ordering::Relaxed) };
+        assert_eq!(fa.alloc(), a[3]);
+        let again = fa.alloc();
+        assert_eq!(again, a[1]);
+        assert_eq!(unsafe { (*again).base() }, 77);
+        assert!(fa.alloc().is_null());
+        unsafe { std::alloc::dealloc(mem as *mut u8, layout) };
     }
 }

@@ -1346,6 +1346,9 @@ impl<M: MemSource> MHeap<M> {
     /// # Safety
     /// `s` is a record only this thread can reach, and `[base, base + npages pages)` was
     /// just taken from the page allocator by this thread.
+    // The arguments are the span's fields and how its pages were had; a struct for them
+    // would be built and taken apart again at its three callers.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn init_and_publish(
         &self,
         s: NonNull<MSpan>,

@@ -1500,12 +1500,9 @@ impl PageAlloc {
             // self` makes this the only reference into the array.
             let l2 = unsafe { &mut *self.l1[ci >> L2_BITS] };
             let ch = &mut l2.chunks[k];
-            let mut avail = [0u64; CHUNK_WORDS];
-            let mut used = 0;
-            for w in 0..CHUNK_WORDS {
-                avail[w] = !ch.alloc[w] & !ch.scav[w];
-                used += ch.alloc[w].count_ones() as usize;
-            }
+            let mut avail: [u64; CHUNK_WORDS] =
+                core::array::from_fn(|w| !ch.alloc[w] & !ch.scav[w]);
+            let used: usize = ch.alloc.iter().map(|w| w.count_ones() as usize).sum();
             if avail.iter().all(|&w| w == 0) {
                 l2.dirty[k / 64] &= !(1 << (k % 64));
                 continue;

@@ -141,6 +141,8 @@ fn a_thread_that_only_frees_gets_a_cache() {
     // paying a locked statistics section each. The thread is a bare pthread: std's
     // thread start-up allocates before the closure runs.
     struct Work {
+        // Boxed on purpose: each object is a separate allocation to free remotely.
+        #[allow(clippy::vec_box)]
         objs: Vec<Box<[u64; 4]>>,
         before: bool,
         after: bool,
