@@ -168,8 +168,10 @@ pub fn flush_thread_cache() {
 /// returns how many bytes that was.
 ///
 /// The calling thread's cache is flushed first ([`flush_thread_cache`]), so what it
-/// held is returned too; other threads' caches keep what they hold (at most about
-/// 1.5 MiB of pages each, plus their free lists). Free memory is returned whatever its
+/// held is returned too, and so are the completely free spans each size class keeps
+/// for its next refills (up to 32 KiB per class); other threads' caches keep what they
+/// hold (their page block, up to two 4 MiB chunks and 1 MiB of large blocks each, plus
+/// their free lists). Free memory is returned whatever its
 /// age, the retained headroom and the density of its chunk. Afterwards the released
 /// pages cost no RAM; allocating them again re-commits them (they read as zero).
 /// Safe to call at any time from any thread; it does not allocate.
@@ -183,6 +185,7 @@ pub fn flush_thread_cache() {
 #[cfg(not(spanheap_loom))]
 pub fn release_memory() -> usize {
     mcache::flush_own();
+    global::HEAP.release_spares();
     global::HEAP.scavenge(true, 0, u64::MAX).0
 }
 

@@ -1030,6 +1030,8 @@ unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) ->
 unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> bool {
     // SAFETY: the entry is ours.
     let e = unsafe { entry(c, class) };
+    // The span to give back in the same hold of the mcentral lock as the next is taken.
+    let mut old = None;
     if let Some(s) = current_span(heap, e) {
         // SAFETY: we own the current span.
         if unsafe { load_window(e, s) } {
@@ -1047,11 +1049,16 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
             return unsafe { load_window(e, s) };
         }
         set_span(e, None, false);
-        // SAFETY: we own it and give it up.
-        unsafe { heap.central[class].uncache_span(heap, class as u8, s) };
+        old = Some(s);
     }
+    let central = &heap.central[class];
     loop {
-        let s = match heap.central[class].cache_span(heap, class as u8, c as usize) {
+        let taken = match old.take() {
+            // SAFETY: we own `o` (normalised, no longer the entry's span) and give it up.
+            Some(o) => unsafe { central.exchange_span(heap, class as u8, o, c as usize) },
+            None => central.cache_span(heap, class as u8, c as usize),
+        };
+        let s = match taken {
             Some(s) => s,
             // SAFETY: the heap cache is a field of our cache, disjoint from `e`.
             None => match heap.alloc_span_with(
@@ -1095,11 +1102,9 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
         // A span the mcentral thought partial had nothing free after all (its frees
         // were merged by an earlier owner): give it back as full and take another.
         set_span(e, None, false);
-        // SAFETY: we own it and give it up; its window state is reset.
-        unsafe {
-            normalize(e, s);
-            heap.central[class].uncache_span(heap, class as u8, s);
-        }
+        // SAFETY: we own it; its window state is reset. The next exchange gives it up.
+        unsafe { normalize(e, s) };
+        old = Some(s);
     }
 }
 
@@ -1550,6 +1555,41 @@ mod tests {
     }
 
     #[test]
+    fn an_exhausted_span_is_exchanged_for_a_partial_one_in_one_step() {
+        // A cache whose span is exhausted gives it back and takes the next in one hold
+        // of the mcentral lock (`exchange_span`): the old span must land in the full
+        // list, and the new one be the partial span this cache owned last, not a
+        // fresh one.
+        let h = test_heap();
+        let (c, other) = (MCache::leaked(), MCache::leaked());
+        let class = 5;
+        let n = CLASS_TO_NOBJS[class] as usize;
+        let objs = fill(h, c, class, 2);
+        let span = |p: *mut u8| h.span_of_unchecked(p as usize);
+        let (a, b) = (span(objs[0]), span(objs[n]));
+        assert_ne!(a, b);
+        assert!(objs[..n].iter().all(|&p| span(p) == a));
+        // Span A was given up full when B was taken; B is exhausted but still cached.
+        assert_eq!(h.central[class].census(), (0, 1, 0, 0));
+        // Another thread frees half of A: announced, A becomes partial (last owner c).
+        let half: Vec<*mut u8> = objs[..n].iter().step_by(2).copied().collect();
+        free_all(h, other, class, &half);
+        unsafe { release_all(h, other) };
+        let (partial, full, _, _) = h.central[class].census();
+        assert_eq!((partial, full), (1, 0));
+        // The next allocation exchanges B for A.
+        let p = unsafe { alloc_from(h, c, class) };
+        assert_eq!(span(p), a, "the partial span owned last was not taken");
+        assert!(half.contains(&p));
+        assert_eq!(
+            h.central[class].census(),
+            (0, 1, 0, 0),
+            "the exhausted span was not given back as full"
+        );
+        unsafe { release_all(h, c) };
+    }
+
+    #[test]
     fn a_push_past_the_limit_returns_three_quarters() {
         // The push that takes a stack past its limit returns all but a quarter of the
         // limit to the spans, in one hold of the mcentral lock (`FLUSH_CHUNK`): for the
@@ -1574,17 +1614,27 @@ mod tests {
         let kept = unsafe { entry(c, class) }.nfree as usize;
         assert_eq!(kept, limit / 4 + 1);
         // objs[1025..4097] went back: spans 0 and 1 stay full, span 2 has its last 511
-        // objects free, spans 3..7 are completely free (one kept as the spare, the rest
-        // retired), and the current span's object took the remote path.
+        // objects free, spans 3..7 are completely free (32 KiB of them, four 8 KiB
+        // spans, kept as spares, the fifth retired), and the current span's object took
+        // the remote path.
         assert_eq!((kept, per_span), (1025, 512));
         assert_eq!(
             h.central[class].census(),
-            (1, 2, 1, 511),
+            (1, 2, 4, 511),
             "(partial, full, spare, free objects in listed spans)"
         );
         unsafe { release_all(h, c) };
-        let (partial, full, _, free) = h.central[class].census();
+        let (partial, full, spares, free) = h.central[class].census();
         assert_eq!((partial, full, free), (0, 0, 0), "every span retired");
+        // `release_memory` gives the spares back to the page heap.
+        let inuse = h.counters().heap_inuse;
+        assert_eq!(h.release_spares(), spares);
+        assert_eq!(h.central[class].census(), (0, 0, 0, 0));
+        assert_eq!(
+            inuse - h.counters().heap_inuse,
+            (spares * crate::os::PAGE_SIZE) as u64,
+            "the spares' pages are not free"
+        );
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `MCentral`: the spans of one size class that no thread cache owns (Go's `mcentral`).
 //!
 //! A span not owned by a cache is in one of: the **partial** list (it has free
-//! objects), the **full** list (no free object known), the **spare** slot (completely
-//! free, kept so that a class that oscillates around a span boundary does not allocate
-//! and free a span each time), or the **pending** stack (a remote free announced it).
+//! objects), the **full** list (no free object known), the **spares** (completely
+//! free, up to 32 KiB of them kept so that a class that oscillates around a span
+//! boundary, or whose spans another thread empties in bursts, does not free a span to
+//! the page heap and allocate one again each time; see `SPARE_BYTES`), or the
+//! **pending** stack (a remote free announced it).
 //!
-//! Lists and the spare are protected by the mcentral lock. The pending stack is a
+//! Lists and spares are protected by the mcentral lock. The pending stack is a
 //! lock-free Treiber stack: remote freers push (CAS), the lock holder takes the whole
 //! stack at once (swap), so there is no ABA. A span is pushed at most once per
 //! announcement because a push is preceded by a CAS of the span's `place` from
@@ -46,8 +48,34 @@ struct Lists {
     nonempty: u64,
     /// Spans with no free object known.
     full: *mut MSpan,
-    /// One completely free span, or null.
-    spare: *mut MSpan,
+    /// Completely free spans kept for the class's next refills (singly linked through
+    /// `SmallPrivate::next`; `list` is `NO_LIST`), at most `max_spares` of them.
+    spares: *mut MSpan,
+    /// How many spans `spares` holds.
+    nspares: usize,
+}
+
+/// Bytes of completely free spans an mcentral keeps (at least one span).
+///
+/// A span whose last object is freed is kept for the class's next refill instead of
+/// going back to the page heap, which takes the heap lock and republishes the pages,
+/// and the refill that replaces it takes them again (from a page cache that, fed by
+/// no free, runs dry and refills under the heap lock). When one thread allocates and
+/// another frees (a pipeline), spans empty in bursts, as a batch of frees arrives,
+/// while the allocating thread takes them one at a time: one spare caught few of
+/// them. (64-byte .. 1 KiB messages passed between two threads took the heap lock 23
+/// times per 1,000 operations with one spare.) The scavenger cannot reach these
+/// pages; `release_memory` gives them back.
+const SPARE_BYTES: usize = 32 << 10;
+
+/// How many spare spans the mcentral of a class with `npages`-page spans keeps.
+const fn max_spares(npages: usize) -> usize {
+    let n = SPARE_BYTES / (npages << PAGE_SHIFT);
+    if n == 0 {
+        1
+    } else {
+        n
+    }
 }
 
 // SAFETY: the pointers are span records of the heap; access is serialised by the lock.
@@ -165,11 +193,30 @@ impl MCentral {
                     partial: [ptr::null_mut(); PARTIAL_BUCKETS],
                     nonempty: 0,
                     full: ptr::null_mut(),
-                    spare: ptr::null_mut(),
+                    spares: ptr::null_mut(),
+                    nspares: 0,
                 }),
                 pending: AtomicPtr::new(ptr::null_mut()),
             }
         }
+    }
+
+    /// Gives the spare spans back to the page heap (for `release_memory`); returns how
+    /// many. Takes the mcentral lock, then the heap lock for each span (the lock order).
+    pub(crate) fn release_spares<M: MemSource>(&self, heap: &MHeap<M>) -> usize {
+        self.lists.lock().with(|l| {
+            let n = l.nspares;
+            while let Some(s) = NonNull::new(l.spares) {
+                // SAFETY: spare spans are ours under the lock; once unchained, nobody
+                // else can reach this one (no live object, no owner, in no list).
+                unsafe {
+                    l.spares = core::mem::replace(&mut private(s).next, ptr::null_mut());
+                    heap.free_span(s);
+                }
+            }
+            l.nspares = 0;
+            n
+        })
     }
 
     /// (partial spans, full spans, spare spans, free objects in listed spans), for tests.
@@ -182,7 +229,16 @@ impl MCentral {
                     "bucket {b}'s bit"
                 );
             }
-            let mut r = (0, 0, usize::from(!l.spare.is_null()), 0);
+            let mut r = (0, 0, l.nspares, 0);
+            let (mut cur, mut n) = (l.spares, 0);
+            while let Some(s) = NonNull::new(cur) {
+                // SAFETY: spare spans are ours under the lock.
+                let p = unsafe { private(s) };
+                assert_eq!(p.list, NO_LIST, "a spare span is listed");
+                n += 1;
+                cur = p.next;
+            }
+            assert_eq!(n, l.nspares, "spare count");
             let heads = l.partial.iter().map(|&h| (h, 0)).chain([(l.full, 1)]);
             for (head, slot) in heads {
                 let mut cur = head;
@@ -209,7 +265,7 @@ impl MCentral {
     ///
     /// Spans keep to the cache that owned them last. A cache takes, in order: a partial
     /// span it owned last; a partial span of another cache of which at least half is
-    /// free (`mostly_free`); the spare. Otherwise it gets a fresh span. Objects a cache
+    /// free (`mostly_free`); the spare emptied last. Otherwise it gets a fresh span. Objects a cache
     /// allocated then stay on spans it owns when it frees them, and the frees are
     /// local. When two threads traded spans through the mcentral instead (any partial
     /// span to any cache), a thread's frees of objects in spans the other had taken
@@ -224,21 +280,29 @@ impl MCentral {
         class: u8,
         owner: usize,
     ) -> Option<NonNull<MSpan>> {
+        // SAFETY: the lock is held inside `with_lock`.
+        self.with_lock(heap, class, |l| unsafe { take_span_locked(l, owner) })
+    }
+
+    /// `uncache_span(old)` then `cache_span(owner)` in one hold of the lock: a cache
+    /// whose span is exhausted gives it up and takes the next (one lock acquisition
+    /// instead of two, on the path every span a thread uses goes through).
+    ///
+    /// # Safety
+    /// As for `uncache_span` with `old`.
+    pub(crate) unsafe fn exchange_span<M: MemSource>(
+        &self,
+        heap: &MHeap<M>,
+        class: u8,
+        old: NonNull<MSpan>,
+        owner: usize,
+    ) -> Option<NonNull<MSpan>> {
         self.with_lock(heap, class, |l| {
-            // SAFETY (both calls): we hold the lock; the lists are ours.
-            let s = match unsafe { own_partial_locked(l, owner) } {
-                Some(s) => Some(s),
-                None => unsafe { foreign_partial_locked(l) },
-            };
-            if let Some(s) = s {
-                // SAFETY: unlinked and CACHED: ours until handed over.
-                unsafe { take_ownership(s, owner) };
-                return Some(s);
+            // SAFETY: the caller gives `old` up (contract); we hold the lock.
+            unsafe {
+                self.uncache_locked(heap, l, old);
+                take_span_locked(l, owner)
             }
-            let s = NonNull::new(core::mem::replace(&mut l.spare, ptr::null_mut()))?;
-            // SAFETY: the spare is ours (no live object, so no remote frees).
-            unsafe { take_ownership(s, owner) };
-            Some(s)
         })
     }
 
@@ -254,34 +318,46 @@ impl MCentral {
         class: u8,
         s: NonNull<MSpan>,
     ) {
-        self.with_lock(heap, class, |l| {
-            // SAFETY: still owned by the caller until the state word says otherwise; the
-            // lock makes us the next owner of the private state.
-            let p = unsafe { private(s) };
-            // SAFETY: as above.
-            let free = unsafe { count_free(p) };
-            let live = p.nelems as usize - free;
-            // SAFETY: span records are never unmapped.
-            let small = unsafe { &s.as_ref().small };
-            // `owner` keeps naming the last owner: that thread's frees stay local.
-            // Place it before freers can see it unowned: an announcement needs a place
-            // to CAS from.
-            let target = if free > 0 {
-                place::PARTIAL
-            } else {
-                place::FULL
-            };
-            // SAFETY: we own the private state now.
-            unsafe { link(l, s, target) };
-            // The SeqCst `rstate` CAS below publishes this store to every freer whose
-            // increment reads it (or a later value), before they CAS `place`.
-            small.place.store(target, Ordering::Release);
-            // Publish "unowned, `live` objects live": from here remote frees count
-            // toward announcing the span.
-            let new = update_rstate(s, |_, low| (live as u32, low));
-            // SAFETY: the span is in our lists.
-            unsafe { self.settle_locked(heap, l, s, new) };
-        });
+        // SAFETY: forwarded; the lock is held inside `with_lock`.
+        self.with_lock(heap, class, |l| unsafe { self.uncache_locked(heap, l, s) });
+    }
+
+    /// The body of `uncache_span`. Needs the mcentral lock (`l`).
+    ///
+    /// # Safety
+    /// As for `uncache_span`.
+    unsafe fn uncache_locked<M: MemSource>(
+        &self,
+        heap: &MHeap<M>,
+        l: &mut Lists,
+        s: NonNull<MSpan>,
+    ) {
+        // SAFETY: still owned by the caller until the state word says otherwise; the
+        // lock makes us the next owner of the private state.
+        let p = unsafe { private(s) };
+        // SAFETY: as above.
+        let free = unsafe { count_free(p) };
+        let live = p.nelems as usize - free;
+        // SAFETY: span records are never unmapped.
+        let small = unsafe { &s.as_ref().small };
+        // `owner` keeps naming the last owner: that thread's frees stay local.
+        // Place it before freers can see it unowned: an announcement needs a place
+        // to CAS from.
+        let target = if free > 0 {
+            place::PARTIAL
+        } else {
+            place::FULL
+        };
+        // SAFETY: we own the private state now.
+        unsafe { link(l, s, target) };
+        // The SeqCst `rstate` CAS below publishes this store to every freer whose
+        // increment reads it (or a later value), before they CAS `place`.
+        small.place.store(target, Ordering::Release);
+        // Publish "unowned, `live` objects live": from here remote frees count
+        // toward announcing the span.
+        let new = update_rstate(s, |_, low| (live as u32, low));
+        // SAFETY: the span is in our lists.
+        unsafe { self.settle_locked(heap, l, s, new) };
     }
 
     /// Returns objects of class `class` that a cache flushes from its local free stack
@@ -607,8 +683,13 @@ impl MCentral {
             }
             // SAFETY: linked in our lists.
             unsafe { unlink(l, s) };
-            if l.spare.is_null() {
-                l.spare = s.as_ptr();
+            // SAFETY: the span is live and ours; its class and size are fixed.
+            let npages =
+                usize::from(CLASS_TO_NPAGES[usize::from(unsafe { s.as_ref().info() }.spanclass)]);
+            if l.nspares < max_spares(npages) {
+                p.next = l.spares;
+                l.spares = s.as_ptr();
+                l.nspares += 1;
             } else {
                 // SAFETY: no live object, no owner, in no list: nobody uses the span.
                 unsafe { heap.free_span(s) };
@@ -739,6 +820,32 @@ unsafe fn take_partial_locked(l: &mut Lists, s: NonNull<MSpan>) -> bool {
             Ordering::Relaxed,
         )
         .is_ok()
+}
+
+/// The span `cache_span` hands to the cache `owner` (see there), taken out of the lists
+/// and owned by `owner`; `None` if the caller should grow.
+///
+/// # Safety
+/// The caller holds the mcentral lock (`l`).
+unsafe fn take_span_locked(l: &mut Lists, owner: usize) -> Option<NonNull<MSpan>> {
+    // SAFETY (both calls): we hold the lock; the lists are ours.
+    let s = match unsafe { own_partial_locked(l, owner) } {
+        Some(s) => Some(s),
+        None => unsafe { foreign_partial_locked(l) },
+    };
+    if let Some(s) = s {
+        // SAFETY: unlinked and CACHED: ours until handed over.
+        unsafe { take_ownership(s, owner) };
+        return Some(s);
+    }
+    let s = NonNull::new(l.spares)?;
+    // SAFETY: spare spans are ours under the lock (no live object, so no remote frees).
+    unsafe {
+        l.spares = core::mem::replace(&mut private(s).next, ptr::null_mut());
+        l.nspares -= 1;
+        take_ownership(s, owner);
+    }
+    Some(s)
 }
 
 /// A partial span whose last owner is `owner`, taken out of its list and CACHED; among

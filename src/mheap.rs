@@ -894,6 +894,12 @@ impl<M: MemSource> MHeap<M> {
         self.pages_in_use.load(Ordering::Acquire)
     }
 
+    /// Gives every mcentral's spare spans back to the page heap (for `release_memory`).
+    /// Takes each mcentral lock in turn; the heap lock must not be held.
+    pub(crate) fn release_spares(&self) -> usize {
+        self.central.iter().map(|c| c.release_spares(self)).sum()
+    }
+
     /// A snapshot of the counters.
     pub(crate) fn counters(&self) -> HeapCounters {
         let st = &self.gauges;
