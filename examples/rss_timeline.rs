@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release --example rss_timeline          # every allocator, a table
+//! cargo run --release --example rss_timeline -- workers   # idle worker threads
 //! DEMO_ALLOC=jemalloc cargo run --release --example rss_timeline   # one, raw
 //! ```
 //!
@@ -11,8 +12,17 @@
 //! (every 10 ms: 50 short strings and one buffer of 64 KiB .. 1 MiB, allocated and
 //! freed) for 5 seconds, sampling its RSS every 250 ms. The allocator is chosen per
 //! process as in the demo (`DEMO_ALLOC`).
+//!
+//! `workers`: memory that idle threads keep. Eight worker threads each run four rounds
+//! of 24 buffers of 40 .. 640 KiB and 20,000 strings of 8 .. 208 bytes (every byte
+//! written, all freed at the end of the round), then park for the rest of the run;
+//! "peak" is taken when all have parked, and the main thread's light activity follows
+//! as above. What stays resident is what the allocator keeps for threads that may never
+//! allocate again.
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 #[path = "common/switch.rs"]
@@ -53,6 +63,45 @@ fn child() {
     }
     let peak = rss();
     drop(blocks);
+    activity(&mut rng, start, peak);
+}
+
+/// Eight threads allocate and free a burst each, then park until `activity` is over.
+fn child_workers() {
+    const WORKERS: usize = 8;
+    let start = rss();
+    let parked = Arc::new(Barrier::new(WORKERS + 1));
+    let done = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|t| {
+            let (parked, done) = (parked.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(t as u64 + 2);
+                for _ in 0..4 {
+                    let bufs: Vec<Vec<u8>> = (0..24)
+                        .map(|_| vec![7; (40 << 10) + rng.below(600 << 10)])
+                        .collect();
+                    let strings: Vec<String> =
+                        (0..20_000).map(|i| "y".repeat(8 + i % 200)).collect();
+                    std::hint::black_box((&bufs, &strings));
+                }
+                parked.wait();
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        })
+        .collect();
+    parked.wait();
+    activity(&mut Rng(1), start, rss());
+    done.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+/// Light activity on this thread for `LENGTH`, sampling RSS; prints the child's line.
+fn activity(rng: &mut Rng, start: usize, peak: usize) {
     let t0 = Instant::now();
     let mut samples = vec![(0u128, rss())];
     let mut next = SAMPLE;
@@ -75,18 +124,31 @@ fn child() {
 }
 
 fn main() {
+    let workers = std::env::args().nth(1).as_deref() == Some("workers");
     if std::env::var_os("DEMO_ALLOC").is_some() {
-        child();
+        if workers {
+            child_workers();
+        } else {
+            child();
+        }
         return;
     }
     let exe = std::env::current_exe().unwrap();
     let mut rows = Vec::new();
     for (name, _) in CHOICES {
-        let out = Command::new(&exe).env("DEMO_ALLOC", name).output().unwrap();
+        let out = Command::new(&exe)
+            .args(std::env::args().skip(1))
+            .env("DEMO_ALLOC", name)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{name} failed");
         rows.push((name, String::from_utf8(out.stdout).unwrap()));
     }
-    println!("RSS in MiB after freeing a 1 GiB peak, light activity continuing (defaults of each allocator)");
+    if workers {
+        println!("RSS in MiB after eight worker threads' bursts, the workers parked, light activity on the main thread (defaults of each allocator)");
+    } else {
+        println!("RSS in MiB after freeing a 1 GiB peak, light activity continuing (defaults of each allocator)");
+    }
     print!("{:>8}", "ms");
     for (name, _) in &rows {
         print!(" {name:>9}");

@@ -51,6 +51,8 @@ pub(crate) fn register_once() {
 }
 
 extern "C" fn prepare() {
+    // First: a reclaimer takes the heap lock (and others) while holding it.
+    HEAP.fork_lock_reclaim();
     HEAP.stats.fork_lock_reader();
     crate::mcache::fork_lock_shared();
     for c in &HEAP.central[1..NUM_CLASSES] {
@@ -74,6 +76,7 @@ unsafe fn unlock_all() {
         }
         crate::mcache::fork_unlock_shared();
         HEAP.stats.fork_unlock_reader();
+        HEAP.fork_unlock_reclaim();
     }
 }
 
@@ -88,6 +91,7 @@ extern "C" fn child() {
     HEAP.stats
         .fork_child_settle(crate::mcache::current_writer());
     HEAP.scavenger.fork_child_reset();
+    crate::os::membarrier_fork_child_reset();
     crate::scavenger::background::fork_child_reset();
     // SAFETY: fork() ran `prepare` on this thread before the copy.
     unsafe { unlock_all() };

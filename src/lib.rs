@@ -168,10 +168,10 @@ pub fn flush_thread_cache() {
 /// returns how many bytes that was.
 ///
 /// The calling thread's cache is flushed first ([`flush_thread_cache`]), so what it
-/// held is returned too, and so are the completely free spans each size class keeps
-/// for its next refills (up to 32 KiB per class); other threads' caches keep what they
-/// hold (their page block, up to two 4 MiB chunks and 1 MiB of large blocks each, plus
-/// their free lists). Free memory is returned whatever its
+/// held is returned too; so are the free pages other threads' caches hold (their page
+/// block, chunks and large blocks; not their small-object free lists), unless the
+/// thread is using its cache at that moment or the OS lacks `membarrier`, and the
+/// completely free spans each size class keeps for its next refills. Free memory is returned whatever its
 /// age, the retained headroom and the density of its chunk. Afterwards the released
 /// pages cost no RAM; allocating them again re-commits them (they read as zero).
 /// Safe to call at any time from any thread; it does not allocate.
@@ -185,6 +185,7 @@ pub fn flush_thread_cache() {
 #[cfg(not(spanheap_loom))]
 pub fn release_memory() -> usize {
     mcache::flush_own();
+    global::HEAP.reclaim_caches(true, 0, 0);
     global::HEAP.release_spares();
     global::HEAP.scavenge(true, 0, u64::MAX).0
 }
@@ -526,6 +527,58 @@ pub mod __private {
             self.heap.flush_heap_cache(&mut tc.0)
         }
 
+        /// A heap cache behind the reclaim gate (the real `GatedCache`), registered with
+        /// this heap so that [`reclaim_idle`](Self::reclaim_idle) can take it back
+        /// (leaked, as thread-cache records are).
+        pub fn new_gated_pages(&self) -> GatedPages {
+            let g: &'static crate::pagecache::GatedCache =
+                Box::leak(Box::new(crate::pagecache::GatedCache::new()));
+            self.heap.register_cache(g);
+            GatedPages(g)
+        }
+
+        /// `alloc_span_cached` through a gated cache, as its owner.
+        ///
+        /// # Safety
+        /// Only one thread at a time uses `g` as its owner (these three calls).
+        pub unsafe fn alloc_span_gated(
+            &self,
+            npages: usize,
+            purpose: Purpose,
+            align: usize,
+            g: &GatedPages,
+        ) -> Option<SpanRef> {
+            // SAFETY: per the contract; no lock is held here.
+            unsafe {
+                g.0.with(|tc| self.heap.alloc_span_with(npages, purpose, 0, align, tc))
+                    .map(SpanRef)
+            }
+        }
+
+        /// `free_span_cached` through a gated cache, as its owner.
+        ///
+        /// # Safety
+        /// As for `alloc_span_gated`; `s` is a live span of this heap, freed once.
+        pub unsafe fn free_span_gated(&self, s: SpanRef, g: &GatedPages) {
+            // SAFETY: forwarded.
+            unsafe { g.0.with(|tc| self.heap.free_span_with(s.0, tc)) }
+        }
+
+        /// `flush_cache` of a gated cache, as its owner.
+        ///
+        /// # Safety
+        /// As for `alloc_span_gated`.
+        pub unsafe fn flush_gated(&self, g: &GatedPages) {
+            // SAFETY: forwarded.
+            unsafe { g.0.with(|tc| self.heap.flush_heap_cache(tc)) }
+        }
+
+        /// Takes back the registered gated caches whose owners are not inside them
+        /// (`release_memory`'s reclaim); returns how many it took.
+        pub fn reclaim_idle(&self) -> usize {
+            self.heap.reclaim_caches(true, 0, 0)
+        }
+
         /// A new thread cache for small objects of this heap (its record is leaked).
         pub fn new_cache(&self) -> SmallCache<M> {
             SmallCache {
@@ -613,6 +666,16 @@ pub mod __private {
         #[allow(clippy::new_without_default)]
         pub fn new() -> Self {
             ThreadPages(crate::pagecache::HeapCache::new())
+        }
+    }
+
+    /// A gated heap cache of a [`PageHeap`] (see [`PageHeap::new_gated_pages`]).
+    #[derive(Clone, Copy)]
+    pub struct GatedPages(&'static crate::pagecache::GatedCache);
+
+    impl core::fmt::Debug for GatedPages {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("GatedPages").finish_non_exhaustive()
         }
     }
 

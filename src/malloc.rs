@@ -239,7 +239,7 @@ pub(crate) mod global {
     /// the thread-local lookup stays off the small-object paths.
     #[inline(never)]
     fn large_alloc(size: usize, align: usize, zero: bool) -> *mut u8 {
-        super::alloc(&HEAP, size, align, zero, mcache::heap_cache())
+        mcache::with_heap_cache(|tc| super::alloc(&HEAP, size, align, zero, tc))
     }
 
     /// # Safety
@@ -247,7 +247,7 @@ pub(crate) mod global {
     #[inline(never)]
     unsafe fn large_dealloc(p: *mut u8) {
         // SAFETY: forwarded.
-        unsafe { super::dealloc(&HEAP, p, mcache::heap_cache()) }
+        mcache::with_heap_cache(|tc| unsafe { super::dealloc(&HEAP, p, tc) })
     }
 
     #[inline]
@@ -397,9 +397,9 @@ pub(crate) mod global {
                 if new_class == 0 {
                     // SAFETY: large to large: in place when possible; the old size
                     // only bounds the copy.
-                    return unsafe {
-                        super::realloc(&HEAP, p, size, align, new_size, mcache::heap_cache())
-                    };
+                    return mcache::with_heap_cache(|tc| unsafe {
+                        super::realloc(&HEAP, p, size, align, new_size, tc)
+                    });
                 }
                 size
             }
@@ -433,9 +433,9 @@ pub(crate) mod global {
         }
         if old_class == 0 && new_class == 0 {
             // SAFETY: forwarded (large to large: in place when possible).
-            return unsafe {
-                super::realloc(&HEAP, p, old_size, align, new_size, mcache::heap_cache())
-            };
+            return mcache::with_heap_cache(|tc| unsafe {
+                super::realloc(&HEAP, p, old_size, align, new_size, tc)
+            });
         }
         let q = alloc(new_size, align);
         if !q.is_null() {

@@ -61,7 +61,7 @@ use crate::mcentral::{count_free, merge_remote, private};
 use crate::mheap::MHeap;
 use crate::mspan::{rstate_parts, MSpan, Purpose, RSTATE_OWNED};
 use crate::os::MemSource;
-use crate::pagecache::HeapCache;
+use crate::pagecache::GatedCache;
 use crate::sizeclasses::{obj_index, CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
 use crate::stats::{field, HeapSeq};
 #[cfg(not(spanheap_loom))]
@@ -128,8 +128,10 @@ pub(crate) struct MCache {
     remote_since: [u32; NUM_CLASSES],
     /// Per class: objects on the entry's remote buffer. Owner only.
     nremote: [u16; NUM_CLASSES],
-    /// The thread's page block and record caches (span allocation without the lock).
-    heap: HeapCache,
+    /// The thread's page block, chunk, large-block and record caches (span allocation
+    /// without the lock), behind the gate that lets the scavenger take them back while
+    /// the thread is idle (`GatedCache`). Owner, inside the gate.
+    heap: GatedCache,
     /// The statistics sequence counter of the thread owning this cache.
     seq: HeapSeq,
     /// Whether `seq` is in the statistics registry (records are reused, the
@@ -170,7 +172,7 @@ impl MCache {
                 arena_hint: NO_ARENA,
                 remote_since: [0; NUM_CLASSES],
                 nremote: [0; NUM_CLASSES],
-                heap: HeapCache::new(),
+                heap: GatedCache::new(),
                 seq: HeapSeq::new(),
                 registered: false,
                 free_link: UnsafeCell::new(ptr::null_mut()),
@@ -1060,14 +1062,19 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
         };
         let s = match taken {
             Some(s) => s,
-            // SAFETY: the heap cache is a field of our cache, disjoint from `e`.
-            None => match heap.alloc_span_with(
-                CLASS_TO_NPAGES[class] as usize,
-                Purpose::Heap,
-                class as u8,
-                1,
-                unsafe { &mut *ptr::addr_of_mut!((*c).heap) },
-            ) {
+            // SAFETY: our cache's gated heap cache, entered with no lock held and not
+            // nested (`alloc_span_with` does not reach the thread cache).
+            None => match unsafe {
+                (*c).heap.with(|tc| {
+                    heap.alloc_span_with(
+                        CLASS_TO_NPAGES[class] as usize,
+                        Purpose::Heap,
+                        class as u8,
+                        1,
+                        tc,
+                    )
+                })
+            } {
                 Some(s) => {
                     // Relaxed: as in `mcentral::take_ownership`.
                     // SAFETY: a fresh span, ours alone (init_small made it OWNED, CACHED).
@@ -1294,6 +1301,7 @@ fn create_cache() -> Option<*mut MCache> {
     unsafe {
         if !(*c).registered {
             HEAP.stats.register(&(*c).seq);
+            HEAP.register_cache(&*ptr::addr_of!((*c).heap));
             (*c).registered = true;
         }
     }
@@ -1327,8 +1335,8 @@ pub(crate) fn publish_counts() {
         return;
     }
     let c = crate::tls::cache();
-    // SAFETY: our live cache's heap cache is ours.
-    HEAP.publish_heap_cache(unsafe { &mut *ptr::addr_of_mut!((*c).heap) });
+    // SAFETY: our live cache's heap cache is ours, entered with no lock held.
+    unsafe { (*c).heap.with(|tc| HEAP.publish_heap_cache(tc)) };
     HEAP.stats_update(|d| {
         for class in 1..NUM_CLASSES {
             // SAFETY: our live cache's entries are ours.
@@ -1394,8 +1402,8 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
             ..EMPTY_CLASS
         };
     }
-    // SAFETY: the heap cache is ours; no class entry borrow is live.
-    heap.flush_heap_cache(unsafe { &mut *ptr::addr_of_mut!((*c).heap) });
+    // SAFETY: the heap cache is ours, entered with no lock held.
+    unsafe { (*c).heap.with(|tc| heap.flush_heap_cache(tc)) };
 }
 
 /// The shared cache of cache-less threads, created on first use. The lock is a leaf
@@ -1446,22 +1454,26 @@ fn pless_alloc(class: usize) -> *mut u8 {
     })
 }
 
-/// The calling thread's heap cache, creating the thread cache if this is the thread's
-/// first allocation; None for a cache-less thread. For the large-object paths.
-///
-/// The reference must not outlive the allocator call that asked for it (the thread
-/// cache is released at thread exit), and the allocator never re-enters itself, so no
-/// other reference to it is live meanwhile.
+/// Runs `f` with the calling thread's heap cache, creating the thread cache if this is
+/// the thread's first allocation; with `None` for a cache-less thread. For the
+/// large-object paths. `f` runs inside the cache's gate (`GatedCache::with`), so it
+/// must not reach the thread cache again (the large-object paths only use the heap).
 #[cfg(not(spanheap_loom))]
 #[inline]
-pub(crate) fn heap_cache<'a>() -> Option<&'a mut HeapCache> {
+pub(crate) fn with_heap_cache<R>(
+    f: impl FnOnce(Option<&mut crate::pagecache::HeapCache>) -> R,
+) -> R {
     let c = match crate::tls::state() {
         LIVE => crate::tls::cache(),
-        NO_CACHE => create_cache()?,
-        _ => return None,
+        NO_CACHE => match create_cache() {
+            Some(c) => c,
+            None => return f(None),
+        },
+        _ => return f(None),
     };
-    // SAFETY: a live cache of this thread; see above for exclusivity.
-    Some(unsafe { &mut *ptr::addr_of_mut!((*c).heap) })
+    // SAFETY: a live cache of this thread; allocator calls do not nest and hold no lock
+    // here, so this is the only entry into its gate.
+    unsafe { (*c).heap.with(|tc| f(Some(tc))) }
 }
 
 /// Whether this thread has a live cache (otherwise it allocates from the shared one).

@@ -58,15 +58,15 @@ use crate::mspan::{
 use crate::os::{MemSource, OsError, PAGE_SHIFT, PAGE_SIZE};
 use crate::pagealloc::{PageAlloc, ScavPolicy};
 use crate::pagecache::{
-    ChunkCache, HeapCache, PageCache, BITS_RECS, MAX_CACHED_SPAN_PAGES, MAX_CHUNK_SPAN_PAGES,
-    SPAN_RECS,
+    ChunkCache, GatedCache, HeapCache, PageCache, BITS_RECS, MAX_CACHED_SPAN_PAGES,
+    MAX_CHUNK_SPAN_PAGES, SPAN_RECS,
 };
 use crate::scavenger::{Scavenger, BACKLOG_WAIT, PASS_BUDGET_NS};
 use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
 use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats};
 use crate::sync::init_atomics;
-use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// The largest span, in bytes; larger requests fail with null (2^46 = 64 TiB, half of a
 /// 47-bit user address space).
@@ -238,6 +238,13 @@ pub(crate) struct MHeap<M: MemSource> {
     pub(crate) central: [MCentral; NUM_CLASSES],
     /// Settings and pacing of the scavenger (`scavenger.rs`).
     pub(crate) scavenger: Scavenger,
+    /// Every thread's gated heap cache ever registered (`register_cache`), linked
+    /// through `GatedCache::next`: a lock-free stack that only grows (cache records are
+    /// reused, never unmapped).
+    caches: AtomicPtr<GatedCache>,
+    /// The reclaim lock: one reclaimer at a time, and no claim held across `fork()`.
+    /// Lock order: reclaim lock -> heap lock.
+    reclaim: Mutex<()>,
 }
 
 impl<M: MemSource> MHeap<M> {
@@ -262,6 +269,8 @@ impl<M: MemSource> MHeap<M> {
             writer,
             central: [const { MCentral::new() }; NUM_CLASSES],
             scavenger: Scavenger::new(false, crate::scavenger::no_spawn),
+            caches: AtomicPtr::new(ptr::null_mut()),
+            reclaim: Mutex::new(()),
         }
     }
 
@@ -289,6 +298,8 @@ impl<M: MemSource> MHeap<M> {
             writer,
             central: core::array::from_fn(|_| MCentral::new()),
             scavenger: Scavenger::new(false, crate::scavenger::no_spawn),
+            caches: AtomicPtr::new(ptr::null_mut()),
+            reclaim: Mutex::new(()),
         }
     }
 
@@ -961,6 +972,93 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) fn fork_lock(&self) {
         self.locked.fork_lock();
     }
+    /// Fork handlers: take and release the reclaim lock, first of all (see `fork.rs`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn fork_lock_reclaim(&self) {
+        self.reclaim.fork_lock();
+    }
+    /// # Safety
+    /// The calling thread holds the lock (`fork_lock_reclaim`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn fork_unlock_reclaim(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.reclaim.fork_unlock() };
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Taking back idle threads' heap caches.
+    // ----------------------------------------------------------------------------------
+
+    /// Adds a thread's gated heap cache to the registry `reclaim_caches` walks. Once per
+    /// cache (records are reused with their registration).
+    pub(crate) fn register_cache(&self, g: &'static GatedCache) {
+        let mut head = self.caches.load(Ordering::Relaxed);
+        loop {
+            g.next.store(head, Ordering::Relaxed);
+            // Release: the link is visible to a walker that finds `g` (Acquire).
+            match self.caches.compare_exchange_weak(
+                head,
+                g as *const GatedCache as *mut GatedCache,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Gives back to the page heap what other threads' heap caches hold, for caches
+    /// whose owner is not using them: with `force`, every such cache
+    /// (`release_memory`); otherwise those not used for `idle_ms` (coarse clock
+    /// `now_ms`). Returns how many caches it took. Claims up to `BATCH` caches, passes
+    /// one heavy barrier for all of them, then takes each whose owner is outside (the
+    /// protocol in `GatedCache`). Does nothing if the OS has no heavy barrier.
+    ///
+    /// No allocator lock may be held (the reclaim lock, then the heap lock, are taken).
+    pub(crate) fn reclaim_caches(&self, force: bool, now_ms: u32, idle_ms: u32) -> usize {
+        const BATCH: usize = 32;
+        let mut taken = 0;
+        self.reclaim.lock().with(|_| {
+            // Acquire: pairs with `register_cache`'s Release.
+            let mut cur = self.caches.load(Ordering::Acquire);
+            while !cur.is_null() {
+                let mut claimed = [ptr::null::<GatedCache>(); BATCH];
+                let mut n = 0;
+                while n < BATCH {
+                    // SAFETY: registered caches live as long as the process.
+                    let Some(g) = (unsafe { cur.as_ref() }) else {
+                        break;
+                    };
+                    cur = g.next.load(Ordering::Acquire);
+                    if g.is_idle(force, now_ms, idle_ms) && g.try_claim() {
+                        claimed[n] = g;
+                        n += 1;
+                    }
+                }
+                if n == 0 {
+                    continue;
+                }
+                let barrier = crate::sync::heavy_barrier();
+                for &g in &claimed[..n] {
+                    // SAFETY: as above.
+                    let g = unsafe { &*g };
+                    if !barrier {
+                        g.unclaim();
+                        continue;
+                    }
+                    if g.take(|tc| self.flush_heap_cache(tc)).is_some() {
+                        g.mark_reclaimed();
+                        taken += 1;
+                    }
+                }
+                if !barrier {
+                    return;
+                }
+            }
+        });
+        taken
+    }
     /// # Safety
     /// The calling thread holds the lock (`fork_lock`).
     #[cfg(not(spanheap_loom))]
@@ -1083,6 +1181,9 @@ impl<M: MemSource> MHeap<M> {
             None => now + 1_000_000_000,
             Some(delay) => {
                 let t0 = crate::os::now_ns();
+                // Idle threads' caches first, so that their pages age in the page heap
+                // (they were freed at least `delay` ago: the cache was not used since).
+                self.reclaim_caches(false, (now / 1_000_000) as u32, delay);
                 let (_, more) = self.scavenge(false, now, PASS_BUDGET_NS);
                 let spent = crate::os::now_ns().wrapping_sub(t0);
                 if more {

@@ -263,6 +263,56 @@ pub fn os_page_size() -> Result<usize, OsError> {
     Ok(p)
 }
 
+/// `membarrier` registration: not tried yet, registered, or not available.
+static MEMBARRIER: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+const MB_UNKNOWN: u8 = 0;
+const MB_READY: u8 = 1;
+const MB_NONE: u8 = 2;
+
+/// Makes every thread of this process that is running now execute a full memory
+/// barrier before this returns (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, Linux
+/// 4.14 and later; the process registers on first use). This is the expensive side of
+/// an asymmetric barrier: the other side needs only a compiler fence
+/// (`sync::light_barrier`), because a thread that is not running has passed through
+/// the kernel, a full barrier, since it last ran. False, and nothing done, if the
+/// kernel does not offer it (or a seccomp filter refuses it): then the caller must not
+/// rely on it. Does not allocate.
+pub(crate) fn membarrier() -> bool {
+    use core::sync::atomic::Ordering::Relaxed;
+    const QUERY: libc::c_long = 0;
+    const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+    const REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+    // SAFETY (all three): membarrier takes (cmd, flags, cpu_id) and reads or writes no
+    // memory of ours.
+    match MEMBARRIER.load(Relaxed) {
+        MB_NONE => return false,
+        MB_UNKNOWN => {
+            let mask = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0, 0) };
+            let ok = mask > 0
+                && mask & PRIVATE_EXPEDITED != 0
+                && unsafe { libc::syscall(libc::SYS_membarrier, REGISTER_PRIVATE_EXPEDITED, 0, 0) }
+                    == 0;
+            MEMBARRIER.store(if ok { MB_READY } else { MB_NONE }, Relaxed);
+            if !ok {
+                return false;
+            }
+        }
+        _ => {}
+    }
+    if unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0, 0) } == 0 {
+        true
+    } else {
+        MEMBARRIER.store(MB_NONE, Relaxed);
+        false
+    }
+}
+
+/// In a forked child: the registration belongs to the parent's address space, so the
+/// child registers again on first use.
+pub(crate) fn membarrier_fork_child_reset() {
+    MEMBARRIER.store(MB_UNKNOWN, core::sync::atomic::Ordering::Relaxed);
+}
+
 /// Monotonic time in nanoseconds from the kernel's coarse clock (a vDSO read of a few
 /// nanoseconds; resolution one timer tick, typically 1-4 ms). For the scavenger's
 /// pacing and page ages, where a tick is fine and the read must be cheap.

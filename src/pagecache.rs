@@ -28,6 +28,7 @@ use core::ptr::{self, NonNull};
 
 use crate::mspan::MSpan;
 use crate::os::PAGE_SIZE;
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU8, Ordering, UnsafeCell};
 
 /// Pages in a page cache block (one bitmap word).
 pub(crate) const CACHE_PAGES: usize = 64;
@@ -414,6 +415,174 @@ impl HeapCache {
         self.nlarge += 1;
         self.large_bytes += bytes;
         true
+    }
+}
+
+/// A `HeapCache` that another thread can take back while its owner is idle.
+///
+/// A thread that allocated blocks and then went quiet (a parked worker of a pool)
+/// would otherwise keep its cache's free pages — up to two 4 MiB chunks, a 64-page
+/// block and 1 MiB of large blocks — until it exits, out of the scavenger's reach. The
+/// owner brackets every use of its cache with [`enter`](Self::enter) and
+/// [`exit`](Self::exit) (a store, a compiler fence and a load, then a store: no atomic
+/// read-modify-write and no fence instruction); a reclaimer claims the cache, passes a
+/// heavy barrier, and takes the cache's contents only if the owner is not inside.
+///
+/// The hand-off is an asymmetric Dekker: the owner stores `busy`, passes
+/// `light_barrier`, loads `claim`; the reclaimer stores `claim`, passes
+/// `heavy_barrier`, loads `busy`. At least one of them sees the other's store. If the
+/// reclaimer sees `busy` it gives up; if the owner sees `claim` it waits for the claim
+/// to end (a reclaimer holds it for one `flush_heap_cache` at most, and never waits
+/// for the owner). The owner's last use happens-before the reclaimer's (Release store
+/// of `busy` = false, Acquire load), and the reclaimer's happens-before the owner's
+/// next (Release store of `claim` = false, Acquire load).
+///
+/// `used` is set by the owner at every entry (a plain store) and cleared by the
+/// reclaimer that looks at it; `idle_since` is the reclaimers' record (under the reclaim
+/// lock) of when they first found it clear, from which they judge how long the cache
+/// has been idle.
+pub(crate) struct GatedCache {
+    /// The owner is using `cache`. Written by the owner only.
+    busy: AtomicU8,
+    /// A reclaimer has claimed the cache. Set by a reclaimer's CAS, cleared by it.
+    claim: AtomicU8,
+    /// The owner entered since a reclaimer last looked. Set by the owner (store),
+    /// cleared by a reclaimer (swap).
+    used: AtomicU8,
+    /// The coarse time (ms) since which reclaimers have found the cache unused
+    /// (`RECLAIMED`: taken since, and not used). Reclaim lock.
+    idle_since: AtomicU32,
+    /// Next cache in the heap's registry (`MHeap::register_cache`); set once, before
+    /// publication.
+    pub(crate) next: AtomicPtr<GatedCache>,
+    /// The cache: the owner's inside `enter`/`exit`, a claiming reclaimer's otherwise.
+    cache: UnsafeCell<HeapCache>,
+}
+
+/// The ordering of the owner's first load of `claim` in `enter`. The loom mutant
+/// `gate_claim_relaxed` weakens it to show that the reclaim model catches it.
+#[cfg(not(spanheap_mutant = "gate_claim_relaxed"))]
+const CLAIM_ACQUIRE: Ordering = Ordering::Acquire;
+#[cfg(spanheap_mutant = "gate_claim_relaxed")]
+const CLAIM_ACQUIRE: Ordering = Ordering::Relaxed;
+
+/// `GatedCache::idle_since` of a cache taken back and not used since.
+const RECLAIMED: u32 = u32::MAX;
+
+// SAFETY: the cache is handed between the owner and reclaimers by the gate protocol
+// above; the other fields are atomics.
+unsafe impl Sync for GatedCache {}
+// SAFETY: as above; the pointers inside are heap metadata, valid in any thread.
+unsafe impl Send for GatedCache {}
+
+impl GatedCache {
+    crate::sync::const_fn! {
+        pub(crate) fn new() -> Self {
+            GatedCache {
+                busy: AtomicU8::new(0),
+                claim: AtomicU8::new(0),
+                used: AtomicU8::new(1),
+                idle_since: AtomicU32::new(0),
+                next: AtomicPtr::new(ptr::null_mut()),
+                cache: UnsafeCell::new(HeapCache::new()),
+            }
+        }
+    }
+
+    /// Runs `f` on the cache as its owner (see the type's documentation).
+    ///
+    /// # Safety
+    /// The calling thread owns the cache, holds no allocator lock, and is not already
+    /// inside `with` on it.
+    #[inline]
+    pub(crate) unsafe fn with<R>(&self, f: impl FnOnce(&mut HeapCache) -> R) -> R {
+        self.enter();
+        // SAFETY: inside the gate the cache is the owner's alone (see `enter`).
+        let r = self.cache.with_mut(|p| f(unsafe { &mut *p }));
+        self.exit();
+        r
+    }
+
+    #[inline]
+    fn enter(&self) {
+        self.busy.store(1, Ordering::Relaxed);
+        crate::sync::light_barrier();
+        // Acquire: a claim that ended before this load (its Release store of 0)
+        // happens-before our use, so we see the cache as the reclaimer left it.
+        if self.claim.load(CLAIM_ACQUIRE) != 0 {
+            self.wait_for_claim();
+        }
+        // Relaxed: a hint for the reclaimers' idleness test only.
+        self.used.store(1, Ordering::Relaxed);
+    }
+
+    /// A reclaimer claimed the cache: it either saw `busy` and will let go at once, or
+    /// is taking the contents. Either way wait for the claim to end; `busy` stays set,
+    /// so no later claim can start taking (its heavy barrier makes it see `busy`).
+    #[cold]
+    #[inline(never)]
+    fn wait_for_claim(&self) {
+        let mut w = crate::sync::SpinWait::new();
+        // Acquire: as in `enter`.
+        while self.claim.load(Ordering::Acquire) != 0 {
+            w.spin();
+        }
+    }
+
+    #[inline]
+    fn exit(&self) {
+        // Release: our use of the cache happens-before a reclaimer's that reads 0.
+        self.busy.store(0, Ordering::Release);
+    }
+
+    /// Claims the cache for a reclaimer if nobody else has; the caller must then pass
+    /// `heavy_barrier` and call `take` or `unclaim`. Reclaim lock.
+    pub(crate) fn try_claim(&self) -> bool {
+        // Relaxed: the claim only needs to reach the owner, which the heavy barrier
+        // that follows guarantees; data is handed over by `busy` and the unclaim.
+        self.claim
+            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// After `try_claim` and a heavy barrier: if the owner is not inside, runs `f` on
+    /// the cache (which the owner will see when it next enters) and returns its
+    /// result; `None` if the owner is inside. Ends the claim either way.
+    pub(crate) fn take<R>(&self, f: impl FnOnce(&mut HeapCache) -> R) -> Option<R> {
+        // Acquire: pairs with the owner's Release in `exit`.
+        let r = if self.busy.load(Ordering::Acquire) == 0 {
+            // SAFETY: claimed, and the owner is outside and will wait for the claim to
+            // end before entering (the heavy barrier made our claim visible to it).
+            Some(self.cache.with_mut(|p| f(unsafe { &mut *p })))
+        } else {
+            None
+        };
+        self.unclaim();
+        r
+    }
+
+    /// Ends a claim. Release: pairs with the owner's Acquire in `enter`.
+    pub(crate) fn unclaim(&self) {
+        self.claim.store(0, Ordering::Release);
+    }
+
+    /// Whether a reclaimer should claim the cache: `force`, or not entered since
+    /// looks that began at least `idle_ms` ago, and not taken since. Reclaim lock.
+    pub(crate) fn is_idle(&self, force: bool, now_ms: u32, idle_ms: u32) -> bool {
+        // Relaxed: a hint (see `enter`); the claim protocol decides what is safe.
+        if self.used.swap(0, Ordering::Relaxed) != 0 {
+            self.idle_since
+                .store(now_ms.min(RECLAIMED - 1), Ordering::Relaxed);
+            return force;
+        }
+        let since = self.idle_since.load(Ordering::Relaxed);
+        force || (since != RECLAIMED && now_ms.wrapping_sub(since) >= idle_ms)
+    }
+
+    /// Records that the cache was taken back (and so needs no look until used again).
+    /// Reclaim lock.
+    pub(crate) fn mark_reclaimed(&self) {
+        self.idle_since.store(RECLAIMED, Ordering::Relaxed);
     }
 }
 

@@ -120,6 +120,39 @@ impl<T> UnsafeCell<T> {
     }
 }
 
+/// The cheap side of an asymmetric barrier: a thread announces that it is about to use
+/// something (a store), passes this, and checks whether another thread has claimed it
+/// (a load); the claimer stores its claim, passes [`heavy_barrier`], and loads the
+/// announcement. Either the claimer sees the announcement or the user sees the claim,
+/// as with a full fence on both sides (Dekker), yet the frequent side pays only a
+/// compiler fence: the heavy barrier runs a full barrier on every running thread of the
+/// process (`os::membarrier`), and a thread not running has passed through the kernel.
+/// Under loom both sides are SeqCst fences, which is what that guarantee amounts to.
+/// The loom mutant `gate_no_fence` drops this side's fence to show that the model
+/// needs it.
+#[inline(always)]
+pub(crate) fn light_barrier() {
+    #[cfg(not(spanheap_loom))]
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+    #[cfg(all(spanheap_loom, not(spanheap_mutant = "gate_no_fence")))]
+    fence(Ordering::SeqCst);
+}
+
+/// The expensive side of the asymmetric barrier (see [`light_barrier`]): a system call
+/// that interrupts every CPU running a thread of this process. False, having done
+/// nothing, if the OS offers no such barrier; the caller must then not rely on it.
+pub(crate) fn heavy_barrier() -> bool {
+    #[cfg(not(spanheap_loom))]
+    {
+        crate::os::membarrier()
+    }
+    #[cfg(spanheap_loom)]
+    {
+        fence(Ordering::SeqCst);
+        true
+    }
+}
+
 /// One step of a spin-wait on another thread's progress (a statistics reader waiting for
 /// a writer to leave its short critical section). Spins on the CPU first, then yields
 /// the time slice. Under loom it yields to the model's scheduler, so that a wait on a

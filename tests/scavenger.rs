@@ -466,3 +466,209 @@ fn child_env() {
     assert!(spanheap::set_scavenger_config(n));
     assert_eq!(spanheap::scavenger_config(), n);
 }
+
+// ---------------------------------------------------------------------------------------
+// Idle threads' heap caches.
+
+/// Worker threads that allocate and free a burst of 64 KiB .. 1 MiB blocks (every byte
+/// written), then wait on `park` until released by a second `park.wait()`; after that
+/// they allocate another burst, check its contents, and free it.
+fn park_workers(
+    n: usize,
+    park: &std::sync::Arc<std::sync::Barrier>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .map(|t| {
+            let park = park.clone();
+            std::thread::spawn(move || {
+                let burst = |seed: u64| {
+                    let mut rng = Rng(seed);
+                    let blocks: Vec<Vec<u8>> = (0..24)
+                        .map(|i| {
+                            let size = (64 << 10) + rng.below(960 << 10) as usize;
+                            vec![(seed as u8) ^ (i as u8); size]
+                        })
+                        .collect();
+                    for (i, b) in blocks.iter().enumerate() {
+                        let want = (seed as u8) ^ (i as u8);
+                        assert!(b.iter().all(|&x| x == want), "block {i} was overwritten");
+                    }
+                };
+                burst(t as u64 + 10);
+                park.wait();
+                park.wait();
+                burst(t as u64 + 20);
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn release_memory_takes_back_idle_threads_caches() {
+    in_child("child_idle_caches", &[]);
+}
+
+#[test]
+fn child_idle_caches() {
+    if !is_child() {
+        return;
+    }
+    // No automatic passes: only the explicit call below takes the caches back.
+    spanheap::set_scavenger_config(ScavengerConfig {
+        delay: None,
+        ..ScavengerConfig::default()
+    });
+    let park = std::sync::Arc::new(std::sync::Barrier::new(5));
+    let workers = park_workers(4, &park);
+    park.wait();
+    let before = spanheap::stats();
+    let rss_before = rss();
+    // Four threads' chunk caches (up to two 4 MiB chunks each, touched and freed) and
+    // large-block caches: free pages nobody else can use, and that the scavenger cannot
+    // reach while they stay in the caches.
+    assert!(
+        before.page_cache_bytes >= 8 * MIB as u64,
+        "only {} KiB in page caches",
+        before.page_cache_bytes >> 10
+    );
+    let released = spanheap::release_memory();
+    let after = spanheap::stats();
+    after.check().unwrap();
+    let rss_after = rss();
+    println!(
+        "page caches {} -> {} KiB, rss {} -> {} MiB, released {} MiB",
+        before.page_cache_bytes >> 10,
+        after.page_cache_bytes >> 10,
+        rss_before / MIB,
+        rss_after / MIB,
+        released / MIB
+    );
+    assert!(
+        after.page_cache_bytes < MIB as u64,
+        "the parked threads' caches were not taken back: {} KiB left",
+        after.page_cache_bytes >> 10
+    );
+    assert!(
+        rss_after + 8 * MIB <= rss_before,
+        "RSS {} -> {} MiB",
+        rss_before / MIB,
+        rss_after / MIB
+    );
+    // The workers refill their emptied caches and find their blocks intact.
+    park.wait();
+    for w in workers {
+        w.join().unwrap();
+    }
+    spanheap::stats().check().unwrap();
+}
+
+#[test]
+fn paced_passes_take_back_idle_threads_caches() {
+    in_child(
+        "child_idle_caches_paced",
+        &[("SPANHEAP_SCAVENGE_DELAY_MS", "200")],
+    );
+}
+
+#[test]
+fn child_idle_caches_paced() {
+    if !is_child() {
+        return;
+    }
+    let park = std::sync::Arc::new(std::sync::Barrier::new(5));
+    let workers = park_workers(4, &park);
+    park.wait();
+    let before = spanheap::stats().page_cache_bytes;
+    assert!(
+        before >= 8 * MIB as u64,
+        "only {} KiB in page caches",
+        before >> 10
+    );
+    // This thread's slow paths drive the passes; the parked threads do nothing. It
+    // flushes its own cache before each look, so that what is left is theirs.
+    let t0 = Instant::now();
+    let mut left = before;
+    let mut rng = Rng(5);
+    while t0.elapsed() < Duration::from_secs(3) {
+        let buf = vec![1u8; (40 << 10) + rng.below(1000 << 10) as usize];
+        std::hint::black_box(&buf);
+        drop(buf);
+        std::thread::sleep(Duration::from_millis(10));
+        spanheap::flush_thread_cache();
+        left = spanheap::stats().page_cache_bytes;
+        if left < MIB as u64 {
+            break;
+        }
+    }
+    let t = t0.elapsed();
+    println!(
+        "page caches {} -> {} KiB after {} ms",
+        before >> 10,
+        left >> 10,
+        t.as_millis()
+    );
+    assert!(
+        left < MIB as u64,
+        "parked threads still hold {} KiB after {t:?}",
+        left >> 10
+    );
+    // Not before the delay (200 ms): a cache in use now and then is left alone.
+    assert!(
+        t >= Duration::from_millis(150),
+        "taken back after only {t:?}"
+    );
+    park.wait();
+    for w in workers {
+        w.join().unwrap();
+    }
+    spanheap::stats().check().unwrap();
+}
+
+#[test]
+fn reclaiming_races_with_a_busy_owner() {
+    in_child("child_reclaim_race", &[]);
+}
+
+/// One thread allocates, checks and frees large blocks without pause while this one
+/// takes the caches back again and again: the owner is often inside its cache when a
+/// claim arrives (the reclaimer must back off) or arrives while a reclaimer is taking
+/// it (the owner must wait, then find the cache empty). Contents are checked.
+#[test]
+fn child_reclaim_race() {
+    if !is_child() {
+        return;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let worker = std::thread::spawn(move || {
+        let mut rng = Rng(77);
+        let mut live: Vec<Vec<u8>> = Vec::new();
+        let mut rounds = 0u64;
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            let size = (40 << 10) + rng.below(1000 << 10) as usize;
+            let tag = rounds as u8;
+            live.push(vec![tag; size]);
+            if live.len() > 6 {
+                let i = rng.below(live.len() as u64) as usize;
+                let b = live.swap_remove(i);
+                let t = b[0];
+                assert!(b.iter().all(|&x| x == t), "a block was overwritten");
+            }
+            rounds += 1;
+        }
+        rounds
+    });
+    let mut taken = 0;
+    for _ in 0..300 {
+        taken += spanheap::release_memory();
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = worker.join().unwrap();
+    println!(
+        "{rounds} worker rounds, {} MiB released in 300 calls",
+        taken / MIB
+    );
+    assert!(rounds > 30, "the worker barely ran: {rounds} rounds");
+    spanheap::stats().check().unwrap();
+}
