@@ -22,7 +22,8 @@
 //! thread exit, under the heap lock (`MHeap::refill_heap_cache`, `flush_heap_cache`).
 //!
 //! A `HeapCache` belongs to one thread cache (`MCache`) and is only touched by its
-//! owner, so none of its fields are atomic.
+//! owner, or by a reclaimer while the owner is outside it (the hand-off is
+//! [`GatedCache`]'s), so none of its fields are atomic.
 
 use core::ptr::{self, NonNull};
 
