@@ -1602,6 +1602,39 @@ mod tests {
     }
 
     #[test]
+    fn spans_other_threads_empty_are_kept_as_spares() {
+        // Six full 8 KiB spans of 16-byte objects, given up by cache `c`, then emptied
+        // by another thread's frees: each last free announces its span, the drain
+        // retires it, and 32 KiB of them (four) are kept for the class's refills; the
+        // rest go back to the page heap. A refill takes a spare, not a fresh span.
+        let h = test_heap();
+        let (c, other) = (MCache::leaked(), MCache::leaked());
+        let class = 2;
+        let objs = fill(h, c, class, 6);
+        unsafe { release_all(h, c) };
+        assert_eq!(h.central[class].census(), (0, 6, 0, 0));
+        let inuse = h.counters().heap_inuse;
+        free_all(h, other, class, &objs);
+        unsafe { release_all(h, other) };
+        assert_eq!(h.central[class].census(), (0, 0, 4, 0));
+        let page = crate::os::PAGE_SIZE as u64;
+        assert_eq!(
+            inuse - h.counters().heap_inuse,
+            2 * page,
+            "two spans retired"
+        );
+        let spares: Vec<usize> = objs
+            .iter()
+            .map(|&p| h.span_of_unchecked(p as usize) as usize)
+            .collect();
+        let p = unsafe { alloc_from(h, c, class) };
+        assert!(spares.contains(&(h.span_of_unchecked(p as usize) as usize)));
+        assert_eq!(h.central[class].census().2, 3);
+        free_all(h, c, class, [&p]);
+        unsafe { release_all(h, c) };
+    }
+
+    #[test]
     fn a_push_past_the_limit_returns_three_quarters() {
         // The push that takes a stack past its limit returns all but a quarter of the
         // limit to the spans, in one hold of the mcentral lock (`FLUSH_CHUNK`): for the
@@ -1626,13 +1659,13 @@ mod tests {
         let kept = unsafe { entry(c, class) }.nfree as usize;
         assert_eq!(kept, limit / 4 + 1);
         // objs[1025..4097] went back: spans 0 and 1 stay full, span 2 has its last 511
-        // objects free, spans 3..7 are completely free (32 KiB of them, four 8 KiB
-        // spans, kept as spares, the fifth retired), and the current span's object took
-        // the remote path.
+        // objects free, spans 3..7 are completely free (one kept as the spare, the rest
+        // retired: this thread emptied them), and the current span's object took the
+        // remote path.
         assert_eq!((kept, per_span), (1025, 512));
         assert_eq!(
             h.central[class].census(),
-            (1, 2, 4, 511),
+            (1, 2, 1, 511),
             "(partial, full, spare, free objects in listed spans)"
         );
         unsafe { release_all(h, c) };

@@ -55,17 +55,18 @@ struct Lists {
     nspares: usize,
 }
 
-/// Bytes of completely free spans an mcentral keeps (at least one span).
+/// Bytes of completely free spans an mcentral keeps when other threads' frees empty
+/// them (at least one span; one when the spans' own users empty them).
 ///
-/// A span whose last object is freed is kept for the class's next refill instead of
-/// going back to the page heap, which takes the heap lock and republishes the pages,
-/// and the refill that replaces it takes them again (from a page cache that, fed by
-/// no free, runs dry and refills under the heap lock). When one thread allocates and
-/// another frees (a pipeline), spans empty in bursts, as a batch of frees arrives,
-/// while the allocating thread takes them one at a time: one spare caught few of
-/// them. (64-byte .. 1 KiB messages passed between two threads took the heap lock 23
-/// times per 1,000 operations with one spare.) The scavenger cannot reach these
-/// pages; `release_memory` gives them back.
+/// A span whose last object another thread frees (an announcement) is kept for the
+/// class's next refill instead of going back to the page heap, which takes the heap
+/// lock and republishes the pages, and the refill that replaces it takes them again
+/// (from a page cache that, fed by no free, runs dry and refills under the heap lock).
+/// When one thread allocates and another frees (a pipeline), spans empty in bursts, as
+/// a batch of frees arrives, while the allocating thread takes them one at a time: one
+/// spare caught few of them. (64-byte .. 1 KiB messages passed between two threads
+/// took the heap lock 23 times per 1,000 operations with one spare.) The scavenger
+/// cannot reach these pages; `release_memory` gives them back.
 const SPARE_BYTES: usize = 32 << 10;
 
 /// How many spare spans the mcentral of a class with `npages`-page spans keeps.
@@ -357,7 +358,7 @@ impl MCentral {
         // toward announcing the span.
         let new = update_rstate(s, |_, low| (live as u32, low));
         // SAFETY: the span is in our lists.
-        unsafe { self.settle_locked(heap, l, s, new) };
+        unsafe { self.settle_locked(heap, l, s, new, false) };
     }
 
     /// Returns objects of class `class` that a cache flushes from its local free stack
@@ -512,7 +513,7 @@ impl MCentral {
         let new = early.unwrap_or_else(|| update_rstate(s, lower));
         if placed {
             // SAFETY: linked in our lists.
-            unsafe { self.settle_locked(heap, l, s, new) };
+            unsafe { self.settle_locked(heap, l, s, new, false) };
         }
     }
 
@@ -646,15 +647,19 @@ impl MCentral {
             small.place.store(target, Ordering::Release);
             let new = update_rstate(s, |h, low| (h - m as u32, low - m as i64));
             // SAFETY: the span is in our lists.
-            unsafe { self.settle_locked(heap, l, s, new) };
+            unsafe { self.settle_locked(heap, l, s, new, true) };
         }
     }
 
     /// After a span was placed in a list and its state word published as `state`:
-    /// retire (or keep as spare) a span whose every object is free, and move a "full"
+    /// retire (or keep as a spare) a span whose every object is free, and move a "full"
     /// span that has pending remote frees to the partial list. Every move out of the
     /// list is a CAS from the list's place, so a concurrent announcement (PENDING) wins
-    /// and the next drain handles the span. Needs the mcentral lock (`l`).
+    /// and the next drain handles the span. `remote`: remote frees emptied the span
+    /// (an announcement), so it may join up to `max_spares`; otherwise it is kept only
+    /// if there is no spare (a thread that frees its own objects empties spans as it
+    /// goes, and one spare caught its oscillation; more held on to pages other classes
+    /// could use: `parser`'s peak RSS +1.2 MiB). Needs the mcentral lock (`l`).
     ///
     /// # Safety
     /// `s` is linked in `l` by the caller.
@@ -664,6 +669,7 @@ impl MCentral {
         l: &mut Lists,
         s: NonNull<MSpan>,
         state: u64,
+        remote: bool,
     ) {
         // SAFETY: span records are never unmapped.
         let small = unsafe { &s.as_ref().small };
@@ -686,7 +692,8 @@ impl MCentral {
             // SAFETY: the span is live and ours; its class and size are fixed.
             let npages =
                 usize::from(CLASS_TO_NPAGES[usize::from(unsafe { s.as_ref().info() }.spanclass)]);
-            if l.nspares < max_spares(npages) {
+            let keep = if remote { max_spares(npages) } else { 1 };
+            if l.nspares < keep {
                 p.next = l.spares;
                 l.spares = s.as_ptr();
                 l.nspares += 1;
