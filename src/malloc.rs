@@ -15,7 +15,7 @@ use core::ptr::{self, NonNull};
 use crate::mheap::{MHeap, MAX_ALIGN, MAX_SPAN_BYTES};
 use crate::mspan::Purpose;
 use crate::os::{MemSource, PAGE_SHIFT, PAGE_SIZE};
-use crate::pagecache::HeapCache;
+use crate::pagecache::{HeapCache, BIG_MAX_PAGES, LARGE_MAX_PAGES};
 use crate::stats::field;
 
 /// Counts large objects: `freed` pages given up and `allocated` pages taken, in one
@@ -70,7 +70,32 @@ pub(crate) fn alloc<M: MemSource>(
         Some(tc) => {
             // A cached block of the same size: nothing shared is touched.
             if align <= PAGE_SIZE {
-                if let Some(s) = tc.take_large(npages) {
+                let kept = if npages <= LARGE_MAX_PAGES {
+                    tc.take_large(npages)
+                } else if npages <= BIG_MAX_PAGES {
+                    match tc.take_big(npages) {
+                        Ok(s) => {
+                            // Big blocks drive the scavenger's passes whether or not
+                            // they reach the page heap: a clock read is nothing next
+                            // to using half a megabyte or more.
+                            heap.maybe_scavenge();
+                            Some(s)
+                        }
+                        Err(other) => {
+                            if let Some(old) = other {
+                                // SAFETY: the kept block is a live span nobody uses.
+                                let old_pages = unsafe { old.as_ref() }.npages();
+                                count_large(heap, old_pages, 0);
+                                // SAFETY: as above.
+                                unsafe { heap.free_span_with(old, tc) };
+                            }
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                if let Some(s) = kept {
                     // SAFETY: a live span the cache owned, now ours.
                     let span = unsafe { s.as_ref() };
                     let p = span.base() as *mut u8;
@@ -120,6 +145,11 @@ pub(crate) unsafe fn dealloc<M: MemSource>(
     let npages = unsafe { s.as_ref() }.npages();
     match tc {
         Some(tc) => {
+            // A big block of the size the thread keeps taking: keep it for the next.
+            // SAFETY: as above: the block is given up whole.
+            if npages > LARGE_MAX_PAGES && unsafe { tc.keep_big(s, npages) } {
+                return;
+            }
             // Keep it for the next allocation of its size, evicting the oldest cached
             // blocks if there is no room (recent sizes are the likely ones).
             if HeapCache::cacheable(npages) {
@@ -446,5 +476,78 @@ pub(crate) mod global {
             }
         }
         q
+    }
+}
+
+#[cfg(all(test, not(spanheap_loom)))]
+mod tests {
+    use super::*;
+    use crate::os::OsMemory;
+
+    fn heap() -> &'static MHeap<OsMemory> {
+        Box::leak(Box::new(MHeap::new(OsMemory)))
+    }
+
+    #[test]
+    fn a_big_block_of_the_size_a_thread_keeps_taking_is_kept_for_it() {
+        // Blocks over 512 KiB are kept only while the thread allocates the same size
+        // again: one block, given back when a big allocation of another size comes.
+        let h = heap();
+        let mut tc = HeapCache::new();
+        let (four, six) = (4 << 20, 6 << 20);
+        let p = alloc(h, four, 8, false, Some(&mut tc));
+        assert!(!p.is_null());
+        // SAFETY: a live block of `four` bytes.
+        unsafe {
+            p.write_bytes(0xA5, four);
+            dealloc(h, p, Some(&mut tc));
+        }
+        assert!(!tc.big.is_null(), "a repeated size was not kept");
+        let inuse = h.counters().heap_inuse;
+        let q = alloc(h, four, 8, false, Some(&mut tc));
+        assert_eq!(q, p, "the kept block was not reused");
+        assert!(tc.big.is_null());
+        assert_eq!(
+            h.counters().heap_inuse,
+            inuse,
+            "a reuse touched the page heap"
+        );
+        // SAFETY: as above.
+        unsafe { dealloc(h, q, Some(&mut tc)) };
+        // Another big size: the kept block goes back to the heap at once.
+        let r = alloc(h, six, 8, false, Some(&mut tc));
+        assert!(!r.is_null());
+        assert!(tc.big.is_null(), "the block of the old size is still kept");
+        assert_eq!(
+            h.counters().heap_inuse,
+            (six as u64),
+            "only the new block is live"
+        );
+        // SAFETY: a live block of `six` bytes.
+        unsafe {
+            r.write_bytes(0x5A, six);
+            dealloc(h, r, Some(&mut tc));
+        }
+        // alloc_zeroed of the kept block clears it.
+        let z = alloc(h, six, 8, true, Some(&mut tc));
+        assert_eq!(z, r);
+        // SAFETY: a live block of `six` bytes.
+        let bytes = unsafe { core::slice::from_raw_parts(z, six) };
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "a reused block was not cleared"
+        );
+        // A big free of a size the thread did not just allocate is not kept.
+        let a = alloc(h, four, 8, false, Some(&mut tc));
+        // SAFETY: live blocks, freed once.
+        unsafe {
+            dealloc(h, z, Some(&mut tc));
+            assert!(tc.big.is_null(), "kept a size that is not the last one");
+            dealloc(h, a, Some(&mut tc));
+        }
+        assert!(!tc.big.is_null());
+        h.flush_heap_cache(&mut tc);
+        assert!(tc.big.is_null());
+        assert_eq!(h.counters().heap_inuse, 0, "the kept block was not freed");
     }
 }

@@ -602,6 +602,17 @@ impl<M: MemSource> MHeap<M> {
             }
             tc.large_bytes = 0;
         }
+        if let Some(s) = NonNull::new(core::mem::replace(&mut tc.big, ptr::null_mut())) {
+            // SAFETY: the kept big block is a live span the cache owns, unused.
+            let bytes = (unsafe { s.as_ref() }.npages() * PAGE_SIZE) as u64;
+            self.stats_update(|d| {
+                d.add(field::LARGE_FREES, 1);
+                d.add(field::LARGE_FREE_BYTES, bytes);
+            });
+            // SAFETY: as above.
+            unsafe { self.free_span_with(s, tc) };
+        }
+        tc.last_big = 0;
         let pages = u64::from(tc.pages.cache.count_ones())
             + tc.chunk.count() as u64
             + tc.prev.count() as u64;

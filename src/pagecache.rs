@@ -55,6 +55,12 @@ pub(crate) const LARGE_MAX_PAGES: usize = 64;
 pub(crate) const LARGE_SLOTS: usize = 8;
 /// Bytes of large blocks a cache keeps at most.
 pub(crate) const LARGE_BYTES: usize = 1 << 20;
+/// Largest span (pages) kept as the *big* block (16 MiB): a block over
+/// `LARGE_MAX_PAGES` pages is kept, one at a time, only if the thread's previous big
+/// allocation had the same page count (a buffer of one size taken and given back
+/// again and again), and given back as soon as the thread allocates a big block of
+/// another size.
+pub(crate) const BIG_MAX_PAGES: usize = 2048;
 
 /// The lowest index `i` such that bits `i..i + n` of `x` are all set, or 64 if there is
 /// none (`1 <= n <= 64`).
@@ -314,6 +320,10 @@ pub(crate) struct HeapCache {
     /// statistics.
     pub(crate) large_reuse: u64,
     pub(crate) large_reuse_bytes: u64,
+    /// A freed big block (over `LARGE_MAX_PAGES` pages) kept whole, or null.
+    pub(crate) big: *mut MSpan,
+    /// Pages of the thread's last big allocation (0: none yet).
+    pub(crate) last_big: usize,
 }
 
 impl HeapCache {
@@ -332,6 +342,8 @@ impl HeapCache {
                 large_bytes: 0,
                 large_reuse: 0,
                 large_reuse_bytes: 0,
+                big: ptr::null_mut(),
+                last_big: 0,
             }
         }
     }
@@ -366,6 +378,50 @@ impl HeapCache {
             }
         }
         None
+    }
+
+    /// For an allocation of a big block of `npages` pages (over `LARGE_MAX_PAGES`):
+    /// the kept big block if it has that size (counted as a reuse), else `Err` with the
+    /// kept block of another size, if any, which the caller frees (the thread has moved
+    /// on to another size). Records `npages` as the thread's last big size.
+    #[inline]
+    pub(crate) fn take_big(
+        &mut self,
+        npages: usize,
+    ) -> Result<NonNull<MSpan>, Option<NonNull<MSpan>>> {
+        self.last_big = npages;
+        let Some(s) = NonNull::new(self.big) else {
+            return Err(None);
+        };
+        self.big = ptr::null_mut();
+        // SAFETY: the kept block is a live span this cache owns.
+        if unsafe { s.as_ref() }.npages() == npages {
+            self.large_reuse += 1;
+            self.large_reuse_bytes += (npages * PAGE_SIZE) as u64;
+            Ok(s)
+        } else {
+            Err(Some(s))
+        }
+    }
+
+    /// Keeps the freed big block `s` of `npages` pages if the thread's last big
+    /// allocation had this size and no big block is kept; returns whether it did.
+    ///
+    /// # Safety
+    /// As for `keep_large`.
+    #[inline]
+    pub(crate) unsafe fn keep_big(&mut self, s: NonNull<MSpan>, npages: usize) -> bool {
+        if cfg!(feature = "checked")
+            || npages > BIG_MAX_PAGES
+            || npages != self.last_big
+            || !self.big.is_null()
+        {
+            return false;
+        }
+        // SAFETY: forwarded (the block was written: `alloc_zeroed` must clear it).
+        unsafe { mark_needzero(s) };
+        self.big = s.as_ptr();
+        true
     }
 
     /// The oldest cached large block, removed (to make room for a newer one; the
@@ -404,18 +460,27 @@ impl HeapCache {
         {
             return false;
         }
-        // The block was written: the next `alloc_zeroed` must clear it.
-        // SAFETY: the caller gives the span up to us, so its private fields are ours.
-        unsafe {
-            let span = s.as_ref();
-            let mut info = span.info();
-            info.needzero = true;
-            span.set_info(info);
-        }
+        // SAFETY: the caller gives the span up to us.
+        unsafe { mark_needzero(s) };
         self.large[self.nlarge] = s.as_ptr();
         self.nlarge += 1;
         self.large_bytes += bytes;
         true
+    }
+}
+
+/// Records that a freed block kept whole was written: the next `alloc_zeroed` that
+/// takes it must clear it.
+///
+/// # Safety
+/// The caller was given the live span `s` (its private fields are the caller's).
+unsafe fn mark_needzero(s: NonNull<MSpan>) {
+    // SAFETY: per the contract.
+    unsafe {
+        let span = s.as_ref();
+        let mut info = span.info();
+        info.needzero = true;
+        span.set_info(info);
     }
 }
 
