@@ -171,9 +171,10 @@ pub fn flush_thread_cache() {
 /// held is returned too; so are the free pages other threads' caches hold (their page
 /// block, chunks and large blocks; not their small-object free lists), unless the
 /// thread is using its cache at that moment or the OS lacks `membarrier`, and the
-/// completely free spans each size class keeps for its next refills. Free memory is returned whatever its
-/// age, the retained headroom and the density of its chunk. Afterwards the released
-/// pages cost no RAM; allocating them again re-commits them (they read as zero).
+/// completely free spans each size class keeps for its next refills. Free memory is
+/// returned whatever its age, the retained headroom and the density of its chunk.
+/// Afterwards the released pages cost no RAM; allocating them again re-commits them
+/// (they read as zero).
 /// Safe to call at any time from any thread; it does not allocate.
 ///
 /// ```
@@ -752,7 +753,7 @@ pub mod __private {
     pub struct SmallSpanView {
         pub base: usize,
         pub spanclass: u8,
-        /// `SmallSpan::place`: 0 CACHED (owned, or the spare), 1 PARTIAL, 2 FULL,
+        /// `SmallSpan::place`: 0 CACHED (owned, or a spare), 1 PARTIAL, 2 FULL,
         /// 3 PENDING.
         pub place: u8,
         /// The mcentral list the span is linked in (1 PARTIAL, 2 FULL), or 0xFF.

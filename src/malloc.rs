@@ -73,25 +73,7 @@ pub(crate) fn alloc<M: MemSource>(
                 let kept = if npages <= LARGE_MAX_PAGES {
                     tc.take_large(npages)
                 } else if npages <= BIG_MAX_PAGES {
-                    match tc.take_big(npages) {
-                        Ok(s) => {
-                            // Big blocks drive the scavenger's passes whether or not
-                            // they reach the page heap: a clock read is nothing next
-                            // to using half a megabyte or more.
-                            heap.maybe_scavenge();
-                            Some(s)
-                        }
-                        Err(other) => {
-                            if let Some(old) = other {
-                                // SAFETY: the kept block is a live span nobody uses.
-                                let old_pages = unsafe { old.as_ref() }.npages();
-                                count_large(heap, old_pages, 0);
-                                // SAFETY: as above.
-                                unsafe { heap.free_span_with(old, tc) };
-                            }
-                            None
-                        }
-                    }
+                    take_big(heap, tc, npages)
                 } else {
                     None
                 };
@@ -125,6 +107,33 @@ pub(crate) fn alloc<M: MemSource>(
         unsafe { ptr::write_bytes(p, 0, size) };
     }
     p
+}
+
+/// The thread's kept big block if it has `npages` pages (over `LARGE_MAX_PAGES`);
+/// a kept block of another size goes back to the heap (the thread moved on).
+fn take_big<M: MemSource>(
+    heap: &MHeap<M>,
+    tc: &mut HeapCache,
+    npages: usize,
+) -> Option<NonNull<crate::mspan::MSpan>> {
+    match tc.take_big(npages) {
+        Ok(s) => {
+            // Big blocks drive the scavenger's passes whether or not they reach the
+            // page heap: a clock read is nothing next to using half a megabyte or more.
+            heap.maybe_scavenge();
+            Some(s)
+        }
+        Err(other) => {
+            if let Some(old) = other {
+                // SAFETY: the kept block is a live span nobody uses.
+                let old_pages = unsafe { old.as_ref() }.npages();
+                count_large(heap, old_pages, 0);
+                // SAFETY: as above.
+                unsafe { heap.free_span_with(old, tc) };
+            }
+            None
+        }
+    }
 }
 
 /// Frees a block. Pointers that are not live blocks of this heap are ignored (never a

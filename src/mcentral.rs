@@ -207,15 +207,12 @@ impl MCentral {
     pub(crate) fn release_spares<M: MemSource>(&self, heap: &MHeap<M>) -> usize {
         self.lists.lock().with(|l| {
             let n = l.nspares;
-            while let Some(s) = NonNull::new(l.spares) {
-                // SAFETY: spare spans are ours under the lock; once unchained, nobody
-                // else can reach this one (no live object, no owner, in no list).
-                unsafe {
-                    l.spares = core::mem::replace(&mut private(s).next, ptr::null_mut());
-                    heap.free_span(s);
-                }
+            // SAFETY: we hold the lock.
+            while let Some(s) = unsafe { pop_spare(l) } {
+                // SAFETY: unchained, nobody else can reach the span (no live object, no
+                // owner, in no list).
+                unsafe { heap.free_span(s) };
             }
-            l.nspares = 0;
             n
         })
     }
@@ -266,9 +263,9 @@ impl MCentral {
     ///
     /// Spans keep to the cache that owned them last. A cache takes, in order: a partial
     /// span it owned last; a partial span of another cache of which at least half is
-    /// free (`mostly_free`); the spare emptied last. Otherwise it gets a fresh span. Objects a cache
-    /// allocated then stay on spans it owns when it frees them, and the frees are
-    /// local. When two threads traded spans through the mcentral instead (any partial
+    /// free (`mostly_free`); the spare emptied last. Otherwise it gets a fresh span.
+    /// Objects a cache allocated then stay on spans it owns when it frees them, and the
+    /// frees are local. When two threads traded spans through the mcentral instead (any partial
     /// span to any cache), a thread's frees of objects in spans the other had taken
     /// went down the remote path: half of the frees of the `maps` demo, where the
     /// threads share nothing. The half-free rule bounds what the preference costs in
@@ -339,21 +336,10 @@ impl MCentral {
         // SAFETY: as above.
         let free = unsafe { count_free(p) };
         let live = p.nelems as usize - free;
-        // SAFETY: span records are never unmapped.
-        let small = unsafe { &s.as_ref().small };
         // `owner` keeps naming the last owner: that thread's frees stay local.
-        // Place it before freers can see it unowned: an announcement needs a place
-        // to CAS from.
-        let target = if free > 0 {
-            place::PARTIAL
-        } else {
-            place::FULL
-        };
-        // SAFETY: we own the private state now.
-        unsafe { link(l, s, target) };
-        // The SeqCst `rstate` CAS below publishes this store to every freer whose
-        // increment reads it (or a later value), before they CAS `place`.
-        small.place.store(target, Ordering::Release);
+        // Place it before freers can see it unowned.
+        // SAFETY: we own the private state now; the span is in no list.
+        unsafe { place_locked(l, s, free) };
         // Publish "unowned, `live` objects live": from here remote frees count
         // toward announcing the span.
         let new = update_rstate(s, |_, low| (live as u32, low));
@@ -554,18 +540,8 @@ impl MCentral {
         const PUSH: Ordering = Ordering::Relaxed;
         // SAFETY: span records are never unmapped.
         let link = unsafe { &s.as_ref().small.pending_next };
-        let mut head = self.pending.load(Ordering::Relaxed);
-        loop {
-            link.store(head, Ordering::Relaxed);
-            // Release: the link (and the PENDING state) are visible to the drainer.
-            match self
-                .pending
-                .compare_exchange_weak(head, s.as_ptr(), PUSH, Ordering::Relaxed)
-            {
-                Ok(_) => return,
-                Err(h) => head = h,
-            }
-        }
+        // Release: the link (and the PENDING state) are visible to the drainer.
+        crate::sync::push_linked(&self.pending, s.as_ptr(), link, PUSH);
     }
 
     /// Drains the pending stack if the lock is free; never waits.
@@ -635,16 +611,8 @@ impl MCentral {
             let m = unsafe { merge_remote(p) };
             // SAFETY: as above.
             let free = unsafe { count_free(p) };
-            let target = if free > 0 {
-                place::PARTIAL
-            } else {
-                place::FULL
-            };
-            // SAFETY: as above.
-            unsafe { link(l, s, target) };
-            // Published to freers by the SeqCst `rstate` CAS that follows (as in
-            // `uncache_span`).
-            small.place.store(target, Ordering::Release);
+            // SAFETY: as above; unlinked just now.
+            unsafe { place_locked(l, s, free) };
             let new = update_rstate(s, |h, low| (h - m as u32, low - m as i64));
             // SAFETY: the span is in our lists.
             unsafe { self.settle_locked(heap, l, s, new, true) };
@@ -689,9 +657,8 @@ impl MCentral {
             }
             // SAFETY: linked in our lists.
             unsafe { unlink(l, s) };
-            // SAFETY: the span is live and ours; its class and size are fixed.
-            let npages =
-                usize::from(CLASS_TO_NPAGES[usize::from(unsafe { s.as_ref().info() }.spanclass)]);
+            // SAFETY: span records are never unmapped.
+            let npages = unsafe { s.as_ref() }.npages();
             let keep = if remote { max_spares(npages) } else { 1 };
             if l.nspares < keep {
                 p.next = l.spares;
@@ -845,14 +812,47 @@ unsafe fn take_span_locked(l: &mut Lists, owner: usize) -> Option<NonNull<MSpan>
         unsafe { take_ownership(s, owner) };
         return Some(s);
     }
-    let s = NonNull::new(l.spares)?;
-    // SAFETY: spare spans are ours under the lock (no live object, so no remote frees).
-    unsafe {
-        l.spares = core::mem::replace(&mut private(s).next, ptr::null_mut());
-        l.nspares -= 1;
-        take_ownership(s, owner);
-    }
+    // SAFETY: we hold the lock.
+    let s = unsafe { pop_spare(l) }?;
+    // SAFETY: a spare span is ours under the lock (no live object, so no remote frees).
+    unsafe { take_ownership(s, owner) };
     Some(s)
+}
+
+/// The spare span emptied last, taken off the spares (its link cleared), or `None`.
+///
+/// # Safety
+/// The caller holds the mcentral lock (`l`).
+unsafe fn pop_spare(l: &mut Lists) -> Option<NonNull<MSpan>> {
+    let s = NonNull::new(l.spares)?;
+    // SAFETY: spare spans are ours under the lock.
+    l.spares = core::mem::replace(&mut unsafe { private(s) }.next, ptr::null_mut());
+    l.nspares -= 1;
+    Some(s)
+}
+
+/// Links `s`, whose alloc bitmap shows `free` free objects, into the partial list (or
+/// the full one if none) and stores its place to match. The place store is Release;
+/// the caller's SeqCst `rstate` CAS that follows publishes it to every freer whose
+/// increment reads that value (or a later one), before they CAS `place`: an
+/// announcement needs a place to CAS from.
+///
+/// # Safety
+/// The caller holds the mcentral lock (`l`) and owns the private state of `s`, which
+/// is in no list.
+unsafe fn place_locked(l: &mut Lists, s: NonNull<MSpan>, free: usize) {
+    let target = if free > 0 {
+        place::PARTIAL
+    } else {
+        place::FULL
+    };
+    // SAFETY: per the contract.
+    unsafe { link(l, s, target) };
+    // SAFETY: span records are never unmapped.
+    unsafe { s.as_ref() }
+        .small
+        .place
+        .store(target, Ordering::Release);
 }
 
 /// A partial span whose last owner is `owner`, taken out of its list and CACHED; among

@@ -586,12 +586,18 @@ impl<M: MemSource> MHeap<M> {
     /// Gives everything `tc` holds back to the heap (thread exit, or an explicit flush).
     pub(crate) fn flush_heap_cache(&self, tc: &mut HeapCache) {
         self.publish_heap_cache(tc);
-        // Cached large blocks are freed now: count them, then free their spans (into
-        // the page block where they fit, which is flushed below).
-        if tc.nlarge != 0 {
-            let (n, bytes) = (tc.nlarge as u64, tc.large_bytes as u64);
+        // Cached large blocks and the kept big block are freed now: count them, then
+        // free their spans (into the page block where they fit, which is flushed
+        // below).
+        let big = NonNull::new(core::mem::replace(&mut tc.big, ptr::null_mut()));
+        tc.last_big = 0;
+        // SAFETY: the kept big block is a live span the cache owns, unused.
+        let big_bytes = big.map_or(0, |s| unsafe { s.as_ref() }.npages() * PAGE_SIZE);
+        let n = tc.nlarge + usize::from(big.is_some());
+        if n != 0 {
+            let bytes = (tc.large_bytes + big_bytes) as u64;
             self.stats_update(|d| {
-                d.add(field::LARGE_FREES, n);
+                d.add(field::LARGE_FREES, n as u64);
                 d.add(field::LARGE_FREE_BYTES, bytes);
             });
             while tc.nlarge != 0 {
@@ -601,18 +607,11 @@ impl<M: MemSource> MHeap<M> {
                 unsafe { self.free_span_with(NonNull::new_unchecked(s), tc) };
             }
             tc.large_bytes = 0;
+            if let Some(s) = big {
+                // SAFETY: as above.
+                unsafe { self.free_span_with(s, tc) };
+            }
         }
-        if let Some(s) = NonNull::new(core::mem::replace(&mut tc.big, ptr::null_mut())) {
-            // SAFETY: the kept big block is a live span the cache owns, unused.
-            let bytes = (unsafe { s.as_ref() }.npages() * PAGE_SIZE) as u64;
-            self.stats_update(|d| {
-                d.add(field::LARGE_FREES, 1);
-                d.add(field::LARGE_FREE_BYTES, bytes);
-            });
-            // SAFETY: as above.
-            unsafe { self.free_span_with(s, tc) };
-        }
-        tc.last_big = 0;
         let pages = u64::from(tc.pages.cache.count_ones())
             + tc.chunk.count() as u64
             + tc.prev.count() as u64;
@@ -983,6 +982,13 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) fn fork_lock(&self) {
         self.locked.fork_lock();
     }
+    /// # Safety
+    /// The calling thread holds the lock (`fork_lock`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn fork_unlock(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.locked.fork_unlock() };
+    }
     /// Fork handlers: take and release the reclaim lock, first of all (see `fork.rs`).
     #[cfg(not(spanheap_loom))]
     pub(crate) fn fork_lock_reclaim(&self) {
@@ -1003,20 +1009,13 @@ impl<M: MemSource> MHeap<M> {
     /// Adds a thread's gated heap cache to the registry `reclaim_caches` walks. Once per
     /// cache (records are reused with their registration).
     pub(crate) fn register_cache(&self, g: &'static GatedCache) {
-        let mut head = self.caches.load(Ordering::Relaxed);
-        loop {
-            g.next.store(head, Ordering::Relaxed);
-            // Release: the link is visible to a walker that finds `g` (Acquire).
-            match self.caches.compare_exchange_weak(
-                head,
-                g as *const GatedCache as *mut GatedCache,
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(h) => head = h,
-            }
-        }
+        // Release: the link is visible to a walker that finds `g` (Acquire).
+        crate::sync::push_linked(
+            &self.caches,
+            g as *const GatedCache as *mut GatedCache,
+            &g.next,
+            Ordering::Release,
+        );
     }
 
     /// Gives back to the page heap what other threads' heap caches hold, for caches
@@ -1069,13 +1068,6 @@ impl<M: MemSource> MHeap<M> {
             }
         });
         taken
-    }
-    /// # Safety
-    /// The calling thread holds the lock (`fork_lock`).
-    #[cfg(not(spanheap_loom))]
-    pub(crate) unsafe fn fork_unlock(&self) {
-        // SAFETY: forwarded.
-        unsafe { self.locked.fork_unlock() };
     }
 
     // ----------------------------------------------------------------------------------

@@ -296,7 +296,8 @@ fn run_mask(i: usize, n: usize) -> u64 {
     ones << i
 }
 
-/// A thread's page cache and record caches. Owner-only.
+/// A thread's page cache, chunk caches, large-block caches and record caches. The
+/// owner's, inside its `GatedCache`; a reclaimer's while it holds the gate's claim.
 #[derive(Debug)]
 pub(crate) struct HeapCache {
     pub(crate) pages: PageCache,

@@ -177,20 +177,13 @@ impl<const N: usize> ConsistentStats<N> {
     /// first section; records are never unregistered (they are never unmapped, and an
     /// idle one costs the reader a load of its counter and of its deltas).
     pub(crate) fn register(&self, w: &'static StatsSeq<N>) {
-        let mut head = self.writers.load(Ordering::Relaxed);
-        loop {
-            w.next.store(head, Ordering::Relaxed);
-            // Release: the link is visible to a reader that finds `w` (Acquire walk).
-            match self.writers.compare_exchange_weak(
-                head,
-                w as *const StatsSeq<N> as *mut StatsSeq<N>,
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(h) => head = h,
-            }
-        }
+        // Release: the link is visible to a reader that finds `w` (Acquire walk).
+        crate::sync::push_linked(
+            &self.writers,
+            w as *const StatsSeq<N> as *mut StatsSeq<N>,
+            &w.next,
+            Ordering::Release,
+        );
     }
 
     /// Runs one write section: `f` adds its deltas to the current generation. With

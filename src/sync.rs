@@ -120,6 +120,27 @@ impl<T> UnsafeCell<T> {
     }
 }
 
+/// Pushes `node` on a lock-free stack (Treiber) whose head is `head`; `link` is the
+/// node's own next field. The link is stored Relaxed, then the head CASed to `node`
+/// with `push` (Release in every caller: a thread that loads the head with Acquire
+/// sees the link and everything written to the node before the push). The callers'
+/// stacks are taken whole (swap) or only grow, so there is no ABA.
+pub(crate) fn push_linked<T>(
+    head: &AtomicPtr<T>,
+    node: *mut T,
+    link: &AtomicPtr<T>,
+    push: Ordering,
+) {
+    let mut cur = head.load(Ordering::Relaxed);
+    loop {
+        link.store(cur, Ordering::Relaxed);
+        match head.compare_exchange_weak(cur, node, push, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(h) => cur = h,
+        }
+    }
+}
+
 /// The cheap side of an asymmetric barrier: a thread announces that it is about to use
 /// something (a store), passes this, and checks whether another thread has claimed it
 /// (a load); the claimer stores its claim, passes [`heavy_barrier`], and loads the
