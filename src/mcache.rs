@@ -155,13 +155,28 @@ const EMPTY_CLASS: ClassCache = ClassCache {
 };
 
 /// The cache every thread starts with (and returns to at exit): all misses.
+///
+/// The fast paths reach a class entry through a raw pointer and may form a `&mut`
+/// to it (`entry`), so the record lives in an `UnsafeCell`: a `&mut` into an
+/// immutable static would be undefined behaviour even though nothing is written.
+/// (`core`'s cell, not the shim's: this is no shared state, it is never written, and
+/// its address must be a constant for the thread-local's initial value.)
 #[cfg(not(spanheap_loom))]
-pub(crate) struct SyncCache(pub(crate) MCache);
-// SAFETY: the empty cache is never written (every fast path misses on it first).
+pub(crate) struct SyncCache(core::cell::UnsafeCell<MCache>);
+// SAFETY: the empty cache is never written (every fast path misses on it first), so
+// sharing it between threads shares only reads.
 #[cfg(not(spanheap_loom))]
 unsafe impl Sync for SyncCache {}
 #[cfg(not(spanheap_loom))]
-pub(crate) static EMPTY_CACHE: SyncCache = SyncCache(MCache::empty());
+impl SyncCache {
+    /// The record's address (a constant: usable in a `const` initialiser).
+    #[inline(always)]
+    pub(crate) const fn get(&self) -> *mut MCache {
+        self.0.get()
+    }
+}
+#[cfg(not(spanheap_loom))]
+pub(crate) static EMPTY_CACHE: SyncCache = SyncCache(core::cell::UnsafeCell::new(MCache::empty()));
 
 impl MCache {
     crate::sync::const_fn! {
@@ -197,6 +212,12 @@ const NO_CACHE: u8 = 0;
 const LIVE: u8 = 1;
 #[cfg(not(spanheap_loom))]
 const DEAD: u8 = 2;
+/// The thread is creating its cache (`create_cache`): an allocation made meanwhile by
+/// the C library on spanheap's behalf (glibc's `pthread_setspecific` allocates the
+/// second level of a thread's key table for keys 32 and up), which under `LD_PRELOAD`
+/// comes back into spanheap, is served cache-less instead of creating a second cache.
+#[cfg(not(spanheap_loom))]
+const CREATING: u8 = 3;
 
 // The thread's cache pointer and state live in `tls.rs` (std's thread-locals, or
 // initial-exec TLS for the LD_PRELOAD library). NO_CACHE must be 0: both start zeroed.
@@ -206,7 +227,7 @@ const _: () = assert!(NO_CACHE == 0);
 #[cfg(not(spanheap_loom))]
 #[inline]
 fn empty_cache() -> *mut MCache {
-    &EMPTY_CACHE.0 as *const MCache as *mut MCache
+    EMPTY_CACHE.get()
 }
 
 /// The entry of class `class` in cache `c`.
@@ -1285,16 +1306,12 @@ fn exit_key_loaded() -> Option<libc::pthread_key_t> {
 /// thread then stays cache-less).
 #[cfg(not(spanheap_loom))]
 fn create_cache() -> Option<*mut MCache> {
-    let key = exit_key()?;
-    let c = HEAP.alloc_cache_record();
+    // From here until the cache is live, an allocation the calls below make (the C
+    // library may allocate inside them) takes the cache-less path: no recursion.
+    crate::tls::set_state(CREATING);
+    let c = create_cache_record();
     if c.is_null() {
-        return None;
-    }
-    // SAFETY: setting this thread's value of our key; a non-null value makes the
-    // destructor run at thread exit.
-    if unsafe { libc::pthread_setspecific(key, c.cast()) } != 0 {
-        // SAFETY: the record is unused.
-        unsafe { HEAP.free_cache_record(c) };
+        crate::tls::set_state(NO_CACHE);
         return None;
     }
     // SAFETY: the record is ours; `seq` lives as long as the process.
@@ -1311,6 +1328,27 @@ fn create_cache() -> Option<*mut MCache> {
     crate::stats::exit_report_once();
     crate::fork::register_once();
     Some(c)
+}
+
+/// A cache record for this thread, with the exit hook set to release it; null if
+/// either fails. The caller has set the state to CREATING.
+#[cfg(not(spanheap_loom))]
+fn create_cache_record() -> *mut MCache {
+    let Some(key) = exit_key() else {
+        return ptr::null_mut();
+    };
+    let c = HEAP.alloc_cache_record();
+    if c.is_null() {
+        return c;
+    }
+    // SAFETY: setting this thread's value of our key; a non-null value makes the
+    // destructor run at thread exit.
+    if unsafe { libc::pthread_setspecific(key, c.cast()) } != 0 {
+        // SAFETY: the record is unused.
+        unsafe { HEAP.free_cache_record(c) };
+        return ptr::null_mut();
+    }
+    c
 }
 
 /// The pthread-key destructor: gives every current span back and frees the cache.

@@ -28,7 +28,7 @@ mod imp {
     thread_local! {
         /// The cache pointer itself, starting at the static empty cache.
         static CACHE: Cell<*mut MCache> = const {
-            Cell::new(&crate::mcache::EMPTY_CACHE.0 as *const MCache as *mut MCache)
+            Cell::new(crate::mcache::EMPTY_CACHE.get())
         };
         static STATE: Cell<u8> = const { Cell::new(0) };
     }
@@ -90,7 +90,7 @@ mod imp {
 
     #[inline(always)]
     fn empty() -> usize {
-        &crate::mcache::EMPTY_CACHE.0 as *const MCache as usize
+        crate::mcache::EMPTY_CACHE.get() as usize
     }
 
     /// The block starts zeroed, so it holds the cache's offset from the static empty

@@ -45,7 +45,14 @@ fn tmp() -> PathBuf {
 
 /// Compiles `tests/c/abi.c` (once per test binary run; each test uses its own path).
 fn abi_binary(name: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/abi.c");
+    c_binary("abi.c", name)
+}
+
+/// Compiles `tests/c/<src>` to the temporary directory as `name`.
+fn c_binary(src: &str, name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/c")
+        .join(src);
     let out = tmp().join(name);
     let st = Command::new("gcc")
         .args([
@@ -212,6 +219,59 @@ fn fork_from_a_thread_while_others_allocate() {
     );
     assert_eq!(r.code, 0, "fork test failed:\n{}", r.stderr);
     assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "fork: ok");
+}
+
+/// Cache creation is reentrant: `tests/c/keys.c` creates 40 pthread keys before its
+/// first `malloc`, so glibc's `pthread_setspecific` allocates (through the preload)
+/// while spanheap creates each thread's cache. Before the fix this recursed until the
+/// stack overflowed (SIGSEGV).
+#[test]
+fn cache_creation_with_40_pthread_keys_in_c() {
+    let bin = c_binary("keys.c", "keys");
+    compare("c keys (40 keys)", |_| true, || Command::new(&bin));
+}
+
+/// The same from a Rust program: this binary's `.init_array` hook creates 40 pthread
+/// keys before the Rust runtime's first allocation when `SPANHEAP_KEYS_CHILD` is set,
+/// then the Rust workload runs (threads, maps, channels) under the preload.
+#[test]
+fn cache_creation_with_40_pthread_keys_in_rust() {
+    compare(
+        "rust keys (40 keys)",
+        |l| l.contains("checksum"),
+        || {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "--exact",
+                "rust_workload_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SPANHEAP_PRELOAD_CHILD", "1")
+            .env("SPANHEAP_KEYS_CHILD", "1");
+            c
+        },
+    );
+}
+
+/// Runs before `main` (and before the Rust runtime allocates): with
+/// `SPANHEAP_KEYS_CHILD` set, takes 40 pthread keys so that the allocator's own key,
+/// made on the first allocation, has an index of 32 or more.
+#[used]
+#[link_section = ".init_array"]
+static MAKE_KEYS: extern "C" fn() = make_keys;
+
+extern "C" fn make_keys() {
+    // SAFETY: getenv reads the environment (set up before constructors run) and does
+    // not allocate.
+    if unsafe { libc::getenv(c"SPANHEAP_KEYS_CHILD".as_ptr()) }.is_null() {
+        return;
+    }
+    for _ in 0..40 {
+        let mut k: libc::pthread_key_t = 0;
+        // SAFETY: a key with no destructor, written to a valid out-pointer.
+        unsafe { libc::pthread_key_create(&mut k, None) };
+    }
 }
 
 #[test]
