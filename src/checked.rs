@@ -21,7 +21,7 @@
 //! lookup and a division: checked mode is for testing, not production. Without the
 //! feature none of this is compiled and the fast paths are unchanged.
 
-use core::fmt::{self, Write};
+use core::fmt;
 
 use crate::global::HEAP;
 use crate::mspan::{MSpan, Purpose, SpanState};
@@ -210,31 +210,14 @@ impl fmt::Display for Detail {
 #[cold]
 #[inline(never)]
 fn fault(what: &str, addr: usize, detail: Option<Detail>) -> ! {
-    let mut line = Line {
-        buf: [0; 320],
-        len: 0,
-    };
-    let _ = write!(line, "spanheap: {what} at {addr:#x}");
-    if let Some(d) = detail {
-        let _ = write!(line, "{d}");
+    struct Opt(Option<Detail>);
+    impl fmt::Display for Opt {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match &self.0 {
+                Some(d) => d.fmt(f),
+                None => Ok(()),
+            }
+        }
     }
-    let _ = line.write_str("\n");
-    crate::os::write_stderr(&line.buf[..line.len]);
-    // SAFETY: abort has no preconditions; it does not return.
-    unsafe { libc::abort() }
-}
-
-/// A stack buffer for the report (no allocation); truncates.
-struct Line {
-    buf: [u8; 320],
-    len: usize,
-}
-
-impl Write for Line {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let n = s.len().min(self.buf.len() - 1 - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
-    }
+    crate::fatal::fatal(format_args!("{what} at {addr:#x}{}", Opt(detail)))
 }

@@ -44,6 +44,7 @@
 mod arena;
 #[cfg(all(feature = "checked", not(spanheap_loom)))]
 mod checked;
+mod fatal;
 mod fixalloc;
 #[cfg(not(spanheap_loom))]
 mod fork;

@@ -254,7 +254,7 @@ pub(crate) mod global {
 
     use crate::global::HEAP;
     use crate::mcache;
-    use crate::sizeclasses::{class_for_layout, common_class, is_common};
+    use crate::sizeclasses::{class_for_layout, common_class, is_common, obj_index, CLASS_TO_SIZE};
 
     #[inline]
     pub(crate) fn alloc(size: usize, align: usize) -> *mut u8 {
@@ -341,6 +341,7 @@ pub(crate) mod global {
         },
         Large {
             size: usize,
+            off: usize,
         },
         Foreign,
     }
@@ -366,6 +367,7 @@ pub(crate) mod global {
         if class == 0 {
             return Block::Large {
                 size: span.base() + (span.npages() << crate::os::PAGE_SHIFT) - addr,
+                off: addr - span.base(),
             };
         }
         let size = crate::sizeclasses::CLASS_TO_SIZE[class] as usize;
@@ -389,20 +391,59 @@ pub(crate) mod global {
             crate::checked::on_free(p, None, true);
         }
         let Some(s) = HEAP.span_of(p as usize) else {
-            return;
+            return not_live("free", p);
         };
-        // SAFETY: as in `block_of` (only the class is needed: no division here).
-        let info = unsafe { s.as_ref().info() };
+        // SAFETY: span records are never unmapped; `span_of` validated the span as
+        // published and covering `p` (Acquire on its state).
+        let span = unsafe { s.as_ref() };
+        // SAFETY: as in `block_of`.
+        let info = unsafe { span.info() };
         if info.purpose != crate::mspan::Purpose::Heap {
-            return;
+            return not_live("free", p);
         }
-        if info.spanclass != 0 {
+        let class = info.spanclass as usize;
+        let off = p as usize - span.base();
+        if class != 0 {
+            // Not an object's start: a multiply by the class's reciprocal, no division.
+            if obj_index(class as u8, off) * CLASS_TO_SIZE[class] as usize != off {
+                interior("free", p);
+            }
             // SAFETY: a live object of that class (the caller's contract).
-            unsafe { mcache::dealloc(p, info.spanclass as usize) }
+            unsafe { mcache::dealloc(p, class) }
         } else {
+            if off != 0 {
+                interior("free", p);
+            }
             // SAFETY: a live large block.
             unsafe { large_dealloc(p) }
         }
+    }
+
+    /// A by-address free or realloc of `p`, which is not in a live span of user
+    /// blocks: a pointer spanheap never handed out is ignored (C programs under the
+    /// preload free memory the dynamic loader allocated before spanheap took over), but
+    /// one in pages the heap has used is a block freed already or the allocator's own
+    /// metadata, and aborts.
+    #[cold]
+    #[inline(never)]
+    fn not_live(what: &str, p: *mut u8) {
+        if !HEAP.span_of_unchecked(p as usize).is_null() {
+            crate::fatal::fatal(format_args!(
+                "{what} of {:#x}, which is not a live block (freed already?)",
+                p as usize
+            ));
+        }
+    }
+
+    /// A by-address free or realloc (`what`) of a pointer into a live block, not its
+    /// start.
+    #[cold]
+    #[inline(never)]
+    fn interior(what: &str, p: *mut u8) -> ! {
+        crate::fatal::fatal(format_args!(
+            "{what} of {:#x}, which points inside a block, not at its start",
+            p as usize
+        ))
     }
 
     /// Usable bytes of the live block at `p` (0 for null or foreign pointers).
@@ -410,7 +451,7 @@ pub(crate) mod global {
     pub(crate) fn usable_size(p: *const u8) -> usize {
         match block_of(p) {
             Block::Small { size, off, .. } => size - off,
-            Block::Large { size } => size,
+            Block::Large { size, .. } => size,
             Block::Foreign => 0,
         }
     }
@@ -426,13 +467,16 @@ pub(crate) mod global {
         crate::checked::on_free(p, None, false);
         let new_class = class_for_layout(new_size, align);
         let old_size = match block_of(p) {
+            Block::Small { off, .. } | Block::Large { off, .. } if off != 0 => {
+                interior("realloc", p)
+            }
             Block::Small { class, size, .. } => {
                 if class == new_class as usize {
                     return p;
                 }
                 size
             }
-            Block::Large { size } => {
+            Block::Large { size, .. } => {
                 if new_class == 0 {
                     // SAFETY: large to large: in place when possible; the old size
                     // only bounds the copy.
@@ -442,7 +486,10 @@ pub(crate) mod global {
                 }
                 size
             }
-            Block::Foreign => return ptr::null_mut(),
+            Block::Foreign => {
+                not_live("realloc", p);
+                return ptr::null_mut();
+            }
         };
         let q = alloc(new_size, align);
         if !q.is_null() {

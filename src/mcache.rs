@@ -900,21 +900,32 @@ impl RemoteRun {
     fn add(&mut self, p: *mut u8, class: usize) {
         let idx = obj_index(class as u8, p as usize - self.base);
         if idx / 64 != self.word {
-            self.or_word();
+            self.or_word(class);
             self.word = idx / 64;
         }
-        self.mask |= 1 << (idx % 64);
+        let bit = 1 << (idx % 64);
+        if self.mask & bit != 0 {
+            // The same object twice in one flush.
+            crate::fatal::double_free(p as usize, CLASS_TO_SIZE[class] as usize);
+        }
+        self.mask |= bit;
         self.count += 1;
     }
 
-    fn or_word(&mut self) {
+    fn or_word(&mut self, class: usize) {
         if self.mask != 0 {
             // SAFETY: the record starts with one atomic word per 64 objects, and `word`
             // came from an object index below nelems.
             let w = unsafe { &*self.bits.cast::<AtomicU64>().add(self.word) };
             // Release: our uses of the objects happen-before whoever merges the bits
             // reuses them.
-            w.fetch_or(self.mask, REMOTE_RELEASE);
+            let old = w.fetch_or(self.mask, REMOTE_RELEASE);
+            if old & self.mask != 0 {
+                // Freed remotely before and not merged since: freed twice.
+                let size = CLASS_TO_SIZE[class] as usize;
+                let idx = self.word * 64 + (old & self.mask).trailing_zeros() as usize;
+                crate::fatal::double_free(self.base + idx * size, size);
+            }
             self.mask = 0;
         }
     }
@@ -926,7 +937,7 @@ impl RemoteRun {
     /// # Safety
     /// The run's objects were given up by their user.
     unsafe fn finish<M: MemSource>(mut self, heap: &MHeap<M>, class: usize) {
-        self.or_word();
+        self.or_word(class);
         // SAFETY: span records are never unmapped.
         let span = unsafe { self.span.as_ref() };
         // SeqCst: ordered with the owner's SeqCst state-word CASes (ownership changes).
@@ -995,7 +1006,11 @@ pub(crate) unsafe fn remote_free<M: MemSource>(
     // SAFETY: the record starts with one atomic word per 64 objects, idx < nelems.
     let word = unsafe { &*bits.cast::<AtomicU64>().add(idx / 64) };
     // Release: our uses of the object happen-before whoever merges the bit reuses it.
-    word.fetch_or(1 << (idx % 64), REMOTE_RELEASE);
+    let bit = 1 << (idx % 64);
+    if word.fetch_or(bit, REMOTE_RELEASE) & bit != 0 {
+        // Freed remotely before and not merged since: freed twice.
+        crate::fatal::double_free(p as usize, CLASS_TO_SIZE[class] as usize);
+    }
     // SeqCst: ordered with the owner's SeqCst state-word CASes (ownership changes).
     let old = span.small.rstate.fetch_add(1, Ordering::SeqCst);
     let (high, low) = rstate_parts(old);
@@ -1245,7 +1260,7 @@ unsafe fn normalize(e: &mut ClassCache, s: NonNull<MSpan>) -> usize {
     e.alloc_cache = 0;
     p.next_word = 0;
     // SAFETY: we own the private state.
-    let m = unsafe { merge_remote(p) };
+    let m = unsafe { merge_remote(p, s.as_ref().base()) };
     if m != 0 {
         // The merged frees leave the remote count (we stay the owner). SeqCst like
         // every other `rstate` update, so all of them fall in one total order with the

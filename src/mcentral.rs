@@ -109,10 +109,13 @@ pub(crate) unsafe fn private<'a>(s: NonNull<MSpan>) -> &'a mut SmallPrivate {
 }
 
 /// Merges the remote-free bits into the alloc bitmap; returns how many objects it freed.
+/// Aborts with a double-free report if a remote bit names an object the (exact) alloc
+/// bitmap shows free. `base` is the span's base, for the report.
 ///
 /// # Safety
-/// The caller owns the span's private state.
-pub(crate) unsafe fn merge_remote(p: &mut SmallPrivate) -> usize {
+/// The caller owns the span's private state, and its alloc bitmap is exact (every
+/// object handed out is marked: no window of a cache is outstanding).
+pub(crate) unsafe fn merge_remote(p: &mut SmallPrivate, base: usize) -> usize {
     /// The merge's ordering. The loom mutant `merge_relaxed` weakens it to show that a
     /// model catches it.
     #[cfg(not(spanheap_mutant = "merge_relaxed"))]
@@ -127,6 +130,14 @@ pub(crate) unsafe fn merge_remote(p: &mut SmallPrivate) -> usize {
             // object happens-before we hand it out again.
             let r = p.remote(w).swap(0, MERGE_ACQUIRE);
             if r != 0 {
+                // The alloc bitmap is exact here (see the callers): an object freed
+                // remotely that it already shows free was freed twice.
+                let twice = r & !*p.alloc(w);
+                if twice != 0 {
+                    let idx = w * 64 + twice.trailing_zeros() as usize;
+                    let size = p.elemsize as usize;
+                    crate::fatal::double_free(base + idx * size, size);
+                }
                 *p.alloc(w) &= !r;
                 m += r.count_ones() as usize;
             }
@@ -431,8 +442,13 @@ impl MCentral {
                 // SAFETY: idx < nelems, so the word is in the record; the object is
                 // allocated (its span counts it live until this free).
                 unsafe {
-                    debug_assert!(*pv.alloc(idx / 64) & (1 << (idx % 64)) != 0);
-                    *pv.alloc(idx / 64) &= !(1u64 << (idx % 64));
+                    let w = pv.alloc(idx / 64);
+                    let bit = 1u64 << (idx % 64);
+                    // Already free in an exact bitmap: freed twice.
+                    if *w & bit == 0 {
+                        crate::fatal::double_free(p as usize, pv.elemsize as usize);
+                    }
+                    *w &= !bit;
                 }
                 pv.flushed += 1;
             }
@@ -608,7 +624,7 @@ impl MCentral {
                 unsafe { unlink(l, s) };
             }
             // SAFETY: we own the private state.
-            let m = unsafe { merge_remote(p) };
+            let m = unsafe { merge_remote(p, s.as_ref().base()) };
             // SAFETY: as above.
             let free = unsafe { count_free(p) };
             // SAFETY: as above; unlinked just now.
@@ -712,7 +728,7 @@ unsafe fn take_ownership(s: NonNull<MSpan>, owner: usize) {
     // SAFETY: per the contract the private state is ours.
     let p = unsafe { private(s) };
     // SAFETY: as above.
-    let m = unsafe { merge_remote(p) };
+    let m = unsafe { merge_remote(p, s.as_ref().base()) };
     p.next_word = 0;
     // Relaxed: `owner` only lets the owning thread recognise its own spans; that thread
     // reads it after taking the span on the same thread, and others only compare it with

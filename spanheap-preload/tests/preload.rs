@@ -231,6 +231,44 @@ fn cache_creation_with_40_pthread_keys_in_c() {
     compare("c keys (40 keys)", |_| true, || Command::new(&bin));
 }
 
+/// Misuses glibc catches are caught under the preload too: a free or realloc of a
+/// pointer into a block (not its start), a double free (found when the thread's free
+/// stack goes back to the spans at its exit), a second free of a huge block. Each run
+/// must die by SIGABRT with spanheap's one-line report.
+#[test]
+fn misuses_abort_under_the_preload() {
+    let bin = c_binary("misuse.c", "misuse");
+    for (mode, expect) in [
+        ("interior-free", "free of 0x"),
+        ("interior-free-large", "points inside a block"),
+        ("interior-realloc", "realloc of 0x"),
+        ("double-free", "double free of 0x"),
+        ("free-freed-huge", "not a live block"),
+    ] {
+        let r = run(
+            {
+                let mut c = Command::new(&bin);
+                c.arg(mode);
+                c
+            },
+            true,
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            r.code,
+            -libc::SIGABRT,
+            "{mode}: not aborted: {}",
+            String::from_utf8_lossy(&r.stdout)
+        );
+        let line = r.stderr.lines().find(|l| l.starts_with("spanheap: "));
+        assert!(
+            line.is_some_and(|l| l.contains(expect)),
+            "{mode}: report {line:?} does not say {expect:?}"
+        );
+        println!("{mode:<20} {}", line.unwrap());
+    }
+}
+
 /// The same from a Rust program: this binary's `.init_array` hook creates 40 pthread
 /// keys before the Rust runtime's first allocation when `SPANHEAP_KEYS_CHILD` is set,
 /// then the Rust workload runs (threads, maps, channels) under the preload.
