@@ -254,7 +254,9 @@ pub(crate) mod global {
 
     use crate::global::HEAP;
     use crate::mcache;
-    use crate::sizeclasses::{class_for_layout, common_class, is_common, obj_index, CLASS_TO_SIZE};
+    use crate::sizeclasses::{
+        class_for_layout, common_class, is_common, CLASS_TO_SIZE, NUM_CLASSES,
+    };
 
     #[inline]
     pub(crate) fn alloc(size: usize, align: usize) -> *mut u8 {
@@ -390,22 +392,21 @@ pub(crate) mod global {
         if !p.is_null() {
             crate::checked::on_free(p, None, true);
         }
-        let Some(s) = HEAP.span_of(p as usize) else {
+        let Some((s, off)) = HEAP.span_and_offset_of(p as usize) else {
             return not_live("free", p);
         };
-        // SAFETY: span records are never unmapped; `span_of` validated the span as
-        // published and covering `p` (Acquire on its state).
-        let span = unsafe { s.as_ref() };
-        // SAFETY: as in `block_of`.
-        let info = unsafe { span.info() };
+        // SAFETY: as in `block_of` (span records are never unmapped; the span was
+        // validated as published, Acquire on its state).
+        let info = unsafe { s.as_ref().info() };
         if info.purpose != crate::mspan::Purpose::Heap {
             return not_live("free", p);
         }
         let class = info.spanclass as usize;
-        let off = p as usize - span.base();
         if class != 0 {
-            // Not an object's start: a multiply by the class's reciprocal, no division.
-            if obj_index(class as u8, off) * CLASS_TO_SIZE[class] as usize != off {
+            // Not an object's start: one multiply and a compare, no division.
+            // SAFETY: a live small span's class is below NUM_CLASSES, the table's length.
+            let c = unsafe { *DIVISIBLE.get_unchecked(class) };
+            if (off as u64).wrapping_mul(c) >= c {
                 interior("free", p);
             }
             // SAFETY: a live object of that class (the caller's contract).
@@ -417,6 +418,27 @@ pub(crate) mod global {
             // SAFETY: a live large block.
             unsafe { large_dealloc(p) }
         }
+    }
+
+    /// Per class, `c = ceil(2^64 / size)`: an offset `n` below 2^32 is a multiple of
+    /// the size iff `n * c mod 2^64 < c` (Lemire, Kaser and Kurz, "Faster remainder by
+    /// direct computation", 2019). Offsets in a span are far below 2^32; a test checks
+    /// every offset of every class. Class 0 has no size (the entry is unused).
+    static DIVISIBLE: [u64; NUM_CLASSES] = {
+        let mut t = [0u64; NUM_CLASSES];
+        let mut c = 1;
+        while c < NUM_CLASSES {
+            t[c] = u64::MAX / CLASS_TO_SIZE[c] as u64 + 1;
+            c += 1;
+        }
+        t
+    };
+
+    /// Whether `off` (an offset into a span of class `class`) is an object's start, by
+    /// the test `free_unsized` uses.
+    #[cfg(test)]
+    pub(crate) fn at_object_start(class: usize, off: usize) -> bool {
+        (off as u64).wrapping_mul(DIVISIBLE[class]) < DIVISIBLE[class]
     }
 
     /// A by-address free or realloc of `p`, which is not in a live span of user
@@ -539,6 +561,22 @@ pub(crate) mod global {
 mod tests {
     use super::*;
     use crate::os::OsMemory;
+
+    #[test]
+    fn the_object_start_test_is_exact_for_every_offset_of_every_class() {
+        use crate::sizeclasses::{CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
+        for class in 1..NUM_CLASSES {
+            let size = CLASS_TO_SIZE[class] as usize;
+            let span = (CLASS_TO_NPAGES[class] as usize) << PAGE_SHIFT;
+            for off in 0..span {
+                assert_eq!(
+                    global::at_object_start(class, off),
+                    off % size == 0,
+                    "class {class} offset {off}"
+                );
+            }
+        }
+    }
 
     fn heap() -> &'static MHeap<OsMemory> {
         Box::leak(Box::new(MHeap::new(OsMemory)))

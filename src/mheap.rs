@@ -890,16 +890,27 @@ impl<M: MemSource> MHeap<M> {
     /// heap ("not ours"). Lock-free; safe for any address, including foreign ones. For an
     /// address whose span is being freed concurrently the answer is either.
     pub(crate) fn span_of(&self, addr: usize) -> Option<NonNull<MSpan>> {
+        self.span_and_offset_of(addr).map(|(s, _)| s)
+    }
+
+    /// `span_of`, with the offset of `addr` from the span's base (read once, with the
+    /// range test).
+    #[inline]
+    pub(crate) fn span_and_offset_of(&self, addr: usize) -> Option<(NonNull<MSpan>, usize)> {
         let s = NonNull::new(self.span_of_unchecked(addr))?;
         // SAFETY: span-map entries always point to valid (possibly dead) records; span
         // records are never unmapped.
         let span = unsafe { s.as_ref() };
         // Acquire (inside `state`) pairs with the Release in `init_and_publish`:
         // base/npages read afterwards are those of the published span.
-        match span.state() {
-            SpanState::Dead => None,
-            _ if span.contains(addr) => Some(s),
-            _ => None,
+        if span.state() == SpanState::Dead {
+            return None;
+        }
+        let off = addr.wrapping_sub(span.base());
+        if off < span.npages() << PAGE_SHIFT {
+            Some((s, off))
+        } else {
+            None
         }
     }
 

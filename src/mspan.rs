@@ -335,13 +335,6 @@ impl MSpan {
         // SAFETY: per the caller's contract the access is exclusive.
         self.info.with_mut(|p| unsafe { *p = info })
     }
-
-    /// Whether `addr` lies in the span's page range.
-    #[inline]
-    pub(crate) fn contains(&self, addr: usize) -> bool {
-        let base = self.base();
-        addr >= base && addr - base < self.npages() << crate::os::PAGE_SHIFT
-    }
 }
 
 // SAFETY: the record is shared between threads by design; every field is an atomic or a
