@@ -210,31 +210,13 @@ impl fmt::Display for Detail {
 #[cold]
 #[inline(never)]
 fn fault(what: &str, addr: usize, detail: Option<Detail>) -> ! {
-    let mut line = Line {
-        buf: [0; 320],
-        len: 0,
-    };
+    let mut line = crate::os::Line::new();
     let _ = write!(line, "spanheap: {what} at {addr:#x}");
     if let Some(d) = detail {
         let _ = write!(line, "{d}");
     }
     let _ = line.write_str("\n");
-    crate::os::write_stderr(&line.buf[..line.len]);
+    crate::os::write_stderr(line.as_bytes());
     // SAFETY: abort has no preconditions; it does not return.
     unsafe { libc::abort() }
-}
-
-/// A stack buffer for the report (no allocation); truncates.
-struct Line {
-    buf: [u8; 320],
-    len: usize,
-}
-
-impl Write for Line {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let n = s.len().min(self.buf.len() - 1 - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
-    }
 }

@@ -345,6 +345,37 @@ pub(crate) fn write_stderr(msg: &[u8]) {
     unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
 }
 
+/// A line of text formatted on the stack, for reports written with [`write_stderr`]
+/// where nothing may allocate; truncates.
+#[allow(dead_code)] // without `checked` and `lockrank` nothing reports
+pub(crate) struct Line {
+    buf: [u8; 320],
+    len: usize,
+}
+
+#[allow(dead_code)]
+impl Line {
+    pub(crate) fn new() -> Self {
+        Line {
+            buf: [0; 320],
+            len: 0,
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl core::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let n = s.len().min(self.buf.len() - 1 - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
