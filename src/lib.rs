@@ -614,8 +614,14 @@ pub mod __private {
         }
 
         /// Makes a scavenger pass due at the next slow path that looks (under loom,
-        /// where there is no clock, none is due until this is called).
+        /// where there is no clock, none is due until this is called; then the first
+        /// one only).
         pub fn scavenge_soon(&self) {
+            #[cfg(spanheap_loom)]
+            self.heap
+                .scavenger
+                .model_due
+                .store(true, core::sync::atomic::Ordering::Relaxed);
             self.heap
                 .scavenger
                 .next_due

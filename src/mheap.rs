@@ -1180,10 +1180,18 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) fn maybe_scavenge(&self) {
         #[cfg(not(spanheap_loom))]
         let now = crate::os::coarse_now_ns();
-        // No clock under loom: a pass is due only when a model asks for one
-        // (`__private::PageHeap::scavenge_soon`; `next_due` starts claimed there).
+        // No clock under loom: passes are due (at time 0) only in a model that asks
+        // (`__private::PageHeap::scavenge_soon`).
         #[cfg(spanheap_loom)]
         let now = 0;
+        #[cfg(spanheap_loom)]
+        if !self
+            .scavenger
+            .model_due
+            .load(core::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         if now >= self.scavenger.next_due.load(Ordering::Relaxed) {
             self.scavenge_due(now);
         }
