@@ -3,9 +3,9 @@
 //!
 //! A `fork()` copies the address space with only the forking thread. A lock another
 //! thread held at that moment would stay held forever in the child. So the *prepare*
-//! handler takes every allocator lock, in the documented lock order (statistics reader,
-//! shared cache, every mcentral, heap, statistics `nop`), and both the *parent* and the
-//! *child* handlers release them in reverse order. Between prepare and the return of
+//! handler takes every allocator lock in rank order (`lockrank::TABLE`: reclaim,
+//! statistics reader, shared cache, every mcentral, heap, statistics `nop`), and both
+//! the *parent* and the *child* handlers release them in reverse order. Between prepare and the return of
 //! `fork()` no other thread can be inside a locked section of the allocator.
 //!
 //! Lock-free state needs fixing up in the child only where another thread could have
@@ -36,7 +36,6 @@
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::global::HEAP;
-use crate::sizeclasses::NUM_CLASSES;
 
 static REGISTERED: AtomicBool = AtomicBool::new(false);
 
@@ -51,15 +50,10 @@ pub(crate) fn register_once() {
 }
 
 extern "C" fn prepare() {
-    // First: a reclaimer takes the heap lock (and others) while holding it.
-    HEAP.fork_lock_reclaim();
-    HEAP.stats.fork_lock_reader();
-    crate::mcache::fork_lock_shared();
-    for c in &HEAP.central[1..NUM_CLASSES] {
-        c.fork_lock();
-    }
-    HEAP.fork_lock();
-    HEAP.stats.fork_lock_nop();
+    // Every lock in rank order (`lockrank::TABLE`): reclaim first (a reclaimer takes
+    // the heap lock while holding it), and no path waits for a lower-ranked lock while
+    // holding a higher one, so this cannot deadlock against a thread inside spanheap.
+    HEAP.fork_lock_all();
 }
 
 /// Releases what `prepare` took, in reverse order.
@@ -67,17 +61,8 @@ extern "C" fn prepare() {
 /// # Safety
 /// The calling thread ran `prepare` (it holds every lock).
 unsafe fn unlock_all() {
-    // SAFETY: the calling thread holds each lock, taken in `prepare`.
-    unsafe {
-        HEAP.stats.fork_unlock_nop();
-        HEAP.fork_unlock();
-        for c in HEAP.central[1..NUM_CLASSES].iter().rev() {
-            c.fork_unlock();
-        }
-        crate::mcache::fork_unlock_shared();
-        HEAP.stats.fork_unlock_reader();
-        HEAP.fork_unlock_reclaim();
-    }
+    // SAFETY: the calling thread took every lock in `prepare`.
+    unsafe { HEAP.fork_unlock_all() };
 }
 
 extern "C" fn parent() {

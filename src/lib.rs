@@ -48,6 +48,7 @@ mod fatal;
 mod fixalloc;
 #[cfg(not(spanheap_loom))]
 mod fork;
+mod lockrank;
 mod malloc;
 mod mcache;
 mod mcentral;
@@ -349,7 +350,7 @@ pub mod __private {
     impl LockedCounter {
         #[allow(clippy::new_without_default)]
         pub fn new() -> Self {
-            LockedCounter(crate::sync::Mutex::new(0))
+            LockedCounter(crate::sync::Mutex::new(0, crate::lockrank::HEAP))
         }
         /// A non-atomic read-modify-write under the lock.
         pub fn increment(&self) {
@@ -604,6 +605,42 @@ pub mod __private {
         /// Bytes in live heap spans (the in-use counter).
         pub fn heap_inuse(&self) -> u64 {
             self.heap.counters().heap_inuse
+        }
+
+        /// Allocates an object of class `class` as a thread without a cache does:
+        /// from the heap's shared cache, under its lock (then a scavenger pass, if
+        /// one is due and the refill took a span).
+        pub fn alloc_shared(&self, class: usize) -> *mut u8 {
+            self.heap.shared.alloc(self.heap, class)
+        }
+
+        /// Makes a scavenger pass due at the next slow path that looks (under loom,
+        /// where there is no clock, none is due until this is called; then the first
+        /// one only).
+        pub fn scavenge_soon(&self) {
+            #[cfg(spanheap_loom)]
+            self.heap
+                .scavenger
+                .model_due
+                .store(true, core::sync::atomic::Ordering::Relaxed);
+            self.heap
+                .scavenger
+                .next_due
+                .store(0, crate::sync::Ordering::Relaxed);
+        }
+
+        /// The fork handlers' *prepare*: takes every lock of the heap in rank order.
+        pub fn fork_lock_all(&self) {
+            self.heap.fork_lock_all();
+        }
+
+        /// The fork handlers' *parent*: releases what `fork_lock_all` took.
+        ///
+        /// # Safety
+        /// The calling thread took them with `fork_lock_all`.
+        pub unsafe fn fork_unlock_all(&self) {
+            // SAFETY: forwarded.
+            unsafe { self.heap.fork_unlock_all() };
         }
 
         /// Returns every free page to the memory source now (the scavenger's forced

@@ -64,9 +64,7 @@ use crate::os::MemSource;
 use crate::pagecache::GatedCache;
 use crate::sizeclasses::{obj_index, CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
 use crate::stats::{field, HeapSeq};
-#[cfg(not(spanheap_loom))]
-use crate::sync::Mutex;
-use crate::sync::{AtomicU64, Ordering, UnsafeCell};
+use crate::sync::{AtomicU64, Mutex, Ordering, UnsafeCell};
 
 /// One size class of a cache: one cache line, all the fast paths touch.
 #[repr(C, align(64))]
@@ -310,11 +308,26 @@ pub(crate) unsafe fn alloc_from<M: MemSource>(
         if !p.is_null() {
             return p;
         }
-        if !refill(heap, c, class) {
-            return ptr::null_mut();
-        }
-        try_alloc(c, class)
+        refilled(heap, c, class)
     }
+}
+
+/// Refills the class (its window and free list are empty) and allocates from it; runs
+/// a due scavenger pass if a new span was taken. Null if memory is exhausted.
+///
+/// # Safety
+/// `c` is a thread cache owned by the caller, who holds no lock.
+unsafe fn refilled<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> *mut u8 {
+    // SAFETY: forwarded.
+    let r = unsafe { refill(heap, c, class) };
+    if r == Refill::Span {
+        heap.maybe_scavenge();
+    }
+    if r == Refill::Failed {
+        return ptr::null_mut();
+    }
+    // SAFETY: forwarded; the window is loaded.
+    unsafe { try_alloc(c, class) }
 }
 
 /// Allocates an object of size class `class` (1..NUM_CLASSES). Null on failure.
@@ -352,17 +365,12 @@ fn alloc_slow(class: usize) -> *mut u8 {
         LIVE => {}
         NO_CACHE => match create_cache() {
             Some(n) => c = n,
-            None => return pless_alloc(class),
+            None => return HEAP.shared.alloc(&HEAP, class),
         },
-        _ => return pless_alloc(class),
+        _ => return HEAP.shared.alloc(&HEAP, class),
     }
-    // SAFETY: `c` is this thread's live cache.
-    unsafe {
-        if !refill(&HEAP, c, class) {
-            return ptr::null_mut();
-        }
-        try_alloc(c, class)
-    }
+    // SAFETY: `c` is this thread's live cache, no lock held.
+    unsafe { refilled(&HEAP, c, class) }
 }
 
 /// How many freed objects a class's local free list may hold before three quarters of
@@ -1024,14 +1032,16 @@ pub(crate) unsafe fn remote_free<M: MemSource>(
 
 /// Refills class `class` of cache `c`, then publishes the class's counts: the new
 /// window's objects as allocated, reuses from the free list as allocated and freed.
-/// Returns false if memory is exhausted.
+/// Runs no scavenger pass (the shared cache's lock may be held: a pass takes the
+/// reclaim lock, which ranks before it); if it says `Span`, the caller runs a due one
+/// once it holds no lock.
 ///
 /// # Safety
 /// `c` is a live cache owned by the caller (thread cache, or shared cache under lock),
 /// and the class's free list and window are empty.
-unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> bool {
+unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> Refill {
     // SAFETY: forwarded.
-    let ok = unsafe { refill_span(heap, c, class) };
+    let r = unsafe { refill_span(heap, c, class) };
     // SAFETY: the entry is ours.
     let e = unsafe { entry(c, class) };
     let pops = core::mem::take(&mut e.pops);
@@ -1043,7 +1053,18 @@ unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) ->
             d.add(field::SMALL_FREES + class, pops);
         });
     }
-    ok
+    r
+}
+
+/// What a refill did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Refill {
+    /// Memory is exhausted: the window is still empty.
+    Failed,
+    /// The window was loaded from the class's current span.
+    Window,
+    /// The class took a new span: a slow path, where a due scavenger pass may run.
+    Span,
 }
 
 /// Makes the span of class `class` have a window with free objects (see `refill`).
@@ -1065,7 +1086,7 @@ unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) ->
 ///
 /// # Safety
 /// As for `refill`.
-unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> bool {
+unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> Refill {
     // SAFETY: the entry is ours.
     let e = unsafe { entry(c, class) };
     // The span to give back in the same hold of the mcentral lock as the next is taken.
@@ -1073,7 +1094,7 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
     if let Some(s) = current_span(heap, e) {
         // SAFETY: we own the current span.
         if unsafe { load_window(e, s) } {
-            return true;
+            return Refill::Window;
         }
         // Exhausted: sweep in place (merge remote frees). Keep the span if at least an
         // eighth of it came back: a producer whose objects are freed elsewhere, or a
@@ -1084,7 +1105,11 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
         let nelems = unsafe { private(s) }.nelems as usize;
         if free >= (nelems / 8).max(1) {
             // SAFETY: as above.
-            return unsafe { load_window(e, s) };
+            return if unsafe { load_window(e, s) } {
+                Refill::Window
+            } else {
+                Refill::Failed
+            };
         }
         set_span(e, None, false);
         old = Some(s);
@@ -1120,13 +1145,9 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
                         .store(c as usize, Ordering::Relaxed);
                     s
                 }
-                None => return false,
+                None => return Refill::Failed,
             },
         };
-        // A new span for the class: a slow path (a few per thousand objects at most),
-        // where a due scavenger pass may run. Window loads from the current span
-        // (every 64 objects) do not look at the clock.
-        heap.maybe_scavenge();
         // Wide mode if no free of this class since the last span was another cache's
         // object: this thread frees what it allocated, so every free of the class goes
         // to the local list without a span-map lookup (the fast path's range test
@@ -1138,9 +1159,12 @@ unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usiz
             core::mem::take(r) == 0
         };
         set_span(e, Some(s), wide);
+        // A new span for the class: a slow path (a few per thousand objects at most),
+        // where the caller runs a due scavenger pass. Window loads from the current
+        // span (every 64 objects) do not look at the clock.
         // SAFETY: we own the new span.
         if unsafe { load_window(e, s) } {
-            return true;
+            return Refill::Span;
         }
         // A span the mcentral thought partial had nothing free after all (its frees
         // were merged by an earlier owner): give it back as full and take another.
@@ -1459,52 +1483,88 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
     unsafe { (*c).heap.with(|tc| heap.flush_heap_cache(tc)) };
 }
 
-/// The shared cache of cache-less threads, created on first use. The lock is a leaf
-/// except for the mcentral and heap locks taken by refills.
-#[cfg(not(spanheap_loom))]
+/// The cache of threads without one of their own ("P-less": exited threads in later
+/// destructors, threads whose cache could not be made), one per heap, its record made
+/// on first use. Its lock ranks after the reclaim and statistics reader locks and
+/// before the mcentral locks its refills take (`lockrank.rs`), so no scavenger pass
+/// may run under it (a pass takes the reclaim lock, as the fork handler does before
+/// this one): `alloc` runs a due pass after letting go of the lock.
+pub(crate) struct SharedCache(Mutex<Shared>);
+
 struct Shared(*mut MCache);
 // SAFETY: the pointer is only used under the lock.
-#[cfg(not(spanheap_loom))]
 unsafe impl Send for Shared {}
-#[cfg(not(spanheap_loom))]
-static SHARED: Mutex<Shared> = Mutex::new(Shared(ptr::null_mut()));
 
-/// Fork handlers: take and release the shared cache's lock (see `fork.rs`).
-#[cfg(not(spanheap_loom))]
-pub(crate) fn fork_lock_shared() {
-    SHARED.fork_lock();
-}
-/// # Safety
-/// The calling thread holds the lock (`fork_lock_shared`).
-#[cfg(not(spanheap_loom))]
-pub(crate) unsafe fn fork_unlock_shared() {
-    // SAFETY: forwarded.
-    unsafe { SHARED.fork_unlock() };
-}
+impl SharedCache {
+    crate::sync::const_fn! {
+        pub(crate) fn new() -> Self {
+            SharedCache(Mutex::new(Shared(ptr::null_mut()), crate::lockrank::SHARED))
+        }
+    }
 
-#[cfg(not(spanheap_loom))]
-#[cold]
-fn pless_alloc(class: usize) -> *mut u8 {
-    SHARED.lock().with(|sh| {
-        if sh.0.is_null() {
-            sh.0 = HEAP.alloc_cache_record();
+    /// Allocates an object of class `class` (1..NUM_CLASSES) from the shared cache.
+    /// Null if memory is exhausted. The caller holds no lock.
+    #[cold]
+    pub(crate) fn alloc<M: MemSource>(&self, heap: &MHeap<M>, class: usize) -> *mut u8 {
+        let (p, refill) = self.0.lock().with(|sh| {
             if sh.0.is_null() {
-                return ptr::null_mut();
+                sh.0 = Self::record(heap);
+                if sh.0.is_null() {
+                    return (ptr::null_mut(), Refill::Failed);
+                }
             }
+            let c = sh.0;
+            // SAFETY: the shared cache is ours under the lock.
+            unsafe {
+                let p = try_alloc(c, class);
+                if !p.is_null() {
+                    return (p, Refill::Window);
+                }
+                let r = refill(heap, c, class);
+                // The mutant `shared_scavenge` restores the old order (a pass under
+                // this lock), which the loom model `fork_order` must catch.
+                #[cfg(spanheap_mutant = "shared_scavenge")]
+                if r == Refill::Span {
+                    heap.maybe_scavenge();
+                }
+                if r == Refill::Failed {
+                    return (ptr::null_mut(), r);
+                }
+                (try_alloc(c, class), r)
+            }
+        });
+        #[cfg(not(spanheap_mutant = "shared_scavenge"))]
+        if refill == Refill::Span {
+            heap.maybe_scavenge();
         }
-        let c = sh.0;
-        // SAFETY: the shared cache is ours under the lock.
-        unsafe {
-            let p = try_alloc(c, class);
-            if !p.is_null() {
-                return p;
-            }
-            if !refill(&HEAP, c, class) {
-                return ptr::null_mut();
-            }
-            try_alloc(c, class)
+        #[cfg(spanheap_mutant = "shared_scavenge")]
+        let _ = refill;
+        p
+    }
+
+    /// A record for the shared cache: from the heap's records, or (under loom, whose
+    /// atomics need constructing) a leaked one.
+    fn record<M: MemSource>(heap: &MHeap<M>) -> *mut MCache {
+        #[cfg(not(spanheap_loom))]
+        return heap.alloc_cache_record();
+        #[cfg(spanheap_loom)]
+        {
+            let _ = heap;
+            MCache::leaked()
         }
-    })
+    }
+
+    /// For the fork handlers (`MHeap::fork_lock_all`): takes the lock without a guard.
+    pub(crate) fn fork_lock(&self) {
+        self.0.fork_lock();
+    }
+
+    /// # Safety
+    /// The calling thread holds the lock (`fork_lock`).
+    pub(crate) unsafe fn fork_unlock(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.0.fork_unlock() };
+    }
 }
 
 /// Runs `f` with the calling thread's heap cache, creating the thread cache if this is

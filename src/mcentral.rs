@@ -186,28 +186,30 @@ fn update_rstate(s: NonNull<MSpan>, f: impl Fn(u32, i64) -> (u32, i64)) -> u64 {
 
 impl MCentral {
     /// Fork handlers: take and release this class's lock (see `fork.rs`).
-    #[cfg(not(spanheap_loom))]
     pub(crate) fn fork_lock(&self) {
         self.lists.fork_lock();
     }
     /// # Safety
     /// The calling thread holds the lock (`fork_lock`).
-    #[cfg(not(spanheap_loom))]
     pub(crate) unsafe fn fork_unlock(&self) {
         // SAFETY: forwarded.
         unsafe { self.lists.fork_unlock() };
     }
 
     crate::sync::const_fn! {
-        pub(crate) fn new() -> Self {
+        /// The empty mcentral of size class `class` (its lock's rank is the class's).
+        pub(crate) fn new(class: usize) -> Self {
             MCentral {
-                lists: Mutex::new(Lists {
+                lists: Mutex::new(
+                    Lists {
                     partial: [ptr::null_mut(); PARTIAL_BUCKETS],
                     nonempty: 0,
                     full: ptr::null_mut(),
                     spares: ptr::null_mut(),
                     nspares: 0,
-                }),
+                    },
+                    crate::lockrank::central(class),
+                ),
                 pending: AtomicPtr::new(ptr::null_mut()),
             }
         }

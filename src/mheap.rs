@@ -51,6 +51,7 @@ use crate::arena::{ArenaHint, ArenaIndex, HeapArena, ARENA_SIZE};
 use crate::fixalloc::{FixAlloc, RawFixAlloc};
 #[cfg(not(spanheap_loom))]
 use crate::mcache::MCache;
+use crate::mcache::SharedCache;
 use crate::mcentral::MCentral;
 use crate::mspan::{
     place, rstate, MSpan, Purpose, SmallPrivate, SpanInfo, SpanState, RSTATE_OWNED,
@@ -243,8 +244,22 @@ pub(crate) struct MHeap<M: MemSource> {
     /// reused, never unmapped).
     caches: AtomicPtr<GatedCache>,
     /// The reclaim lock: one reclaimer at a time, and no claim held across `fork()`.
-    /// Lock order: reclaim lock -> heap lock.
+    /// Lock order: `lockrank::TABLE` (first of all).
     reclaim: Mutex<()>,
+    /// The cache of threads without one (`mcache.rs`).
+    pub(crate) shared: SharedCache,
+}
+
+/// The mcentrals, one per class, each with its class's lock rank.
+#[cfg(not(spanheap_loom))]
+const fn centrals() -> [MCentral; NUM_CLASSES] {
+    let mut a = [const { MCentral::new(0) }; NUM_CLASSES];
+    let mut c = 1;
+    while c < NUM_CLASSES {
+        a[c] = MCentral::new(c);
+        c += 1;
+    }
+    a
 }
 
 impl<M: MemSource> MHeap<M> {
@@ -261,16 +276,17 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) const fn with_writer(mem: M, writer: fn() -> Option<&'static HeapSeq>) -> Self {
         MHeap {
             mem,
-            locked: Mutex::new(Locked::new()),
+            locked: Mutex::new(Locked::new(), crate::lockrank::HEAP),
             arenas: ArenaIndex::new(),
             pages_in_use: AtomicUsize::new(0),
             gauges: Gauges::new(),
             stats: HeapStats::new(),
             writer,
-            central: [const { MCentral::new() }; NUM_CLASSES],
+            central: centrals(),
             scavenger: Scavenger::new(false, crate::scavenger::no_spawn),
             caches: AtomicPtr::new(ptr::null_mut()),
-            reclaim: Mutex::new(()),
+            reclaim: Mutex::new((), crate::lockrank::RECLAIM),
+            shared: SharedCache::new(),
         }
     }
 
@@ -290,16 +306,17 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) fn with_writer(mem: M, writer: fn() -> Option<&'static HeapSeq>) -> Self {
         MHeap {
             mem,
-            locked: Mutex::new(Locked::new()),
+            locked: Mutex::new(Locked::new(), crate::lockrank::HEAP),
             arenas: ArenaIndex::new(),
             pages_in_use: AtomicUsize::new(0),
             gauges: Gauges::new(),
             stats: HeapStats::new(),
             writer,
-            central: core::array::from_fn(|_| MCentral::new()),
+            central: core::array::from_fn(MCentral::new),
             scavenger: Scavenger::new(false, crate::scavenger::no_spawn),
             caches: AtomicPtr::new(ptr::null_mut()),
-            reclaim: Mutex::new(()),
+            reclaim: Mutex::new((), crate::lockrank::RECLAIM),
+            shared: SharedCache::new(),
         }
     }
 
@@ -988,29 +1005,36 @@ impl<M: MemSource> MHeap<M> {
         })
     }
 
-    /// Fork handlers: take and release the heap lock (see `fork.rs`).
-    #[cfg(not(spanheap_loom))]
-    pub(crate) fn fork_lock(&self) {
-        self.locked.fork_lock();
-    }
-    /// # Safety
-    /// The calling thread holds the lock (`fork_lock`).
-    #[cfg(not(spanheap_loom))]
-    pub(crate) unsafe fn fork_unlock(&self) {
-        // SAFETY: forwarded.
-        unsafe { self.locked.fork_unlock() };
-    }
-    /// Fork handlers: take and release the reclaim lock, first of all (see `fork.rs`).
-    #[cfg(not(spanheap_loom))]
-    pub(crate) fn fork_lock_reclaim(&self) {
+    /// For the fork handlers (`fork.rs`): takes every lock of the heap in rank order
+    /// (`lockrank::TABLE`) and holds them until [`fork_unlock_all`](Self::fork_unlock_all).
+    pub(crate) fn fork_lock_all(&self) {
         self.reclaim.fork_lock();
+        self.stats.fork_lock_reader();
+        self.shared.fork_lock();
+        for c in &self.central[1..NUM_CLASSES] {
+            c.fork_lock();
+        }
+        self.locked.fork_lock();
+        self.stats.fork_lock_nop();
     }
+
+    /// Releases what [`fork_lock_all`](Self::fork_lock_all) took, in reverse order.
+    ///
     /// # Safety
-    /// The calling thread holds the lock (`fork_lock_reclaim`).
-    #[cfg(not(spanheap_loom))]
-    pub(crate) unsafe fn fork_unlock_reclaim(&self) {
-        // SAFETY: forwarded.
-        unsafe { self.reclaim.fork_unlock() };
+    /// The calling thread holds every lock of the heap, taken with `fork_lock_all` (in
+    /// the child of a fork, the thread that forked).
+    pub(crate) unsafe fn fork_unlock_all(&self) {
+        // SAFETY: the calling thread holds each lock, taken by `fork_lock_all`.
+        unsafe {
+            self.stats.fork_unlock_nop();
+            self.locked.fork_unlock();
+            for c in self.central[1..NUM_CLASSES].iter().rev() {
+                c.fork_unlock();
+            }
+            self.shared.fork_unlock();
+            self.stats.fork_unlock_reader();
+            self.reclaim.fork_unlock();
+        }
     }
 
     // ----------------------------------------------------------------------------------
@@ -1166,11 +1190,21 @@ impl<M: MemSource> MHeap<M> {
     #[inline]
     pub(crate) fn maybe_scavenge(&self) {
         #[cfg(not(spanheap_loom))]
+        let now = crate::os::coarse_now_ns();
+        // No clock under loom: passes are due (at time 0) only in a model that asks
+        // (`__private::PageHeap::scavenge_soon`).
+        #[cfg(spanheap_loom)]
+        let now = 0;
+        #[cfg(spanheap_loom)]
+        if !self
+            .scavenger
+            .model_due
+            .load(core::sync::atomic::Ordering::Relaxed)
         {
-            let now = crate::os::coarse_now_ns();
-            if now >= self.scavenger.next_due.load(Ordering::Relaxed) {
-                self.scavenge_due(now);
-            }
+            return;
+        }
+        if now >= self.scavenger.next_due.load(Ordering::Relaxed) {
+            self.scavenge_due(now);
         }
     }
 

@@ -106,6 +106,11 @@ pub(crate) struct Scavenger {
     pub(crate) next_due: AtomicU64,
     /// Starts the background thread (the process-wide heap's); returns whether it runs.
     spawn: fn() -> bool,
+    /// Under loom, which has no clock: whether a model asked for passes
+    /// (`__private::PageHeap::scavenge_soon`). A plain atomic, so that models that do
+    /// not ask see no extra step.
+    #[cfg(spanheap_loom)]
+    pub(crate) model_due: core::sync::atomic::AtomicBool,
 }
 
 impl Scavenger {
@@ -121,6 +126,8 @@ impl Scavenger {
                 env: AtomicU32::new(if env { 0 } else { 2 }),
                 next_due: AtomicU64::new(0),
                 spawn,
+                #[cfg(spanheap_loom)]
+                model_due: core::sync::atomic::AtomicBool::new(false),
             }
         }
     }

@@ -166,8 +166,8 @@ impl<const N: usize> ConsistentStats<N> {
             ConsistentStats {
                 shared: [Delta::new(), Delta::new()],
                 gen: AtomicU32::new(0),
-                nop: Mutex::new(()),
-                reader: Mutex::new([0; N]),
+                nop: Mutex::new((), crate::lockrank::STATS_NOP),
+                reader: Mutex::new([0; N], crate::lockrank::STATS_READER),
                 writers: AtomicPtr::new(ptr::null_mut()),
             }
         }
@@ -221,24 +221,20 @@ impl<const N: usize> ConsistentStats<N> {
     }
 
     /// Fork handlers: take and release the reader and `nop` locks (see `fork.rs`).
-    #[cfg(not(spanheap_loom))]
     pub(crate) fn fork_lock_reader(&self) {
         self.reader.fork_lock();
     }
-    #[cfg(not(spanheap_loom))]
     pub(crate) fn fork_lock_nop(&self) {
         self.nop.fork_lock();
     }
     /// # Safety
     /// The calling thread holds the lock (`fork_lock_reader`).
-    #[cfg(not(spanheap_loom))]
     pub(crate) unsafe fn fork_unlock_reader(&self) {
         // SAFETY: forwarded.
         unsafe { self.reader.fork_unlock() };
     }
     /// # Safety
     /// The calling thread holds the lock (`fork_lock_nop`).
-    #[cfg(not(spanheap_loom))]
     pub(crate) unsafe fn fork_unlock_nop(&self) {
         // SAFETY: forwarded.
         unsafe { self.nop.fork_unlock() };

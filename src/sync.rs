@@ -14,6 +14,7 @@
 //!   lock's wait is a modelled futex: [`RawMutex`] under loom blocks on a condvar);
 //! - arrays of atomics placed in raw OS memory are made valid with [`init_atomics`].
 
+pub(crate) use crate::lockrank::Rank;
 #[cfg(not(spanheap_loom))]
 pub(crate) use core::sync::atomic::{
     fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
@@ -233,6 +234,9 @@ const LOCK_ACQUIRE: Ordering = Ordering::Relaxed;
 /// Under loom the kernel wait becomes a yield, so the lock itself is model-checked too.
 pub(crate) struct RawMutex {
     state: AtomicU32,
+    /// Its place in the lock order (`lockrank.rs`); kept only where it is checked.
+    #[cfg(all(feature = "lockrank", not(spanheap_loom)))]
+    rank: Rank,
     /// Debug builds: the pthread that holds the lock (0 when free), to check that the
     /// thread unlocking is the one that locked. Written only by the holder.
     #[cfg(all(debug_assertions, not(spanheap_loom)))]
@@ -243,16 +247,22 @@ pub(crate) struct RawMutex {
 }
 
 impl RawMutex {
+    /// A free lock of rank `rank` (`lockrank.rs`).
     #[cfg(not(spanheap_loom))]
-    pub(crate) const fn new() -> Self {
+    pub(crate) const fn new(rank: Rank) -> Self {
+        #[cfg(not(feature = "lockrank"))]
+        let _ = rank;
         RawMutex {
             state: AtomicU32::new(UNLOCKED),
+            #[cfg(feature = "lockrank")]
+            rank,
             #[cfg(debug_assertions)]
             owner: AtomicUsize::new(0),
         }
     }
     #[cfg(spanheap_loom)]
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(rank: Rank) -> Self {
+        let _ = rank;
         RawMutex {
             state: AtomicU32::new(UNLOCKED),
             futex: (loom::sync::Mutex::new(()), loom::sync::Condvar::new()),
@@ -261,6 +271,10 @@ impl RawMutex {
 
     #[inline]
     pub(crate) fn lock(&self) {
+        // Checked before waiting: an order that could deadlock aborts even when it
+        // does not.
+        #[cfg(all(feature = "lockrank", not(spanheap_loom)))]
+        crate::lockrank::acquired(self as *const Self as usize, self.rank);
         // Acquire pairs with the Release in `unlock`: everything the previous holder
         // wrote under the lock is visible to us.
         if self
@@ -302,6 +316,8 @@ impl RawMutex {
 
     #[inline]
     pub(crate) fn unlock(&self) {
+        #[cfg(all(feature = "lockrank", not(spanheap_loom)))]
+        crate::lockrank::released(self as *const Self as usize, self.rank);
         #[cfg(all(debug_assertions, not(spanheap_loom)))]
         {
             debug_assert_eq!(self.owner.load(Ordering::Relaxed), current_thread_id());
@@ -313,13 +329,17 @@ impl RawMutex {
         }
     }
 
-    /// Takes the lock if it is free; never waits.
+    /// Takes the lock if it is free; never waits, so it may take it out of rank order.
     #[inline]
     pub(crate) fn try_lock(&self) -> bool {
         let ok = self
             .state
             .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
             .is_ok();
+        #[cfg(all(feature = "lockrank", not(spanheap_loom)))]
+        if ok {
+            crate::lockrank::tried(self as *const Self as usize, self.rank);
+        }
         #[cfg(all(debug_assertions, not(spanheap_loom)))]
         if ok {
             self.owner.store(current_thread_id(), Ordering::Relaxed);
@@ -407,9 +427,10 @@ unsafe impl<T: Send> Send for Mutex<T> {}
 
 impl<T> Mutex<T> {
     crate::sync::const_fn! {
-        pub(crate) fn new(value: T) -> Self {
+        /// `value` behind a lock of rank `rank` (`lockrank.rs`).
+        pub(crate) fn new(value: T, rank: Rank) -> Self {
             Mutex {
-                raw: RawMutex::new(),
+                raw: RawMutex::new(rank),
                 data: UnsafeCell::new(value),
             }
         }
@@ -423,7 +444,6 @@ impl<T> Mutex<T> {
 
     /// Takes the lock without a guard, for the fork handlers, which hold it across
     /// `fork()` and release it with [`fork_unlock`](Self::fork_unlock).
-    #[cfg(not(spanheap_loom))]
     pub(crate) fn fork_lock(&self) {
         self.raw.lock();
     }
@@ -433,7 +453,6 @@ impl<T> Mutex<T> {
     /// # Safety
     /// The calling thread took it with `fork_lock` (in the child of a fork, the thread
     /// that forked).
-    #[cfg(not(spanheap_loom))]
     pub(crate) unsafe fn fork_unlock(&self) {
         self.raw.unlock();
     }

@@ -115,3 +115,142 @@ fn fork_while_other_threads_allocate() {
     // The parent's allocator is intact too.
     spanheap::stats().check().unwrap();
 }
+
+/// One key for every thread of the storm; created after spanheap's own key (made at the
+/// process's first allocation), so glibc runs its destructor after spanheap's cache
+/// teardown: the thread is cache-less by then and allocates from the shared cache.
+fn late_key() -> libc::pthread_key_t {
+    extern "C" fn dtor(_: *mut libc::c_void) {
+        // 28 KiB objects: a span refill for nearly every one, each a chance for a
+        // scavenger pass (due every millisecond here).
+        let v: Vec<Box<[u8]>> = (0..64)
+            .map(|i| vec![i as u8; 28 << 10].into_boxed_slice())
+            .collect();
+        std::hint::black_box(&v);
+    }
+    static KEY: std::sync::OnceLock<libc::pthread_key_t> = std::sync::OnceLock::new();
+    *KEY.get_or_init(|| {
+        let mut k: libc::pthread_key_t = 0;
+        // SAFETY: a plain key creation with a valid destructor.
+        assert_eq!(unsafe { libc::pthread_key_create(&mut k, Some(dtor)) }, 0);
+        k
+    })
+}
+
+/// How long the storm runs (5 s; `SPANHEAP_FORK_STORM_SECS` for longer runs: the old
+/// code hung within half a second), and at most how many forks.
+fn storm_secs() -> u64 {
+    std::env::var("SPANHEAP_FORK_STORM_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+}
+const STORM_FORKS: u64 = 20_000;
+
+/// The child process's part of `fork_while_cacheless_threads_scavenge`: threads that
+/// allocate from the shared cache in their last pthread-key destructor, with a
+/// scavenger pass due every millisecond, while this thread forks as fast as it can.
+/// Prints "storm: N forks in S s".
+fn fork_storm() {
+    assert!(spanheap::set_scavenger_config(spanheap::ScavengerConfig {
+        delay: Some(Duration::from_millis(1)),
+        retain_percent: 0,
+        background: false,
+    }));
+    let key = late_key();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let spawner = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            let ts: Vec<_> = (0..4)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        // A cache of its own first, then the late destructor.
+                        std::hint::black_box(Box::new(1u64));
+                        // SAFETY: setting this thread's value of our key (non-null, so
+                        // the destructor runs).
+                        assert_eq!(unsafe { libc::pthread_setspecific(key, 1 as *const _) }, 0);
+                    })
+                })
+                .collect();
+            for t in ts {
+                t.join().unwrap();
+            }
+        }
+    });
+    let t0 = Instant::now();
+    let mut forks = 0u64;
+    while forks < STORM_FORKS && t0.elapsed() < Duration::from_secs(storm_secs()) {
+        // SAFETY: fork in a multi-threaded program; the child leaves at once with
+        // `_exit`, touching nothing.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: ends the child immediately.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        forks += 1;
+        if forks % 1000 == 0 {
+            println!("{forks} forks at {:.2} s", t0.elapsed().as_secs_f64());
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    spawner.join().unwrap();
+    println!(
+        "storm: {forks} forks in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// A thread without a cache takes the shared cache's lock; its refill must not run a
+/// scavenger pass (which takes the reclaim lock) under it, or the fork handler, which
+/// takes the reclaim lock first, deadlocks against it. Run in a child process that the
+/// test kills if it hangs.
+#[test]
+fn fork_while_cacheless_threads_scavenge() {
+    if std::env::var_os("SPANHEAP_FORK_CHILD").is_some() {
+        fork_storm();
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fork_while_cacheless_threads_scavenge",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SPANHEAP_FORK_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(storm_secs() + 25) {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the fork storm hung (a lock-order deadlock in fork?) after {:.1} s:\n{}\n{}",
+                t0.elapsed().as_secs_f64(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "child failed: {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    // The report may follow the harness's "test ... " on the same line.
+    let report = stdout.find("storm:").expect("no storm report");
+    println!("{}", stdout[report..].lines().next().unwrap());
+}
