@@ -129,6 +129,10 @@ pub const ADDR_LIMIT: usize = 1 << 48;
 unsafe impl MemSource for OsMemory {
     fn reserve(&self, size: usize, align: usize, hint: usize) -> Result<NonNull<u8>, OsError> {
         let page = os_page_size()?;
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Reserve) {
+            return Err(OsError::NoMemory(libc::ENOMEM));
+        }
         debug_assert!(align.is_power_of_two() && align >= page && size % page == 0);
         if size == 0 || size >= ADDR_LIMIT || align >= ADDR_LIMIT {
             return Err(OsError::TooLarge);
@@ -173,6 +177,10 @@ unsafe impl MemSource for OsMemory {
     }
 
     unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Map) {
+            return Err(OsError::NoMemory(libc::ENOMEM));
+        }
         // MAP_FIXED over our own PROT_NONE reservation: replaces it with zero-filled,
         // writable, lazily-backed memory. Unlike mprotect this also gives a fresh
         // mapping if the range was written before.
@@ -200,6 +208,10 @@ unsafe impl MemSource for OsMemory {
     }
 
     unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Decommit) {
+            return false;
+        }
         // MADV_DONTNEED: pages are dropped at once and read as zero afterwards, which
         // lets `alloc_zeroed` skip clearing them. (MADV_FREE is cheaper but leaves
         // contents undefined until reclaim, and RSS does not drop until then.) It fails

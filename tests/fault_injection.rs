@@ -1,0 +1,151 @@
+//! OS calls that fail on purpose (feature `fault-injection`): the randomized
+//! differential engine (`tests/common/differential.rs`) runs while one in 1,000 of the
+//! OS layer's reserve / map / decommit calls fails. Every allocation must be null or a
+//! valid block, blocks keep their contents, zeroed blocks are zero (a failed decommit
+//! leaves old contents behind), a checker thread takes statistics snapshots that must
+//! pass `check()` and calls `release_memory()` so that decommits happen, and paced
+//! passes run every few milliseconds. Then heap growth is tried with one call in three
+//! failing. At the end the heap's in-use bytes are back where they were and every kind
+//! of call had failures injected.
+//!
+//! Release builds run 1,000,000 operations (4 threads), debug builds 100,000.
+//! `cargo test --release --features fault-injection --test fault_injection`
+#![cfg(feature = "fault-injection")]
+
+#[path = "common/differential.rs"]
+mod differential;
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use differential::{run, Config};
+use spanheap::fault_injection;
+
+#[global_allocator]
+static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
+
+const MIB: usize = 1 << 20;
+
+/// Bytes in live heap spans, with this thread's cache flushed and the spare spans and
+/// free pages given back (all of which vary with what ran before).
+fn heap_in_use() -> u64 {
+    spanheap::release_memory();
+    let s = spanheap::stats();
+    s.check().unwrap();
+    s.heap_bytes
+}
+
+#[test]
+fn differential_run_with_failing_os_calls() {
+    let threads = 4;
+    let ops_per_thread = if cfg!(debug_assertions) {
+        25_000
+    } else {
+        250_000
+    };
+    let cfg = |seed| Config {
+        seed,
+        threads,
+        ops_per_thread,
+        tolerate_null: true,
+    };
+    // Paced passes soon after frees, nothing retained: many decommits.
+    let mut c = spanheap::scavenger_config();
+    c.delay = Some(Duration::from_millis(1));
+    c.retain_percent = 0;
+    c.background = false;
+    spanheap::set_scavenger_config(c);
+    // A first run without failures grows the heap to the run's size and gives the
+    // thread-cache records their stack storage, so that the measured run rarely needs
+    // the OS for anything but decommits: the engine's own Vecs and channels (and std's)
+    // cannot take a null.
+    let warm = run(cfg(0xFA17_0001));
+    assert_eq!(warm.nulls, 0);
+    let before = heap_in_use();
+
+    let done = AtomicBool::new(false);
+    let (report, (snapshots, releases)) = std::thread::scope(|sc| {
+        let checker = sc.spawn(|| {
+            let (mut snapshots, mut releases) = (0u64, 0u64);
+            while !done.load(Ordering::Relaxed) {
+                spanheap::stats().check().unwrap();
+                snapshots += 1;
+                if snapshots % 8 == 0 {
+                    spanheap::release_memory();
+                    releases += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (snapshots, releases)
+        });
+        fault_injection::set(1000, 0x5EED_FA17);
+        let r = run(cfg(0xFA17_0002));
+        fault_injection::off();
+        done.store(true, Ordering::Relaxed);
+        (r, checker.join().unwrap())
+    });
+    let during = fault_injection::counts();
+
+    // Growth with one call in three failing: big blocks that need new arenas (their
+    // records, the page allocator's summaries). No allocation of the test's own in
+    // between: a null there would abort.
+    let l = Layout::from_size_align(256 * MIB, 8).unwrap();
+    let mut big: Vec<(u8, *mut u8)> = Vec::with_capacity(32);
+    let mut big_nulls = 0;
+    fault_injection::set(3, 0x5EED_0003);
+    for i in 0..32u8 {
+        // SAFETY: non-zero size.
+        let p = unsafe { GLOBAL.alloc(l) };
+        if p.is_null() {
+            big_nulls += 1;
+            continue;
+        }
+        // SAFETY: a fresh block of 256 MiB.
+        unsafe {
+            p.write(i);
+            p.add(l.size() - 1).write(!i);
+        }
+        big.push((i, p));
+    }
+    fault_injection::off();
+    let counts = fault_injection::counts();
+    let got = big.len();
+    for (i, p) in big {
+        // SAFETY: a live block of layout `l`.
+        unsafe {
+            assert_eq!(
+                (*p, *p.add(l.size() - 1)),
+                (i, !i),
+                "big block {i} corrupted"
+            );
+            GLOBAL.dealloc(p, l);
+        }
+    }
+
+    let after = heap_in_use();
+    let s = spanheap::stats();
+    println!(
+        "fault injection: {} operations ({} allocs, {} zeroed, {} reallocs, {} frees, {} \
+         nulls, {} bytes checked); {snapshots} consistent snapshots, {releases} \
+         release_memory calls; during the run {during:?}; big blocks: {got} of 32 \
+         allocated, {big_nulls} null; all in all {counts:?}; decommit failures in the \
+         statistics: {} ({} MiB); heap in use {before} -> {after} bytes",
+        report.ops,
+        report.allocs,
+        report.zeroed,
+        report.reallocs,
+        report.frees,
+        report.nulls,
+        report.bytes_checked,
+        s.decommit_failures,
+        s.decommit_failed_bytes / MIB as u64,
+    );
+    assert_eq!(report.ops, threads as u64 * ops_per_thread);
+    assert_eq!(report.allocs + report.zeroed, report.frees);
+    assert!(counts.reserve.injected > 0, "{counts:?}");
+    assert!(counts.map.injected > 0, "{counts:?}");
+    assert!(during.decommit.injected > 0, "{during:?}");
+    assert!(s.decommit_failures >= during.decommit.injected);
+    assert_eq!(after, before, "heap bytes in use did not come back");
+}
