@@ -36,6 +36,16 @@ fn heap_in_use() -> u64 {
     s.heap_bytes
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        fault_injection::off();
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn differential_run_with_failing_os_calls() {
     let threads = 4;
@@ -79,10 +89,12 @@ fn differential_run_with_failing_os_calls() {
             }
             (snapshots, releases)
         });
+        // Stops the checker even if the run panics (the scope waits for it).
+        let stop = StopOnDrop(&done);
         fault_injection::set(1000, 0x5EED_FA17);
         let r = run(cfg(0xFA17_0002));
         fault_injection::off();
-        done.store(true, Ordering::Relaxed);
+        drop(stop);
         (r, checker.join().unwrap())
     });
     let during = fault_injection::counts();
