@@ -1080,10 +1080,11 @@ impl<M: MemSource> MHeap<M> {
     /// stopping once `budget_ns` have passed. Returns the bytes released and whether
     /// the pass stopped with work left.
     ///
-    /// A run the OS refuses to decommit is freed back dirty (still committed, perhaps
-    /// with its old contents, so allocation clears it) and stamped now, so a paced pass
-    /// takes it again only after the delay. The pass then stops: a forced pass, which
-    /// takes pages of any age, would otherwise take the same run again at once.
+    /// At the first run the OS refuses to decommit, the pass stops: that run and the
+    /// rest of the batch (not tried) are freed back dirty (still committed, perhaps with
+    /// old contents, so allocation clears them) and stamped now, so a paced pass takes
+    /// them again only after the delay. (A forced pass, which takes pages of any age,
+    /// would otherwise take the same run again at once.)
     ///
     /// The heap lock must not be held. It is taken to pick runs (which become
     /// allocated, so nobody else takes them) and to give them back scavenged, never
@@ -1124,36 +1125,37 @@ impl<M: MemSource> MHeap<M> {
             if n == 0 {
                 return (released, false);
             }
-            let mut done = [false; BATCH_RUNS];
-            for (ok, &(base, npages)) in done.iter_mut().zip(&runs[..n]) {
+            // Runs `[..ndone]` were decommitted; at the first refusal the rest are not
+            // tried.
+            let mut ndone = 0;
+            for &(base, npages) in &runs[..n] {
                 // SAFETY: the run is free heap memory that `scavenge_take` marked
                 // allocated for us: nobody else reads or writes it until it is given
                 // back below.
-                *ok = unsafe {
+                let ok = unsafe {
                     self.mem.decommit(
                         NonNull::new_unchecked(base as *mut u8),
                         npages << PAGE_SHIFT,
                     )
                 };
-            }
-            let ndone = done[..n].iter().filter(|&&ok| ok).count();
-            let now = clock_ms();
-            let failed_pages = self.locked.lock().with(|h| {
-                let mut failed = 0;
-                for (&ok, &(base, npages)) in done.iter().zip(&runs[..n]) {
-                    if ok {
-                        h.pages.scavenge_return(base, npages);
-                    } else {
-                        // Still committed: back as dirty, freed now (see above).
-                        h.pages.set_clock(now);
-                        h.pages.free(base, npages);
-                        failed += npages;
-                    }
+                if !ok {
+                    break;
                 }
-                failed
+                ndone += 1;
+            }
+            let now = clock_ms();
+            self.locked.lock().with(|h| {
+                for &(base, npages) in &runs[..ndone] {
+                    h.pages.scavenge_return(base, npages);
+                }
+                // Still committed: back as dirty, freed now (see above).
+                h.pages.set_clock(now);
+                for &(base, npages) in &runs[ndone..n] {
+                    h.pages.free(base, npages);
+                }
             });
-            let bytes = (pages - failed_pages) << PAGE_SHIFT;
-            let failed_bytes = failed_pages << PAGE_SHIFT;
+            let kept: usize = runs[ndone..n].iter().map(|r| r.1).sum();
+            let bytes = (pages - kept) << PAGE_SHIFT;
             add(&self.gauges.heap_released, bytes);
             self.stats_update(|d| {
                 d.add(field::RELEASED, bytes as u64);
@@ -1161,8 +1163,11 @@ impl<M: MemSource> MHeap<M> {
                 d.add(field::SCAV_BYTES, bytes as u64);
                 d.add(field::SCAV_CALLS, ndone as u64);
                 if ndone != n {
-                    d.add(field::DECOMMIT_FAILURES, (n - ndone) as u64);
-                    d.add(field::DECOMMIT_FAILED_BYTES, failed_bytes as u64);
+                    d.add(field::DECOMMIT_FAILURES, 1);
+                    d.add(
+                        field::DECOMMIT_FAILED_BYTES,
+                        (runs[ndone].1 << PAGE_SHIFT) as u64,
+                    );
                 }
             });
             released += bytes;
