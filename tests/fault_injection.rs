@@ -158,6 +158,7 @@ fn differential_run_with_failing_os_calls() {
     assert!(counts.reserve.injected > 0, "{counts:?}");
     assert!(counts.map.injected > 0, "{counts:?}");
     assert!(during.decommit.injected > 0, "{during:?}");
-    assert!(s.decommit_failures >= during.decommit.injected);
+    // Here madvise fails only when told to, and each refusal is counted once.
+    assert_eq!(s.decommit_failures, counts.decommit.injected);
     assert_eq!(after, before, "heap bytes in use did not come back");
 }
