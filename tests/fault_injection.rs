@@ -104,6 +104,7 @@ fn differential_run_with_failing_os_calls() {
     // between: a null there would abort.
     let l = Layout::from_size_align(256 * MIB, 8).unwrap();
     let mut big: Vec<(u8, *mut u8)> = Vec::with_capacity(32);
+    let mut grown: Vec<(u8, *mut u8)> = Vec::with_capacity(8);
     let mut big_nulls = 0;
     fault_injection::set(3, 0x5EED_0003);
     for i in 0..32u8 {
@@ -121,6 +122,42 @@ fn differential_run_with_failing_os_calls() {
         big.push((i, p));
     }
     fault_injection::off();
+    // Reallocs of a small block to a big one, each with injection on only around the
+    // call: a null must leave the block intact.
+    let sl = Layout::from_size_align(1000, 8).unwrap();
+    let mut realloc_nulls = 0;
+    for k in 0..8u64 {
+        // SAFETY: non-zero size.
+        let p = unsafe { GLOBAL.alloc(sl) };
+        assert!(!p.is_null());
+        // SAFETY: a fresh block of 1000 bytes.
+        unsafe { p.write_bytes(k as u8 + 1, sl.size()) };
+        fault_injection::set(3, 0x5EED_0100 + k);
+        // SAFETY: a live block of layout `sl`; non-zero new size.
+        let q = unsafe { GLOBAL.realloc(p, sl, l.size()) };
+        fault_injection::off();
+        let (keep, kl) = if q.is_null() {
+            realloc_nulls += 1;
+            (p, sl)
+        } else {
+            (q, l)
+        };
+        // SAFETY: `keep` is live with layout `kl`, its first 1000 bytes the pattern.
+        unsafe {
+            let head = std::slice::from_raw_parts(keep, sl.size());
+            assert!(
+                head.iter().all(|&b| b == k as u8 + 1),
+                "realloc {k} lost data"
+            );
+            if q.is_null() {
+                GLOBAL.dealloc(keep, kl);
+            } else {
+                // Kept, so that the next realloc needs growth too.
+                keep.add(l.size() - 1).write(!(k as u8));
+                grown.push((k as u8, keep));
+            }
+        }
+    }
     let counts = fault_injection::counts();
     let got = big.len();
     for (i, p) in big {
@@ -134,6 +171,17 @@ fn differential_run_with_failing_os_calls() {
             GLOBAL.dealloc(p, l);
         }
     }
+    for (k, p) in grown {
+        // SAFETY: a live block of layout `l` (a successful realloc).
+        unsafe {
+            assert_eq!(
+                (*p, *p.add(l.size() - 1)),
+                (k + 1, !k),
+                "realloc {k} corrupted"
+            );
+            GLOBAL.dealloc(p, l);
+        }
+    }
 
     let after = heap_in_use();
     let s = spanheap::stats();
@@ -141,7 +189,7 @@ fn differential_run_with_failing_os_calls() {
         "fault injection: {} operations ({} allocs, {} zeroed, {} reallocs, {} frees, {} \
          nulls, {} bytes checked); {snapshots} consistent snapshots, {releases} \
          release_memory calls; during the run {during:?}; big blocks: {got} of 32 \
-         allocated, {big_nulls} null; all in all {counts:?}; decommit failures in the \
+         allocated, {big_nulls} null; reallocs to 256 MiB: {realloc_nulls} of 8 null; all in all {counts:?}; decommit failures in the \
          statistics: {} ({} MiB); heap in use {before} -> {after} bytes",
         report.ops,
         report.allocs,
