@@ -33,6 +33,7 @@ fn main() {
         seed,
         threads,
         ops_per_thread,
+        tolerate_null: false,
     });
     let s = spanheap::stats();
     s.check().expect("statistics invariants");

@@ -45,6 +45,8 @@ mod arena;
 #[cfg(all(feature = "checked", not(spanheap_loom)))]
 mod checked;
 mod fatal;
+#[cfg(feature = "fault-injection")]
+pub mod fault_injection;
 mod fixalloc;
 #[cfg(not(spanheap_loom))]
 mod fork;

@@ -1115,6 +1115,12 @@ impl<M: MemSource> MHeap<M> {
     /// stopping once `budget_ns` have passed. Returns the bytes released and whether
     /// the pass stopped with work left.
     ///
+    /// At the first run the OS refuses to decommit, the pass stops: that run and the
+    /// rest of the batch (not tried) are freed back dirty (still committed, perhaps with
+    /// old contents, so allocation clears them) and stamped now, so a paced pass takes
+    /// them again only after the delay. (A forced pass, which takes pages of any age,
+    /// would otherwise take the same run again at once.)
+    ///
     /// The heap lock must not be held. It is taken to pick runs (which become
     /// allocated, so nobody else takes them) and to give them back scavenged, never
     /// across the `madvise`.
@@ -1154,31 +1160,55 @@ impl<M: MemSource> MHeap<M> {
             if n == 0 {
                 return (released, false);
             }
+            // Runs `[..ndone]` were decommitted; at the first refusal the rest are not
+            // tried.
+            let mut ndone = 0;
             for &(base, npages) in &runs[..n] {
                 // SAFETY: the run is free heap memory that `scavenge_take` marked
                 // allocated for us: nobody else reads or writes it until it is given
                 // back below.
-                unsafe {
+                let ok = unsafe {
                     self.mem.decommit(
                         NonNull::new_unchecked(base as *mut u8),
                         npages << PAGE_SHIFT,
                     )
                 };
+                if !ok {
+                    break;
+                }
+                ndone += 1;
             }
+            let now = clock_ms();
             self.locked.lock().with(|h| {
-                for &(base, npages) in &runs[..n] {
+                for &(base, npages) in &runs[..ndone] {
                     h.pages.scavenge_return(base, npages);
                 }
+                // Still committed: back as dirty, freed now (see above).
+                h.pages.set_clock(now);
+                for &(base, npages) in &runs[ndone..n] {
+                    h.pages.free(base, npages);
+                }
             });
-            let bytes = pages << PAGE_SHIFT;
+            let kept: usize = runs[ndone..n].iter().map(|r| r.1).sum();
+            let bytes = (pages - kept) << PAGE_SHIFT;
             add(&self.gauges.heap_released, bytes);
             self.stats_update(|d| {
                 d.add(field::RELEASED, bytes as u64);
                 d.sub(field::COMMITTED, bytes as u64);
                 d.add(field::SCAV_BYTES, bytes as u64);
-                d.add(field::SCAV_CALLS, n as u64);
+                d.add(field::SCAV_CALLS, ndone as u64);
+                if ndone != n {
+                    d.add(field::DECOMMIT_FAILURES, 1);
+                    d.add(
+                        field::DECOMMIT_FAILED_BYTES,
+                        (runs[ndone].1 << PAGE_SHIFT) as u64,
+                    );
+                }
             });
             released += bytes;
+            if ndone != n {
+                return (released, false);
+            }
             if !force && crate::os::now_ns().wrapping_sub(start) >= budget_ns {
                 return (released, true);
             }
@@ -1466,7 +1496,8 @@ impl<M: MemSource> MHeap<M> {
     }
 
     /// Drops the resident pages of cache record `p`'s free-stack storage (the mapping
-    /// stays, and reads as zero when touched again).
+    /// stays). If the OS refuses, the pages stay resident and only the statistics say
+    /// so: stack slots are written before they are read, so old contents do no harm.
     ///
     /// # Safety
     /// `p` is a cache record owned by the caller, with every free stack empty.
@@ -1474,11 +1505,14 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) unsafe fn drop_stack_pages(&self, p: *mut MCache) {
         // SAFETY: the record is ours (caller's contract).
         if let Some(base) = NonNull::new(unsafe { (*p).stack_base() }) {
+            let bytes = crate::mcache::STACK_MAP_BYTES;
             // SAFETY: the record's own stack mapping; no slot holds anything.
-            unsafe {
-                self.mem
-                    .decommit(base.cast(), crate::mcache::STACK_MAP_BYTES)
-            };
+            if !unsafe { self.mem.decommit(base.cast(), bytes) } {
+                self.stats_update(|d| {
+                    d.add(field::DECOMMIT_FAILURES, 1);
+                    d.add(field::DECOMMIT_FAILED_BYTES, bytes as u64);
+                });
+            }
         }
     }
 
@@ -1914,6 +1948,86 @@ mod tests {
             "reusing dirty pages releases nothing"
         );
         unsafe { h.free_span(s2) };
+    }
+
+    /// `OsMemory` whose `decommit` fails while `refuse` is set (as under `mlockall`).
+    struct Refusing {
+        refuse: std::sync::atomic::AtomicBool,
+    }
+
+    // SAFETY: every call is forwarded to `OsMemory` unchanged, or fails before it.
+    unsafe impl MemSource for Refusing {
+        fn reserve(&self, size: usize, align: usize, hint: usize) -> Result<NonNull<u8>, OsError> {
+            OsMemory.reserve(size, align, hint)
+        }
+        unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
+            // SAFETY: forwarded from our caller.
+            unsafe { OsMemory.map(ptr, size) }
+        }
+        unsafe fn commit(&self, ptr: NonNull<u8>, size: usize) {
+            // SAFETY: forwarded from our caller.
+            unsafe { OsMemory.commit(ptr, size) }
+        }
+        unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
+            // SAFETY: forwarded from our caller.
+            !self.refuse.load(Ordering::Relaxed) && unsafe { OsMemory.decommit(ptr, size) }
+        }
+        fn decommit_zeroes(&self) -> bool {
+            OsMemory.decommit_zeroes()
+        }
+        unsafe fn release(&self, ptr: NonNull<u8>, size: usize) {
+            // SAFETY: forwarded from our caller.
+            unsafe { OsMemory.release(ptr, size) }
+        }
+    }
+
+    #[test]
+    fn refused_decommit_keeps_pages_dirty_and_counted_as_committed() {
+        let h: &MHeap<Refusing> = Box::leak(Box::new(MHeap::new(Refusing {
+            refuse: std::sync::atomic::AtomicBool::new(true),
+        })));
+        let stats = || {
+            let mut t = [0u64; crate::stats::field::N];
+            h.stats.read(&mut t);
+            let s = crate::stats::Stats::from_totals(&t, h.gauges());
+            s.check().unwrap();
+            s
+        };
+        let s = h.alloc_span(16, Purpose::Heap, 0, 1).unwrap();
+        let base = unsafe { s.as_ref() }.base();
+        unsafe { core::ptr::write_bytes(base as *mut u8, 0xCD, 16 * PAGE_SIZE) };
+        unsafe { h.free_span(s) };
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let (st0, scav0) = (stats(), h.page_state().1);
+        // A forced pass sees the failure and stops (it would take the run again at once
+        // otherwise); nothing is released.
+        assert_eq!(h.scavenge(true, 0, u64::MAX), (0, false));
+        let st1 = stats();
+        assert_eq!(h.page_state().1, scav0, "no page became scavenged");
+        assert_eq!(st1.released_bytes, st0.released_bytes);
+        assert_eq!(st1.scavenged_bytes, st0.scavenged_bytes);
+        assert!(st1.decommit_failures > st0.decommit_failures);
+        assert!(st1.decommit_failed_bytes >= 16 * PAGE_SIZE as u64);
+        assert_eq!(h.counters().heap_released, st1.released_bytes);
+        // The run was freed 30 ms ago, but the failure stamped it afresh: a paced pass
+        // with a 20 ms delay leaves it alone.
+        h.scavenger.set_config(crate::ScavengerConfig {
+            delay: Some(std::time::Duration::from_millis(20)),
+            retain_percent: 0,
+            background: false,
+        });
+        let now = crate::os::coarse_now_ns();
+        assert_eq!(h.scavenge(false, now, u64::MAX), (0, false));
+        assert_eq!(stats().decommit_failures, st1.decommit_failures);
+        // The run is free again, dirty: reused, it must be cleared.
+        let s2 = h.alloc_span(16, Purpose::Heap, 0, 1).unwrap();
+        assert_eq!(unsafe { s2.as_ref() }.base(), base);
+        assert!(unsafe { s2.as_ref().info() }.needzero);
+        unsafe { h.free_span(s2) };
+        // Once the OS agrees, everything goes.
+        h.mem.refuse.store(false, Ordering::Relaxed);
+        assert!(h.scavenge(true, 0, u64::MAX).0 >= 16 * PAGE_SIZE);
+        assert_eq!(stats().committed_bytes, stats().inuse_bytes);
     }
 
     #[test]

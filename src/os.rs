@@ -12,8 +12,21 @@
 //!
 //! On Linux, Prepared -> Ready costs nothing (the kernel hands out zero pages on first
 //! touch), and Ready -> Prepared is `madvise(MADV_DONTNEED)`, after which the pages read
-//! as zero. Nothing here allocates through the global allocator, and nothing panics:
-//! failures are returned as [`OsError`] and end as a null pointer from `alloc`.
+//! as zero. Nothing here allocates through the global allocator, and nothing panics.
+//!
+//! What each failure means:
+//!
+//! - `reserve`, `map` (`mmap`): an [`OsError`]; the heap does not grow, or metadata is
+//!   not had, and the allocation that needed it returns null.
+//! - `decommit` (`madvise`; it fails, for example, on memory locked by `mlockall`):
+//!   `false`. The range stays Ready with its old contents: the caller must not count it
+//!   as released nor trust it to read as zero.
+//! - `commit`: cannot fail here (Prepared memory is already readable and writable), so
+//!   the trait has no error for it.
+//! - `release` (`munmap` of our own range): fails only if splitting a mapping would
+//!   exceed the kernel's map count. The range then stays mapped and is forgotten:
+//!   address space lost, no memory (released ranges are never in use, and are either
+//!   `PROT_NONE` or mapped but untouched). Nothing is reported.
 //!
 //! The layer is a trait so that components can be built and tested against another
 //! source of memory (the page allocator's tests, the loom models).
@@ -59,7 +72,9 @@ pub unsafe trait MemSource: Sync {
     /// The range must lie inside one of this source's reservations and be page aligned.
     unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError>;
 
-    /// Prepared -> Ready: the range is about to be used.
+    /// Prepared -> Ready: the range is about to be used. Cannot fail (an OS whose commit
+    /// can fail, such as Windows' `MEM_COMMIT`, would need an error here and callers that
+    /// give the pages back).
     ///
     /// # Safety
     /// The range must be Prepared or Ready memory of this source.
@@ -67,11 +82,13 @@ pub unsafe trait MemSource: Sync {
 
     /// Ready -> Prepared: the contents are no longer needed and physical memory may be
     /// returned to the OS. Afterwards the range reads as zero iff
-    /// [`decommit_zeroes`](Self::decommit_zeroes).
+    /// [`decommit_zeroes`](Self::decommit_zeroes). Returns false if the OS refused: then
+    /// the range is still Ready (resident, any part of it may keep its old contents).
     ///
     /// # Safety
     /// The range must be Ready memory of this source that nobody reads or writes.
-    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize);
+    #[must_use]
+    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool;
 
     /// Whether decommitted memory reads as zero when next committed.
     fn decommit_zeroes(&self) -> bool;
@@ -112,6 +129,10 @@ pub const ADDR_LIMIT: usize = 1 << 48;
 unsafe impl MemSource for OsMemory {
     fn reserve(&self, size: usize, align: usize, hint: usize) -> Result<NonNull<u8>, OsError> {
         let page = os_page_size()?;
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Reserve) {
+            return Err(OsError::NoMemory(libc::ENOMEM));
+        }
         debug_assert!(align.is_power_of_two() && align >= page && size % page == 0);
         if size == 0 || size >= ADDR_LIMIT || align >= ADDR_LIMIT {
             return Err(OsError::TooLarge);
@@ -156,6 +177,10 @@ unsafe impl MemSource for OsMemory {
     }
 
     unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Map) {
+            return Err(OsError::NoMemory(libc::ENOMEM));
+        }
         // MAP_FIXED over our own PROT_NONE reservation: replaces it with zero-filled,
         // writable, lazily-backed memory. Unlike mprotect this also gives a fresh
         // mapping if the range was written before.
@@ -182,13 +207,17 @@ unsafe impl MemSource for OsMemory {
         // supplies zero pages on first touch.
     }
 
-    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) {
+    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Decommit) {
+            return false;
+        }
         // MADV_DONTNEED: pages are dropped at once and read as zero afterwards, which
         // lets `alloc_zeroed` skip clearing them. (MADV_FREE is cheaper but leaves
-        // contents undefined until reclaim, and RSS does not drop until then.)
-        // A failure only means the memory stays resident; nothing to report.
+        // contents undefined until reclaim, and RSS does not drop until then.) It fails
+        // with EINVAL on locked pages (`mlockall`, `mlock`), which keep their contents.
         // SAFETY: the caller guarantees the range is ours and unused.
-        unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTNEED) };
+        unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTNEED) == 0 }
     }
 
     fn decommit_zeroes(&self) -> bool {
@@ -232,8 +261,9 @@ fn mmap_none(hint: usize, size: usize) -> Option<NonNull<u8>> {
 /// # Safety
 /// The range must be mapped by us and unused.
 unsafe fn munmap(ptr: NonNull<u8>, size: usize) {
-    // SAFETY: forwarded from the caller. munmap of our own range cannot fail in a way
-    // we could act on.
+    // SAFETY: forwarded from the caller. A failure (ENOMEM: too many mappings to split
+    // one) leaves the range mapped and unused: address space lost, nothing to act on
+    // (see the module docs).
     unsafe { libc::munmap(ptr.as_ptr().cast(), size) };
 }
 
@@ -368,7 +398,7 @@ mod tests {
                 let s = core::slice::from_raw_parts_mut(p.as_ptr(), size);
                 assert!(s.iter().all(|&b| b == 0));
                 s.fill(0xAB);
-                os.decommit(p, size);
+                assert!(os.decommit(p, size));
                 assert!(os.decommit_zeroes());
                 let s = core::slice::from_raw_parts(p.as_ptr(), size);
                 assert!(

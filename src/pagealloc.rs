@@ -1852,7 +1852,7 @@ mod tests {
             // SAFETY: forwarded from our caller.
             unsafe { OsMemory.commit(ptr, size) }
         }
-        unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) {
+        unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
             // SAFETY: forwarded from our caller.
             unsafe { OsMemory.decommit(ptr, size) }
         }

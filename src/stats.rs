@@ -330,12 +330,16 @@ pub(crate) mod field {
     pub(crate) const PAGE_CACHED: usize = PAGES_IN_USE + 6;
     /// Bytes returned to the OS by the scavenger (cumulative).
     pub(crate) const SCAV_BYTES: usize = PAGES_IN_USE + 7;
-    /// `madvise` calls made by the scavenger (cumulative).
+    /// Successful `madvise` calls made by the scavenger (cumulative).
     pub(crate) const SCAV_CALLS: usize = PAGES_IN_USE + 8;
     /// Released bytes taken back into use (re-committed) by allocations (cumulative).
     pub(crate) const REUSED_RELEASED: usize = PAGES_IN_USE + 9;
+    /// `decommit` calls the OS refused (cumulative).
+    pub(crate) const DECOMMIT_FAILURES: usize = PAGES_IN_USE + 10;
+    /// Bytes those calls covered (cumulative).
+    pub(crate) const DECOMMIT_FAILED_BYTES: usize = PAGES_IN_USE + 11;
     /// Small-object allocations per class: `SMALL_ALLOCS + class`.
-    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 10;
+    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 12;
     /// Small-object frees per class: `SMALL_FREES + class`.
     pub(crate) const SMALL_FREES: usize = SMALL_ALLOCS + NUM_CLASSES;
     /// Number of counters.
@@ -465,11 +469,19 @@ pub struct Stats {
     /// Bytes the scavenger has returned to the OS so far (cumulative; the automatic
     /// passes and [`release_memory`](crate::release_memory)).
     pub scavenged_bytes: u64,
-    /// `madvise` calls the scavenger has made so far (cumulative).
+    /// Successful `madvise` calls the scavenger has made so far (cumulative).
     pub scavenge_calls: u64,
     /// Released bytes that allocations have taken back into use so far (cumulative):
     /// pages returned to the OS (or never touched) and then re-committed.
     pub reused_released_bytes: u64,
+    /// `madvise(MADV_DONTNEED)` calls the OS refused so far (cumulative; for example on
+    /// memory locked by `mlockall`). A scavenger run whose call failed stays committed
+    /// and dirty (not counted in `released_bytes` or `scavenged_bytes`, cleared before
+    /// `alloc_zeroed` hands it out) and is tried again only after the delay; a thread
+    /// cache's free-stack storage stays resident.
+    pub decommit_failures: u64,
+    /// Bytes those refused calls covered (cumulative).
+    pub decommit_failed_bytes: u64,
     /// Small-object counts per size class, indexed by class (index 0, "no class", is
     /// all zero). See [`ClassStats`] for when objects are counted.
     pub classes: [ClassStats; NUM_CLASSES],
@@ -510,6 +522,8 @@ impl Stats {
             scavenged_bytes: t[SCAV_BYTES],
             scavenge_calls: t[SCAV_CALLS],
             reused_released_bytes: t[REUSED_RELEASED],
+            decommit_failures: t[DECOMMIT_FAILURES],
+            decommit_failed_bytes: t[DECOMMIT_FAILED_BYTES],
             classes,
             gauges,
         }
@@ -652,6 +666,14 @@ impl fmt::Display for Stats {
             self.scavenge_calls,
             Bytes(self.reused_released_bytes)
         )?;
+        if self.decommit_failures != 0 {
+            writeln!(
+                f,
+                "  decommit failed    {:>12}   in {} madvise calls (kept committed)",
+                Bytes(self.decommit_failed_bytes),
+                self.decommit_failures
+            )?;
+        }
         writeln!(
             f,
             "  small objects      {:>12} live ({}), {} allocated, {} freed",

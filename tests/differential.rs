@@ -25,6 +25,7 @@ fn ten_million_random_operations_match_the_model() {
         seed: 0x5EED_0009,
         threads: 4,
         ops_per_thread,
+        tolerate_null: false,
     });
     println!("{r:?} in {:.1} s", start.elapsed().as_secs_f64());
     assert_eq!(r.ops, 4 * ops_per_thread);

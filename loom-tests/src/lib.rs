@@ -125,7 +125,7 @@ unsafe impl MemSource for TestMem {
         unsafe { OsMemory.commit(ptr, size) }
     }
 
-    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) {
+    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
         // SAFETY: forwarded.
         unsafe { OsMemory.decommit(ptr, size) }
     }

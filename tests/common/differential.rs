@@ -11,6 +11,9 @@
 //! common prefix. Blocks are handed to the next thread through a channel, so many
 //! frees are cross-thread. Any difference from the model (a corrupted or overlapping
 //! block, a misaligned or null result) panics with the seed and operation number.
+//! With [`Config::tolerate_null`] (for runs where OS calls fail on purpose) a null from
+//! `alloc`, `alloc_zeroed` or `realloc` is counted instead: nothing was allocated, and
+//! a failed realloc must leave its block as it was.
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout};
@@ -22,6 +25,8 @@ pub struct Config {
     pub seed: u64,
     pub threads: usize,
     pub ops_per_thread: u64,
+    /// Accept null results (counted in [`Report::nulls`]) instead of failing.
+    pub tolerate_null: bool,
 }
 
 /// What was run.
@@ -34,6 +39,8 @@ pub struct Report {
     pub frees: u64,
     pub handed_over: u64,
     pub bytes_checked: u64,
+    /// Allocations and reallocs that returned null (only with `tolerate_null`).
+    pub nulls: u64,
 }
 
 impl Report {
@@ -45,6 +52,7 @@ impl Report {
         self.frees += o.frees;
         self.handed_over += o.handed_over;
         self.bytes_checked += o.bytes_checked;
+        self.nulls += o.nulls;
     }
 }
 
@@ -197,6 +205,10 @@ fn thread_run<A: GlobalAlloc>(
                     a.alloc(layout)
                 }
             };
+            if p.is_null() && cfg.tolerate_null {
+                rep.nulls += 1;
+                continue;
+            }
             assert!(!p.is_null(), "{}: null for {layout:?}", ctx());
             assert_eq!(
                 p as usize % layout.align(),
@@ -239,6 +251,12 @@ fn thread_run<A: GlobalAlloc>(
             let new_size = random_layout(&mut rng).size();
             // SAFETY: a live block of this layout; non-zero new size.
             let q = unsafe { a.realloc(b.p as *mut u8, b.layout, new_size) };
+            if q.is_null() && cfg.tolerate_null {
+                // The block stays where it was, untouched.
+                rep.bytes_checked += check(&b, usize::MAX, &ctx);
+                rep.nulls += 1;
+                continue;
+            }
             assert!(!q.is_null(), "{}: realloc to {new_size} failed", ctx());
             let nl = Layout::from_size_align(new_size, b.layout.align()).unwrap();
             assert_eq!(q as usize % nl.align(), 0, "{}: realloc misaligned", ctx());
