@@ -47,6 +47,8 @@ else
         sizeclasses::tests::objects_are_aligned_to_their_size
         sizeclasses::tests::tables_are_consistent
         sizeclasses::tests::tail_waste_is_at_most_an_eighth
+        stats::tests::report_names_spanheap_and_lists_used_classes
+        stats::tests::sections_are_seen_whole_and_totals_accumulate
     )
 fi
 cargo +nightly miri test --lib --no-run || exit 1
