@@ -310,6 +310,10 @@ mod raw_tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "uses the global heap, which is on OsMemory (real mmap)"
+    )]
     fn c_style_calls_by_address() {
         for n in [0usize, 1, 8, 9, 24, 100, 4096, 40_000, 1 << 20] {
             let p = super::raw::malloc(n);

@@ -284,6 +284,7 @@ mod checked_tests {
     /// In a child process (this binary, re-run with `SPANHEAP_LOCKRANK_CHILD`): takes
     /// the heap lock, then the reclaim lock. It must die of SIGABRT naming both.
     #[test]
+    #[cfg_attr(miri, ignore = "runs the test binary as a child process")]
     fn out_of_order_aborts() {
         if std::env::var_os("SPANHEAP_LOCKRANK_CHILD").is_some() {
             let (heap, reclaim) = (Mutex::new((), HEAP), Mutex::new((), RECLAIM));

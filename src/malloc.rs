@@ -560,7 +560,7 @@ pub(crate) mod global {
 #[cfg(all(test, not(spanheap_loom)))]
 mod tests {
     use super::*;
-    use crate::os::OsMemory;
+    use crate::os::TestMem;
 
     #[test]
     fn the_object_start_test_is_exact_for_every_offset_of_every_class() {
@@ -578,8 +578,8 @@ mod tests {
         }
     }
 
-    fn heap() -> &'static MHeap<OsMemory> {
-        Box::leak(Box::new(MHeap::new(OsMemory)))
+    fn heap() -> &'static MHeap<TestMem> {
+        Box::leak(Box::new(MHeap::new(TestMem)))
     }
 
     #[test]

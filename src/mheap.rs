@@ -1715,15 +1715,15 @@ unsafe fn init_small(s: NonNull<MSpan>, spanclass: u8, bits: *mut u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::os::{OsMemory, PAGE_SIZE};
+    use crate::os::{TestMem, PAGE_SIZE};
 
-    fn new_heap() -> &'static MHeap<OsMemory> {
-        Box::leak(Box::new(MHeap::new(OsMemory)))
+    fn new_heap() -> &'static MHeap<TestMem> {
+        Box::leak(Box::new(MHeap::new(TestMem)))
     }
 
     /// Checks every counter invariant that holds when no span operation is in flight,
     /// against the page allocator's own view and a list of the live spans.
-    fn check_counters(h: &MHeap<OsMemory>, live: &[(NonNull<MSpan>, Purpose)]) {
+    fn check_counters(h: &MHeap<TestMem>, live: &[(NonNull<MSpan>, Purpose)]) {
         let c = h.counters();
         let (free_pages, scav_pages, records) = h.page_state();
         assert_eq!(
@@ -2126,7 +2126,7 @@ mod tests {
     }
 
     /// The consistent statistics of `h`, checked.
-    fn checked_stats(h: &MHeap<OsMemory>) -> crate::stats::Stats {
+    fn checked_stats(h: &MHeap<TestMem>) -> crate::stats::Stats {
         let mut t = [0u64; crate::stats::field::N];
         h.stats.read(&mut t);
         let s = crate::stats::Stats::from_totals(&t, h.gauges());

@@ -386,6 +386,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "tests OsMemory itself: Miri cannot run mmap with PROT_NONE/MAP_FIXED"
+    )]
     fn reserve_is_aligned_and_map_gives_zeroed_writable_memory() {
         let os = OsMemory;
         for &align in &[4096usize, 1 << 16, 64 << 20] {
@@ -411,6 +415,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "tests OsMemory itself: Miri cannot run mmap with PROT_NONE/MAP_FIXED"
+    )]
     fn reserve_at_hint_is_honoured_when_free() {
         let os = OsMemory;
         let a = os.reserve(64 << 20, 64 << 20, 0).unwrap();
@@ -426,9 +434,110 @@ mod tests {
     }
 
     #[test]
+    fn std_mem_gives_aligned_zeroed_memory_and_decommit_zeroes_it() {
+        let m = StdMem;
+        let p = m.reserve(4 * PAGE_SIZE, 2 * PAGE_SIZE, 0).unwrap();
+        assert_eq!(p.as_ptr() as usize % (2 * PAGE_SIZE), 0);
+        // SAFETY: the whole fresh reservation, mapped, used, decommitted, released.
+        unsafe {
+            m.map(p, 4 * PAGE_SIZE).unwrap();
+            m.commit(p, 4 * PAGE_SIZE);
+            let s = core::slice::from_raw_parts_mut(p.as_ptr(), 4 * PAGE_SIZE);
+            assert!(s.iter().all(|&b| b == 0));
+            s[PAGE_SIZE] = 7;
+            m.decommit(p, 4 * PAGE_SIZE);
+            assert!(m.decommit_zeroes() && *p.as_ptr().add(PAGE_SIZE) == 0);
+            m.release(p, 4 * PAGE_SIZE);
+        }
+        assert_eq!(m.reserve(ADDR_LIMIT, 4096, 0), Err(OsError::TooLarge));
+    }
+
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "tests OsMemory itself: Miri cannot run mmap with PROT_NONE"
+    )]
     fn impossible_reservations_fail_cleanly() {
         let os = OsMemory;
         assert_eq!(os.reserve(ADDR_LIMIT, 4096, 0), Err(OsError::TooLarge));
         assert!(os.reserve(1 << 47, 1 << 47, 0).is_err());
+    }
+}
+
+/// The memory source of the unit tests: [`OsMemory`] normally, [`StdMem`] under Miri
+/// (which cannot run `mmap` with `MAP_FIXED`/`PROT_NONE`, nor `madvise`).
+#[cfg(all(test, not(miri)))]
+pub(crate) use OsMemory as TestMem;
+#[cfg(all(test, miri))]
+pub(crate) use StdMem as TestMem;
+
+/// Test-only: a [`MemSource`] backed by `std::alloc::alloc_zeroed`, so that components
+/// can be run under Miri. A reservation is a zeroed allocation aligned as asked; `map`
+/// and `commit` do nothing (the memory is already zero and writable), `decommit`
+/// writes zeros, and `release` frees a whole reservation (a head or tail of one is
+/// leaked). Hints are ignored. All instances share one record of reservations.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct StdMem;
+
+#[cfg(test)]
+mod std_mem {
+    extern crate std;
+
+    use super::{MemSource, OsError, StdMem, ADDR_LIMIT};
+    use core::alloc::Layout;
+    use core::ptr::NonNull;
+    use std::sync::Mutex;
+    use std::vec::Vec;
+
+    struct Region(NonNull<u8>, Layout);
+    // SAFETY: only an address and a layout, used to free the allocation.
+    unsafe impl Send for Region {}
+
+    static REGIONS: Mutex<Vec<Region>> = Mutex::new(Vec::new());
+
+    // SAFETY: every reservation is a fresh allocation of the global (system) allocator
+    // of the test binary, aligned as asked, zeroed; decommit zeroes the range.
+    unsafe impl MemSource for StdMem {
+        fn reserve(&self, size: usize, align: usize, _hint: usize) -> Result<NonNull<u8>, OsError> {
+            if size == 0 || size >= ADDR_LIMIT || align >= ADDR_LIMIT {
+                return Err(OsError::TooLarge);
+            }
+            let layout = Layout::from_size_align(size, align).map_err(|_| OsError::TooLarge)?;
+            // SAFETY: the layout has a non-zero size.
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
+            let p = NonNull::new(p).ok_or(OsError::NoMemory(12))?;
+            REGIONS.lock().unwrap().push(Region(p, layout));
+            Ok(p)
+        }
+
+        unsafe fn map(&self, _ptr: NonNull<u8>, _size: usize) -> Result<(), OsError> {
+            // Reserved memory is already zero (allocated zeroed, or zeroed by decommit).
+            Ok(())
+        }
+
+        unsafe fn commit(&self, _ptr: NonNull<u8>, _size: usize) {}
+
+        unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) {
+            // SAFETY: the caller guarantees the range is ours and unused.
+            unsafe { ptr.as_ptr().write_bytes(0, size) };
+        }
+
+        fn decommit_zeroes(&self) -> bool {
+            true
+        }
+
+        unsafe fn release(&self, ptr: NonNull<u8>, size: usize) {
+            let mut regions = REGIONS.lock().unwrap();
+            if let Some(i) = regions
+                .iter()
+                .position(|r| r.0 == ptr && r.1.size() == size)
+            {
+                let r = regions.swap_remove(i);
+                // SAFETY: a whole allocation made by `reserve` with this layout.
+                unsafe { std::alloc::dealloc(r.0.as_ptr(), r.1) };
+            }
+            // A head or tail of a reservation: leaked (the tests are short-lived).
+        }
     }
 }

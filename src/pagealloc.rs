@@ -1641,7 +1641,7 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::os::OsMemory;
+    use crate::os::TestMem;
     use std::boxed::Box;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -1795,7 +1795,7 @@ mod tests {
 
     // -- a MemSource that records and can fail ---------------------------------------
 
-    /// Forwards to `OsMemory`, panics if a range is mapped twice, and makes the call
+    /// Forwards to `TestMem`, panics if a range is mapped twice, and makes the call
     /// numbered `fail_at` (counting reserve and map calls from 0) fail.
     struct TrackingMem {
         maps: Mutex<Vec<(usize, usize)>>,
@@ -1828,11 +1828,11 @@ mod tests {
         }
     }
 
-    // SAFETY: every call is forwarded to `OsMemory` unchanged (or fails before it).
+    // SAFETY: every call is forwarded to `TestMem` unchanged (or fails before it).
     unsafe impl MemSource for TrackingMem {
         fn reserve(&self, size: usize, align: usize, hint: usize) -> Result<NonNull<u8>, OsError> {
             self.tick()?;
-            OsMemory.reserve(size, align, hint)
+            TestMem.reserve(size, align, hint)
         }
         unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
             self.tick()?;
@@ -1846,18 +1846,18 @@ mod tests {
             }
             maps.push((a, e));
             // SAFETY: forwarded from our caller.
-            unsafe { OsMemory.map(ptr, size) }
+            unsafe { TestMem.map(ptr, size) }
         }
         unsafe fn commit(&self, ptr: NonNull<u8>, size: usize) {
             // SAFETY: forwarded from our caller.
-            unsafe { OsMemory.commit(ptr, size) }
+            unsafe { TestMem.commit(ptr, size) }
         }
         unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
             // SAFETY: forwarded from our caller.
-            unsafe { OsMemory.decommit(ptr, size) }
+            unsafe { TestMem.decommit(ptr, size) }
         }
         fn decommit_zeroes(&self) -> bool {
-            OsMemory.decommit_zeroes()
+            TestMem.decommit_zeroes()
         }
         unsafe fn release(&self, ptr: NonNull<u8>, size: usize) {
             let a = ptr.as_ptr() as usize;
@@ -1866,7 +1866,7 @@ mod tests {
                 .unwrap()
                 .retain(|&(b, f)| f <= a || b >= a + size);
             // SAFETY: forwarded from our caller.
-            unsafe { OsMemory.release(ptr, size) }
+            unsafe { TestMem.release(ptr, size) }
         }
     }
 
@@ -2072,7 +2072,7 @@ mod tests {
     fn setup(chunks: &[ChunkInit]) -> Box<PageAlloc> {
         let mut pa = new_pa();
         for &(rel, _, _) in chunks {
-            pa.grow(&OsMemory, addr(BASE + rel, 0), CHUNK_SIZE).unwrap();
+            pa.grow(&TestMem, addr(BASE + rel, 0), CHUNK_SIZE).unwrap();
         }
         for &(rel, used, scav) in chunks {
             let base = addr(BASE + rel, 0);
@@ -2392,7 +2392,7 @@ mod tests {
         assert_eq!(pa.search_addr, addr(BASE + 1, 9));
         assert_eq!(pa.alloc(2), Some((addr(BASE + 1, 9), 0)));
         // Growth below the hint lowers it.
-        pa.grow(&OsMemory, addr(BASE - 5, 0), CHUNK_SIZE).unwrap();
+        pa.grow(&TestMem, addr(BASE - 5, 0), CHUNK_SIZE).unwrap();
         assert_eq!(pa.search_addr, addr(BASE - 5, 0));
         assert_eq!(pa.alloc(1), Some((addr(BASE - 5, 0), PAGE_SIZE)));
         pa.check_invariants();
@@ -2407,8 +2407,8 @@ mod tests {
         );
         assert_eq!(pa.alloc(1), None);
         assert_eq!(pa.free_pages(), 0);
-        pa.grow(&OsMemory, addr(BASE, 0), 2 * CHUNK_SIZE).unwrap();
-        pa.grow(&OsMemory, addr(BASE + 3, 0), CHUNK_SIZE).unwrap();
+        pa.grow(&TestMem, addr(BASE, 0), 2 * CHUNK_SIZE).unwrap();
+        pa.grow(&TestMem, addr(BASE + 3, 0), CHUNK_SIZE).unwrap();
         assert!(pa.is_free(addr(BASE, 0), 1024));
         assert!(
             !pa.is_free(addr(BASE, 0), 1025),
@@ -2451,7 +2451,7 @@ mod tests {
         let mut pa = new_pa();
         let mut runs = [(0, 0); 4];
         assert_eq!(pa.scavenge_take(ScavPolicy::ALL, 100, &mut runs), (0, 0));
-        pa.grow(&OsMemory, addr(BASE, 0), 3 * CHUNK_SIZE).unwrap();
+        pa.grow(&TestMem, addr(BASE, 0), 3 * CHUNK_SIZE).unwrap();
         assert_eq!(
             pa.scavenge_take(ScavPolicy::ALL, 100, &mut runs),
             (0, 0),
@@ -2553,7 +2553,7 @@ mod tests {
             None,
             "nothing to take before the first grow"
         );
-        pa.grow(&OsMemory, addr(BASE, 0), CHUNK_SIZE).unwrap();
+        pa.grow(&TestMem, addr(BASE, 0), CHUNK_SIZE).unwrap();
         // Pages 0..3 and 5 used, 70 used, page 4 scavenged and free, the rest of the
         // first block free and not scavenged.
         assert_eq!(pa.alloc_range(addr(BASE, 0), 64), 64 * PAGE_SIZE);
@@ -2592,7 +2592,7 @@ mod tests {
         let mut pa = new_pa();
         let root = 1usize << LEVEL_SHIFT[0]; // 16 GiB, 2^21 pages
         let base = 3 * root;
-        pa.grow(&OsMemory, base, root).unwrap();
+        pa.grow(&TestMem, base, root).unwrap();
         let r = pa.sum(0, 3);
         assert_eq!(r, Sum(ALL_FREE_FLAG));
         assert_eq!(
@@ -2611,7 +2611,7 @@ mod tests {
         let r = pa.sum(0, 3);
         assert_eq!((r.start(), r.max(), r.end()), (0, rest, rest));
         // A second root entry right after: a run through all of it plus the first one's tail.
-        pa.grow(&OsMemory, 4 * root, root).unwrap();
+        pa.grow(&TestMem, 4 * root, root).unwrap();
         assert_eq!(pa.alloc(rest + MAX_PACKED + 1), None);
         // The first fit (entry 3's tail) rounded up to 2^21 pages is entry 4's start.
         assert_eq!(
@@ -2635,15 +2635,15 @@ mod tests {
         let mut pa = new_pa();
         let top = ADDR_LIMIT - 4 * CHUNK_SIZE;
         assert_eq!(
-            pa.grow(&OsMemory, top, 8 * CHUNK_SIZE),
+            pa.grow(&TestMem, top, 8 * CHUNK_SIZE),
             Err(OsError::TooLarge)
         );
         assert_eq!(
-            pa.grow(&OsMemory, usize::MAX & !(CHUNK_SIZE - 1), CHUNK_SIZE),
+            pa.grow(&TestMem, usize::MAX & !(CHUNK_SIZE - 1), CHUNK_SIZE),
             Err(OsError::TooLarge)
         );
         assert_eq!(pa.free_pages(), 0);
-        pa.grow(&OsMemory, top, 4 * CHUNK_SIZE).unwrap();
+        pa.grow(&TestMem, top, 4 * CHUNK_SIZE).unwrap();
         assert_eq!(pa.alloc(2049), None);
         assert_eq!(pa.alloc(2048), Some((top, 2048 * PAGE_SIZE)));
         assert_eq!(pa.alloc(1), None);
@@ -2748,13 +2748,13 @@ mod tests {
         fn assert_send<T: Send>() {}
         assert_send::<PageAlloc>();
         let mut pa = HEAP.lock().unwrap();
-        pa.grow(&OsMemory, addr(3 * BASE, 0), CHUNK_SIZE).unwrap();
+        pa.grow(&TestMem, addr(3 * BASE, 0), CHUNK_SIZE).unwrap();
         assert_eq!(pa.alloc(3), Some((addr(3 * BASE, 0), 3 * PAGE_SIZE)));
         drop(pa);
         // A grown allocator moves to another thread with its metadata.
         let mut other = new_pa();
         other
-            .grow(&OsMemory, addr(3 * BASE + 8, 0), CHUNK_SIZE)
+            .grow(&TestMem, addr(3 * BASE + 8, 0), CHUNK_SIZE)
             .unwrap();
         let got = std::thread::spawn(move || other.alloc(512)).join().unwrap();
         assert_eq!(got, Some((addr(3 * BASE + 8, 0), CHUNK_SIZE)));
