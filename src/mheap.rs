@@ -1950,34 +1950,34 @@ mod tests {
         unsafe { h.free_span(s2) };
     }
 
-    /// `OsMemory` whose `decommit` fails while `refuse` is set (as under `mlockall`).
+    /// The tests' memory source (`TestMem`), whose `decommit` fails while `refuse` is set (as under `mlockall`).
     struct Refusing {
         refuse: std::sync::atomic::AtomicBool,
     }
 
-    // SAFETY: every call is forwarded to `OsMemory` unchanged, or fails before it.
+    // SAFETY: every call is forwarded to `TestMem` unchanged, or fails before it.
     unsafe impl MemSource for Refusing {
         fn reserve(&self, size: usize, align: usize, hint: usize) -> Result<NonNull<u8>, OsError> {
-            OsMemory.reserve(size, align, hint)
+            TestMem.reserve(size, align, hint)
         }
         unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
             // SAFETY: forwarded from our caller.
-            unsafe { OsMemory.map(ptr, size) }
+            unsafe { TestMem.map(ptr, size) }
         }
         unsafe fn commit(&self, ptr: NonNull<u8>, size: usize) {
             // SAFETY: forwarded from our caller.
-            unsafe { OsMemory.commit(ptr, size) }
+            unsafe { TestMem.commit(ptr, size) }
         }
         unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
             // SAFETY: forwarded from our caller.
-            !self.refuse.load(Ordering::Relaxed) && unsafe { OsMemory.decommit(ptr, size) }
+            !self.refuse.load(Ordering::Relaxed) && unsafe { TestMem.decommit(ptr, size) }
         }
         fn decommit_zeroes(&self) -> bool {
-            OsMemory.decommit_zeroes()
+            TestMem.decommit_zeroes()
         }
         unsafe fn release(&self, ptr: NonNull<u8>, size: usize) {
             // SAFETY: forwarded from our caller.
-            unsafe { OsMemory.release(ptr, size) }
+            unsafe { TestMem.release(ptr, size) }
         }
     }
 

@@ -445,7 +445,7 @@ mod tests {
             let s = core::slice::from_raw_parts_mut(p.as_ptr(), 4 * PAGE_SIZE);
             assert!(s.iter().all(|&b| b == 0));
             s[PAGE_SIZE] = 7;
-            m.decommit(p, 4 * PAGE_SIZE);
+            assert!(m.decommit(p, 4 * PAGE_SIZE));
             assert!(m.decommit_zeroes() && *p.as_ptr().add(PAGE_SIZE) == 0);
             m.release(p, 4 * PAGE_SIZE);
         }
@@ -518,9 +518,10 @@ mod std_mem {
 
         unsafe fn commit(&self, _ptr: NonNull<u8>, _size: usize) {}
 
-        unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) {
+        unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
             // SAFETY: the caller guarantees the range is ours and unused.
             unsafe { ptr.as_ptr().write_bytes(0, size) };
+            true
         }
 
         fn decommit_zeroes(&self) -> bool {
