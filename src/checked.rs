@@ -210,14 +210,8 @@ impl fmt::Display for Detail {
 #[cold]
 #[inline(never)]
 fn fault(what: &str, addr: usize, detail: Option<Detail>) -> ! {
-    struct Opt(Option<Detail>);
-    impl fmt::Display for Opt {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            match &self.0 {
-                Some(d) => d.fmt(f),
-                None => Ok(()),
-            }
-        }
+    match detail {
+        Some(d) => crate::fatal::fatal(format_args!("{what} at {addr:#x}{d}")),
+        None => crate::fatal::fatal(format_args!("{what} at {addr:#x}")),
     }
-    crate::fatal::fatal(format_args!("{what} at {addr:#x}{}", Opt(detail)))
 }

@@ -17,7 +17,11 @@ pub(crate) fn fatal(args: fmt::Arguments<'_>) -> ! {
     };
     let _ = line.write_str("spanheap: ");
     let _ = line.write_fmt(args);
-    let _ = line.write_str("\n");
+    // The text was cut one byte short of the buffer: the newline always fits.
+    if let Some(b) = line.buf.get_mut(line.len) {
+        *b = b'\n';
+        line.len += 1;
+    }
     // Under loom a model that reaches a fault fails like any other assertion (a
     // mutant's test expects a panic it can catch, not the end of the process).
     #[cfg(spanheap_loom)]
@@ -43,8 +47,8 @@ pub(crate) fn double_free(addr: usize, size: usize) -> ! {
     ))
 }
 
-/// A stack buffer for the report (no allocation); a longer line is truncated, keeping
-/// room for the newline.
+/// A stack buffer for the report (no allocation); the text is truncated one byte short
+/// of its end, keeping room for the newline.
 struct Line {
     buf: [u8; 320],
     len: usize,
@@ -52,12 +56,7 @@ struct Line {
 
 impl Write for Line {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let room = if s == "\n" {
-            self.buf.len() - self.len
-        } else {
-            self.buf.len() - 1 - self.len
-        };
-        let n = s.len().min(room);
+        let n = s.len().min(self.buf.len() - 1 - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
         self.len += n;
         Ok(())

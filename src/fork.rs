@@ -5,8 +5,9 @@
 //! thread held at that moment would stay held forever in the child. So the *prepare*
 //! handler takes every allocator lock in rank order (`lockrank::TABLE`: reclaim,
 //! statistics reader, shared cache, every mcentral, heap, statistics `nop`), and both
-//! the *parent* and the *child* handlers release them in reverse order. Between prepare and the return of
-//! `fork()` no other thread can be inside a locked section of the allocator.
+//! the *parent* and the *child* handlers release them in reverse order. Between
+//! prepare and the return of `fork()` no other thread can be inside a locked section
+//! of the allocator.
 //!
 //! Lock-free state needs fixing up in the child only where another thread could have
 //! been in the middle of something when its copy stopped:

@@ -202,11 +202,11 @@ impl MCentral {
             MCentral {
                 lists: Mutex::new(
                     Lists {
-                    partial: [ptr::null_mut(); PARTIAL_BUCKETS],
-                    nonempty: 0,
-                    full: ptr::null_mut(),
-                    spares: ptr::null_mut(),
-                    nspares: 0,
+                        partial: [ptr::null_mut(); PARTIAL_BUCKETS],
+                        nonempty: 0,
+                        full: ptr::null_mut(),
+                        spares: ptr::null_mut(),
+                        nspares: 0,
                     },
                     crate::lockrank::central(class),
                 ),

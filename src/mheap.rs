@@ -1197,14 +1197,10 @@ impl<M: MemSource> MHeap<M> {
                 d.sub(field::COMMITTED, bytes as u64);
                 d.add(field::SCAV_BYTES, bytes as u64);
                 d.add(field::SCAV_CALLS, ndone as u64);
-                if ndone != n {
-                    d.add(field::DECOMMIT_FAILURES, 1);
-                    d.add(
-                        field::DECOMMIT_FAILED_BYTES,
-                        (runs[ndone].1 << PAGE_SHIFT) as u64,
-                    );
-                }
             });
+            if ndone != n {
+                self.count_refused_decommit(runs[ndone].1 << PAGE_SHIFT);
+            }
             released += bytes;
             if ndone != n {
                 return (released, false);
@@ -1508,12 +1504,17 @@ impl<M: MemSource> MHeap<M> {
             let bytes = crate::mcache::STACK_MAP_BYTES;
             // SAFETY: the record's own stack mapping; no slot holds anything.
             if !unsafe { self.mem.decommit(base.cast(), bytes) } {
-                self.stats_update(|d| {
-                    d.add(field::DECOMMIT_FAILURES, 1);
-                    d.add(field::DECOMMIT_FAILED_BYTES, bytes as u64);
-                });
+                self.count_refused_decommit(bytes);
             }
         }
+    }
+
+    /// Counts one `decommit` of `bytes` that the OS refused.
+    fn count_refused_decommit(&self, bytes: usize) {
+        self.stats_update(|d| {
+            d.add(field::DECOMMIT_FAILURES, 1);
+            d.add(field::DECOMMIT_FAILED_BYTES, bytes as u64);
+        });
     }
 
     /// Prepared -> Ready for a run that contained `scav` scavenged bytes.
@@ -1950,7 +1951,8 @@ mod tests {
         unsafe { h.free_span(s2) };
     }
 
-    /// The tests' memory source (`TestMem`), whose `decommit` fails while `refuse` is set (as under `mlockall`).
+    /// The tests' memory source (`TestMem`), whose `decommit` fails while `refuse` is
+    /// set (as under `mlockall`).
     struct Refusing {
         refuse: std::sync::atomic::AtomicBool,
     }

@@ -14,8 +14,9 @@
 //! longer than two minutes.
 
 use std::alloc::{alloc, dealloc, Layout};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
@@ -62,38 +63,16 @@ fn alloc_zeroed_is_zero_when_madvise_fails_under_mlockall() {
 /// exit cleanly within two minutes and print a line starting with `marker` followed by
 /// "ok" or "skipped".
 fn run_child(name: &str, marker: &str) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env("SPANHEAP_FAULTS_CHILD", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(120) {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "child hung at address-space exhaustion:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "child failed: {:?}\n{stdout}\n{stderr}",
-        out.status
+    let stdout = common::run_child(
+        name,
+        "SPANHEAP_FAULTS_CHILD",
+        Duration::from_secs(120),
+        &format!("in {name}"),
     );
     let (ok, skipped) = (format!("{marker}ok"), format!("{marker}skipped"));
     assert!(
         stdout.contains(&ok) || stdout.contains(&skipped),
-        "{stdout}\n{stderr}"
+        "{stdout}"
     );
     for l in stdout.lines().filter(|l| l.contains(marker)) {
         println!("{l}");

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
 
@@ -216,39 +218,11 @@ fn fork_while_cacheless_threads_scavenge() {
         fork_storm();
         return;
     }
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "fork_while_cacheless_threads_scavenge",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("SPANHEAP_FORK_CHILD", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(storm_secs() + 25) {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the fork storm hung (a lock-order deadlock in fork?) after {:.1} s:\n{}\n{}",
-                t0.elapsed().as_secs_f64(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "child failed: {:?}\n{stdout}\n{stderr}",
-        out.status
+    let stdout = common::run_child(
+        "fork_while_cacheless_threads_scavenge",
+        "SPANHEAP_FORK_CHILD",
+        Duration::from_secs(storm_secs() + 25),
+        "in the fork storm (a lock-order deadlock in fork?)",
     );
     // The report may follow the harness's "test ... " on the same line.
     let report = stdout.find("storm:").expect("no storm report");

@@ -6,8 +6,9 @@
 //! mode, `--features checked`, catches more, at a cost on every free: `tests/checked.rs`.)
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::process::Command;
 use std::sync::mpsc;
+
+mod common;
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
@@ -135,26 +136,11 @@ fn misuses_abort_with_a_report() {
         return;
     }
     for &(name, expect, _) in CASES {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "misuses_abort_with_a_report", "--nocapture"])
-            .env("SPANHEAP_MISUSE_CASE", name)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let line = stderr
-            .lines()
-            .find(|l| l.starts_with("spanheap: "))
-            .unwrap_or("");
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGABRT),
-            "{name}: the child did not abort (status {:?}); stderr:\n{stderr}",
-            out.status
-        );
-        assert!(
-            line.contains(expect),
-            "{name}: report {line:?} does not say {expect:?}"
+        let line = common::expect_abort(
+            "misuses_abort_with_a_report",
+            "SPANHEAP_MISUSE_CASE",
+            name,
+            expect,
         );
         println!("{name:<30} {line}");
     }

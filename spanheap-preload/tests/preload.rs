@@ -278,15 +278,8 @@ fn cache_creation_with_40_pthread_keys_in_rust() {
         "rust keys (40 keys)",
         |l| l.contains("checksum"),
         || {
-            let mut c = Command::new(std::env::current_exe().unwrap());
-            c.args([
-                "--exact",
-                "rust_workload_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SPANHEAP_PRELOAD_CHILD", "1")
-            .env("SPANHEAP_KEYS_CHILD", "1");
+            let mut c = rust_workload();
+            c.env("SPANHEAP_KEYS_CHILD", "1");
             c
         },
     );
@@ -368,18 +361,21 @@ fn rust_test_binary_under_the_preload() {
     compare(
         "rust test binary",
         |l| l.contains("checksum"),
-        || {
-            let mut c = Command::new(std::env::current_exe().unwrap());
-            c.args([
-                "--exact",
-                "rust_workload_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SPANHEAP_PRELOAD_CHILD", "1");
-            c
-        },
+        rust_workload,
     );
+}
+
+/// This binary's `rust_workload_child`, alone, as a child process.
+fn rust_workload() -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "--exact",
+        "rust_workload_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("SPANHEAP_PRELOAD_CHILD", "1");
+    c
 }
 
 /// The core crate's own test binary `tests/global_alloc.rs` (which uses `SpanHeap` as

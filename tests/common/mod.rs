@@ -37,3 +37,69 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Runs this test binary's test `test` alone in a child process with `env` set to 1;
+/// kills it and panics (saying it hung `what`) if it runs longer than `limit`, panics
+/// if it fails. Returns its stdout.
+pub fn run_child(test: &str, env: &str, limit: std::time::Duration, what: &str) -> String {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(env, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the child hung {what} after {:.1} s:\n{}\n{}",
+                t0.elapsed().as_secs_f64(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "child failed: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Runs this test binary's test `test` in a child process with `env` set to `case`; the
+/// child must die of SIGABRT with a line starting "spanheap: " on stderr that contains
+/// `expect`. Returns that line.
+pub fn expect_abort(test: &str, env: &str, case: &str, expect: &str) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture"])
+        .env(env, case)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("spanheap: "))
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{case}: the child did not abort (status {:?}); stderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        line.contains(expect),
+        "{case}: report {line:?} does not say {expect:?}"
+    );
+    line
+}
