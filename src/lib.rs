@@ -25,8 +25,9 @@
 //!   64-object window per class, no lock and no atomic read-modify-write; remote frees.
 //! - `mcentral`: per-class spans no cache owns: partial/full lists, announcements.
 //! - `malloc`: `Layout` -> small object (size class) or large object (page span).
-//! - `scavenger`: returns free memory to the OS after a delay, paced from the slow
-//!   paths (or a background thread), and [`release_memory`] for all of it now.
+//! - `scavenger`: returns free memory to the OS after a delay, from a background
+//!   thread started once there is some (or paced from the slow paths), and
+//!   [`release_memory`] for all of it now.
 //! - `stats`: consistent statistics (a generation ring with per-thread sequence
 //!   counters) behind [`stats()`], and the [`Stats`] report.
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
@@ -85,7 +86,7 @@ mod global {
     pub(crate) static HEAP: MHeap<OsMemory> = MHeap::global(
         OsMemory,
         crate::mcache::current_writer,
-        crate::scavenger::background::start,
+        crate::scavenger::background::HOOKS,
     );
 
     /// The spanheap global allocator (zero-sized; all state is process-wide).
@@ -203,9 +204,11 @@ pub fn scavenger_config() -> ScavengerConfig {
 }
 
 /// Changes the scavenger's settings, before or after the allocator is first used; a
-/// call overrides the environment. Takes effect at the next slow path (or background
-/// pass). With `background: true` starts the background thread if it is not running;
-/// returns false if it could not be started (the other settings still apply).
+/// call overrides the environment. Takes effect at the next slow path or background
+/// pass. With `background: true`, if there is free memory to return and the background
+/// thread is not running, starts it now (otherwise it starts once there is); returns
+/// false if it could not be started (the other settings still apply, and the slow paths
+/// do the passes).
 ///
 /// ```
 /// use std::time::Duration;
@@ -217,7 +220,8 @@ pub fn scavenger_config() -> ScavengerConfig {
 /// ```
 #[cfg(not(spanheap_loom))]
 pub fn set_scavenger_config(config: ScavengerConfig) -> bool {
-    global::HEAP.scavenger.set_config(config)
+    global::HEAP.scavenger.set_config(config);
+    global::HEAP.start_background_if_due()
 }
 
 /// Entry points by address alone, for C-style callers that do not pass the size or
@@ -430,6 +434,12 @@ pub mod __private {
         crate::scavenger::background::running()
     }
 
+    /// Whether the scavenger's background thread is parked until a free wakes it.
+    #[cfg(not(spanheap_loom))]
+    pub fn background_scavenger_parked() -> bool {
+        crate::scavenger::background::parked()
+    }
+
     /// The address range of the calling thread's free-stack storage (the mapping its
     /// cache record keeps), if it has a live cache. For tests.
     #[cfg(not(spanheap_loom))]
@@ -585,7 +595,7 @@ pub mod __private {
         /// Takes back the registered gated caches whose owners are not inside them
         /// (`release_memory`'s reclaim); returns how many it took.
         pub fn reclaim_idle(&self) -> usize {
-            self.heap.reclaim_caches(true, 0, 0)
+            self.heap.reclaim_caches(true, 0, 0).0
         }
 
         /// A new thread cache for small objects of this heap (its record is leaked).

@@ -62,7 +62,7 @@ use crate::pagecache::{
     ChunkCache, GatedCache, HeapCache, PageCache, BITS_RECS, MAX_CACHED_SPAN_PAGES,
     MAX_CHUNK_SPAN_PAGES, SPAN_RECS,
 };
-use crate::scavenger::{Scavenger, BACKLOG_WAIT, PASS_BUDGET_NS};
+use crate::scavenger::{Scavenger, BACKLOG_WAIT, BG_OWNED, PASS_BUDGET_NS, START_BYTES};
 use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
 use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats};
@@ -283,7 +283,7 @@ impl<M: MemSource> MHeap<M> {
             stats: HeapStats::new(),
             writer,
             central: centrals(),
-            scavenger: Scavenger::new(false, crate::scavenger::no_spawn),
+            scavenger: Scavenger::new(false, crate::scavenger::NO_BACKGROUND),
             caches: AtomicPtr::new(ptr::null_mut()),
             reclaim: Mutex::new((), crate::lockrank::RECLAIM),
             shared: SharedCache::new(),
@@ -291,15 +291,15 @@ impl<M: MemSource> MHeap<M> {
     }
 
     /// The process-wide heap: like `with_writer`, and its scavenger reads the
-    /// `SPANHEAP_*` environment variables and can start a background thread (`spawn`).
+    /// `SPANHEAP_*` environment variables and has a background thread (`bg`).
     #[cfg(not(spanheap_loom))]
     pub(crate) const fn global(
         mem: M,
         writer: fn() -> Option<&'static HeapSeq>,
-        spawn: fn() -> bool,
+        bg: crate::scavenger::Background,
     ) -> Self {
         let mut h = Self::with_writer(mem, writer);
-        h.scavenger = Scavenger::new(true, spawn);
+        h.scavenger = Scavenger::new(true, bg);
         h
     }
     #[cfg(spanheap_loom)]
@@ -313,7 +313,7 @@ impl<M: MemSource> MHeap<M> {
             stats: HeapStats::new(),
             writer,
             central: core::array::from_fn(MCentral::new),
-            scavenger: Scavenger::new(false, crate::scavenger::no_spawn),
+            scavenger: Scavenger::new(false, crate::scavenger::NO_BACKGROUND),
             caches: AtomicPtr::new(ptr::null_mut()),
             reclaim: Mutex::new((), crate::lockrank::RECLAIM),
             shared: SharedCache::new(),
@@ -516,18 +516,20 @@ impl<M: MemSource> MHeap<M> {
     fn refill_chunk_cache(&self, tc: &mut HeapCache) {
         let old = core::mem::replace(&mut tc.prev, tc.chunk);
         let now = clock_ms();
-        let new = self.locked.lock().with(|h| {
+        let (new, excess) = self.locked.lock().with(|h| {
             if old.base != 0 {
                 h.pages.set_clock(now);
                 h.pages
                     .free_from_chunk_cache(old.base, &old.free, &old.scav);
             }
-            h.pages.alloc_chunk_to_cache().or_else(|| {
+            let new = h.pages.alloc_chunk_to_cache().or_else(|| {
                 self.grow_locked(h, crate::pagecache::CHUNK_CACHE_PAGES, 1)
                     .ok()?;
                 h.pages.alloc_chunk_to_cache()
-            })
+            });
+            (new, self.excess_locked(h))
         });
+        self.freed(excess);
         let gave = old.count() as u64;
         tc.chunk = match new {
             Some((base, free, scav)) => ChunkCache { base, free, scav },
@@ -639,7 +641,7 @@ impl<M: MemSource> MHeap<M> {
             return;
         }
         let now = clock_ms();
-        self.locked.lock().with(|h| {
+        let excess = self.locked.lock().with(|h| {
             h.pages.set_clock(now);
             h.pages
                 .free_from_cache(tc.pages.base, tc.pages.cache, tc.pages.scav);
@@ -658,7 +660,9 @@ impl<M: MemSource> MHeap<M> {
                     unsafe { h.bitsalloc[b].free(p.cast()) };
                 }
             }
+            self.excess_locked(h)
         });
+        self.freed(excess);
         tc.pages = PageCache::EMPTY;
         tc.chunk = ChunkCache::EMPTY;
         tc.prev = ChunkCache::EMPTY;
@@ -680,7 +684,7 @@ impl<M: MemSource> MHeap<M> {
         let (base, npages, bits) = unsafe { self.unpublish(s, false) };
         // Under the lock: give back the pages and the records.
         let now = clock_ms();
-        self.locked.lock().with(|h| {
+        let excess = self.locked.lock().with(|h| {
             if let Some((p, b)) = bits {
                 // SAFETY: the bitmap record belonged to the span, which is dead.
                 unsafe { h.bitsalloc[b].free(p.cast()) };
@@ -689,7 +693,9 @@ impl<M: MemSource> MHeap<M> {
             h.pages.free(base, npages);
             // SAFETY: the span is dead and unreachable except for validating readers.
             unsafe { h.spanalloc.free(s.as_ptr()) };
+            self.excess_locked(h)
         });
+        self.freed(excess);
     }
 
     /// `free_span` through the calling thread's heap cache: pages that lie in the
@@ -732,20 +738,23 @@ impl<M: MemSource> MHeap<M> {
             return;
         }
         let now = clock_ms();
-        self.locked.lock().with(|h| {
+        let excess = self.locked.lock().with(|h| {
             if let Some((p, b)) = bits {
                 // SAFETY: the bitmap record belonged to the span, which is dead.
                 unsafe { h.bitsalloc[b].free(p.cast()) };
-            }
-            if !to_cache {
-                h.pages.set_clock(now);
-                h.pages.free(base, npages);
             }
             if let Some(s) = rec {
                 // SAFETY: the span is dead and unreachable except for validating readers.
                 unsafe { h.spanalloc.free(s.as_ptr()) };
             }
+            if to_cache {
+                return 0;
+            }
+            h.pages.set_clock(now);
+            h.pages.free(base, npages);
+            self.excess_locked(h)
         });
+        self.freed(excess);
     }
 
     /// The lock-free half of freeing a span: unpublish it (the mirror of
@@ -808,10 +817,12 @@ impl<M: MemSource> MHeap<M> {
         self.pages_in_use.fetch_sub(n, Ordering::Release);
         self.account_free(Purpose::Heap, n << PAGE_SHIFT, false);
         let now = clock_ms();
-        self.locked.lock().with(|h| {
+        let excess = self.locked.lock().with(|h| {
             h.pages.set_clock(now);
-            h.pages.free(base + (new_npages << PAGE_SHIFT), n)
+            h.pages.free(base + (new_npages << PAGE_SHIFT), n);
+            self.excess_locked(h)
         });
+        self.freed(excess);
     }
 
     /// Grows a live heap span in place to `new_npages` pages if the pages after it are
@@ -1061,9 +1072,9 @@ impl<M: MemSource> MHeap<M> {
     /// protocol in `GatedCache`). Does nothing if the OS has no heavy barrier.
     ///
     /// No allocator lock may be held (the reclaim lock, then the heap lock, are taken).
-    pub(crate) fn reclaim_caches(&self, force: bool, now_ms: u32, idle_ms: u32) -> usize {
+    pub(crate) fn reclaim_caches(&self, force: bool, now_ms: u32, idle_ms: u32) -> (usize, usize) {
         const BATCH: usize = 32;
-        let mut taken = 0;
+        let (mut taken, mut pending) = (0, 0);
         self.reclaim.lock().with(|_| {
             // Acquire: pairs with `register_cache`'s Release.
             let mut cur = self.caches.load(Ordering::Acquire);
@@ -1076,7 +1087,9 @@ impl<M: MemSource> MHeap<M> {
                         break;
                     };
                     cur = g.next.load(Ordering::Acquire);
-                    if g.is_idle(force, now_ms, idle_ms) && g.try_claim() {
+                    if !g.is_idle(force, now_ms, idle_ms) {
+                        pending += usize::from(!g.is_reclaimed());
+                    } else if g.try_claim() {
                         claimed[n] = g;
                         n += 1;
                     }
@@ -1095,6 +1108,8 @@ impl<M: MemSource> MHeap<M> {
                     if g.take(|tc| self.flush_heap_cache(tc)).is_some() {
                         g.mark_reclaimed();
                         taken += 1;
+                    } else {
+                        pending += 1;
                     }
                 }
                 if !barrier {
@@ -1102,7 +1117,7 @@ impl<M: MemSource> MHeap<M> {
                 }
             }
         });
-        taken
+        (taken, pending)
     }
 
     // ----------------------------------------------------------------------------------
@@ -1236,7 +1251,10 @@ impl<M: MemSource> MHeap<M> {
 
     /// Claims the due pass (one thread at a time), runs it, and sets when the next one
     /// is due: soon (`BACKLOG_WAIT` times the pass's time) if it left work, a quarter
-    /// of the delay otherwise.
+    /// of the delay otherwise. With the background thread wanted, starts it instead
+    /// once there is enough work for it (`START_BYTES`), and leaves the passes to it.
+    ///
+    /// No allocator lock may be held.
     #[cold]
     #[inline(never)]
     pub(crate) fn scavenge_due(&self, now: u64) {
@@ -1248,6 +1266,16 @@ impl<M: MemSource> MHeap<M> {
                 .compare_exchange(due, u64::MAX, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()
         {
+            return;
+        }
+        // With the thread wanted but not worth starting yet, or if it could not be
+        // started, the pass runs from here.
+        if sc.background_wanted()
+            && ((sc.bg.running)() || (self.excess_bytes() >= START_BYTES && (sc.bg.start)()))
+        {
+            // The thread does the passes; a free that finds it stopped (a fork child, a
+            // setting turned off and on) makes the slow paths due again.
+            sc.next_due.store(BG_OWNED, Ordering::Relaxed);
             return;
         }
         let next = match sc.delay_ms() {
@@ -1268,6 +1296,84 @@ impl<M: MemSource> MHeap<M> {
             }
         };
         sc.next_due.store(next, Ordering::Relaxed);
+    }
+
+    /// Starts the background thread now if it is wanted and there is work for it
+    /// (`set_scavenger_config`); returns false if it could not be started.
+    ///
+    /// No allocator lock may be held.
+    pub(crate) fn start_background_if_due(&self) -> bool {
+        let sc = &self.scavenger;
+        if !sc.background_wanted() || (sc.bg.running)() || self.excess_bytes() < START_BYTES {
+            return true;
+        }
+        (sc.bg.start)()
+    }
+
+    /// Free committed memory beyond the retained headroom, in bytes. Takes the heap
+    /// lock.
+    pub(crate) fn excess_bytes(&self) -> usize {
+        self.locked.lock().with(|h| self.excess_locked(h)) << PAGE_SHIFT
+    }
+
+    /// Free pages beyond the retained headroom that are not returned yet. Heap lock.
+    fn excess_locked(&self, h: &Locked) -> usize {
+        let p = &h.pages;
+        self.scavenger
+            .excess_pages(p.total_pages(), p.free_pages(), p.scavenged_pages())
+    }
+
+    /// After the heap lock was released by a section that freed pages (and computed
+    /// `excess` pages under it): tells the background thread.
+    #[inline]
+    fn freed(&self, excess: usize) {
+        self.scavenger.note_excess(excess << PAGE_SHIFT);
+    }
+
+    /// One round of the background thread: idle threads' caches, then a paced pass of
+    /// at most `PASS_BUDGET_NS` (coarse time `now`, delay `delay` ms); then, if the pass
+    /// finished the work that was due, what comes next.
+    ///
+    /// No allocator lock may be held.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn background_pass(&self, now: u64, delay: u32) -> BackgroundLook {
+        let (taken, pending) = self.reclaim_caches(false, (now / 1_000_000) as u32, delay);
+        let (_, more) = self.scavenge(false, now, PASS_BUDGET_NS);
+        let wait_ms = if more {
+            None
+        } else {
+            self.scavenge_wait(now, delay)
+        };
+        BackgroundLook {
+            more,
+            taken,
+            pending,
+            wait_ms,
+        }
+    }
+
+    /// In how many milliseconds a paced pass will find free pages to return (0: now),
+    /// or `None` if it will find none until the program frees again. Takes the heap
+    /// lock.
+    fn scavenge_wait(&self, now: u64, delay: u32) -> Option<u32> {
+        let policy = ScavPolicy {
+            now: (now / 1_000_000) as u32,
+            min_age: delay,
+            skip_dense: true,
+        };
+        self.locked.lock().with(|h| {
+            if self.excess_locked(h) == 0 {
+                return None;
+            }
+            h.pages.scavenge_wait(policy)
+        })
+    }
+
+    /// Whether a paced pass has work now or later (the background thread's last look
+    /// before it parks). Takes the heap lock.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn scavenge_work_waiting(&self, now: u64, delay: u32) -> bool {
+        self.scavenge_wait(now, delay).is_some()
     }
 
     // ----------------------------------------------------------------------------------
@@ -1650,6 +1756,20 @@ impl<M: MemSource> MHeap<M> {
             }
         });
     }
+}
+
+/// What one round of the background thread found (`MHeap::background_pass`).
+#[cfg(not(spanheap_loom))]
+pub(crate) struct BackgroundLook {
+    /// The pass stopped with work left (its budget ran out).
+    pub(crate) more: bool,
+    /// Idle threads' caches taken back.
+    pub(crate) taken: usize,
+    /// Caches left because they were used lately.
+    pub(crate) pending: usize,
+    /// When the pass finished: in how many ms the next free pages become old enough
+    /// (`None`: none until the program frees again).
+    pub(crate) wait_ms: Option<u32>,
 }
 
 /// The clock that frees stamp on page-allocator chunks, in milliseconds (wrapping).

@@ -1548,6 +1548,37 @@ impl PageAlloc {
         }
     }
 
+    /// For a scavenger that has nothing to take now: in how many milliseconds the first
+    /// chunk that `policy` skips only for its age (it has free pages that are not
+    /// scavenged, and is not dense) becomes old enough; `None` if there is no such chunk,
+    /// so that no paced pass finds anything until the program frees again. Walks the
+    /// dirty chunks (those with free pages not scavenged).
+    pub(crate) fn scavenge_wait(&self, policy: ScavPolicy) -> Option<u32> {
+        let mut soonest: Option<u32> = None;
+        let mut end = self.end_chunk;
+        while let Some(ci) = self.prev_dirty(end) {
+            end = ci;
+            let k = ci & (L2_ENTRIES - 1);
+            // SAFETY: `prev_dirty` only returns chunks of allocated L2 arrays.
+            let l2 = unsafe { &*self.l1[ci >> L2_BITS] };
+            let ch = &l2.chunks[k];
+            if (0..CHUNK_WORDS).all(|w| !ch.alloc[w] & !ch.scav[w] == 0) {
+                continue;
+            }
+            let used: usize = ch.alloc.iter().map(|w| w.count_ones() as usize).sum();
+            if policy.skip_dense && used >= DENSE_PAGES {
+                continue;
+            }
+            let age = policy.now.wrapping_sub(l2.freed_at[k]);
+            let wait = policy.min_age.saturating_sub(age);
+            soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
+            if wait == 0 {
+                break;
+            }
+        }
+        soonest
+    }
+
     /// Gives back a run taken by [`scavenge_take`](Self::scavenge_take) once it has been
     /// returned to the OS: its pages become free and scavenged. The chunk's dirty mark
     /// and free stamp are left as they are (this is not a free by the program).

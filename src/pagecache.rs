@@ -646,6 +646,11 @@ impl GatedCache {
         force || (since != RECLAIMED && now_ms.wrapping_sub(since) >= idle_ms)
     }
 
+    /// Whether the cache was taken back and not used since. Reclaim lock.
+    pub(crate) fn is_reclaimed(&self) -> bool {
+        self.idle_since.load(Ordering::Relaxed) == RECLAIMED
+    }
+
     /// Records that the cache was taken back (and so needs no look until used again).
     /// Reclaim lock.
     pub(crate) fn mark_reclaimed(&self) {

@@ -21,22 +21,38 @@
 //! [`release_memory`](crate::release_memory) returns every free page now, ignoring all
 //! three (Go's `debug.FreeOSMemory`).
 //!
-//! # Pacing and cost
+//! # Who does the work
 //!
-//! Passes are driven from the allocator's own slow paths (refilling a size class,
-//! flushing a full local free list, large allocations and frees that reach the page
-//! heap, not those served by the thread's large-block cache): each checks a coarse
+//! **The background thread** (on by default; Go's `bgscavenge`). It is started lazily,
+//! by the first slow path that finds more than [`START_BYTES`] of free committed memory
+//! beyond the headroom: never at process start, never in a process that does not free
+//! (small programs keep using the slow-path passes below). It then runs paced passes of
+//! at most [`PASS_BUDGET_NS`] each, within a CPU budget of [`BG_CPU_PERCENT`]% of one
+//! CPU on average (a token bucket of thread CPU time; an allowance saved up while there
+//! was nothing to do, at most [`BG_BURST_NS`], lets it return a large burst at once:
+//! `madvise` costs roughly 40 ms of CPU per GiB returned). Between passes it sleeps until
+//! the next free chunk becomes old enough, and when there is nothing left to return it
+//! parks on a futex with no timeout: no periodic wakeups. A free that leaves more than
+//! [`WAKE_BYTES`] of free committed memory beyond the headroom wakes it (one `futex`
+//! call per parking, made by whichever free notices first). In a fork child it does
+//! not exist; the child's first slow path that finds work starts it again. While it
+//! runs, the slow paths do no passes. `SPANHEAP_BACKGROUND_SCAVENGER=0` (or
+//! [`ScavengerConfig::background`] = false) turns it off; the trade-off: memory is then
+//! returned only as the program reaches slow paths, so a program that frees a lot and
+//! then does only light work keeps it.
+//!
+//! **Slow-path passes** (when the thread is off, not started yet, or could not be
+//! started). Passes are driven from the allocator's own slow paths (refilling a size
+//! class, flushing a full local free list, large allocations and frees that reach the
+//! page heap, not those served by the thread's large-block cache): each checks a coarse
 //! clock against `next_due` (one vDSO read and one load) and, if due, one thread claims
 //! the pass. A pass works for at most [`PASS_BUDGET_NS`]; if work remains, the next
 //! pass is due after [`BACKLOG_WAIT`] (4) times the time spent, so the scavenger takes
 //! at most about a fifth of the time of the threads that drive it while it has a
-//! backlog, and delays any one allocation by at most about 2 ms. Otherwise the next pass is due a quarter
-//! of the delay later. A page freed at time `t` is therefore returned between
-//! `t + delay` and about `t + 1.25 * delay` plus the time to work off a backlog
-//! (1 GiB takes ~64 ms of madvise in all), as long as the program reaches a slow path
-//! now and then. A program that goes quiet reaches none; the optional background
-//! thread covers that case. Nothing is started behind the program's back unless asked
-//! for (`SPANHEAP_BACKGROUND_SCAVENGER=1` or [`ScavengerConfig::background`]).
+//! backlog, and delays any one allocation by at most about 2 ms. Otherwise the next pass
+//! is due a quarter of the delay later. A page freed at time `t` is therefore returned
+//! between `t + delay` and about `t + 1.25 * delay` plus the time to work off a backlog,
+//! as long as the program reaches a slow path now and then.
 //!
 //! # Synchronisation
 //!
@@ -60,6 +76,19 @@ pub(crate) const PASS_BUDGET_NS: u64 = 2_000_000;
 pub(crate) const BACKLOG_WAIT: u64 = 4;
 /// `delay_ms` value meaning "automatic scavenging off".
 const OFF: u32 = u32::MAX;
+/// `next_due` while the background thread does the passes (or will be started by the
+/// next slow path that finds work, see `scavenge_due`): no slow path is due.
+pub(crate) const BG_OWNED: u64 = u64::MAX - 1;
+/// Free committed memory beyond the headroom that starts the background thread.
+pub(crate) const START_BYTES: usize = 4 << 20;
+/// Free committed memory beyond the headroom that wakes the parked background thread.
+pub(crate) const WAKE_BYTES: usize = 1 << 20;
+/// The background thread's average CPU budget, in percent of one CPU (Go's
+/// `scavengePercent`).
+pub(crate) const BG_CPU_PERCENT: u64 = 1;
+/// The most CPU time (ns) the background thread may save up while idle and then spend
+/// at once on a burst of freed memory.
+pub(crate) const BG_BURST_NS: u64 = 100_000_000;
 
 /// The scavenger's settings: see [`set_scavenger_config`](crate::set_scavenger_config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,10 +101,12 @@ pub struct ScavengerConfig {
     /// Free memory kept committed regardless of age, in percent of the memory in use
     /// (default 10, environment `SPANHEAP_RETAIN_PERCENT`).
     pub retain_percent: u32,
-    /// Run a background thread that scavenges on its own schedule, for programs that
-    /// go idle after freeing (default off, environment
-    /// `SPANHEAP_BACKGROUND_SCAVENGER=1`). Turning it off stops the thread within one
-    /// of its sleeps (at most 100 ms).
+    /// Let a background thread do the scavenging (default on; environment
+    /// `SPANHEAP_BACKGROUND_SCAVENGER=0` turns it off). The thread is started only once
+    /// there is free memory to return, costs at most about 1% of one CPU, and sleeps
+    /// without wakeups while there is nothing to return. Off, memory is returned only
+    /// from the allocator's slow paths, so a program that frees a lot and then does
+    /// little keeps it. Turning it off stops the thread promptly.
     pub background: bool,
 }
 
@@ -84,7 +115,7 @@ impl Default for ScavengerConfig {
         ScavengerConfig {
             delay: Some(Duration::from_millis(DEFAULT_DELAY_MS as u64)),
             retain_percent: DEFAULT_RETAIN_PERCENT,
-            background: false,
+            background: true,
         }
     }
 }
@@ -104,8 +135,8 @@ pub(crate) struct Scavenger {
     /// pass runs (claimed by CAS, so one thread scavenges at a time). Relaxed: it only
     /// steers who works when; the pages are protected by the heap lock.
     pub(crate) next_due: AtomicU64,
-    /// Starts the background thread (the process-wide heap's); returns whether it runs.
-    spawn: fn() -> bool,
+    /// The heap's background thread (the process-wide heap's; none for others).
+    pub(crate) bg: Background,
     /// Under loom, which has no clock: whether a model asked for passes
     /// (`__private::PageHeap::scavenge_soon`). A plain atomic, so that models that do
     /// not ask see no extra step.
@@ -116,16 +147,16 @@ pub(crate) struct Scavenger {
 impl Scavenger {
     crate::sync::const_fn! {
         /// Default settings; `env`: read the `SPANHEAP_*` variables on first use (the
-        /// process-wide heap) or not (heaps built by tests). `spawn` starts a
-        /// background thread for this heap.
-        pub(crate) fn new(env: bool, spawn: fn() -> bool) -> Self {
+        /// process-wide heap) or not (heaps built by tests). `bg`: the heap's
+        /// background thread ([`NO_BACKGROUND`] for none; the setting is then ignored).
+        pub(crate) fn new(env: bool, bg: Background) -> Self {
             Scavenger {
                 delay_ms: AtomicU32::new(DEFAULT_DELAY_MS),
                 retain_percent: AtomicU32::new(DEFAULT_RETAIN_PERCENT),
-                background: AtomicU32::new(0),
+                background: AtomicU32::new(1),
                 env: AtomicU32::new(if env { 0 } else { 2 }),
                 next_due: AtomicU64::new(0),
-                spawn,
+                bg,
                 #[cfg(spanheap_loom)]
                 model_due: core::sync::atomic::AtomicBool::new(false),
             }
@@ -157,9 +188,44 @@ impl Scavenger {
         self.retain_percent.load(Ordering::Relaxed)
     }
 
+    /// Whether the background thread is wanted (the setting).
     pub(crate) fn background(&self) -> bool {
         self.load_env_once();
         self.background.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether passes are the background thread's to run: wanted, and this heap has
+    /// one.
+    pub(crate) fn background_wanted(&self) -> bool {
+        self.bg.exists && self.background()
+    }
+
+    /// Free pages beyond the retained headroom that are not returned yet, given the
+    /// page allocator's counts.
+    pub(crate) fn excess_pages(&self, total: usize, free: usize, scavenged: usize) -> usize {
+        let keep = (total - free).saturating_mul(self.retain_percent() as usize) / 100;
+        (free - scavenged).saturating_sub(keep)
+    }
+
+    /// Called after a free that left `excess` bytes of free committed memory beyond the
+    /// headroom (any lock may be held): wakes the parked background thread if there is
+    /// enough to do, or asks the next slow path to start it.
+    #[inline]
+    pub(crate) fn note_excess(&self, excess: usize) {
+        if excess >= WAKE_BYTES && self.background_wanted() {
+            (self.bg.wake)(excess >= START_BYTES);
+        }
+    }
+
+    /// Makes the next slow path evaluate the scavenger (`scavenge_due`): run a pass, or
+    /// start the background thread. A pass in progress (`u64::MAX`) is left alone.
+    pub(crate) fn make_due(&self) {
+        let due = self.next_due.load(Ordering::Relaxed);
+        if due != u64::MAX && due != 0 {
+            let _ = self
+                .next_due
+                .compare_exchange(due, 0, Ordering::Relaxed, Ordering::Relaxed);
+        }
     }
 
     /// The settings now.
@@ -174,9 +240,9 @@ impl Scavenger {
     }
 
     /// Applies `c` (after the environment, so that the call wins) and makes the next
-    /// slow path run a pass with it. Starts the background thread if asked for;
-    /// returns false if it could not be started.
-    pub(crate) fn set_config(&self, c: ScavengerConfig) -> bool {
+    /// slow path look at the scavenger with it (run a pass, or start the background
+    /// thread if there is work for it). A running background thread notices at once.
+    pub(crate) fn set_config(&self, c: ScavengerConfig) {
         self.load_env_once();
         // If another thread is reading the environment right now, let it finish, or
         // it would overwrite this call's settings.
@@ -193,17 +259,11 @@ impl Scavenger {
         self.background
             .store(u32::from(c.background), Ordering::Relaxed);
         // Re-evaluate soon; a pass in progress (u64::MAX) sets its own next time.
-        let due = self.next_due.load(Ordering::Relaxed);
-        if due != u64::MAX {
-            let _ = self
-                .next_due
-                .compare_exchange(due, 0, Ordering::Relaxed, Ordering::Relaxed);
-        }
-        !c.background || (self.spawn)()
+        self.make_due();
+        (self.bg.nudge)();
     }
 
-    /// Reads the `SPANHEAP_*` variables once (without allocating), and starts the
-    /// background thread if the environment asks for it.
+    /// Reads the `SPANHEAP_*` variables once (without allocating).
     fn load_env_once(&self) {
         if self.env.load(Ordering::Relaxed) == 2 {
             return;
@@ -217,19 +277,15 @@ impl Scavenger {
             // then the defaults apply.
             return;
         }
-        let start = self.read_env();
+        self.read_env();
         self.env.store(2, Ordering::Relaxed);
-        if start {
-            (self.spawn)();
-        }
     }
 }
 
 impl Scavenger {
-    /// Applies the `SPANHEAP_*` variables; returns whether the background thread is
-    /// asked for.
+    /// Applies the `SPANHEAP_*` variables.
     #[cfg(not(spanheap_loom))]
-    fn read_env(&self) -> bool {
+    fn read_env(&self) {
         if let Some(v) = env(c"SPANHEAP_SCAVENGE_DELAY_MS") {
             if v == b"off" {
                 self.delay_ms.store(OFF, Ordering::Relaxed);
@@ -240,18 +296,15 @@ impl Scavenger {
         if let Some(p) = env(c"SPANHEAP_RETAIN_PERCENT").and_then(parse_u32) {
             self.retain_percent.store(p, Ordering::Relaxed);
         }
-        let bg = env(c"SPANHEAP_BACKGROUND_SCAVENGER").is_some_and(|v| v != b"0" && !v.is_empty());
-        if bg {
-            self.background.store(1, Ordering::Relaxed);
+        // "0" turns the thread off; any other value (or none) leaves it on.
+        if env(c"SPANHEAP_BACKGROUND_SCAVENGER") == Some(b"0") {
+            self.background.store(0, Ordering::Relaxed);
         }
-        bg
     }
 
     /// Loom models have no environment.
     #[cfg(spanheap_loom)]
-    fn read_env(&self) -> bool {
-        false
-    }
+    fn read_env(&self) {}
 }
 
 /// The value of an environment variable, without allocating.
@@ -285,8 +338,35 @@ fn parse_u32(s: &[u8]) -> Option<u32> {
     u32::try_from(v).ok()
 }
 
-/// Heaps without a background thread (tests' heaps, loom).
-pub(crate) fn no_spawn() -> bool {
+/// A heap's background thread, as hooks (the thread itself is process-wide state,
+/// outside the modelled core).
+#[derive(Clone, Copy)]
+pub(crate) struct Background {
+    /// Whether the heap has one (the process-wide heap).
+    pub(crate) exists: bool,
+    /// Starts the thread unless it runs; returns whether it runs. No allocator lock may
+    /// be held (`pthread_create` allocates).
+    pub(crate) start: fn() -> bool,
+    /// Whether the thread runs.
+    pub(crate) running: fn() -> bool,
+    /// There is memory to return: wakes the thread if it is parked; if it does not run
+    /// and the argument says there is enough to start it for, asks the next slow path to
+    /// start it. Any lock may be held.
+    pub(crate) wake: fn(bool),
+    /// The settings changed: wakes the thread from any sleep so that it sees them.
+    pub(crate) nudge: fn(),
+}
+
+/// No background thread (tests' heaps, loom).
+pub(crate) const NO_BACKGROUND: Background = Background {
+    exists: false,
+    start: never,
+    running: never,
+    wake: |_| {},
+    nudge: || {},
+};
+
+fn never() -> bool {
     false
 }
 
@@ -296,29 +376,63 @@ pub(crate) fn no_spawn() -> bool {
 
 #[cfg(not(spanheap_loom))]
 pub(crate) mod background {
-    // Process-wide thread bookkeeping, outside the modelled core (core atomics).
+    //! The process-wide heap's background scavenger thread.
+    //!
+    //! Parking: the thread stores `PARKED` in `STATE`, then looks for work under the
+    //! heap lock, and waits on the futex only if it found none. A free adds its pages
+    //! under the heap lock and reads `STATE` afterwards; the lock orders the two, so
+    //! either the thread's look sees the pages or the free sees `PARKED`, swaps it for
+    //! `RUNNING` and wakes the futex (a wait that starts after the swap returns at once,
+    //! the word no longer being `PARKED`). The state is process bookkeeping outside the
+    //! modelled core (core atomics, Relaxed: the heap lock provides the ordering).
+
     use core::sync::atomic::{AtomicU32, Ordering};
 
+    use super::{BG_BURST_NS, BG_CPU_PERCENT, PASS_BUDGET_NS};
     use crate::global::HEAP;
 
-    /// 1 while the thread runs (or is being started).
-    static RUNNING: AtomicU32 = AtomicU32::new(0);
-    /// The longest the thread sleeps, so that it notices a new setting promptly.
-    const MAX_SLEEP_NS: u64 = 100_000_000;
+    /// Not running (never started, turned off, or in a fork child).
+    const STOPPED: u32 = 0;
+    /// Running a pass or deciding what to do next (also while being started).
+    const RUNNING: u32 = 1;
+    /// Waiting on the futex for a free that leaves work (no timeout).
+    const PARKED: u32 = 2;
+    /// Waiting on the futex until a time (work that is not due yet).
+    const SLEEPING: u32 = 3;
+    /// The thread's state, and the futex word it waits on.
+    static STATE: AtomicU32 = AtomicU32::new(STOPPED);
+
+    /// The process-wide heap's hooks.
+    pub(crate) const HOOKS: super::Background = super::Background {
+        exists: true,
+        start,
+        running,
+        wake,
+        nudge,
+    };
 
     /// Starts the background scavenger thread unless it runs. Returns whether it runs.
     /// Uses `pthread_create` directly (std's threads would allocate through the global
-    /// allocator, and this may be called from inside it).
+    /// allocator, and this may be called from inside it). No allocator lock may be held.
     pub(crate) fn start() -> bool {
-        if RUNNING.swap(1, Ordering::Relaxed) == 1 {
+        if STATE
+            .compare_exchange(STOPPED, RUNNING, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
             return true;
         }
         // SAFETY: plain pthread calls with valid pointers; the thread function has the
-        // right signature and ignores its argument.
+        // right signature and ignores its argument. A small stack: the thread's frames
+        // are shallow (the scavenger's batch arrays are the largest, a few KiB).
         unsafe {
+            let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+            libc::pthread_attr_init(&mut attr);
+            libc::pthread_attr_setstacksize(&mut attr, 256 << 10);
             let mut t: libc::pthread_t = 0;
-            if libc::pthread_create(&mut t, core::ptr::null(), main, core::ptr::null_mut()) != 0 {
-                RUNNING.store(0, Ordering::Relaxed);
+            let rc = libc::pthread_create(&mut t, &attr, main, core::ptr::null_mut());
+            libc::pthread_attr_destroy(&mut attr);
+            if rc != 0 {
+                STATE.store(STOPPED, Ordering::Relaxed);
                 return false;
             }
             libc::pthread_detach(t);
@@ -326,14 +440,92 @@ pub(crate) mod background {
         true
     }
 
-    /// In the child of a fork: the thread was not copied.
-    pub(crate) fn fork_child_reset() {
-        RUNNING.store(0, Ordering::Relaxed);
+    /// Whether the background thread is running.
+    pub(crate) fn running() -> bool {
+        STATE.load(Ordering::Relaxed) != STOPPED
     }
 
-    /// Whether the background thread is running (for tests).
-    pub(crate) fn running() -> bool {
-        RUNNING.load(Ordering::Relaxed) == 1
+    /// Whether the background thread is parked with no timeout (for tests).
+    pub(crate) fn parked() -> bool {
+        STATE.load(Ordering::Relaxed) == PARKED
+    }
+
+    /// See `Background::wake`.
+    fn wake(start_wanted: bool) {
+        match STATE.load(Ordering::Relaxed) {
+            PARKED
+                if STATE
+                    .compare_exchange(PARKED, RUNNING, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok() =>
+            {
+                futex_wake()
+            }
+            STOPPED if start_wanted => HEAP.scavenger.make_due(),
+            _ => {}
+        }
+    }
+
+    /// See `Background::nudge`.
+    fn nudge() {
+        for from in [PARKED, SLEEPING] {
+            if STATE
+                .compare_exchange(from, RUNNING, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                futex_wake();
+            }
+        }
+    }
+
+    /// In the child of a fork: the thread was not copied.
+    pub(crate) fn fork_child_reset() {
+        STATE.store(STOPPED, Ordering::Relaxed);
+    }
+
+    fn futex_wake() {
+        // SAFETY: FUTEX_WAKE on a valid, aligned u32; no other memory is touched.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                STATE.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            );
+        }
+    }
+
+    /// Waits while `STATE` is `state` (set by the caller), for at most `ns` if given.
+    /// Returns early on a wake, a signal or a spurious wake-up; the caller looks again.
+    fn futex_wait(state: u32, ns: Option<u64>) {
+        let ts = ns.map(|ns| libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        });
+        let tp = ts
+            .as_ref()
+            .map_or(core::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: FUTEX_WAIT on a valid, aligned u32 with a valid (or null) relative
+        // timeout; no other memory is touched.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                STATE.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                state,
+                tp,
+            );
+        }
+    }
+
+    /// CPU time this thread has used, in nanoseconds.
+    fn thread_cpu_ns() -> u64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to write.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
     }
 
     extern "C" fn main(_: *mut libc::c_void) -> *mut libc::c_void {
@@ -345,27 +537,100 @@ pub(crate) mod background {
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
             libc::pthread_setname_np(libc::pthread_self(), c"spanheap-scav".as_ptr());
         }
+        // The CPU budget: a token bucket of CPU nanoseconds, filled at BG_CPU_PERCENT
+        // of the time that passes, holding at most BG_BURST_NS, emptied by the CPU
+        // time each pass takes.
+        let mut tokens = BG_BURST_NS;
+        let mut last = crate::os::now_ns();
+        // How many times in a row a look at other threads' caches found only caches
+        // in use (the next look waits twice as long, up to 64 delays).
+        let mut backoff = 0u32;
         loop {
             if !HEAP.scavenger.background() {
-                RUNNING.store(0, Ordering::Relaxed);
+                STATE.store(STOPPED, Ordering::Relaxed);
                 // Turned back on meanwhile, and nobody started another: go on.
-                if !HEAP.scavenger.background() || RUNNING.swap(1, Ordering::Relaxed) == 1 {
+                if !HEAP.scavenger.background()
+                    || STATE
+                        .compare_exchange(STOPPED, RUNNING, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_err()
+                {
+                    // The slow paths take over (set_config made them due).
                     return core::ptr::null_mut();
                 }
             }
-            let now = crate::os::coarse_now_ns();
-            let due = HEAP.scavenger.next_due.load(Ordering::Relaxed);
-            if now >= due {
-                HEAP.scavenge_due(now);
+            let Some(delay) = HEAP.scavenger.delay_ms() else {
+                // Automatic returning off: nothing to do until the settings change.
+                park(None);
+                continue;
+            };
+            let now = crate::os::now_ns();
+            tokens = (tokens + (now - last) * BG_CPU_PERCENT / 100).min(BG_BURST_NS);
+            last = now;
+            if tokens < PASS_BUDGET_NS {
+                // Over budget: wait until a whole pass is paid for.
+                sleep((PASS_BUDGET_NS - tokens) * 100 / BG_CPU_PERCENT);
                 continue;
             }
-            let ns = (due - now).clamp(1_000_000, MAX_SLEEP_NS);
-            let ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: ns as libc::c_long,
+            let cpu = thread_cpu_ns();
+            let coarse = crate::os::coarse_now_ns();
+            let look = HEAP.background_pass(coarse, delay);
+            tokens = tokens.saturating_sub(thread_cpu_ns() - cpu);
+            if look.more {
+                continue;
+            }
+            if look.taken != 0 {
+                backoff = 0;
+            }
+            // Nothing more now. Sleep until the first free chunk becomes old enough, or
+            // until other threads' caches may have gone idle; park if neither.
+            let caches = (look.pending != 0).then(|| {
+                let ms = u64::from(delay) << backoff.min(6);
+                backoff += 1;
+                ms
+            });
+            let wait_ms = match (look.wait_ms, caches) {
+                (Some(a), Some(b)) => Some(u64::from(a).min(b)),
+                (Some(a), None) => Some(u64::from(a)),
+                (None, b) => b,
             };
-            // SAFETY: a valid timespec; an early wake-up (signal) only shortens the sleep.
-            unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
+            match wait_ms {
+                Some(ms) => sleep(ms.max(1) * 1_000_000 + 1_000_000),
+                None => {
+                    backoff = 0;
+                    park(Some(delay));
+                }
+            }
+        }
+    }
+
+    /// Sleeps for `ns` unless nudged (a settings change).
+    fn sleep(ns: u64) {
+        if STATE
+            .compare_exchange(RUNNING, SLEEPING, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            futex_wait(SLEEPING, Some(ns));
+            let _ = STATE.compare_exchange(SLEEPING, RUNNING, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Parks until a free leaves work (see the module's documentation), unless there is
+    /// work already; `delay`: the setting, to judge that (None: never any).
+    fn park(delay: Option<u32>) {
+        if STATE
+            .compare_exchange(RUNNING, PARKED, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        // After PARKED is stored: a free from now on either is seen here or sees PARKED.
+        let now = crate::os::coarse_now_ns();
+        if delay.is_some_and(|d| HEAP.scavenge_work_waiting(now, d)) {
+            let _ = STATE.compare_exchange(PARKED, RUNNING, Ordering::Relaxed, Ordering::Relaxed);
+            return;
+        }
+        while STATE.load(Ordering::Relaxed) == PARKED {
+            futex_wait(PARKED, None);
         }
     }
 }
@@ -387,24 +652,25 @@ mod tests {
 
     #[test]
     fn config_round_trips_and_off_is_none() {
-        let s = Scavenger::new(false, no_spawn);
+        let s = Scavenger::new(false, NO_BACKGROUND);
         assert_eq!(s.config(), ScavengerConfig::default());
         let c = ScavengerConfig {
             delay: Some(Duration::from_millis(250)),
             retain_percent: 0,
             background: false,
         };
-        assert!(s.set_config(c));
+        s.set_config(c);
         assert_eq!(s.config(), c);
         assert_eq!(s.delay_ms(), Some(250));
         let off = ScavengerConfig { delay: None, ..c };
         s.set_config(off);
         assert_eq!(s.delay_ms(), None);
         assert_eq!(s.config(), off);
-        // A background thread that cannot be started is reported.
-        assert!(!s.set_config(ScavengerConfig {
+        // A heap without a background thread never hands passes to one.
+        s.set_config(ScavengerConfig {
             background: true,
             ..c
-        }));
+        });
+        assert!(s.background() && !s.background_wanted());
     }
 }

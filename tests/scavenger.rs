@@ -181,16 +181,26 @@ fn child_release_memory() {
 
 #[test]
 fn paced_release_without_an_explicit_call() {
-    in_child("child_paced_release", &[]);
+    in_child(
+        "child_paced_release",
+        &[("SPANHEAP_BACKGROUND_SCAVENGER", "0")],
+    );
 }
 
-/// Light activity after freeing 1 GiB: every 10 ms a few strings and a buffer.
+/// Light activity after freeing 1 GiB: every 10 ms a few strings and a buffer. The
+/// background thread is off: the slow paths this activity reaches do the passes.
 #[test]
 fn child_paced_release() {
     if !is_child() {
         return;
     }
-    assert_eq!(spanheap::scavenger_config(), ScavengerConfig::default());
+    assert_eq!(
+        spanheap::scavenger_config(),
+        ScavengerConfig {
+            background: false,
+            ..ScavengerConfig::default()
+        }
+    );
     let start = rss();
     let blocks = fill(1 << 30, 2);
     let peak = rss();
@@ -295,11 +305,187 @@ fn child_background() {
     }
 }
 
+/// The `spanheap-scav` thread's id, if it runs.
+fn scavenger_tid() -> Option<String> {
+    std::fs::read_dir("/proc/self/task").unwrap().find_map(|t| {
+        let t = t.unwrap();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        (comm.trim() == "spanheap-scav").then(|| t.file_name().into_string().unwrap())
+    })
+}
+
+/// Context switches (voluntary + involuntary) of thread `tid` so far.
+fn context_switches(tid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .filter(|l| l.contains("ctxt_switches"))
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn default_background_thread_returns_a_burst_under_fast_path_work() {
+    in_child("child_default_background", &[]);
+}
+
+/// The scenario with default settings: a burst of 512 MiB freed, then only
+/// small allocations that never leave the fast paths. The background thread is not
+/// there before the program frees, starts once it has, returns the burst after the
+/// delay, and then parks with no wakeups while there is nothing to return.
+#[test]
+fn child_default_background() {
+    if !is_child() {
+        return;
+    }
+    assert_eq!(spanheap::scavenger_config(), ScavengerConfig::default());
+    let start = rss();
+    // Allocating alone starts nothing.
+    let mut keep: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; MIB]).collect();
+    assert!(
+        scavenger_tid().is_none(),
+        "started before anything was freed"
+    );
+    let sizes = [48, 700, 20_000, 300_000];
+    let mut burst: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0;
+    while total < 512 * MIB {
+        let n = sizes[burst.len() % 4];
+        burst.push(vec![0xA5; n]);
+        total += n;
+    }
+    let peak = rss();
+    drop(burst);
+    let t0 = Instant::now();
+    let started = scavenger_tid().is_some();
+    let mut timeline = Vec::new();
+    let mut reached = None;
+    while t0.elapsed() < Duration::from_secs(4) {
+        // Light work: a hundred 64-byte boxes every 5 ms, all fast paths.
+        let boxes: Vec<Box<[u8; 64]>> = (0..100).map(|i| Box::new([i as u8; 64])).collect();
+        std::hint::black_box(&boxes);
+        drop(boxes);
+        std::thread::sleep(Duration::from_millis(5));
+        let r = rss();
+        if timeline
+            .last()
+            .is_none_or(|&(t, _)| t + 250 <= t0.elapsed().as_millis())
+        {
+            timeline.push((t0.elapsed().as_millis(), r / MIB));
+        }
+        if r < start + 96 * MIB {
+            reached = Some(t0.elapsed());
+            break;
+        }
+    }
+    println!(
+        "rss: start {} MiB, peak {} MiB; timeline (ms, MiB): {timeline:?}",
+        start / MIB,
+        peak / MIB
+    );
+    assert!(started, "no spanheap-scav thread after freeing 512 MiB");
+    let t = reached.unwrap_or_else(|| panic!("RSS still {} MiB 4 s after the free", rss() / MIB));
+    assert!(t >= Duration::from_millis(900), "returned after only {t:?}");
+    println!("back near the start after {} ms", t.as_millis());
+    keep.clear();
+    // Nothing to return any more (what the main thread's cache holds is taken back once
+    // it has been idle for the delay): the thread parks, and then never wakes.
+    let t1 = Instant::now();
+    while !spanheap::__private::background_scavenger_parked() {
+        assert!(
+            t1.elapsed() < Duration::from_secs(8),
+            "the thread never parked"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tid = scavenger_tid().unwrap();
+    let before = context_switches(&tid);
+    std::thread::sleep(Duration::from_millis(1500));
+    let woke = context_switches(&tid) - before;
+    println!(
+        "parked after {:?}; {woke} wakeups in 1.5 s idle",
+        t1.elapsed()
+    );
+    assert_eq!(
+        woke, 0,
+        "the parked thread woke while there was nothing to do"
+    );
+}
+
+#[test]
+fn background_thread_restarts_in_a_fork_child() {
+    in_child(
+        "child_fork_background",
+        &[("SPANHEAP_SCAVENGE_DELAY_MS", "200")],
+    );
+}
+
+/// The thread runs in the parent; a fork child has none until it frees enough, then
+/// gets its own, which returns the child's memory without any allocator call.
+#[test]
+fn child_fork_background() {
+    if !is_child() {
+        return;
+    }
+    free_all(fill(64 * MIB, 7));
+    let t0 = Instant::now();
+    while scavenger_tid().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "no thread in the parent"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: the child only allocates through spanheap, reads /proc and exits with
+    // `_exit`; it runs no test harness code.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let code = (|| {
+            if spanheap::__private::background_scavenger_running() {
+                return 10;
+            }
+            let start = rss();
+            let blocks = fill(128 * MIB, 8);
+            let peak = rss();
+            free_all(blocks);
+            // No allocator call from here on.
+            let t = Instant::now();
+            while rss() > start + (peak - start) / 4 {
+                if t.elapsed() > Duration::from_secs(3) {
+                    return 11;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !spanheap::__private::background_scavenger_running() {
+                return 12;
+            }
+            0
+        })();
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status));
+    match libc::WEXITSTATUS(status) {
+        0 => {}
+        10 => panic!("the fork child claims a background thread it does not have"),
+        11 => panic!("the fork child's memory was not returned"),
+        12 => panic!("the fork child's memory came back, but not by a thread"),
+        c => panic!("fork child exit {c}"),
+    }
+}
+
 #[test]
 fn without_the_background_thread_nothing_runs_behind_the_program() {
     in_child(
         "child_no_background",
-        &[("SPANHEAP_SCAVENGE_DELAY_MS", "100")],
+        &[
+            ("SPANHEAP_SCAVENGE_DELAY_MS", "100"),
+            ("SPANHEAP_BACKGROUND_SCAVENGER", "0"),
+        ],
     );
 }
 
@@ -457,7 +643,7 @@ fn child_env() {
     let c = spanheap::scavenger_config();
     assert_eq!(c.delay, Some(Duration::from_millis(2500)));
     assert_eq!(c.retain_percent, 25);
-    assert!(!c.background);
+    assert!(c.background, "on by default");
     // The API wins over the environment, before or after first use.
     let n = ScavengerConfig {
         delay: Some(Duration::from_millis(40)),
