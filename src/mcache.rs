@@ -1481,6 +1481,9 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
     }
     // SAFETY: the heap cache is ours, entered with no lock held.
     unsafe { (*c).heap.with(|tc| heap.flush_heap_cache(tc)) };
+    // What was given back may be work for the scavenger (an exiting thread's caches
+    // are eligible at once: the background thread is woken, or started from here).
+    heap.maybe_scavenge();
 }
 
 /// The cache of threads without one of their own ("P-less": exited threads in later
