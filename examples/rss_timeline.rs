@@ -1,177 +1,530 @@
-//! Resident memory over time after a 1 GiB peak, for each allocator with its default
-//! settings: how promptly free memory goes back to the OS.
+//! Resident memory over time after a phase change, for each allocator with its own
+//! defaults: how promptly memory a program stopped using goes back to the OS. The three
+//! scenarios of issue 21, side by side for spanheap, system (glibc), mimalloc and
+//! jemalloc.
 //!
 //! ```sh
-//! cargo run --release --example rss_timeline          # every allocator, a table
-//! cargo run --release --example rss_timeline -- workers   # idle worker threads
-//! DEMO_ALLOC=jemalloc cargo run --release --example rss_timeline   # one, raw
+//! cargo run --release --example rss_timeline              # all three scenarios
+//! cargo run --release --example rss_timeline -- exits     # one: burst, exits or parks
+//! DEMO_ALLOC=jemalloc cargo run --release --example rss_timeline -- parks   # one child, raw
 //! ```
 //!
-//! Each child allocates 1 GiB (half small blocks of 16 B .. 32 KiB, half large ones of
-//! 64 KiB .. 8 MiB, every byte written), frees it all, then keeps up light activity
-//! (every 10 ms: 50 short strings and one buffer of 64 KiB .. 1 MiB, allocated and
-//! freed) for 5 seconds, sampling its RSS every 250 ms. The allocator is chosen per
-//! process as in the demo (`DEMO_ALLOC`).
+//! The parent runs each scenario once per allocator, each in a child process of its own
+//! (one after another), the allocator chosen by `DEMO_ALLOC` through
+//! `common/switch.rs`; with `DEMO_ALLOC` set the program is that child and prints its
+//! raw lines (scenario `burst` when none is named). Children inherit the environment,
+//! so `SPANHEAP_*` settings reach spanheap's child; none is set here.
 //!
-//! `workers`: memory that idle threads keep. Eight worker threads each run four rounds
-//! of 24 buffers of 40 .. 640 KiB and 20,000 strings of 8 .. 208 bytes (every byte
-//! written, all freed at the end of the round), then park for the rest of the run;
-//! "peak" is taken when all have parked, and the main thread's light activity follows
-//! as above. What stays resident is what the allocator keeps for threads that may never
-//! allocate again.
+//! Scenarios (the "phase change" is at t = 0):
+//! - `burst`: 1 GiB in all of blocks whose sizes cycle through 48 B, 700 B, 20,000 B
+//!   and 300,000 B, every byte written, then all freed; t = 0 right after the free.
+//! - `exits`: 32 worker threads each allocate 16 MiB of objects of random sizes
+//!   8 B ..= 8 KiB (every byte written) and free them in random order, twice, and exit;
+//!   t = 0 right after the main thread has joined them all.
+//! - `parks`: the same workers, but after their two rounds they block (a channel
+//!   receive, no timed wakeups) until the timeline is over, then are released and
+//!   joined; t = 0 when all 32 have reached the barrier before blocking.
+//!
+//! From t = 0 the main thread does light work for 5 s: every 5 ms it allocates a hundred
+//! `Box<[u8; 64]>` (written), held in a reused `Vec`, and frees them. RSS
+//! (`/proc/self/statm`) is sampled at t = 0 and every 250 ms up to 5000 ms. Each table
+//! has a row "start" (the child's RSS before the scenario), "peak" (right before the
+//! phase change: in `burst` with the 1 GiB live; in `exits` and `parks` with the
+//! workers done with their memory and waiting), then one row per sample, in MiB.
+//!
+//! Background thread: at the end of the timeline each child looks for a thread named
+//! `spanheap-scav` (spanheap's background scavenger, when it runs) and reports its CPU
+//! time (`/proc/self/task/<tid>/schedstat`) and its context switches, voluntary and
+//! not (`.../status`), so far; "-" when there is no such thread. In `burst` the child
+//! then sleeps 2 s without allocating and reports the thread's context switches in
+//! that window (its wakeups while the program is idle) and the RSS at its end.
+//!
+//! Last, a target line per scenario (issue 21), computed from the table: `burst`,
+//! spanheap at 2000 ms / system at 2000 ms <= 1.2; `exits`, spanheap at 2000 ms /
+//! the lowest of the other three at 2000 ms <= 1.2; `parks`, spanheap at 3000 ms / the
+//! lowest of the other three at 3000 ms <= 0.5.
+//!
+//! Measuring allocates nothing, so the timeline and the idle window allocate nothing
+//! beyond the scenario's boxes: `/proc` files are read into stack buffers (`File::open`
+//! of a short path does not allocate) and `/proc/self/task` is listed with
+//! `getdents64`.
 
+use std::fs::File;
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
 #[path = "common/switch.rs"]
 mod switch;
 use switch::CHOICES;
 
-const MIB: usize = 1 << 20;
-const SAMPLE: Duration = Duration::from_millis(250);
-const LENGTH: Duration = Duration::from_secs(5);
-
-fn rss() -> usize {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: usize = s.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
-
 #[path = "common/rng.rs"]
 mod rng;
 use rng::Rng;
 
-fn child() {
-    let mut rng = Rng(1);
-    let start = rss();
-    let mut blocks: Vec<Vec<u8>> = Vec::new();
-    let (mut small, mut large) = (0, 0);
-    while small + large < 1 << 30 {
-        let size = if small <= large {
-            16 + rng.below(32 << 10)
-        } else {
-            (64 << 10) + rng.below(8 * MIB)
-        };
-        blocks.push(vec![0xA5; size]);
-        if size <= 32 << 10 {
-            small += size;
-        } else {
-            large += size;
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+
+const SCENARIOS: [&str; 3] = ["burst", "exits", "parks"];
+
+/// Sampling period and length of the timeline: samples at 0, 250, .., 5000 ms.
+const SAMPLE: Duration = Duration::from_millis(250);
+const SAMPLES: usize = 21;
+/// Light work: `BOXES` boxes of 64 bytes every `WORK_EVERY`.
+const WORK_EVERY: Duration = Duration::from_millis(5);
+const BOXES: usize = 100;
+/// `burst`: total bytes and the block sizes it cycles through.
+const BURST_BYTES: usize = 1 << 30;
+const BURST_SIZES: [usize; 4] = [48, 700, 20_000, 300_000];
+/// `exits` and `parks`: worker threads, bytes each allocates per round, rounds.
+const WORKERS: usize = 32;
+const WORKER_BYTES: usize = 16 * MIB;
+const ROUNDS: usize = 2;
+/// `burst`: the idle window after the timeline.
+const IDLE: Duration = Duration::from_secs(2);
+
+/// Reads a small file into `buf` without allocating; `None` if it cannot be read (a
+/// thread that has exited).
+fn read_small<'a>(path: &str, buf: &'a mut [u8]) -> Option<&'a str> {
+    let mut file = File::open(path).ok()?;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]).ok()? {
+            0 => break,
+            r => n += r,
         }
     }
-    let peak = rss();
-    drop(blocks);
-    activity(&mut rng, start, peak);
+    std::str::from_utf8(&buf[..n]).ok()
 }
 
-/// Eight threads allocate and free a burst each, then park until `activity` is over.
-fn child_workers() {
-    const WORKERS: usize = 8;
-    let start = rss();
-    let parked = Arc::new(Barrier::new(WORKERS + 1));
-    let done = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|t| {
-            let (parked, done) = (parked.clone(), done.clone());
-            std::thread::spawn(move || {
-                let mut rng = Rng(t as u64 + 2);
-                for _ in 0..4 {
-                    let bufs: Vec<Vec<u8>> = (0..24)
-                        .map(|_| vec![7; (40 << 10) + rng.below(600 << 10)])
-                        .collect();
-                    let strings: Vec<String> =
-                        (0..20_000).map(|i| "y".repeat(8 + i % 200)).collect();
-                    std::hint::black_box((&bufs, &strings));
+/// This process's resident set, in MiB.
+fn rss_mib() -> f64 {
+    let mut buf = [0u8; 128];
+    let statm = read_small("/proc/self/statm", &mut buf).expect("/proc/self/statm");
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    (pages * page) as f64 / MIB as f64
+}
+
+/// `/proc/self/task/<tid>/<file>`, formatted into `buf` without allocating.
+fn task_file<'a>(buf: &'a mut [u8; 64], tid: u32, file: &str) -> &'a str {
+    let mut rest = &mut buf[..];
+    write!(rest, "/proc/self/task/{tid}/{file}").unwrap();
+    let len = 64 - rest.len();
+    std::str::from_utf8(&buf[..len]).unwrap()
+}
+
+/// The background scavenger thread, found by name.
+struct BgThread {
+    tid: u32,
+}
+
+/// What the background thread has used so far.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu_ms: f64,
+    switches: u64,
+}
+
+impl BgThread {
+    /// The thread named `spanheap-scav`, if this process has one. Lists
+    /// `/proc/self/task` with `getdents64` into a stack buffer rather than
+    /// `std::fs::read_dir`, which allocates: an allocation here, right before the
+    /// idle window, could give the allocator a chance to return memory that an idle
+    /// program would not give it.
+    fn find() -> Option<Self> {
+        let dir = File::open("/proc/self/task").ok()?;
+        let mut entries = [0u8; 4096];
+        loop {
+            // SAFETY: `entries` is writable for its length; the descriptor is open.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    dir.as_raw_fd(),
+                    entries.as_mut_ptr(),
+                    entries.len(),
+                )
+            };
+            if n <= 0 {
+                return None; // the end, or an error: no such thread
+            }
+            // linux_dirent64: d_ino u64, d_off i64, d_reclen u16 (at 16), d_type u8,
+            // then the NUL-terminated name (at 19).
+            let mut at = 0;
+            while at < n as usize {
+                let len = u16::from_ne_bytes([entries[at + 16], entries[at + 17]]) as usize;
+                let name = &entries[at + 19..at + len];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                // "." and ".." do not parse.
+                if let Some(tid) = std::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
+                    let (mut path, mut comm) = ([0u8; 64], [0u8; 32]);
+                    if read_small(task_file(&mut path, tid, "comm"), &mut comm)
+                        .is_some_and(|c| c.trim_end() == "spanheap-scav")
+                    {
+                        return Some(BgThread { tid });
+                    }
                 }
-                parked.wait();
-                while !done.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                at += len;
+            }
+        }
+    }
+
+    /// CPU time (first field of schedstat, ns) and context switches so far, read
+    /// without allocating; `None` once the thread is gone.
+    fn usage(&self) -> Option<Usage> {
+        let (mut path, mut buf) = ([0u8; 64], [0u8; 4096]);
+        let stat = read_small(task_file(&mut path, self.tid, "schedstat"), &mut buf)?;
+        let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+        let status = read_small(task_file(&mut path, self.tid, "status"), &mut buf)?;
+        let switches = status
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches:")
+                    || l.starts_with("nonvoluntary_ctxt_switches:")
             })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        Some(Usage {
+            cpu_ms: ns as f64 / 1e6,
+            switches,
         })
-        .collect();
-    parked.wait();
-    activity(&mut Rng(1), start, rss());
-    done.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
     }
 }
 
-/// Light activity on this thread for `LENGTH`, sampling RSS; prints the child's line.
-fn activity(rng: &mut Rng, start: usize, peak: usize) {
-    let t0 = Instant::now();
-    let mut samples = vec![(0u128, rss())];
-    let mut next = SAMPLE;
-    while t0.elapsed() < LENGTH {
-        let strings: Vec<String> = (0..50).map(|i| "x".repeat(1 + i * 7)).collect();
-        let buf = vec![1u8; (64 << 10) + rng.below(MIB)];
-        std::hint::black_box((&strings, &buf));
-        drop((strings, buf));
-        std::thread::sleep(Duration::from_millis(10));
-        if t0.elapsed() >= next {
-            samples.push((next.as_millis(), rss()));
-            next += SAMPLE;
+/// What one child measured; printed as its raw output, one item a line.
+struct Report {
+    start: f64,
+    peak: f64,
+    timeline: [f64; SAMPLES],
+    bg: Option<Usage>,
+    /// `burst` only: the bg thread's context switches in the idle window ("-" if no
+    /// thread) and the RSS at its end.
+    idle: Option<(Option<u64>, f64)>,
+}
+
+impl Report {
+    fn print(&self) {
+        println!("start {:.1}", self.start);
+        println!("peak {:.1}", self.peak);
+        for (k, r) in self.timeline.iter().enumerate() {
+            println!("{} {r:.1}", k as u128 * SAMPLE.as_millis());
+        }
+        match self.bg {
+            Some(u) => println!("bg {:.1} {}", u.cpu_ms, u.switches),
+            None => println!("bg - -"),
+        }
+        if let Some((wakeups, rss)) = self.idle {
+            match wakeups {
+                Some(w) => println!("idle {w} {rss:.1}"),
+                None => println!("idle - {rss:.1}"),
+            }
         }
     }
-    print!("start {} peak {}", start / MIB, peak / MIB);
-    for (t, r) in samples {
-        print!(" {t}:{}", r / MIB);
+}
+
+/// A hundred 64-byte boxes, written, held in `boxes` (capacity reserved by the
+/// caller), then freed.
+#[allow(clippy::vec_box)] // the boxes are the point: one 64-byte allocation each
+fn light_work(boxes: &mut Vec<Box<[u8; 64]>>) {
+    for i in 0..BOXES {
+        boxes.push(Box::new([i as u8; 64]));
+    }
+    black_box(&*boxes);
+    boxes.clear();
+}
+
+/// Light work on this thread from now for 5 s, RSS sampled every 250 ms (the first
+/// sample at once).
+fn timeline() -> [f64; SAMPLES] {
+    let mut boxes = Vec::with_capacity(BOXES);
+    let mut samples = [0.0; SAMPLES];
+    let t0 = Instant::now();
+    let mut next_work = t0;
+    let mut k = 0;
+    while k < SAMPLES {
+        let now = Instant::now();
+        let due = t0 + SAMPLE * k as u32;
+        if now >= due {
+            samples[k] = rss_mib();
+            k += 1;
+        } else if now >= next_work {
+            light_work(&mut boxes);
+            // Late (a slow round, a long sleep): skip the missed rounds.
+            next_work = (next_work + WORK_EVERY).max(now);
+        } else {
+            std::thread::sleep(due.min(next_work) - now);
+        }
+    }
+    samples
+}
+
+/// The bg thread's usage at the end of a timeline.
+fn bg_usage() -> (Option<BgThread>, Option<Usage>) {
+    let bg = BgThread::find();
+    let usage = bg.as_ref().and_then(BgThread::usage);
+    (bg, usage)
+}
+
+fn burst() -> Report {
+    let start = rss_mib();
+    let cycle: usize = BURST_SIZES.iter().sum();
+    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(BURST_BYTES / cycle * 4 + 4);
+    let mut total = 0;
+    for size in BURST_SIZES.iter().cycle() {
+        if total >= BURST_BYTES {
+            break;
+        }
+        blocks.push(vec![0xA5u8; *size]);
+        total += size;
+    }
+    black_box(&blocks);
+    let peak = rss_mib();
+    drop(blocks);
+    let timeline = timeline();
+    let (bg, usage) = bg_usage();
+    // Idle: no allocation, only the bg thread (if any) can run.
+    std::thread::sleep(IDLE);
+    let after = bg.as_ref().and_then(BgThread::usage);
+    let wakeups = usage
+        .zip(after)
+        .map(|(before, after)| after.switches - before.switches);
+    Report {
+        start,
+        peak,
+        timeline,
+        bg: usage,
+        idle: Some((wakeups, rss_mib())),
+    }
+}
+
+/// One worker's allocation: `ROUNDS` times, `WORKER_BYTES` of objects of 8 B ..= 8 KiB,
+/// every byte written, freed in random order.
+fn churn(rng: &mut Rng) {
+    for _ in 0..ROUNDS {
+        let mut objects: Vec<Vec<u8>> = Vec::new();
+        let mut total = 0;
+        while total < WORKER_BYTES {
+            let size = 8 + rng.below(8 * KIB - 8 + 1);
+            objects.push(vec![0x5Au8; size]);
+            total += size;
+        }
+        black_box(&objects);
+        // Fisher-Yates, then free one by one in the shuffled order.
+        for i in (1..objects.len()).rev() {
+            objects.swap(i, rng.below(i + 1));
+        }
+        objects.into_iter().for_each(drop);
+    }
+}
+
+/// `exits` (`park` false) and `parks` (`park` true).
+fn workers(park: bool) -> Report {
+    let start = rss_mib();
+    let ready = Arc::new(Barrier::new(WORKERS + 1));
+    // Each worker blocks on its channel until the sender is dropped: no timed wakeups.
+    let (releases, handles): (Vec<_>, Vec<_>) = (0..WORKERS)
+        .map(|w| {
+            let (release, blocked) = mpsc::channel::<()>();
+            let ready = ready.clone();
+            let handle = std::thread::spawn(move || {
+                churn(&mut Rng(w as u64 + 2));
+                ready.wait();
+                let _ = blocked.recv();
+            });
+            (release, handle)
+        })
+        .unzip();
+    // All workers done with their memory and waiting: right before the phase change.
+    ready.wait();
+    let peak = rss_mib();
+    let release_and_join = move || {
+        drop(releases);
+        for h in handles {
+            h.join().unwrap();
+        }
+    };
+    let (samples, bg) = if park {
+        let samples = timeline();
+        let bg = bg_usage().1;
+        release_and_join();
+        (samples, bg)
+    } else {
+        release_and_join();
+        let samples = timeline();
+        (samples, bg_usage().1)
+    };
+    Report {
+        start,
+        peak,
+        timeline: samples,
+        bg,
+        idle: None,
+    }
+}
+
+/// One child's raw output, parsed back.
+struct Parsed {
+    start: f64,
+    peak: f64,
+    /// (ms, MiB)
+    timeline: Vec<(u32, f64)>,
+    bg: String,
+    idle: Option<String>,
+}
+
+fn parse(out: &str) -> Parsed {
+    let mut p = Parsed {
+        start: 0.0,
+        peak: 0.0,
+        timeline: Vec::new(),
+        bg: "-".into(),
+        idle: None,
+    };
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f[..] {
+            ["start", v] => p.start = v.parse().unwrap(),
+            ["peak", v] => p.peak = v.parse().unwrap(),
+            ["bg", "-", "-"] => p.bg = "-".into(),
+            ["bg", ms, n] => p.bg = format!("{ms} / {n}"),
+            ["idle", n, rss] => p.idle = Some(format!("{n} / {rss}")),
+            [t, v] => p.timeline.push((t.parse().unwrap(), v.parse().unwrap())),
+            _ => panic!("unexpected child line {line:?}"),
+        }
+    }
+    p
+}
+
+const TITLES: [&str; 3] = [
+    "burst: 1 GiB of 48 B / 700 B / 20 KB / 300 KB blocks freed at t=0, light work after",
+    "exits: 32 threads churned 16 MiB each twice and exited (joined at t=0), light work after",
+    "parks: 32 threads churned 16 MiB each twice and parked at t=0, light work on the main thread",
+];
+
+/// Width of the label column and of each allocator's column.
+const LABEL: usize = 26;
+const CELL: usize = 10;
+
+fn row(label: &str, cells: impl IntoIterator<Item = String>) {
+    print!("| {label:<LABEL$} |");
+    for c in cells {
+        print!(" {c:>CELL$} |");
     }
     println!();
+}
+
+/// The markdown line under the header: labels left, numbers right-aligned.
+fn rule(columns: usize) {
+    print!("|{}|", "-".repeat(LABEL + 2));
+    for _ in 0..columns {
+        print!("{}:|", "-".repeat(CELL + 1));
+    }
+    println!();
+}
+
+/// RSS of one allocator's child at `ms`.
+fn at(p: &Parsed, ms: u32) -> f64 {
+    p.timeline.iter().find(|(t, _)| *t == ms).unwrap().1
+}
+
+/// The target line: spanheap at `ms` against the system allocator or the lowest peer.
+fn target(runs: &[(&str, Parsed)], ms: u32, against_system_only: bool, limit: f64) {
+    let ours = at(&runs[0].1, ms);
+    let (peer, theirs) = runs[1..]
+        .iter()
+        .filter(|(name, _)| !against_system_only || *name == "system")
+        .map(|(name, p)| (*name, at(p, ms)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let what = if against_system_only {
+        "system".to_string()
+    } else {
+        format!("lowest peer, {peer}")
+    };
+    let ratio = ours / theirs;
+    let verdict = if ratio <= limit { "met" } else { "missed" };
+    println!(
+        "target: spanheap / {what} at {ms} ms = {ours:.1} / {theirs:.1} MiB = {ratio:.2} \
+         (target <= {limit}): {verdict}"
+    );
+}
+
+fn run_scenario(i: usize) {
+    let exe = std::env::current_exe().unwrap();
+    let runs: Vec<(&str, Parsed)> = CHOICES
+        .iter()
+        .map(|&(name, _)| {
+            let out = Command::new(&exe)
+                .arg(SCENARIOS[i])
+                .env("DEMO_ALLOC", name)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name} {} failed: {}",
+                SCENARIOS[i],
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (name, parse(&String::from_utf8(out.stdout).unwrap()))
+        })
+        .collect();
+
+    println!("\n{} (RSS in MiB, defaults of each allocator)\n", TITLES[i]);
+    row("ms", runs.iter().map(|(name, _)| name.to_string()));
+    rule(runs.len());
+    row("start", runs.iter().map(|(_, p)| format!("{:.1}", p.start)));
+    row("peak", runs.iter().map(|(_, p)| format!("{:.1}", p.peak)));
+    for (k, (ms, _)) in runs[0].1.timeline.iter().enumerate() {
+        row(
+            &ms.to_string(),
+            runs.iter().map(|(_, p)| format!("{:.1}", p.timeline[k].1)),
+        );
+    }
+    row(
+        "bg cpu ms / switches",
+        runs.iter().map(|(_, p)| p.bg.clone()),
+    );
+    if SCENARIOS[i] == "burst" {
+        row(
+            "idle 2 s: bg wakeups / RSS",
+            runs.iter().map(|(_, p)| p.idle.clone().unwrap()),
+        );
+    }
+    println!();
+    match SCENARIOS[i] {
+        "burst" => target(&runs, 2000, true, 1.2),
+        "exits" => target(&runs, 2000, false, 1.2),
+        _ => target(&runs, 3000, false, 0.5),
+    }
 }
 
 fn main() {
-    let workers = std::env::args().nth(1).as_deref() == Some("workers");
+    let arg = std::env::args().nth(1);
+    let chosen: Vec<usize> = match arg.as_deref() {
+        None => (0..SCENARIOS.len()).collect(),
+        Some(s) => match SCENARIOS.iter().position(|&n| n == s) {
+            Some(i) => vec![i],
+            None => {
+                eprintln!("unknown scenario {s:?}: burst, exits or parks");
+                std::process::exit(2);
+            }
+        },
+    };
     if std::env::var_os("DEMO_ALLOC").is_some() {
-        if workers {
-            child_workers();
-        } else {
-            child();
-        }
+        // A child: one scenario (the first named, `burst` by default), raw lines.
+        let report = match SCENARIOS[chosen[0]] {
+            "burst" => burst(),
+            "exits" => workers(false),
+            _ => workers(true),
+        };
+        report.print();
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let mut rows = Vec::new();
-    for (name, _) in CHOICES {
-        let out = Command::new(&exe)
-            .args(std::env::args().skip(1))
-            .env("DEMO_ALLOC", name)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{name} failed");
-        rows.push((name, String::from_utf8(out.stdout).unwrap()));
-    }
-    if workers {
-        println!("RSS in MiB after eight worker threads' bursts, the workers parked, light activity on the main thread (defaults of each allocator)");
-    } else {
-        println!("RSS in MiB after freeing a 1 GiB peak, light activity continuing (defaults of each allocator)");
-    }
-    print!("{:>8}", "ms");
-    for (name, _) in &rows {
-        print!(" {name:>9}");
-    }
-    println!();
-    let parsed: Vec<Vec<&str>> = rows
-        .iter()
-        .map(|(_, s)| s.split_whitespace().collect())
-        .collect();
-    for (label, idx) in [("start", 1), ("peak", 3)] {
-        print!("{label:>8}");
-        for p in &parsed {
-            print!(" {:>9}", p[idx]);
-        }
-        println!();
-    }
-    let n = parsed.iter().map(|p| p.len()).min().unwrap();
-    for i in 4..n {
-        let t = parsed[0][i].split(':').next().unwrap();
-        print!("{t:>8}");
-        for p in &parsed {
-            print!(" {:>9}", p[i].split(':').nth(1).unwrap());
-        }
-        println!();
+    for i in chosen {
+        run_scenario(i);
     }
 }
