@@ -604,6 +604,13 @@ impl<M: MemSource> MHeap<M> {
 
     /// Gives everything `tc` holds back to the heap (thread exit, or an explicit flush).
     pub(crate) fn flush_heap_cache(&self, tc: &mut HeapCache) {
+        self.flush_heap_cache_at(tc, clock_ms());
+    }
+
+    /// `flush_heap_cache`, the free pages stamped as freed at `freed_ms` (coarse clock):
+    /// the time a reclaimer last saw an idle thread use the cache, so that its pages,
+    /// unused since, are as old for the scavenger as they really are.
+    pub(crate) fn flush_heap_cache_at(&self, tc: &mut HeapCache, freed_ms: u32) {
         self.publish_heap_cache(tc);
         // Cached large blocks and the kept big block are freed now: count them, then
         // free their spans (into the page block where they fit, which is flushed
@@ -640,9 +647,8 @@ impl<M: MemSource> MHeap<M> {
             tc.prev = ChunkCache::EMPTY;
             return;
         }
-        let now = clock_ms();
         let excess = self.locked.lock().with(|h| {
-            h.pages.set_clock(now);
+            h.pages.set_clock(freed_ms);
             h.pages
                 .free_from_cache(tc.pages.base, tc.pages.cache, tc.pages.scav);
             for c in [&tc.chunk, &tc.prev] {
@@ -1105,7 +1111,8 @@ impl<M: MemSource> MHeap<M> {
                         g.unclaim();
                         continue;
                     }
-                    if g.take(|tc| self.flush_heap_cache(tc)).is_some() {
+                    let stamp = if force { clock_ms() } else { g.idle_since_ms() };
+                    if g.take(|tc| self.flush_heap_cache_at(tc, stamp)).is_some() {
                         g.mark_reclaimed();
                         taken += 1;
                     } else {

@@ -1254,7 +1254,9 @@ impl PageAlloc {
         self.update(c0, c1, Some(Sum::FREE_CHUNK));
     }
 
-    /// Records that pages were just freed into chunk `ci` (dirty, stamped now).
+    /// Records that pages were just freed into chunk `ci` (dirty, stamped with the
+    /// clock; a chunk already dirty keeps the later of its stamp and the clock, which
+    /// may lie in the past for pages that sat unused in an idle thread's cache).
     fn note_freed(&mut self, ci: usize) {
         let Some(&p) = self.l1.get(ci >> L2_BITS) else {
             return;
@@ -1263,8 +1265,12 @@ impl PageAlloc {
         // self` makes this the only reference into it.
         if let Some(l2) = unsafe { p.as_mut() } {
             let k = ci & (L2_ENTRIES - 1);
+            let was_dirty = l2.dirty[k / 64] & (1 << (k % 64)) != 0;
+            // Wrapping milliseconds: the clock is later if the difference is positive.
+            if !was_dirty || (self.clock.wrapping_sub(l2.freed_at[k]) as i32) > 0 {
+                l2.freed_at[k] = self.clock;
+            }
             l2.dirty[k / 64] |= 1 << (k % 64);
-            l2.freed_at[k] = self.clock;
         }
     }
 

@@ -646,6 +646,12 @@ impl GatedCache {
         force || (since != RECLAIMED && now_ms.wrapping_sub(since) >= idle_ms)
     }
 
+    /// The coarse time (ms) of the last look that found the cache used (valid while
+    /// it is idle and not taken). Reclaim lock.
+    pub(crate) fn idle_since_ms(&self) -> u32 {
+        self.idle_since.load(Ordering::Relaxed)
+    }
+
     /// Whether the cache was taken back and not used since. Reclaim lock.
     pub(crate) fn is_reclaimed(&self) -> bool {
         self.idle_since.load(Ordering::Relaxed) == RECLAIMED
