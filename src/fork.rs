@@ -79,6 +79,7 @@ extern "C" fn child() {
     HEAP.scavenger.fork_child_reset();
     crate::os::membarrier_fork_child_reset();
     crate::scavenger::background::fork_child_reset();
+    crate::idle::fork_child(crate::mcache::own_record());
     // SAFETY: fork() ran `prepare` on this thread before the copy.
     unsafe { unlock_all() };
 }

@@ -51,6 +51,7 @@ pub mod fault_injection;
 mod fixalloc;
 #[cfg(not(spanheap_loom))]
 mod fork;
+mod idle;
 mod lockrank;
 mod malloc;
 mod mcache;
@@ -191,6 +192,7 @@ pub fn flush_thread_cache() {
 #[cfg(not(spanheap_loom))]
 pub fn release_memory() -> usize {
     mcache::flush_own();
+    idle::visit_threads(true, 0, 0);
     global::HEAP.reclaim_caches(true, 0, 0);
     global::HEAP.release_spares();
     global::HEAP.scavenge(true, 0, u64::MAX).0

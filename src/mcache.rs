@@ -135,6 +135,9 @@ pub(crate) struct MCache {
     /// Whether `seq` is in the statistics registry (records are reused, the
     /// registration stays). Owner only.
     registered: bool,
+    /// The door through which other threads may visit the record while its owner is
+    /// provably outside the allocator (`idle.rs`).
+    pub(crate) door: crate::idle::Door,
     /// Fixalloc free-list link (heap lock).
     free_link: UnsafeCell<*mut MCache>,
 }
@@ -188,6 +191,7 @@ impl MCache {
                 heap: GatedCache::new(),
                 seq: HeapSeq::new(),
                 registered: false,
+                door: crate::idle::Door::new(),
                 free_link: UnsafeCell::new(ptr::null_mut()),
             }
         }
@@ -250,8 +254,60 @@ pub(crate) fn current_writer() -> Option<&'static HeapSeq> {
         return None;
     }
     let c = crate::tls::cache();
+    if c == empty_cache() {
+        // A visitor emptied the slot (`idle.rs`): the locked statistics path serves
+        // until the record is back.
+        return None;
+    }
     // SAFETY: a live cache's record is never unmapped; `seq` is only used atomically.
     Some(unsafe { &(*c).seq })
+}
+
+/// This thread's live cache, re-installed first if a visitor emptied its slot
+/// (`idle.rs`); None if the thread has no live cache.
+#[cfg(not(spanheap_loom))]
+#[inline]
+fn live_cache() -> Option<*mut MCache> {
+    if crate::tls::state() != LIVE {
+        return None;
+    }
+    let c = crate::tls::cache();
+    if c != empty_cache() {
+        return Some(c);
+    }
+    crate::idle::reattach()
+}
+
+/// The calling thread's cache record (the exit key's value), whether or not its slot
+/// holds it; None if it has none.
+#[cfg(not(spanheap_loom))]
+pub(crate) fn own_record() -> Option<*mut MCache> {
+    let key = exit_key_loaded()?;
+    // SAFETY: reading this thread's value of our key.
+    let c = unsafe { libc::pthread_getspecific(key) }.cast::<MCache>();
+    (!c.is_null()).then_some(c)
+}
+
+/// Marks the owner of `c` as inside a slow path that uses its record, for as long as
+/// it lives (visitors leave such a record alone, `idle.rs`).
+struct Slow<'a>(&'a crate::idle::Door, u32);
+
+impl<'a> Slow<'a> {
+    /// # Safety
+    /// `c` is a live cache record (its door is used atomically only).
+    #[inline]
+    unsafe fn new(c: *mut MCache) -> Self {
+        // SAFETY: per the contract.
+        let d = unsafe { &*ptr::addr_of!((*c).door) };
+        Slow(d, d.enter_slow())
+    }
+}
+
+impl Drop for Slow<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.exit_slow(self.1);
+    }
 }
 
 /// The fast path shared by thread caches and the shared cache.
@@ -360,17 +416,27 @@ fn alloc_unchecked(class: usize) -> *mut u8 {
 #[cold]
 #[inline(never)]
 fn alloc_slow(class: usize) -> *mut u8 {
-    let mut c = crate::tls::cache();
-    match crate::tls::state() {
-        LIVE => {}
+    let c = match crate::tls::state() {
+        LIVE => match live_cache() {
+            Some(c) => c,
+            None => return HEAP.shared.alloc(&HEAP, class),
+        },
         NO_CACHE => match create_cache() {
-            Some(n) => c = n,
+            Some(n) => n,
             None => return HEAP.shared.alloc(&HEAP, class),
         },
         _ => return HEAP.shared.alloc(&HEAP, class),
-    }
+    };
     // SAFETY: `c` is this thread's live cache, no lock held.
-    unsafe { refilled(&HEAP, c, class) }
+    unsafe {
+        let _slow = Slow::new(c);
+        // A re-installed record may have a non-empty stack for this class.
+        let p = try_alloc(c, class);
+        if !p.is_null() {
+            return p;
+        }
+        refilled(&HEAP, c, class)
+    }
 }
 
 /// How many freed objects a class's local free list may hold before three quarters of
@@ -537,6 +603,8 @@ unsafe fn dealloc_first(p: *mut u8, class: usize) {
     };
     let c = match crate::tls::state() {
         NO_CACHE => create_cache(),
+        // A visitor emptied the slot (`idle.rs`).
+        LIVE => live_cache(),
         _ => None,
     };
     match c {
@@ -692,6 +760,8 @@ unsafe fn flush_remote<M: MemSource>(
     if n == 0 {
         return;
     }
+    // SAFETY: `c` is a live cache (caller's contract).
+    let _slow = unsafe { Slow::new(c) };
     heap.stats_update(|d| d.add(field::SMALL_FREES + class, n));
     let p = e.remote;
     e.remote = ptr::null_mut();
@@ -740,6 +810,8 @@ unsafe fn flush<M: MemSource>(
     class: usize,
     keep: u32,
 ) {
+    // SAFETY: `c` is a live cache (caller's contract).
+    let _slow = unsafe { Slow::new(c) };
     // Count first: the objects leave the stack before their spans see them free.
     let n = e.nfree.saturating_sub(keep) as u64;
     let pops = core::mem::take(&mut e.pops);
@@ -1181,19 +1253,18 @@ pub(crate) fn thread_class_wide(class: usize) -> bool {
     if class == 0 || class >= NUM_CLASSES {
         return false;
     }
+    let c = live_cache().unwrap_or_else(empty_cache);
     // SAFETY: this thread's cache or the empty one; only read.
-    is_wide(unsafe { entry(crate::tls::cache(), class) })
+    is_wide(unsafe { entry(c, class) })
 }
 
 /// The calling thread's stack storage, `(base, bytes)`, if it has a live cache (for
 /// tests).
 #[cfg(not(spanheap_loom))]
 pub(crate) fn thread_stack_storage() -> Option<(usize, usize)> {
-    if crate::tls::state() != LIVE {
-        return None;
-    }
+    let c = live_cache()?;
     // SAFETY: this thread's live cache; only read.
-    let base = unsafe { (*crate::tls::cache()).stack_base() };
+    let base = unsafe { (*c).stack_base() };
     Some((base as usize, STACK_MAP_BYTES))
 }
 
@@ -1354,14 +1425,17 @@ fn create_cache() -> Option<*mut MCache> {
         return None;
     }
     // SAFETY: the record is ours; `seq` lives as long as the process.
-    unsafe {
-        if !(*c).registered {
+    let first = unsafe { !(*c).registered };
+    if first {
+        // SAFETY: as above.
+        unsafe {
             HEAP.stats.register(&(*c).seq);
             HEAP.register_cache(&*ptr::addr_of!((*c).heap));
             (*c).registered = true;
         }
     }
     crate::tls::set_cache(c);
+    crate::idle::open(c, first);
     crate::tls::set_state(LIVE);
     HEAP.stats_update(|d| d.add(field::CACHES, 1));
     crate::stats::exit_report_once();
@@ -1395,6 +1469,8 @@ fn create_cache_record() -> *mut MCache {
 #[cfg(not(spanheap_loom))]
 extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
     let c = arg.cast::<MCache>();
+    // No visitor may take the record from here on (one at work finishes first).
+    crate::idle::exit(c);
     crate::tls::set_cache(empty_cache());
     crate::tls::set_state(DEAD);
     // SAFETY: the cache was this thread's, and nothing refers to it any more.
@@ -1408,10 +1484,11 @@ extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
 /// Publishes the calling thread's pending reuse counts (for a statistics snapshot).
 #[cfg(not(spanheap_loom))]
 pub(crate) fn publish_counts() {
-    if crate::tls::state() != LIVE {
+    let Some(c) = live_cache() else {
         return;
-    }
-    let c = crate::tls::cache();
+    };
+    // SAFETY: our live cache.
+    let _slow = unsafe { Slow::new(c) };
     // SAFETY: our live cache's heap cache is ours, entered with no lock held.
     unsafe { (*c).heap.with(|tc| HEAP.publish_heap_cache(tc)) };
     HEAP.stats_update(|d| {
@@ -1432,10 +1509,11 @@ pub(crate) fn publish_counts() {
 /// mcentral. The cache stays usable.
 #[cfg(not(spanheap_loom))]
 pub(crate) fn flush_own() {
-    if crate::tls::state() != LIVE {
+    let Some(c) = live_cache() else {
         return;
-    }
-    let c = crate::tls::cache();
+    };
+    // SAFETY: our live cache.
+    let _slow = unsafe { Slow::new(c) };
     // SAFETY: our live cache; `release_all` leaves it empty and valid, so the stack
     // pages can go too.
     unsafe {
@@ -1450,6 +1528,23 @@ pub(crate) fn flush_own() {
 /// # Safety
 /// `c` is a live cache owned by the caller.
 pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) {
+    // SAFETY: forwarded.
+    unsafe { release_classes(heap, c) };
+    // SAFETY: the heap cache is ours, entered with no lock held.
+    unsafe { (*c).heap.with(|tc| heap.flush_heap_cache(tc)) };
+    // What was given back may be work for the scavenger (an exiting thread's caches
+    // are eligible at once: the background thread is woken, or started from here).
+    heap.maybe_scavenge();
+}
+
+/// The small-object half of `release_all`: free stacks, remote buffers and current
+/// spans (not the page caches). Leaves every class empty and usable.
+///
+/// # Safety
+/// `c` is a live cache owned by the caller (or a visitor holding its door).
+pub(crate) unsafe fn release_classes<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) {
+    // SAFETY: `c` is a live cache (caller's contract).
+    let _slow = unsafe { Slow::new(c) };
     for class in 1..NUM_CLASSES {
         // SAFETY: the entry is ours.
         let e = unsafe { entry(c, class) };
@@ -1479,11 +1574,43 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
             ..EMPTY_CLASS
         };
     }
-    // SAFETY: the heap cache is ours, entered with no lock held.
-    unsafe { (*c).heap.with(|tc| heap.flush_heap_cache(tc)) };
-    // What was given back may be work for the scavenger (an exiting thread's caches
-    // are eligible at once: the background thread is woken, or started from here).
-    heap.maybe_scavenge();
+}
+
+/// A visitor's trim of class `class` of record `c` (`idle.rs`): the remote buffer goes
+/// back, and of the objects on the free stack, three quarters of `min(low, depth)` (the
+/// low-water estimate), taken from the bottom (the longest unused). Returns the depth
+/// left and whether anything went back.
+///
+/// # Safety
+/// The caller holds the door of the live cache `c`; `class < NUM_CLASSES`.
+pub(crate) unsafe fn trim_class<M: MemSource>(
+    heap: &MHeap<M>,
+    c: *mut MCache,
+    class: usize,
+    low: u32,
+) -> (u32, bool) {
+    // SAFETY: the entry is ours (caller's contract).
+    let e = unsafe { entry(c, class) };
+    let mut any = false;
+    // SAFETY: the counter is ours; `class < NUM_CLASSES`.
+    if unsafe { *ptr::addr_of!((*c).nremote[class]) } != 0 {
+        // SAFETY: forwarded.
+        unsafe { flush_remote(heap, c, e, class) };
+        any = true;
+    }
+    let n = low.min(e.nfree);
+    let k = n - n / 4;
+    if k != 0 {
+        // SAFETY: slots 0..nfree hold the stack's objects.
+        let objs = unsafe { core::slice::from_raw_parts_mut(e.stack, e.nfree as usize) };
+        // The bottom `k` objects to the top, where `flush` takes them from.
+        objs.rotate_left(k as usize);
+        let keep = e.nfree - k;
+        // SAFETY: forwarded.
+        unsafe { flush(heap, c, e, class, keep) };
+        any = true;
+    }
+    (e.nfree, any)
 }
 
 /// The cache of threads without one of their own ("P-less": exited threads in later
@@ -1580,7 +1707,10 @@ pub(crate) fn with_heap_cache<R>(
     f: impl FnOnce(Option<&mut crate::pagecache::HeapCache>) -> R,
 ) -> R {
     let c = match crate::tls::state() {
-        LIVE => crate::tls::cache(),
+        LIVE => match live_cache() {
+            Some(c) => c,
+            None => return f(None),
+        },
         NO_CACHE => match create_cache() {
             Some(c) => c,
             None => return f(None),
@@ -1589,7 +1719,10 @@ pub(crate) fn with_heap_cache<R>(
     };
     // SAFETY: a live cache of this thread; allocator calls do not nest and hold no lock
     // here, so this is the only entry into its gate.
-    unsafe { (*c).heap.with(|tc| f(Some(tc))) }
+    unsafe {
+        let _slow = Slow::new(c);
+        (*c).heap.with(|tc| f(Some(tc)))
+    }
 }
 
 /// Whether this thread has a live cache (otherwise it allocates from the shared one).

@@ -245,7 +245,7 @@ pub(crate) struct MHeap<M: MemSource> {
     caches: AtomicPtr<GatedCache>,
     /// The reclaim lock: one reclaimer at a time, and no claim held across `fork()`.
     /// Lock order: `lockrank::TABLE` (first of all).
-    reclaim: Mutex<()>,
+    pub(crate) reclaim: Mutex<()>,
     /// The cache of threads without one (`mcache.rs`).
     pub(crate) shared: SharedCache,
 }
@@ -1081,7 +1081,17 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) fn reclaim_caches(&self, force: bool, now_ms: u32, idle_ms: u32) -> (usize, usize) {
         const BATCH: usize = 32;
         let (mut taken, mut pending) = (0, 0);
-        self.reclaim.lock().with(|_| {
+        // A paced pass skips the caches while another reclaimer is at work (it may be
+        // this thread: a visit's flush reaches a slow path, `idle.rs`).
+        let mut guard = if force {
+            self.reclaim.lock()
+        } else {
+            match self.reclaim.try_lock() {
+                Some(g) => g,
+                None => return (0, 0),
+            }
+        };
+        guard.with(|_| {
             // Acquire: pairs with `register_cache`'s Release.
             let mut cur = self.caches.load(Ordering::Acquire);
             while !cur.is_null() {
@@ -1292,7 +1302,9 @@ impl<M: MemSource> MHeap<M> {
                 let t0 = crate::os::now_ns();
                 // Idle threads' caches first, so that their pages age in the page heap
                 // (they were freed at least `delay` ago: the cache was not used since).
-                self.reclaim_caches(false, (now / 1_000_000) as u32, delay);
+                let now_ms = (now / 1_000_000) as u32;
+                (sc.bg.visit)(false, now_ms, delay);
+                self.reclaim_caches(false, now_ms, delay);
                 let (_, more) = self.scavenge(false, now, PASS_BUDGET_NS);
                 let spent = crate::os::now_ns().wrapping_sub(t0);
                 if more {
@@ -1344,7 +1356,10 @@ impl<M: MemSource> MHeap<M> {
     /// No allocator lock may be held.
     #[cfg(not(spanheap_loom))]
     pub(crate) fn background_pass(&self, now: u64, delay: u32) -> BackgroundLook {
-        let (taken, pending) = self.reclaim_caches(false, (now / 1_000_000) as u32, delay);
+        let now_ms = (now / 1_000_000) as u32;
+        let (vt, vp) = (self.scavenger.bg.visit)(false, now_ms, delay);
+        let (taken, pending) = self.reclaim_caches(false, now_ms, delay);
+        let (taken, pending) = (taken + vt, pending + vp);
         let (_, more) = self.scavenge(false, now, PASS_BUDGET_NS);
         let wait_ms = if more {
             None

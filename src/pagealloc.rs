@@ -1238,6 +1238,7 @@ impl PageAlloc {
                 Some(ch) => freed += ch.clear_alloc(s, e),
                 None => debug_assert!(false, "free outside the heap"),
             }
+            self.note_freed(ci, e - s);
         }
         debug_assert_eq!(
             freed, npages,
@@ -1248,16 +1249,17 @@ impl PageAlloc {
             self.search_addr = base;
         }
         let (c0, c1) = (p0 >> LOG_CHUNK_PAGES, ((p1 - 1) >> LOG_CHUNK_PAGES) + 1);
-        for ci in c0..c1 {
-            self.note_freed(ci);
-        }
         self.update(c0, c1, Some(Sum::FREE_CHUNK));
     }
 
-    /// Records that pages were just freed into chunk `ci` (dirty, stamped with the
-    /// clock; a chunk already dirty keeps the later of its stamp and the clock, which
-    /// may lie in the past for pages that sat unused in an idle thread's cache).
-    fn note_freed(&mut self, ci: usize) {
+    /// Records that `npages` dirty pages were just freed into chunk `ci`: it is dirty,
+    /// and stamped with the clock. A chunk already dirty keeps its stamp if that is
+    /// later (the clock may lie in the past for pages that sat unused in an idle
+    /// thread's cache), and also if the pages freed now are fewer than an eighth of its
+    /// free dirty pages: a few late frees into a chunk of old free memory (a thread's
+    /// trimmed free stack emptying a span) do not make all of it young again. (Such
+    /// pages may be returned before the delay; freeing them again costs a refault.)
+    fn note_freed(&mut self, ci: usize, npages: usize) {
         let Some(&p) = self.l1.get(ci >> L2_BITS) else {
             return;
         };
@@ -1267,7 +1269,16 @@ impl PageAlloc {
             let k = ci & (L2_ENTRIES - 1);
             let was_dirty = l2.dirty[k / 64] & (1 << (k % 64)) != 0;
             // Wrapping milliseconds: the clock is later if the difference is positive.
-            if !was_dirty || (self.clock.wrapping_sub(l2.freed_at[k]) as i32) > 0 {
+            let later = (self.clock.wrapping_sub(l2.freed_at[k]) as i32) > 0;
+            let restamp = !was_dirty
+                || (later && {
+                    let ch = &l2.chunks[k];
+                    let dirty: u32 = (0..CHUNK_WORDS)
+                        .map(|w| (!ch.alloc[w] & !ch.scav[w]).count_ones())
+                        .sum();
+                    npages * 8 >= dirty as usize
+                });
+            if restamp {
                 l2.freed_at[k] = self.clock;
             }
             l2.dirty[k / 64] |= 1 << (k % 64);
@@ -1318,7 +1329,7 @@ impl PageAlloc {
         self.free += pages.count_ones() as usize;
         self.scav += scav.count_ones() as usize;
         if pages & !scav != 0 {
-            self.note_freed(ci);
+            self.note_freed(ci, (pages & !scav).count_ones() as usize);
         }
         let lowest = base + pages.trailing_zeros() as usize * PAGE_SIZE;
         if lowest < self.search_addr {
@@ -1380,7 +1391,7 @@ impl PageAlloc {
             debug_assert!(false, "free_from_chunk_cache outside the heap");
             return;
         };
-        let (mut freed, mut sc, mut dirty) = (0, 0, false);
+        let (mut freed, mut sc, mut dirty) = (0, 0, 0usize);
         for w in 0..CHUNK_WORDS {
             debug_assert!(
                 ch.alloc[w] & pages[w] == pages[w],
@@ -1391,12 +1402,12 @@ impl PageAlloc {
             ch.scav[w] |= scav[w];
             freed += pages[w].count_ones() as usize;
             sc += scav[w].count_ones() as usize;
-            dirty |= pages[w] & !scav[w] != 0;
+            dirty += (pages[w] & !scav[w]).count_ones() as usize;
         }
         self.free += freed;
         self.scav += sc;
-        if dirty {
-            self.note_freed(ci);
+        if dirty != 0 {
+            self.note_freed(ci, dirty);
         }
         let first = (0..CHUNK_WORDS).find(|&w| pages[w] != 0).unwrap_or(0);
         let lowest = base + (first * 64 + pages[first].trailing_zeros() as usize) * PAGE_SIZE;

@@ -355,6 +355,10 @@ pub(crate) struct Background {
     pub(crate) wake: fn(bool),
     /// The settings changed: wakes the thread from any sleep so that it sees them.
     pub(crate) nudge: fn(),
+    /// Visits other threads' small-object caches (`idle::visit_threads`): `(force,
+    /// now_ms, delay_ms)` -> (threads that gave something back, threads to look at
+    /// again later). No allocator lock may be held.
+    pub(crate) visit: fn(bool, u32, u32) -> (usize, usize),
 }
 
 /// No background thread (tests' heaps, loom).
@@ -364,6 +368,7 @@ pub(crate) const NO_BACKGROUND: Background = Background {
     running: never,
     wake: |_| {},
     nudge: || {},
+    visit: |_, _, _| (0, 0),
 };
 
 fn never() -> bool {
@@ -399,6 +404,9 @@ pub(crate) mod background {
     const PARKED: u32 = 2;
     /// Waiting on the futex until a time (work that is not due yet).
     const SLEEPING: u32 = 3;
+    /// Waiting on the futex until a time, after looks that found only busy threads'
+    /// caches (a longer wait): a free that leaves work ends it, as it ends `PARKED`.
+    const DOZING: u32 = 4;
     /// The thread's state, and the futex word it waits on.
     static STATE: AtomicU32 = AtomicU32::new(STOPPED);
 
@@ -409,6 +417,7 @@ pub(crate) mod background {
         running,
         wake,
         nudge,
+        visit: crate::idle::visit_threads,
     };
 
     /// Starts the background scavenger thread unless it runs. Returns whether it runs.
@@ -453,9 +462,9 @@ pub(crate) mod background {
     /// See `Background::wake`.
     fn wake(start_wanted: bool) {
         match STATE.load(Ordering::Relaxed) {
-            PARKED
+            s @ (PARKED | DOZING)
                 if STATE
-                    .compare_exchange(PARKED, RUNNING, Ordering::Relaxed, Ordering::Relaxed)
+                    .compare_exchange(s, RUNNING, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok() =>
             {
                 futex_wake()
@@ -467,7 +476,7 @@ pub(crate) mod background {
 
     /// See `Background::nudge`.
     fn nudge() {
-        for from in [PARKED, SLEEPING] {
+        for from in [PARKED, SLEEPING, DOZING] {
             if STATE
                 .compare_exchange(from, RUNNING, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
@@ -570,7 +579,7 @@ pub(crate) mod background {
             last = now;
             if tokens < PASS_BUDGET_NS {
                 // Over budget: wait until a whole pass is paid for.
-                sleep((PASS_BUDGET_NS - tokens) * 100 / BG_CPU_PERCENT);
+                sleep((PASS_BUDGET_NS - tokens) * 100 / BG_CPU_PERCENT, SLEEPING);
                 continue;
             }
             let cpu = thread_cpu_ns();
@@ -590,13 +599,20 @@ pub(crate) mod background {
                 backoff += 1;
                 ms
             });
-            let wait_ms = match (look.wait_ms, caches) {
-                (Some(a), Some(b)) => Some(u64::from(a).min(b)),
-                (Some(a), None) => Some(u64::from(a)),
-                (None, b) => b,
+            // Only a long wait (backing off) may be cut short by a free: while frees
+            // come in bulk, each would otherwise wake the thread.
+            let doze = if backoff > 5 { DOZING } else { SLEEPING };
+            let (wait_ms, state) = match (look.wait_ms, caches) {
+                (Some(a), Some(b)) if b < u64::from(a) => (Some(b), doze),
+                (Some(a), _) => (Some(u64::from(a)), SLEEPING),
+                (None, b) => (b, doze),
             };
             match wait_ms {
-                Some(ms) => sleep(ms.max(1) * 1_000_000 + 1_000_000),
+                Some(ms) => {
+                    if sleep(ms.max(1) * 1_000_000 + 1_000_000, state) {
+                        backoff = 0;
+                    }
+                }
                 None => {
                     backoff = 0;
                     park(Some(delay));
@@ -605,15 +621,21 @@ pub(crate) mod background {
         }
     }
 
-    /// Sleeps for `ns` unless nudged (a settings change).
-    fn sleep(ns: u64) {
+    /// Sleeps for `ns` as `state` (SLEEPING or DOZING) unless woken; returns whether
+    /// something woke it (a settings change, or for DOZING a free that left work).
+    fn sleep(ns: u64, state: u32) -> bool {
         if STATE
-            .compare_exchange(RUNNING, SLEEPING, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+            .compare_exchange(RUNNING, state, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
         {
-            futex_wait(SLEEPING, Some(ns));
-            let _ = STATE.compare_exchange(SLEEPING, RUNNING, Ordering::Relaxed, Ordering::Relaxed);
+            return true;
         }
+        futex_wait(state, Some(ns));
+        // Still ours: the time ran out (or a spurious wake-up); otherwise a waker set
+        // RUNNING.
+        STATE
+            .compare_exchange(state, RUNNING, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
     }
 
     /// Parks until a free leaves work (see the module's documentation), unless there is

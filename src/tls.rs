@@ -45,6 +45,12 @@ mod imp {
     pub(super) fn state() -> u8 {
         STATE.with(Cell::get)
     }
+    pub(super) fn cache_slot() -> (usize, usize) {
+        (
+            CACHE.with(|x| x.as_ptr() as usize),
+            crate::mcache::EMPTY_CACHE.get() as usize,
+        )
+    }
     #[inline(always)]
     pub(super) fn set_state(s: u8) {
         STATE.with(|c| c.set(s));
@@ -106,6 +112,9 @@ mod imp {
         // SAFETY: as above.
         unsafe { block().write((c as usize).wrapping_sub(empty())) }
     }
+    pub(super) fn cache_slot() -> (usize, usize) {
+        (block() as usize, 0)
+    }
     #[inline(always)]
     pub(super) fn state() -> u8 {
         // SAFETY: as above (byte 8 of the block).
@@ -128,6 +137,13 @@ pub(crate) fn cache() -> *mut MCache {
 #[inline(always)]
 pub(crate) fn set_cache(c: *mut MCache) {
     imp::set_cache(c)
+}
+
+/// The address of this thread's cache slot (a word, valid while the thread lives), and
+/// the value that means "the empty cache" in it: for a visitor that empties the slot of
+/// an idle thread (`idle.rs`).
+pub(crate) fn cache_slot() -> (usize, usize) {
+    imp::cache_slot()
 }
 
 /// This thread's cache state.
