@@ -170,6 +170,20 @@ mod imp {
     /// Whether visits can work here (the heavy barrier exists); checked at the first.
     static USABLE: AtomicU8 = AtomicU8::new(2);
 
+    /// Visits that claimed a door, visits that got in (the second look agreed), and
+    /// of those, idle threads released and busy ones trimmed (for tests and tuning).
+    static COUNTS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+    /// `COUNTS`: (claimed, entered, released, trimmed).
+    pub(crate) fn counts() -> (u64, u64, u64, u64) {
+        let c = |i: usize| COUNTS[i].load(Ordering::Relaxed);
+        (c(0), c(1), c(2), c(3))
+    }
+
+    fn count(i: usize) {
+        COUNTS[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     fn door<'a>(c: *mut MCache) -> &'a Door {
         // SAFETY: records are never unmapped; the door is only used atomically.
         unsafe { &(*c).door }
@@ -476,6 +490,7 @@ mod imp {
                             d.empty.load(Ordering::Relaxed),
                         )
                     };
+                    count(0);
                     batch[n] = Some(Claimed { c, first, idle });
                     worth[n] = worth_now;
                     n += 1;
@@ -492,6 +507,7 @@ mod imp {
                     let again = look(d.tid.load(Ordering::Relaxed));
                     if barrier && again == Some(cl.first) && d.slow.load(Ordering::Relaxed) == 0 {
                         // The record is ours until the door reopens.
+                        count(1);
                         pending -= usize::from(was_worth);
                         if cl.idle {
                             // SAFETY: see above: the owner is outside the allocator and
@@ -500,10 +516,14 @@ mod imp {
                             d.flushed.store(1, Ordering::Relaxed);
                             d.held.store(0, Ordering::Relaxed);
                             taken += 1;
+                            count(2);
                         } else {
                             // SAFETY: as above.
                             let (any, held) = unsafe { trim(cl.c) };
                             taken += usize::from(any);
+                            if any {
+                                count(3);
+                            }
                             d.held.store(held, Ordering::Relaxed);
                             pending += usize::from(held >= QUIET_BYTES);
                         }

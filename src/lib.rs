@@ -436,6 +436,13 @@ pub mod __private {
         crate::scavenger::background::running()
     }
 
+    /// Visits of other threads' caches so far (`idle.rs`): doors claimed, visits that
+    /// got in, idle threads released, busy threads trimmed.
+    #[cfg(not(spanheap_loom))]
+    pub fn thread_visits() -> (u64, u64, u64, u64) {
+        crate::idle::counts()
+    }
+
     /// Whether the scavenger's background thread is parked until a free wakes it.
     #[cfg(not(spanheap_loom))]
     pub fn background_scavenger_parked() -> bool {

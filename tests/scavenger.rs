@@ -859,3 +859,181 @@ fn child_reclaim_race() {
     assert!(rounds > 30, "the worker barely ran: {rounds} rounds");
     spanheap::stats().check().unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// Visits: other threads' small-object caches (`idle.rs`).
+
+/// A value derived from an object's address and a round, written over the whole object.
+fn stamp(p: *const u8, round: u64) -> u8 {
+    ((p as usize >> 4) as u64 ^ round.wrapping_mul(0x9E37_79B9)) as u8
+}
+
+/// Allocates `total` bytes of small objects (8 B .. 8 KiB), every byte stamped.
+fn small_objects(rng: &mut Rng, total: usize, round: u64) -> Vec<(usize, Layout)> {
+    let mut v = Vec::new();
+    let mut sum = 0;
+    while sum < total {
+        let size = 8 + rng.below(8 << 10) as usize;
+        let l = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(l) };
+        assert!(!p.is_null());
+        // SAFETY: `size` writable bytes.
+        unsafe { std::ptr::write_bytes(p, stamp(p, round), size) };
+        v.push((p as usize, l));
+        sum += size;
+    }
+    v
+}
+
+/// Checks every byte of `v`'s objects, then frees them in a random order.
+fn check_and_free(rng: &mut Rng, mut v: Vec<(usize, Layout)>, round: u64) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for (p, l) in v {
+        let s = stamp(p as *const u8, round);
+        // SAFETY: a live object of `l.size()` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, l.size()) };
+        assert!(
+            bytes.iter().all(|&b| b == s),
+            "object {p:#x} ({} B) overwritten",
+            l.size()
+        );
+        // SAFETY: live, from `small_objects`.
+        unsafe { dealloc(p as *mut u8, l) };
+    }
+}
+
+#[test]
+fn parked_threads_give_back_their_free_stacks() {
+    in_child("child_parked_stacks", &[]);
+}
+
+/// Eight threads each churn 16 MiB of small objects freed in random order (their free
+/// stacks end up holding much of it), then park. With default settings their memory
+/// comes back while they are parked; woken, they allocate and check again.
+#[test]
+fn child_parked_stacks() {
+    if !is_child() {
+        return;
+    }
+    const THREADS: usize = 8;
+    let start = rss();
+    let parked = std::sync::Arc::new(std::sync::Barrier::new(THREADS + 1));
+    let go = std::sync::Arc::new(std::sync::Barrier::new(THREADS + 1));
+    let hs: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (parked, go) = (parked.clone(), go.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(100 + t as u64);
+                for round in 0..2 {
+                    let v = small_objects(&mut rng, 16 * MIB, round);
+                    check_and_free(&mut rng, v, round);
+                }
+                parked.wait();
+                go.wait();
+                let v = small_objects(&mut rng, 4 * MIB, 7);
+                check_and_free(&mut rng, v, 7);
+            })
+        })
+        .collect();
+    parked.wait();
+    let peak = rss();
+    let t0 = Instant::now();
+    let mut timeline = Vec::new();
+    while rss() > start + 48 * MIB {
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "parked threads still hold {} MiB (start {} MiB, peak {} MiB): {timeline:?}",
+            rss() / MIB,
+            start / MIB,
+            peak / MIB
+        );
+        timeline.push((t0.elapsed().as_millis(), rss() / MIB));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (claimed, entered, released, _) = spanheap::__private::thread_visits();
+    println!(
+        "peak {} MiB, back to {} MiB after {:?}; visits: {claimed} claimed, {entered} entered, {released} released",
+        peak / MIB,
+        rss() / MIB,
+        t0.elapsed()
+    );
+    assert!(
+        released >= THREADS as u64,
+        "only {released} threads released"
+    );
+    go.wait();
+    for h in hs {
+        h.join().unwrap();
+    }
+    spanheap::stats().check().unwrap();
+}
+
+#[test]
+fn visits_race_with_busy_owners() {
+    in_child("child_visit_race", &[("SPANHEAP_SCAVENGE_DELAY_MS", "20")]);
+}
+
+/// Threads that alternate between allocator work and short blocking sleeps, so that
+/// visits (every 5 ms with a 20 ms delay) claim their doors at every phase of their
+/// work; every object's contents are checked before it is freed. A visit that took
+/// objects from under an owner, or an owner that used its record during a visit, shows
+/// as an overwritten object or a broken invariant.
+#[test]
+fn child_visit_race() {
+    if !is_child() {
+        return;
+    }
+    const THREADS: usize = 6;
+    let t0 = Instant::now();
+    let hs: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut rng = Rng(500 + t as u64);
+                let mut kept: Vec<(usize, Layout)> = Vec::new();
+                let mut round = 0u64;
+                while t0.elapsed() < Duration::from_secs(3) {
+                    round += 1;
+                    let total = (64 << 10) + rng.below(512 << 10) as usize;
+                    let v = small_objects(&mut rng, total, round);
+                    match rng.below(3) {
+                        0 => std::thread::sleep(Duration::from_micros(rng.below(3000))),
+                        1 => std::thread::yield_now(),
+                        _ => {}
+                    }
+                    // Keep some objects across rounds (and so across visits).
+                    let (now, later): (Vec<_>, Vec<_>) =
+                        v.into_iter().partition(|_| rng.below(4) != 0);
+                    check_and_free(&mut rng, now, round);
+                    for &(p, l) in &later {
+                        // SAFETY: live objects of `l.size()` bytes.
+                        unsafe {
+                            std::ptr::write_bytes(p as *mut u8, stamp(p as *const u8, 0), l.size())
+                        };
+                    }
+                    kept.extend(later);
+                    if kept.len() > 2000 {
+                        let old = std::mem::take(&mut kept);
+                        check_and_free(&mut rng, old, 0);
+                    }
+                    std::thread::sleep(Duration::from_micros(rng.below(2000)));
+                }
+                check_and_free(&mut rng, kept, 0);
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let (claimed, entered, released, trimmed) = spanheap::__private::thread_visits();
+    println!(
+        "visits: {claimed} claimed, {entered} entered, {released} released, {trimmed} trimmed"
+    );
+    assert!(
+        entered >= 20,
+        "too few visits got in ({entered} of {claimed}) to test anything"
+    );
+    spanheap::stats().check().unwrap();
+}
