@@ -357,7 +357,11 @@ fn child_default_background() {
     let peak = rss();
     drop(burst);
     let t0 = Instant::now();
-    let started = scavenger_tid().is_some();
+    // The thread names itself once it runs: look for it a few times.
+    let started = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(2));
+        scavenger_tid().is_some()
+    });
     let mut timeline = Vec::new();
     let mut reached = None;
     while t0.elapsed() < Duration::from_secs(4) {
