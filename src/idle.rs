@@ -575,6 +575,9 @@ mod imp {
     /// As for `release`.
     unsafe fn trim(c: *mut MCache) -> (bool, u64) {
         let d = door(c);
+        // A parked thread's limits follow the budget's share too.
+        // SAFETY: the record is ours (caller's contract).
+        unsafe { crate::mcache::check_budget(c) };
         let (mut any, mut held) = (false, 0u64);
         for class in 1..NUM_CLASSES {
             let low = u32::from(d.low[class].load(Ordering::Relaxed));

@@ -226,6 +226,30 @@ pub fn set_scavenger_config(config: ScavengerConfig) -> bool {
     global::HEAP.start_background_if_due()
 }
 
+/// The budget of all threads' free stacks together, in bytes (tcmalloc's overall
+/// thread-cache size): each thread's free stacks may hold at most its share, the budget
+/// divided by the threads with a cache (but at least one object of each size class).
+/// Default 64 MiB; environment `SPANHEAP_THREAD_CACHE_BUDGET` (bytes, or with a `K`,
+/// `M` or `G` suffix).
+#[cfg(not(spanheap_loom))]
+pub fn thread_cache_budget() -> usize {
+    mcache::budget::get()
+}
+
+/// Changes the budget of all threads' free stacks (see [`thread_cache_budget`]). Each
+/// thread adopts its new share at its next refill or overflow, or when the background
+/// scavenger next visits it; the calling thread at once.
+///
+/// ```
+/// spanheap::set_thread_cache_budget(32 << 20);
+/// assert_eq!(spanheap::thread_cache_budget(), 32 << 20);
+/// ```
+#[cfg(not(spanheap_loom))]
+pub fn set_thread_cache_budget(bytes: usize) {
+    mcache::budget::set(bytes);
+    mcache::apply_own_budget();
+}
+
 /// Entry points by address alone, for C-style callers that do not pass the size or
 /// alignment back when freeing (the `spanheap-preload` library's `free`,
 /// `malloc_usable_size` and `realloc`). Blocks from either API may be freed through
@@ -441,6 +465,12 @@ pub mod __private {
     #[cfg(not(spanheap_loom))]
     pub fn thread_visits() -> (u64, u64, u64, u64) {
         crate::idle::counts()
+    }
+
+    /// The calling thread's free stacks: (bytes held, bytes their limits allow).
+    #[cfg(not(spanheap_loom))]
+    pub fn own_free_stack_bytes() -> (u64, u64) {
+        crate::mcache::own_stack_bytes()
     }
 
     /// Whether the scavenger's background thread is parked until a free wakes it.

@@ -135,6 +135,9 @@ pub(crate) struct MCache {
     /// Whether `seq` is in the statistics registry (records are reused, the
     /// registration stays). Owner only.
     registered: bool,
+    /// The budget generation the free-stack limits were set for (0: never; the
+    /// `FREE_LIMIT`s then apply). Owner (or a visitor holding the door).
+    limits_gen: usize,
     /// The door through which other threads may visit the record while its owner is
     /// provably outside the allocator (`idle.rs`).
     pub(crate) door: crate::idle::Door,
@@ -191,6 +194,7 @@ impl MCache {
                 heap: GatedCache::new(),
                 seq: HeapSeq::new(),
                 registered: false,
+                limits_gen: 0,
                 door: crate::idle::Door::new(),
                 free_link: UnsafeCell::new(ptr::null_mut()),
             }
@@ -430,6 +434,7 @@ fn alloc_slow(class: usize) -> *mut u8 {
     // SAFETY: `c` is this thread's live cache, no lock held.
     unsafe {
         let _slow = Slow::new(c);
+        check_budget(c);
         // A re-installed record may have a non-empty stack for this class.
         let p = try_alloc(c, class);
         if !p.is_null() {
@@ -495,6 +500,205 @@ pub(crate) const STACK_BYTES: usize = STACK_OFFSET[NUM_CLASSES] * core::mem::siz
 /// Bytes of the mapping that holds a cache record's stacks (`STACK_BYTES` in whole
 /// pages).
 pub(crate) const STACK_MAP_BYTES: usize = STACK_BYTES.next_multiple_of(crate::os::PAGE_SIZE);
+
+// ---------------------------------------------------------------------------------------
+// The budget of all threads' free stacks together (tcmalloc's overall thread-cache size).
+// ---------------------------------------------------------------------------------------
+
+/// Default budget of all threads' free stacks together, in bytes.
+pub(crate) const DEFAULT_BUDGET: usize = 64 << 20;
+
+/// Bytes a thread's free stacks may hold with the full `FREE_LIMIT` of every class.
+const FULL_STACK_BYTES: usize = {
+    let (mut c, mut sum) = (1, 0);
+    while c < NUM_CLASSES {
+        sum += free_limit(c) as usize * CLASS_TO_SIZE[c] as usize;
+        c += 1;
+    }
+    sum
+};
+
+/// Bytes a thread's free stacks hold at least, with a limit of one object per class
+/// (so the budget binds only while it is at least this much per thread).
+#[cfg(test)]
+const FLOOR_STACK_BYTES: usize = {
+    let (mut c, mut sum) = (1, 0);
+    while c < NUM_CLASSES {
+        sum += CLASS_TO_SIZE[c] as usize;
+        c += 1;
+    }
+    sum
+};
+
+/// The budget's process-wide state (outside the modelled core: core atomics, Relaxed:
+/// they steer limits, and a stale value only delays a thread's adjustment to its next
+/// slow path).
+#[cfg(not(spanheap_loom))]
+pub(crate) mod budget {
+    use core::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The budget in bytes (`usize::MAX`: not read from the environment yet).
+    static BUDGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+    /// Threads with a live cache.
+    static THREADS: AtomicUsize = AtomicUsize::new(0);
+    /// Bumped whenever the share changes (thread count or budget): a thread whose
+    /// record saw another generation recomputes its limits.
+    static GEN: AtomicUsize = AtomicUsize::new(1);
+
+    /// The budget in bytes (environment `SPANHEAP_THREAD_CACHE_BUDGET`, bytes with an
+    /// optional K, M or G suffix).
+    pub(crate) fn get() -> usize {
+        let b = BUDGET.load(Ordering::Relaxed);
+        if b != usize::MAX {
+            return b;
+        }
+        let v = crate::scavenger::env_size(c"SPANHEAP_THREAD_CACHE_BUDGET")
+            .unwrap_or(super::DEFAULT_BUDGET)
+            .min(usize::MAX - 1);
+        let _ = BUDGET.compare_exchange(usize::MAX, v, Ordering::Relaxed, Ordering::Relaxed);
+        BUDGET.load(Ordering::Relaxed)
+    }
+
+    /// Sets the budget (the API).
+    pub(crate) fn set(bytes: usize) {
+        BUDGET.store(bytes.min(usize::MAX - 1), Ordering::Relaxed);
+        GEN.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A thread got (`+1`) or gave up (`-1`) its cache.
+    pub(crate) fn thread_count(delta: isize) {
+        if delta > 0 {
+            THREADS.fetch_add(1, Ordering::Relaxed);
+        } else {
+            THREADS.fetch_sub(1, Ordering::Relaxed);
+        }
+        GEN.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current generation.
+    #[inline]
+    pub(crate) fn generation() -> usize {
+        GEN.load(Ordering::Relaxed)
+    }
+
+    /// One thread's share of the budget now.
+    pub(crate) fn share() -> usize {
+        get() / THREADS.load(Ordering::Relaxed).max(1)
+    }
+}
+
+/// Per-class free-stack limits for a thread whose share of the budget is `share`
+/// bytes: every class's `FREE_LIMIT` scaled by one factor, at least one object, the
+/// factor chosen so that the limits' bytes fit the share (or, for a share below
+/// `FLOOR_STACK_BYTES`, one object per class).
+pub(crate) fn scaled_limits(share: usize) -> [u16; NUM_CLASSES] {
+    let mut t = [0u16; NUM_CLASSES];
+    let bytes = |t: &[u16; NUM_CLASSES]| -> usize {
+        (1..NUM_CLASSES)
+            .map(|c| t[c] as usize * CLASS_TO_SIZE[c] as usize)
+            .sum()
+    };
+    // The factor, in 1/65536ths.
+    let mut f: u64 = if share >= FULL_STACK_BYTES {
+        1 << 16
+    } else {
+        ((share as u64) << 16) / FULL_STACK_BYTES as u64
+    };
+    loop {
+        for c in 1..NUM_CLASSES {
+            t[c] = ((u64::from(FREE_LIMIT[c]) * f) >> 16).max(1) as u16;
+        }
+        let b = bytes(&t);
+        if b <= share || f == 0 {
+            return t;
+        }
+        // The classes held at one object took more than their share: shrink the rest.
+        f = f * share as u64 / b as u64;
+        f = f.saturating_sub(1);
+    }
+}
+
+impl MCache {
+    /// Sets this record's free-stack limits to `limits`, flushing stacks that hold more.
+    /// Then records generation `generation`.
+    ///
+    /// # Safety
+    /// The caller owns the live cache (or holds its door); no lock held.
+    pub(crate) unsafe fn apply_limits<M: MemSource>(
+        this: *mut MCache,
+        heap: &MHeap<M>,
+        limits: &[u16; NUM_CLASSES],
+        generation: usize,
+    ) {
+        // First, so that the flushes below do not come back here.
+        // SAFETY: the field is the owner's (caller's contract).
+        unsafe { *ptr::addr_of_mut!((*this).limits_gen) = generation };
+        for (class, &limit) in limits.iter().enumerate().skip(1) {
+            // SAFETY: the entry is ours (caller's contract).
+            let e = unsafe { entry(this, class) };
+            e.limit = limit;
+            if e.nfree > u32::from(e.limit) {
+                // SAFETY: forwarded.
+                unsafe { flush(heap, this, e, class, u32::from(e.limit)) };
+            }
+        }
+    }
+}
+
+/// At a slow path of the process-wide heap's cache `c`: if the budget's share changed
+/// since the cache last looked, applies the new limits.
+///
+/// # Safety
+/// As for `MCache::apply_limits`.
+#[cfg(not(spanheap_loom))]
+#[inline]
+pub(crate) unsafe fn check_budget(c: *mut MCache) {
+    let g = budget::generation();
+    // SAFETY: the field is the owner's.
+    if unsafe { *ptr::addr_of!((*c).limits_gen) } != g {
+        // SAFETY: forwarded.
+        unsafe { apply_budget(c, g) };
+    }
+}
+
+/// Brings the calling thread's limits up to date with the budget now.
+#[cfg(not(spanheap_loom))]
+pub(crate) fn apply_own_budget() {
+    if let Some(c) = live_cache() {
+        // SAFETY: our live cache, no lock held.
+        unsafe {
+            let _slow = Slow::new(c);
+            check_budget(c);
+        }
+    }
+}
+
+/// The calling thread's free stacks: bytes held and bytes their limits allow (for
+/// tests of the budget).
+#[cfg(not(spanheap_loom))]
+pub(crate) fn own_stack_bytes() -> (u64, u64) {
+    let Some(c) = live_cache() else {
+        return (0, 0);
+    };
+    (1..NUM_CLASSES).fold((0, 0), |(held, cap), class| {
+        // SAFETY: our live cache's entries; only read.
+        let e = unsafe { entry(c, class) };
+        let size = u64::from(CLASS_TO_SIZE[class]);
+        (
+            held + u64::from(e.nfree) * size,
+            cap + u64::from(e.limit) * size,
+        )
+    })
+}
+
+#[cfg(not(spanheap_loom))]
+#[cold]
+#[inline(never)]
+unsafe fn apply_budget(c: *mut MCache, g: usize) {
+    let limits = scaled_limits(budget::share());
+    // SAFETY: forwarded.
+    unsafe { MCache::apply_limits(c, &HEAP, &limits, g) };
+}
 
 impl MCache {
     /// Points every class's free stack into `base`, `STACK_BYTES` bytes of storage
@@ -643,8 +847,37 @@ unsafe fn push_local<M: MemSource>(
         // come in no order (see `FLUSH_CHUNK`); the quarter kept serves the next
         // allocations without a refill.
         // SAFETY: forwarded.
-        unsafe { flush(heap, c, e, class, limit / 4 + 1) };
+        unsafe { overflow(heap, c, e, class) };
     }
+}
+
+/// A push took class `class`'s stack past its limit: flushes all but a quarter of the
+/// limit, after bringing the limit up to date with the budget (process-wide heap).
+///
+/// # Safety
+/// As for `push_local`.
+#[cold]
+#[inline(never)]
+unsafe fn overflow<M: MemSource>(
+    heap: &MHeap<M>,
+    c: *mut MCache,
+    e: &mut ClassCache,
+    class: usize,
+) {
+    #[cfg(not(spanheap_loom))]
+    if ptr::eq(
+        heap as *const MHeap<M> as *const u8,
+        &HEAP as *const _ as *const u8,
+    ) {
+        // SAFETY: `c` is a live cache of the process-wide heap, ours.
+        unsafe { check_budget(c) };
+        if e.nfree <= u32::from(e.limit) {
+            return; // a larger limit keeps them all (or `check_budget` flushed)
+        }
+    }
+    let keep = u32::from(e.limit) / 4 + 1;
+    // SAFETY: forwarded.
+    unsafe { flush(heap, c, e, class, keep) };
 }
 
 /// Frees an object into cache `c`: its local free list if the cache owns (or owned
@@ -1436,6 +1669,7 @@ fn create_cache() -> Option<*mut MCache> {
     }
     crate::tls::set_cache(c);
     crate::idle::open(c, first);
+    budget::thread_count(1);
     crate::tls::set_state(LIVE);
     HEAP.stats_update(|d| d.add(field::CACHES, 1));
     crate::stats::exit_report_once();
@@ -1471,6 +1705,7 @@ extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
     let c = arg.cast::<MCache>();
     // No visitor may take the record from here on (one at work finishes first).
     crate::idle::exit(c);
+    budget::thread_count(-1);
     crate::tls::set_cache(empty_cache());
     crate::tls::set_state(DEAD);
     // SAFETY: the cache was this thread's, and nothing refers to it any more.
@@ -1777,6 +2012,39 @@ mod tests {
         let chosen = objs.iter().enumerate().filter(|&(i, _)| free(i));
         free_all(h, c, class, chosen.map(|(_, p)| p));
         unsafe { release_all(h, c) };
+    }
+
+    #[test]
+    fn scaled_limits_fit_the_share() {
+        let bytes = |t: &[u16; NUM_CLASSES]| -> usize {
+            (1..NUM_CLASSES)
+                .map(|c| t[c] as usize * CLASS_TO_SIZE[c] as usize)
+                .sum()
+        };
+        println!("full stacks {FULL_STACK_BYTES} B, floor {FLOOR_STACK_BYTES} B");
+        let full = scaled_limits(FULL_STACK_BYTES);
+        assert!((1..NUM_CLASSES).all(|c| u32::from(full[c]) == FREE_LIMIT[c]));
+        assert_eq!(bytes(&full), FULL_STACK_BYTES);
+        for share in [
+            FLOOR_STACK_BYTES,
+            1 << 20,
+            4 << 20,
+            16 << 20,
+            FULL_STACK_BYTES - 1,
+        ] {
+            let t = scaled_limits(share);
+            assert!(bytes(&t) <= share, "share {share}: {} B", bytes(&t));
+            assert!((1..NUM_CLASSES).all(|c| t[c] >= 1 && u32::from(t[c]) <= FREE_LIMIT[c]));
+            // Not needlessly small: at least half the share is used.
+            assert!(
+                bytes(&t) * 2 >= share,
+                "share {share}: only {} B",
+                bytes(&t)
+            );
+        }
+        let tiny = scaled_limits(1000);
+        assert!((1..NUM_CLASSES).all(|c| tiny[c] == 1));
+        assert_eq!(bytes(&tiny), FLOOR_STACK_BYTES);
     }
 
     #[test]

@@ -323,6 +323,31 @@ fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
     }
 }
 
+/// The value of an environment variable as a size: decimal bytes with an optional
+/// `K`, `M` or `G` suffix (binary units). None if unset or not a size. Does not
+/// allocate.
+#[cfg(not(spanheap_loom))]
+pub(crate) fn env_size(name: &core::ffi::CStr) -> Option<usize> {
+    parse_size(env(name)?)
+}
+
+/// See `env_size`.
+fn parse_size(s: &[u8]) -> Option<usize> {
+    let (digits, shift) = match s.last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let v = digits
+        .iter()
+        .fold(0u64, |v, &d| v * 10 + u64::from(d - b'0'));
+    usize::try_from(v.checked_mul(1 << shift)?).ok()
+}
+
 /// A decimal `u32`, or None.
 fn parse_u32(s: &[u8]) -> Option<u32> {
     if s.is_empty() || s.len() > 10 {
@@ -672,6 +697,17 @@ mod tests {
         assert_eq!(parse_u32(b""), None);
         assert_eq!(parse_u32(b"12ms"), None);
         assert_eq!(parse_u32(b"-1"), None);
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_size(b"4096"), Some(4096));
+        assert_eq!(parse_size(b"64M"), Some(64 << 20));
+        assert_eq!(parse_size(b"2g"), Some(2 << 30));
+        assert_eq!(parse_size(b"512K"), Some(512 << 10));
+        assert_eq!(parse_size(b"M"), None);
+        assert_eq!(parse_size(b"1.5M"), None);
+        assert_eq!(parse_size(b""), None);
     }
 
     #[test]

@@ -1040,3 +1040,84 @@ fn child_visit_race() {
     );
     spanheap::stats().check().unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// The budget of all threads' free stacks.
+
+#[test]
+fn the_thread_cache_budget_bounds_all_free_stacks_together() {
+    let bounded = in_child("child_budget", &[("SPANHEAP_THREAD_CACHE_BUDGET", "64M")]);
+    let unbounded = in_child("child_budget", &[("SPANHEAP_THREAD_CACHE_BUDGET", "4G")]);
+    let held = |out: &str| -> u64 {
+        let i = out.find("held ").unwrap() + 5;
+        out[i..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    // The control: without a binding budget the stacks hold far more, so the bound
+    // above is the budget's doing.
+    assert!(
+        held(&unbounded) > 2 * held(&bounded),
+        "{} MiB held without a budget, {} MiB with 64 MiB",
+        held(&unbounded),
+        held(&bounded)
+    );
+}
+
+/// 64 threads each free 16 MiB of objects of every small class in random order, then
+/// wait for each other; the bytes their free stacks hold together (each thread counts
+/// its own) stay within the budget.
+#[test]
+fn child_budget() {
+    if !is_child() {
+        return;
+    }
+    const THREADS: usize = 64;
+    let budget = spanheap::thread_cache_budget() as u64;
+    let done = std::sync::Arc::new(std::sync::Barrier::new(THREADS));
+    let hs: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(900 + t as u64);
+                let mut v = Vec::new();
+                let mut sum = 0;
+                while sum < 16 * MIB {
+                    // Every small class: 8 B .. 32 KiB.
+                    let size = 8 + rng.below(32 << 10) as usize;
+                    let l = Layout::from_size_align(size, 8).unwrap();
+                    // SAFETY: non-zero size.
+                    let p = unsafe { alloc(l) };
+                    assert!(!p.is_null());
+                    // SAFETY: `size` writable bytes.
+                    unsafe { std::ptr::write_bytes(p, t as u8, size) };
+                    v.push((p as usize, l));
+                    sum += size;
+                }
+                for i in (1..v.len()).rev() {
+                    v.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+                for (p, l) in v {
+                    // SAFETY: live, allocated above.
+                    unsafe { dealloc(p as *mut u8, l) };
+                }
+                done.wait();
+                spanheap::__private::own_free_stack_bytes()
+            })
+        })
+        .collect();
+    let (held, cap) = hs
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .fold((0, 0), |(a, b), (h, c)| (a + h, b + c));
+    println!(
+        "budget {} MiB: held {} MiB, limits {} MiB",
+        budget / MIB as u64,
+        held / MIB as u64,
+        cap / MIB as u64
+    );
+    if budget < 1 << 30 {
+        assert!(
+            held <= budget,
+            "free stacks hold {held} B, budget {budget} B"
+        );
+    }
+}
