@@ -114,6 +114,10 @@ pub(crate) struct Door {
     flushed: AtomicU8,
     /// Per class, the free stack's depth after the last visit (reclaim lock).
     low: [AtomicU16; NUM_CLASSES],
+    /// Per class, the free stack's depth as of the class's last slow path (or visit):
+    /// for the statistics' estimate of what threads hold. Written by the owner (or a
+    /// visitor holding the door), read by anyone (Relaxed: an estimate).
+    depth: [AtomicU16; NUM_CLASSES],
     /// Bytes the record's free stacks and remote buffers held after the last visit that
     /// got in; `u64::MAX` before the first (reclaim lock).
     held: AtomicU64,
@@ -135,6 +139,7 @@ impl Door {
             visited_at: AtomicU32::new(0),
             flushed: AtomicU8::new(0),
             low: [const { AtomicU16::new(0) }; NUM_CLASSES],
+            depth: [const { AtomicU16::new(0) }; NUM_CLASSES],
             held: AtomicU64::new(u64::MAX),
             next: AtomicPtr::new(core::ptr::null_mut()),
         }
@@ -146,6 +151,12 @@ impl Door {
         let d = self.slow.load(Ordering::Relaxed);
         self.slow.store(d + 1, Ordering::Relaxed);
         d
+    }
+
+    /// Records that class `class`'s free stack holds `n` objects (at a slow path).
+    #[inline]
+    pub(crate) fn publish_depth(&self, class: usize, n: u32) {
+        self.depth[class].store(n.min(u32::from(u16::MAX)) as u16, Ordering::Relaxed);
     }
 
     /// The owner leaves the slow path entered with `enter_slow` (which returned `d`).
@@ -202,7 +213,7 @@ mod imp {
         d.seen_switches.store(u64::MAX, Ordering::Relaxed);
         d.flushed.store(0, Ordering::Relaxed);
         d.held.store(u64::MAX, Ordering::Relaxed);
-        for l in &d.low {
+        for l in d.low.iter().chain(&d.depth) {
             l.store(0, Ordering::Relaxed);
         }
         // Release: a visitor that sees OPEN (Acquire) sees the fields above.
@@ -265,6 +276,30 @@ mod imp {
             }
             c = d.next.load(Ordering::Acquire);
         }
+    }
+
+    /// The free-stack bytes of every thread with a live cache, as of each class's last
+    /// slow path: calls `f(tid, bytes)` per thread; returns the total. Does not
+    /// allocate.
+    pub(crate) fn census(mut f: impl FnMut(i32, u64)) -> u64 {
+        let mut total = 0;
+        // Acquire: pairs with `open`'s Release.
+        let mut c = RECORDS.load(Ordering::Acquire);
+        while !c.is_null() {
+            let d = door(c);
+            if matches!(d.state.load(Ordering::Acquire), OPEN | CLAIMED) {
+                let bytes: u64 = (1..NUM_CLASSES)
+                    .map(|k| {
+                        u64::from(d.depth[k].load(Ordering::Relaxed))
+                            * u64::from(crate::sizeclasses::CLASS_TO_SIZE[k])
+                    })
+                    .sum();
+                f(d.tid.load(Ordering::Relaxed), bytes);
+                total += bytes;
+            }
+            c = d.next.load(Ordering::Acquire);
+        }
+        total
     }
 
     /// Signals 1..=64 blocked in the calling thread, as a bit mask (bit n-1: signal n,

@@ -156,7 +156,45 @@ pub fn stats() -> Stats {
     mcache::publish_counts();
     let mut t = [0u64; stats::field::N];
     global::HEAP.stats.read(&mut t);
-    Stats::from_totals(&t, global::HEAP.gauges())
+    let mut s = Stats::from_totals(&t, global::HEAP.gauges());
+    s.free_stack_bytes = idle::census(|_, _| {});
+    s.thread_cache_budget = mcache::budget::get() as u64;
+    s
+}
+
+/// What one thread's cache holds (see [`thread_caches`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCacheInfo {
+    /// The thread's kernel id (`gettid`).
+    pub tid: i32,
+    /// Bytes of freed objects in its free stacks, as of each size class's last refill,
+    /// overflow or visit.
+    pub free_stack_bytes: u64,
+}
+
+/// Fills `out` with what each thread's cache holds, one entry per thread with a live
+/// cache (as many as fit), and returns how many threads there are. Does not allocate.
+///
+/// ```
+/// let mut t = [spanheap::ThreadCacheInfo::default(); 64];
+/// let n = spanheap::thread_caches(&mut t);
+/// for info in &t[..n.min(t.len())] {
+///     let _ = (info.tid, info.free_stack_bytes);
+/// }
+/// ```
+#[cfg(not(spanheap_loom))]
+pub fn thread_caches(out: &mut [ThreadCacheInfo]) -> usize {
+    let mut n = 0;
+    idle::census(|tid, free_stack_bytes| {
+        if let Some(o) = out.get_mut(n) {
+            *o = ThreadCacheInfo {
+                tid,
+                free_stack_bytes,
+            };
+        }
+        n += 1;
+    });
+    n
 }
 
 /// Returns everything the calling thread's cache holds to the shared heap: freed objects

@@ -1085,6 +1085,8 @@ unsafe fn flush<M: MemSource>(
         }
     }
     e.nfree = keep;
+    // SAFETY: `c` is a live cache; its door is used atomically.
+    unsafe { (*c).door.publish_depth(class, keep) };
     if is_wide(e) && foreign * 8 > n {
         // Wide mode took in other caches' objects (a consumer of another thread's
         // objects): back to the owner test, and return the rest of the stack too.
@@ -1349,6 +1351,8 @@ unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) ->
     let r = unsafe { refill_span(heap, c, class) };
     // SAFETY: the entry is ours.
     let e = unsafe { entry(c, class) };
+    // SAFETY: `c` is a live cache; its door is used atomically.
+    unsafe { (*c).door.publish_depth(class, e.nfree) };
     let pops = core::mem::take(&mut e.pops);
     // The window is empty on entry, so whatever it holds now was just loaded.
     let window = e.alloc_cache.count_ones() as u64;
@@ -1808,6 +1812,8 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &MHeap<M>, c: *mut MCac
             limit: e.limit,
             ..EMPTY_CLASS
         };
+        // SAFETY: `c` is a live cache; its door is used atomically.
+        unsafe { (*c).door.publish_depth(class, 0) };
     }
 }
 

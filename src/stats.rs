@@ -466,6 +466,13 @@ pub struct Stats {
     pub large_free_bytes: u64,
     /// Threads with a live thread cache.
     pub thread_caches: u64,
+    /// Bytes of freed objects held in threads' free stacks (counted as live above until
+    /// they go back to their spans), an estimate: each class's depth as of its last
+    /// refill, overflow or visit. Not part of the consistent snapshot.
+    pub free_stack_bytes: u64,
+    /// The budget of all threads' free stacks together
+    /// ([`thread_cache_budget`](crate::thread_cache_budget)).
+    pub thread_cache_budget: u64,
     /// Bytes the scavenger has returned to the OS so far (cumulative; the automatic
     /// passes and [`release_memory`](crate::release_memory)).
     pub scavenged_bytes: u64,
@@ -519,6 +526,8 @@ impl Stats {
             large_alloc_bytes: t[LARGE_ALLOC_BYTES],
             large_free_bytes: t[LARGE_FREE_BYTES],
             thread_caches: t[CACHES],
+            free_stack_bytes: 0,
+            thread_cache_budget: 0,
             scavenged_bytes: t[SCAV_BYTES],
             scavenge_calls: t[SCAV_CALLS],
             reused_released_bytes: t[REUSED_RELEASED],
@@ -658,7 +667,13 @@ impl fmt::Display for Stats {
         )?;
         writeln!(f, "  metadata (other)   {:>12}", Bytes(self.metadata_bytes))?;
         writeln!(f, "  pages in use       {:>12}", self.pages_in_use)?;
-        writeln!(f, "  thread caches      {:>12}", self.thread_caches)?;
+        writeln!(
+            f,
+            "  thread caches      {:>12}   free stacks hold about {} (budget {})",
+            self.thread_caches,
+            Bytes(self.free_stack_bytes),
+            Bytes(self.thread_cache_budget)
+        )?;
         writeln!(
             f,
             "  scavenged          {:>12}   in {} madvise calls; {} released bytes reused",
