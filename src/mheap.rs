@@ -1082,8 +1082,10 @@ impl<M: MemSource> MHeap<M> {
         const BATCH: usize = 32;
         let (mut taken, mut pending) = (0, 0);
         // A paced pass skips the caches while another reclaimer is at work (it may be
-        // this thread: a visit's flush reaches a slow path, `idle.rs`).
-        let mut guard = if force {
+        // this thread: a visit's flush reaches a slow path, `idle.rs`). The loom mutant
+        // `shared_scavenge` waits for the lock as passes did before, so that its pass
+        // under the shared cache's lock deadlocks against the fork handler again.
+        let mut guard = if force || cfg!(spanheap_mutant = "shared_scavenge") {
             self.reclaim.lock()
         } else {
             match self.reclaim.try_lock() {
