@@ -267,7 +267,7 @@ pub fn set_scavenger_config(config: ScavengerConfig) -> bool {
 /// The budget of all threads' free stacks together, in bytes (tcmalloc's overall
 /// thread-cache size): each thread's free stacks may hold at most its share, the budget
 /// divided by the threads with a cache (but at least one object of each size class).
-/// Default 64 MiB; environment `SPANHEAP_THREAD_CACHE_BUDGET` (bytes, or with a `K`,
+/// Default 1 GiB; environment `SPANHEAP_THREAD_CACHE_BUDGET` (bytes, or with a `K`,
 /// `M` or `G` suffix).
 #[cfg(not(spanheap_loom))]
 pub fn thread_cache_budget() -> usize {
