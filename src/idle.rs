@@ -450,13 +450,8 @@ mod imp {
         if USABLE.load(Ordering::Relaxed) == 0 {
             return (0, 0);
         }
-        let mut guard = if force {
-            HEAP.reclaim.lock()
-        } else {
-            match HEAP.reclaim.try_lock() {
-                Some(g) => g,
-                None => return (0, 0),
-            }
+        let Some(mut guard) = HEAP.reclaim_lock(force) else {
+            return (0, 0);
         };
         guard.with(|_| {
             let (mut taken, mut pending) = (0, 0);

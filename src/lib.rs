@@ -213,8 +213,9 @@ pub fn flush_thread_cache() {
 ///
 /// The calling thread's cache is flushed first ([`flush_thread_cache`]), so what it
 /// held is returned too; so are the free pages other threads' caches hold (their page
-/// block, chunks and large blocks; not their small-object free lists), unless the
-/// thread is using its cache at that moment or the OS lacks `membarrier`, and the
+/// block, chunks and large blocks) unless the thread is using its cache at that moment,
+/// the freed objects other threads' caches hold if the thread is blocked in a system
+/// call (a visit, see `docs/design.md`), neither if the OS lacks `membarrier`; and the
 /// completely free spans each size class keeps for its next refills. Free memory is
 /// returned whatever its age, the retained headroom and the density of its chunk.
 /// Afterwards the released pages cost no RAM; allocating them again re-commits them

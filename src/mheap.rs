@@ -67,7 +67,7 @@ use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
 use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats};
 use crate::sync::init_atomics;
-use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 
 /// The largest span, in bytes; larger requests fail with null (2^46 = 64 TiB, half of a
 /// 47-bit user address space).
@@ -245,7 +245,7 @@ pub(crate) struct MHeap<M: MemSource> {
     caches: AtomicPtr<GatedCache>,
     /// The reclaim lock: one reclaimer at a time, and no claim held across `fork()`.
     /// Lock order: `lockrank::TABLE` (first of all).
-    pub(crate) reclaim: Mutex<()>,
+    reclaim: Mutex<()>,
     /// The cache of threads without one (`mcache.rs`).
     pub(crate) shared: SharedCache,
 }
@@ -1058,6 +1058,18 @@ impl<M: MemSource> MHeap<M> {
     // Taking back idle threads' heap caches.
     // ----------------------------------------------------------------------------------
 
+    /// The reclaim lock, for a reclaimer of threads' caches (`reclaim_caches`, visits in
+    /// `idle.rs`): waited for if `wait` (`release_memory`), else only tried, so that a
+    /// paced pass skips the caches while another reclaimer is at work (it may be this
+    /// thread: a visit's flush reaches a slow path).
+    pub(crate) fn reclaim_lock(&self, wait: bool) -> Option<MutexGuard<'_, ()>> {
+        if wait {
+            Some(self.reclaim.lock())
+        } else {
+            self.reclaim.try_lock()
+        }
+    }
+
     /// Adds a thread's gated heap cache to the registry `reclaim_caches` walks. Once per
     /// cache (records are reused with their registration).
     pub(crate) fn register_cache(&self, g: &'static GatedCache) {
@@ -1081,17 +1093,12 @@ impl<M: MemSource> MHeap<M> {
     pub(crate) fn reclaim_caches(&self, force: bool, now_ms: u32, idle_ms: u32) -> (usize, usize) {
         const BATCH: usize = 32;
         let (mut taken, mut pending) = (0, 0);
-        // A paced pass skips the caches while another reclaimer is at work (it may be
-        // this thread: a visit's flush reaches a slow path, `idle.rs`). The loom mutant
-        // `shared_scavenge` waits for the lock as passes did before, so that its pass
-        // under the shared cache's lock deadlocks against the fork handler again.
-        let mut guard = if force || cfg!(spanheap_mutant = "shared_scavenge") {
-            self.reclaim.lock()
-        } else {
-            match self.reclaim.try_lock() {
-                Some(g) => g,
-                None => return (0, 0),
-            }
+        // The loom mutant `shared_scavenge` waits for the lock as passes did before, so
+        // that its pass under the shared cache's lock deadlocks against the fork handler
+        // again.
+        let Some(mut guard) = self.reclaim_lock(force || cfg!(spanheap_mutant = "shared_scavenge"))
+        else {
+            return (0, 0);
         };
         guard.with(|_| {
             // Acquire: pairs with `register_cache`'s Release.
@@ -1379,7 +1386,7 @@ impl<M: MemSource> MHeap<M> {
     /// In how many milliseconds a paced pass will find free pages to return (0: now),
     /// or `None` if it will find none until the program frees again. Takes the heap
     /// lock.
-    fn scavenge_wait(&self, now: u64, delay: u32) -> Option<u32> {
+    pub(crate) fn scavenge_wait(&self, now: u64, delay: u32) -> Option<u32> {
         let policy = ScavPolicy {
             now: (now / 1_000_000) as u32,
             min_age: delay,
@@ -1391,13 +1398,6 @@ impl<M: MemSource> MHeap<M> {
             }
             h.pages.scavenge_wait(policy)
         })
-    }
-
-    /// Whether a paced pass has work now or later (the background thread's last look
-    /// before it parks). Takes the heap lock.
-    #[cfg(not(spanheap_loom))]
-    pub(crate) fn scavenge_work_waiting(&self, now: u64, delay: u32) -> bool {
-        self.scavenge_wait(now, delay).is_some()
     }
 
     // ----------------------------------------------------------------------------------

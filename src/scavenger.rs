@@ -401,7 +401,7 @@ fn never() -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// The optional background thread (process-wide heap only).
+// The background thread (process-wide heap only).
 // ---------------------------------------------------------------------------------------
 
 #[cfg(not(spanheap_loom))]
@@ -674,7 +674,7 @@ pub(crate) mod background {
         }
         // After PARKED is stored: a free from now on either is seen here or sees PARKED.
         let now = crate::os::coarse_now_ns();
-        if delay.is_some_and(|d| HEAP.scavenge_work_waiting(now, d)) {
+        if delay.is_some_and(|d| HEAP.scavenge_wait(now, d).is_some()) {
             let _ = STATE.compare_exchange(PARKED, RUNNING, Ordering::Relaxed, Ordering::Relaxed);
             return;
         }

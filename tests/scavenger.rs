@@ -898,11 +898,16 @@ fn small_objects(rng: &mut Rng, total: usize, round: u64) -> Vec<(usize, Layout)
     v
 }
 
-/// Checks every byte of `v`'s objects, then frees them in a random order.
-fn check_and_free(rng: &mut Rng, mut v: Vec<(usize, Layout)>, round: u64) {
+/// Puts `v` in a random order (Fisher-Yates).
+fn shuffle<T>(rng: &mut Rng, v: &mut [T]) {
     for i in (1..v.len()).rev() {
         v.swap(i, rng.below(i as u64 + 1) as usize);
     }
+}
+
+/// Checks every byte of `v`'s objects, then frees them in a random order.
+fn check_and_free(rng: &mut Rng, mut v: Vec<(usize, Layout)>, round: u64) {
+    shuffle(rng, &mut v);
     for (p, l) in v {
         let s = stamp(p as *const u8, round);
         // SAFETY: a live object of `l.size()` bytes.
@@ -1102,9 +1107,7 @@ fn child_budget() {
                     v.push((p as usize, l));
                     sum += size;
                 }
-                for i in (1..v.len()).rev() {
-                    v.swap(i, rng.below(i as u64 + 1) as usize);
-                }
+                shuffle(&mut rng, &mut v);
                 for (p, l) in v {
                     // SAFETY: live, allocated above.
                     unsafe { dealloc(p as *mut u8, l) };
