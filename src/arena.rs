@@ -69,7 +69,9 @@ const _: () = assert!(INDEX_LIMIT == 1 << (ARENA_BITS + ARENA_SHIFT));
 pub(crate) struct HeapArena {
     /// Span map: `spans[p]` is the span that owns page `p` of the arena, or null if the
     /// page was never part of a span. Entries of freed spans are left in place (they
-    /// point to a dead span record; readers check its state). Written with Release by
+    /// point to a dead span record; readers check its state), until the scavenger drops
+    /// the entries of a whole chunk of free, released pages, which then read as null
+    /// again ([`ArenaIndex::chunk_span_map`]). Written with Release by
     /// the thread publishing the owning span, read with Acquire.
     spans: [AtomicPtr<MSpan>; PAGES_PER_ARENA],
     /// `pageInUse`: bit `p` is set iff page `p` is the first page of a heap span in
@@ -287,6 +289,31 @@ impl ArenaIndex {
             }
             addr = arena_end.min(end);
         }
+    }
+
+    /// The span-map entries of the 4 MiB page-allocator chunk at `chunk_base`, as a
+    /// byte range that fills whole OS pages (512 entries of 8 bytes: one 4 KiB page,
+    /// page aligned because arena records are and the span map comes first), for the
+    /// scavenger to drop when every page of the chunk is free and returned to the OS.
+    /// `None` outside the heap or where the OS page is not 4 KiB.
+    ///
+    /// Dropping is sound because the entries of free pages carry nothing: a dropped
+    /// page reads back as null entries, "never part of a span", which every reader
+    /// already handles, as it handles an entry of a dead span; and nobody writes them,
+    /// since a span-map entry is only stored by a thread that owns the page, after
+    /// taking it from the page allocator. The caller must hold the heap lock and see
+    /// every page of the chunk free, so that no thread owns one until the lock is let go.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn chunk_span_map(
+        &self,
+        chunk_base: usize,
+        os_page: usize,
+    ) -> Option<(NonNull<u8>, usize)> {
+        let bytes = crate::pagealloc::CHUNK_PAGES * core::mem::size_of::<AtomicPtr<MSpan>>();
+        let arena = self.arena_of(chunk_base)?;
+        let entry = &arena.spans[HeapArena::page_index(chunk_base)];
+        let p = NonNull::from(entry).cast::<u8>();
+        (os_page == bytes && p.as_ptr() as usize % os_page == 0).then_some((p, bytes))
     }
 
     /// Sets the `pageInUse` bit of the page at `base`. Release: a reader that sees the

@@ -159,6 +159,9 @@ pub fn stats() -> Stats {
     let mut s = Stats::from_totals(&t, global::HEAP.gauges());
     s.free_stack_bytes = idle::census(|_, _| {});
     s.thread_cache_budget = mcache::budget::get() as u64;
+    let c = global::HEAP.counters();
+    s.metadata_released_bytes = c.meta_released;
+    s.span_map_pages_dropped = c.span_map_drops;
     s
 }
 

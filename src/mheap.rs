@@ -74,8 +74,10 @@ use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering
 pub(crate) const MAX_SPAN_BYTES: usize = 1 << 46;
 /// The largest alignment served; beyond it the address space cannot help.
 pub(crate) const MAX_ALIGN: usize = 1 << 46;
-/// Pages in one chunk of span records, bitmap records or thread-cache records (64 KiB).
+/// Pages in one chunk of span records, bitmap records or thread-cache records (64 KiB,
+/// allocated aligned to its size: see `fixalloc.rs`).
 const SPAN_CHUNK_PAGES: usize = 8;
+const _: () = assert!(SPAN_CHUNK_PAGES << PAGE_SHIFT == crate::fixalloc::CHUNK_BYTES);
 /// Bitmap record sizes, in 64-bit words per bitmap (a record holds two bitmaps).
 const BITS_WORDS: [usize; 5] = [1, 2, 4, 8, 16];
 /// Bitmaps per record: remote-free and alloc bits, and in checked mode the live bits.
@@ -119,6 +121,9 @@ pub(crate) struct Locked {
     /// Where the next arena reservation is tried first (just past the last one), so
     /// arenas stay contiguous.
     hint: usize,
+    /// The record allocators' released bytes as last published to
+    /// `Gauges::meta_released`.
+    meta_released: usize,
 }
 
 impl Locked {
@@ -127,15 +132,16 @@ impl Locked {
             pages: PageAlloc::new(),
             spanalloc: FixAlloc::new(),
             bitsalloc: [
-                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[0]),
-                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[1]),
-                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[2]),
-                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[3]),
-                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[4]),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[0], 8),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[1], 8),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[2], 8),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[3], 8),
+                RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[4], 8),
             ],
             #[cfg(not(spanheap_loom))]
             cachealloc: FixAlloc::new(),
             hint: 0,
+            meta_released: 0,
         }
     }
 }
@@ -166,6 +172,11 @@ pub(crate) struct Gauges {
     meta_sys: AtomicU64,
     /// Arena memory mapped, in bytes.
     arena_bytes: AtomicU64,
+    /// Bytes of record chunks (span records, bitmap records) that the scavenger has
+    /// returned to the OS and no record has been carved in since.
+    meta_released: AtomicU64,
+    /// Span-map pages (one per 4 MiB chunk) the scavenger has dropped, in all.
+    span_map_drops: AtomicU64,
 }
 
 impl Gauges {
@@ -179,6 +190,8 @@ impl Gauges {
             by_purpose: [Z; Purpose::COUNT],
             meta_sys: Z,
             arena_bytes: Z,
+            meta_released: Z,
+            span_map_drops: Z,
         }
     }
     #[cfg(spanheap_loom)]
@@ -189,6 +202,8 @@ impl Gauges {
             by_purpose: core::array::from_fn(|_| AtomicU64::new(0)),
             meta_sys: AtomicU64::new(0),
             arena_bytes: AtomicU64::new(0),
+            meta_released: AtomicU64::new(0),
+            span_map_drops: AtomicU64::new(0),
         }
     }
 }
@@ -216,6 +231,10 @@ pub struct HeapCounters {
     pub arena_bytes: u64,
     /// Pages in live heap spans (Go's `pagesInUse`).
     pub pages_in_use: u64,
+    /// Bytes of record chunks returned to the OS (see `Gauges::meta_released`).
+    pub meta_released: u64,
+    /// Span-map pages dropped by the scavenger, in all.
+    pub span_map_drops: u64,
 }
 
 pub(crate) struct MHeap<M: MemSource> {
@@ -988,6 +1007,8 @@ impl<M: MemSource> MHeap<M> {
             meta_sys: st.meta_sys.load(Ordering::Relaxed),
             arena_bytes: st.arena_bytes.load(Ordering::Relaxed),
             pages_in_use,
+            meta_released: st.meta_released.load(Ordering::Relaxed),
+            span_map_drops: st.span_map_drops.load(Ordering::Relaxed),
         }
     }
 
@@ -1166,6 +1187,18 @@ impl<M: MemSource> MHeap<M> {
     /// allocated, so nobody else takes them) and to give them back scavenged, never
     /// across the `madvise`.
     pub(crate) fn scavenge(&self, force: bool, now_ns: u64, budget_ns: u64) -> (usize, bool) {
+        let (released, more) = self.scavenge_pages(force, now_ns, budget_ns);
+        // Record chunks emptied with the pages (a burst's spans go together): checked
+        // only by passes that found pages to return, so that an idle heap's passes cost
+        // nothing more. Not counted in the returned bytes, which are arena pages.
+        if released != 0 || force {
+            self.release_free_records(force);
+        }
+        (released, more)
+    }
+
+    /// The pages part of [`scavenge`](Self::scavenge).
+    fn scavenge_pages(&self, force: bool, now_ns: u64, budget_ns: u64) -> (usize, bool) {
         /// Runs and pages picked per visit under the lock (up to 64 MiB).
         const BATCH_RUNS: usize = 16;
         const BATCH_PAGES: usize = 8192;
@@ -1222,7 +1255,9 @@ impl<M: MemSource> MHeap<M> {
             let now = clock_ms();
             self.locked.lock().with(|h| {
                 for &(base, npages) in &runs[..ndone] {
-                    h.pages.scavenge_return(base, npages);
+                    if h.pages.scavenge_return(base, npages) {
+                        self.drop_span_map_locked(base);
+                    }
                 }
                 // Still committed: back as dirty, freed now (see above).
                 h.pages.set_clock(now);
@@ -1250,6 +1285,147 @@ impl<M: MemSource> MHeap<M> {
                 return (released, true);
             }
         }
+    }
+
+    /// Publishes the record allocators' released bytes to the gauge if they changed:
+    /// carving a record into a released page makes it resident again. Needs the heap
+    /// lock (`h`). One compare when nothing was ever released.
+    fn publish_meta_released(&self, h: &mut Locked) {
+        if h.meta_released == 0 {
+            return;
+        }
+        let now = h.spanalloc.slab().released()
+            + h.bitsalloc.iter().map(RawFixAlloc::released).sum::<usize>();
+        if now != h.meta_released {
+            h.meta_released = now;
+            self.gauges
+                .meta_released
+                .store(now as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns to the OS the pages of record chunks (span records and bitmap records)
+    /// in which every record past the first page is free: after a burst of large
+    /// blocks, the records of the thousands of spans it freed. Called at the end of
+    /// scavenger passes that released memory, and by `release_memory`. Takes the heap
+    /// lock to withdraw a batch of chunks and to put them back, never across the
+    /// `madvise` (see `fixalloc.rs`). Returns the bytes released.
+    fn release_free_records(&self, force: bool) -> usize {
+        #[cfg(not(spanheap_loom))]
+        {
+            use crate::fixalloc::RECORD_PAGE;
+            const BATCH: usize = 16;
+            // Chunks looked at per paced pass (all of them for `release_memory`).
+            const LOOKS: usize = 256;
+            let mut budget = if force { usize::MAX } else { LOOKS };
+            let mut restart = force;
+            if crate::os::os_page_size().map_or(true, |p| RECORD_PAGE % p != 0) {
+                return 0;
+            }
+            let mut released = 0;
+            loop {
+                // (allocator: 0 for span records, 1 + b for bitmap bucket b; chunk
+                // base; pages)
+                let mut taken = [(0usize, 0usize, 0u16); BATCH];
+                let n = self.locked.lock().with(|h| {
+                    let mut got = [(0usize, 0u16); BATCH];
+                    let mut n = 0;
+                    for k in 0..=h.bitsalloc.len() {
+                        let m = if k == 0 {
+                            h.spanalloc
+                                .slab()
+                                .take_empty(&mut got[n..], &mut budget, restart)
+                        } else {
+                            h.bitsalloc[k - 1].take_empty(&mut got[n..], &mut budget, restart)
+                        };
+                        for (t, &(b, mask)) in taken[n..n + m].iter_mut().zip(&got[n..n + m]) {
+                            *t = (k, b, mask);
+                        }
+                        n += m;
+                    }
+                    n
+                });
+                if n == 0 {
+                    return released;
+                }
+                restart = false;
+                let mut ok = [false; BATCH];
+                for (o, &(_, base, mask)) in ok.iter_mut().zip(&taken[..n]) {
+                    *o = true;
+                    // Each run of consecutive pages in one call.
+                    let mut m = mask;
+                    while m != 0 {
+                        let k = m.trailing_zeros() as usize;
+                        let run = (m >> k).trailing_ones() as usize;
+                        m &= !(((1u32 << run) - 1) << k) as u16;
+                        // SAFETY: pages `take_empty` withdrew: no record in them is in
+                        // use or on a free list until they are put back, and zero is a
+                        // valid free record there (fixalloc.rs).
+                        *o &= unsafe {
+                            self.mem.decommit(
+                                NonNull::new_unchecked((base + k * RECORD_PAGE) as *mut u8),
+                                run * RECORD_PAGE,
+                            )
+                        };
+                    }
+                }
+                self.locked.lock().with(|h| {
+                    for (&(k, base, mask), &ok) in taken[..n].iter().zip(&ok[..n]) {
+                        // SAFETY: withdrawn just above from the same allocator.
+                        unsafe {
+                            if k == 0 {
+                                h.spanalloc.slab().put_back(base, mask, ok);
+                            } else {
+                                h.bitsalloc[k - 1].put_back(base, mask, ok);
+                            }
+                        }
+                    }
+                    // Publish unconditionally (the shortcut reads zero at first).
+                    h.meta_released = usize::MAX;
+                    self.publish_meta_released(h);
+                });
+                for (&(_, _, mask), &ok) in taken[..n].iter().zip(&ok[..n]) {
+                    if ok {
+                        released += mask.count_ones() as usize * RECORD_PAGE;
+                    }
+                }
+                if n < BATCH || budget == 0 {
+                    return released;
+                }
+            }
+        }
+        #[cfg(spanheap_loom)]
+        {
+            let _ = force;
+            0
+        }
+    }
+
+    /// Drops the resident page of span-map entries of the chunk holding `base`, which
+    /// the caller (with the heap lock) has just seen become wholly free and returned to
+    /// the OS: after a burst the span map would otherwise keep 1 MiB resident per GiB
+    /// of peak heap for good (Go's does). One `madvise` of one OS page per 4 MiB chunk
+    /// returned, made with the lock held because that is what keeps every allocator off
+    /// the chunk's pages, and so off its entries, while the page is dropped (see
+    /// [`ArenaIndex::chunk_span_map`]). If the OS refuses, the entries stay as they were.
+    fn drop_span_map_locked(&self, base: usize) {
+        #[cfg(not(spanheap_loom))]
+        {
+            let chunk = base & !(crate::pagealloc::CHUNK_SIZE - 1);
+            let Ok(os_page) = crate::os::os_page_size() else {
+                return;
+            };
+            if let Some((p, bytes)) = self.arenas.chunk_span_map(chunk, os_page) {
+                // SAFETY: a whole OS page of span-map entries that nobody writes while
+                // we hold the heap lock (every page of the chunk is free), and whose
+                // zero value is valid for every reader.
+                if unsafe { self.mem.decommit(p, bytes) } {
+                    add(&self.gauges.span_map_drops, 1);
+                }
+            }
+        }
+        #[cfg(spanheap_loom)]
+        let _ = base;
     }
 
     /// Runs a paced scavenger pass if one is due. Called from the allocator's slow
@@ -1497,10 +1673,17 @@ impl<M: MemSource> MHeap<M> {
     /// from elsewhere. This rare path (once per 64 KiB chunk of records) initialises and publishes
     /// that span with the lock held.
     fn span_record_locked(&self, h: &mut Locked) -> Option<NonNull<MSpan>> {
+        let s = self.span_record_refill_locked(h);
+        self.publish_meta_released(h);
+        s
+    }
+
+    /// `span_record_locked` but for the released-bytes gauge.
+    fn span_record_refill_locked(&self, h: &mut Locked) -> Option<NonNull<MSpan>> {
         if let Some(s) = NonNull::new(h.spanalloc.alloc()) {
             return Some(s);
         }
-        let (base, scav) = self.alloc_pages_locked(h, SPAN_CHUNK_PAGES, 1)?;
+        let (base, scav) = self.alloc_pages_locked(h, SPAN_CHUNK_PAGES, SPAN_CHUNK_PAGES)?;
         self.commit_run(base, SPAN_CHUNK_PAGES, scav);
         h.spanalloc.add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
         let own = NonNull::new(h.spanalloc.alloc())?;
@@ -1525,7 +1708,8 @@ impl<M: MemSource> MHeap<M> {
     /// initialises and publishes the chunk's span with the lock held.
     fn manual_chunk_locked(&self, h: &mut Locked, purpose: Purpose) -> Option<usize> {
         let s = self.span_record_locked(h)?;
-        let Some((base, scav)) = self.alloc_pages_locked(h, SPAN_CHUNK_PAGES, 1) else {
+        let Some((base, scav)) = self.alloc_pages_locked(h, SPAN_CHUNK_PAGES, SPAN_CHUNK_PAGES)
+        else {
             // SAFETY: the record was just taken and never published.
             unsafe { h.spanalloc.free(s.as_ptr()) };
             return None;
@@ -1549,6 +1733,7 @@ impl<M: MemSource> MHeap<M> {
             h.bitsalloc[b].add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
             (p, fresh) = h.bitsalloc[b].alloc();
         }
+        self.publish_meta_released(h);
         if fresh {
             // The remote-free words are atomics: construct them once, when carved.
             // SAFETY: a fresh record of 2 * BITS_WORDS[b] words; chunk memory may be

@@ -1598,11 +1598,13 @@ impl PageAlloc {
 
     /// Gives back a run taken by [`scavenge_take`](Self::scavenge_take) once it has been
     /// returned to the OS: its pages become free and scavenged. The chunk's dirty mark
-    /// and free stamp are left as they are (this is not a free by the program).
-    pub(crate) fn scavenge_return(&mut self, base: usize, npages: usize) {
+    /// and free stamp are left as they are (this is not a free by the program). Returns
+    /// whether this made the whole chunk free and scavenged (the heap then drops the
+    /// chunk's span-map page too).
+    pub(crate) fn scavenge_return(&mut self, base: usize, npages: usize) -> bool {
         let Some((p0, p1)) = page_span(base, npages) else {
             debug_assert!(false, "scavenge_return({base:#x}, {npages}): bad range");
-            return;
+            return false;
         };
         let ci = p0 >> LOG_CHUNK_PAGES;
         debug_assert_eq!(
@@ -1614,10 +1616,11 @@ impl PageAlloc {
         let (s, e) = (p0 - first, (p1 - first).min(CHUNK_PAGES));
         let Some(ch) = self.chunk_mut(ci) else {
             debug_assert!(false, "scavenge_return outside the heap");
-            return;
+            return false;
         };
         let freed = ch.clear_alloc(s, e);
         let sc = ch.set_scav(s, e);
+        let clean = ch.alloc.iter().all(|&w| w == 0) && ch.scav.iter().all(|&w| w == !0);
         #[cfg(not(spanheap_mutant = "scavenge_no_take"))]
         debug_assert!(freed == npages && sc == npages, "scavenged run not taken");
         self.free += freed;
@@ -1626,6 +1629,7 @@ impl PageAlloc {
             self.search_addr = base;
         }
         self.update(ci, ci + 1, None);
+        clean
     }
 }
 
@@ -2491,6 +2495,38 @@ mod tests {
         assert_eq!(pa.alloc(500), Some((addr(BASE, 0), 500 * PAGE_SIZE)));
         assert_eq!(pa.alloc(6), Some((addr(BASE, 507), 6 * PAGE_SIZE)));
         assert_eq!(pa.alloc(5), Some((addr(BASE, 500), 5 * PAGE_SIZE)));
+        pa.check_invariants();
+    }
+
+    #[test]
+    fn scavenge_return_says_when_a_chunk_became_wholly_free_and_scavenged() {
+        let mut pa = new_pa();
+        let mut runs = [(0, 0); 4];
+        pa.grow(&TestMem, addr(BASE, 0), 2 * CHUNK_SIZE).unwrap();
+        pa.alloc_range(addr(BASE, 0), 2 * CHUNK_PAGES);
+        pa.free(addr(BASE + 1, 0), CHUNK_PAGES);
+        pa.free(addr(BASE, 0), CHUNK_PAGES - 1);
+        // Chunk BASE + 1 in two takes: clean only once the second run is back.
+        assert_eq!(pa.scavenge_take(ScavPolicy::ALL, 300, &mut runs), (1, 300));
+        assert_eq!(runs[0], (addr(BASE + 1, CHUNK_PAGES - 300), 300));
+        assert!(
+            !pa.scavenge_return(runs[0].0, runs[0].1),
+            "half the chunk is dirty"
+        );
+        assert_eq!(pa.scavenge_take(ScavPolicy::ALL, 212, &mut runs), (1, 212));
+        assert!(
+            pa.scavenge_return(runs[0].0, runs[0].1),
+            "the whole chunk is clean"
+        );
+        // Chunk BASE keeps one page allocated: never clean.
+        assert_eq!(
+            pa.scavenge_take(ScavPolicy::ALL, 1000, &mut runs),
+            (1, CHUNK_PAGES - 1)
+        );
+        assert!(
+            !pa.scavenge_return(runs[0].0, runs[0].1),
+            "a page is in use"
+        );
         pa.check_invariants();
     }
 

@@ -618,9 +618,18 @@ pub(crate) mod background {
                 backoff = 0;
             }
             // Nothing more now. Sleep until the first free chunk becomes old enough, or
-            // until other threads' caches may have gone idle; park if neither.
+            // until other threads' caches may have gone idle; park if neither. While
+            // free pages are waiting for their age anyway, caches are looked at every
+            // quarter of the delay, so that a cache last used in a burst of frees is
+            // known idle (and its pages returned) within a quarter delay of the pages
+            // freed with it. With only caches left to look at, the looks back off:
+            // a thread that keeps using its cache costs ever fewer wakeups.
             let caches = (look.pending != 0).then(|| {
-                let ms = (u64::from(delay) / 4) << backoff.saturating_sub(4).min(6);
+                let quarter = u64::from(delay) / 4;
+                if look.wait_ms.is_some() {
+                    return quarter;
+                }
+                let ms = quarter << backoff.saturating_sub(4).min(6);
                 backoff += 1;
                 ms
             });

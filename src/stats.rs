@@ -473,6 +473,13 @@ pub struct Stats {
     /// The budget of all threads' free stacks together
     /// ([`thread_cache_budget`](crate::thread_cache_budget)).
     pub thread_cache_budget: u64,
+    /// Bytes of the live record chunks counted in `span_record_bytes` and
+    /// `span_bitmap_bytes` that the scavenger has returned to the OS because every
+    /// record in them was free (they are counted in use, but not resident).
+    pub metadata_released_bytes: u64,
+    /// Span-map pages (one 4 KiB page of entries per 4 MiB of heap) the scavenger has
+    /// dropped because the heap pages they describe were all free and returned, in all.
+    pub span_map_pages_dropped: u64,
     /// Bytes the scavenger has returned to the OS so far (cumulative; the automatic
     /// passes and [`release_memory`](crate::release_memory)).
     pub scavenged_bytes: u64,
@@ -528,6 +535,8 @@ impl Stats {
             thread_caches: t[CACHES],
             free_stack_bytes: 0,
             thread_cache_budget: 0,
+            metadata_released_bytes: 0,
+            span_map_pages_dropped: 0,
             scavenged_bytes: t[SCAV_BYTES],
             scavenge_calls: t[SCAV_CALLS],
             reused_released_bytes: t[REUSED_RELEASED],
@@ -665,7 +674,13 @@ impl fmt::Display for Stats {
             Bytes(self.free_bytes),
             Bytes(self.page_cache_bytes)
         )?;
-        writeln!(f, "  metadata (other)   {:>12}", Bytes(self.metadata_bytes))?;
+        writeln!(
+            f,
+            "  metadata (other)   {:>12}   records released {}, span-map pages dropped {}",
+            Bytes(self.metadata_bytes),
+            Bytes(self.metadata_released_bytes),
+            self.span_map_pages_dropped
+        )?;
         writeln!(f, "  pages in use       {:>12}", self.pages_in_use)?;
         writeln!(
             f,

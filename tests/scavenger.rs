@@ -595,6 +595,74 @@ fn child_reuse() {
 }
 
 #[test]
+fn metadata_of_a_freed_burst_goes_back_and_is_reused() {
+    in_child("child_metadata", &[("SPANHEAP_BACKGROUND_SCAVENGER", "0")]);
+}
+
+/// A burst of many spans (20 KB objects, two per span, and 300 KB blocks): the
+/// allocator's span records, bitmaps and span map grow with it.
+fn span_burst(total: usize, round: u8) -> Vec<(usize, Layout)> {
+    let mut v = Vec::new();
+    let mut done = 0;
+    for size in [20_000usize, 300_000].iter().cycle() {
+        if done >= total {
+            break;
+        }
+        let l = Layout::from_size_align(*size, 8).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(l) };
+        assert!(!p.is_null());
+        // SAFETY: `size` writable bytes.
+        unsafe { std::ptr::write_bytes(p, round, *size) };
+        v.push((p as usize, l));
+        done += size;
+    }
+    v
+}
+
+#[test]
+fn child_metadata() {
+    if !is_child() {
+        return;
+    }
+    for round in 1..=3u8 {
+        let burst = span_burst(256 * MIB, round);
+        for &(p, l) in burst.iter().step_by(97) {
+            // SAFETY: live blocks written above.
+            let b = unsafe { std::slice::from_raw_parts(p as *const u8, l.size()) };
+            assert!(
+                b.iter().all(|&x| x == round),
+                "block overwritten in round {round}"
+            );
+        }
+        free_all(burst);
+        spanheap::release_memory();
+        let s = spanheap::stats();
+        s.check().unwrap();
+        println!(
+            "round {round}: records released {} KiB of {} + {} KiB, span-map pages dropped {}",
+            s.metadata_released_bytes >> 10,
+            s.span_record_bytes >> 10,
+            s.span_bitmap_bytes >> 10,
+            s.span_map_pages_dropped
+        );
+        // The burst's 1,300 spans had over 200 KiB of span records (192 bytes each),
+        // all free now but for a few pages shared with the records of live spans.
+        assert!(
+            s.metadata_released_bytes >= 128 << 10,
+            "records released: {} bytes",
+            s.metadata_released_bytes
+        );
+        // 256 MiB is 64 chunks of 4 MiB: nearly all wholly free after the release.
+        assert!(
+            s.span_map_pages_dropped >= 48 * round as u64,
+            "span-map pages dropped: {}",
+            s.span_map_pages_dropped
+        );
+    }
+}
+
+#[test]
 fn churn_does_not_cause_a_madvise_storm() {
     let out = in_child("child_churn", &[]);
     assert!(out.contains("madvise per million"));
