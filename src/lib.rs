@@ -28,8 +28,8 @@
 //! - `scavenger`: returns free memory to the OS after a delay, from a background
 //!   thread started once there is some (or paced from the slow paths), and
 //!   [`release_memory`] for all of it now.
-//! - `stats`: consistent statistics (a generation ring with per-thread sequence
-//!   counters) behind [`stats()`], and the [`Stats`] report.
+//! - `stats`: consistent statistics (per-writer deltas in two generations, with
+//!   per-thread sequence counters) behind [`stats()`], and the [`Stats`] report.
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
 //! - `tls`: the thread cache's thread-local slots (initial-exec TLS in shared libraries
 //!   with the `static-tls` feature); `fork`: the `pthread_atfork` handlers.

@@ -24,8 +24,9 @@
 //! Release `fetch_or` -> merger's Acquire `swap`), the SeqCst `rstate` word, the pending
 //! stack (Release push -> Acquire take) and the mcentral lock. The lock holder's stores of
 //! `place` are Release and the CASes AcqRel so that whoever wins a CAS also sees the
-//! placement it replaces; they are at least as strong as needed, and the loom issue's
-//! models will show whether they can be weaker.
+//! placement it replaces. The loom models `span_sets`, `remote_reuse` and
+//! `direct_flush` check these orderings, with mutants that weaken the ones they need
+//! (`docs/loom.md`).
 //!
 //! Lock order: mcentral lock -> heap lock (retiring a span frees it to the mheap). A
 //! thread never holds two mcentral locks except through `try_lock`, which never waits.

@@ -148,7 +148,7 @@ pub(crate) mod place {
 /// The part of a small-object span that threads other than its owner touch, plus the
 /// owner's private state.
 ///
-/// Protocol (see `docs/design.md`, "Explicit free"): a remote free sets the object's bit
+/// Protocol (see `docs/design.md`, "Walk-through: one small free"): a remote free sets the object's bit
 /// in the remote bitmap (atomic OR, Release), then adds one to the low half of `rstate`
 /// (SeqCst). While a cache owns the span the high half is [`RSTATE_OWNED`]; while the
 /// span is in its mcentral, the high half is the number of live objects at the last

@@ -69,7 +69,7 @@ fn writer_fence() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The generation ring.
+// Writers' sequence records and their two generations of deltas.
 // ---------------------------------------------------------------------------------------
 
 /// One writer's sequence counter (odd while it is inside a write section) and its own
