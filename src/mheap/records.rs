@@ -1,0 +1,208 @@
+//! Metadata records the heap carves for itself (the users of Go's `mfixalloc.go`):
+//! span records, small-object bitmap records and thread-cache records, from chunks of
+//! `SPAN_CHUNK_PAGES` pages that the heap takes as manual spans; the bitmap record
+//! sizes (`BITS_*`, `bits_bucket`); and the accounting of metadata memory outside the
+//! arenas (`count_meta`, thread caches' free-stack storage).
+//!
+//! What protects what: the record allocators are in `Locked` and are used only with
+//! the heap lock held (`h`); a new chunk's span is initialised and published under it
+//! (the rare path). A thread-cache record's free-stack mapping is made under the lock
+//! when the record is first handed out; its pages are dropped without the lock by the
+//! record's owner. Gauges and statistics are atomic, as in `mod.rs`.
+
+use core::ptr::{self, NonNull};
+
+use super::{add, Locked, MHeap};
+#[cfg(not(spanheap_loom))]
+use crate::mcache::MCache;
+use crate::mspan::{MSpan, Purpose};
+use crate::os::{MemSource, PAGE_SHIFT};
+use crate::stats::field;
+use crate::sync::init_atomics;
+
+/// Pages in one chunk of span records, bitmap records or thread-cache records (64 KiB,
+/// allocated aligned to its size: see `fixalloc.rs`).
+pub(super) const SPAN_CHUNK_PAGES: usize = 8;
+const _: () = assert!(SPAN_CHUNK_PAGES << PAGE_SHIFT == crate::fixalloc::CHUNK_BYTES);
+/// Bitmap record sizes, in 64-bit words per bitmap (a record holds two bitmaps).
+pub(super) const BITS_WORDS: [usize; 5] = [1, 2, 4, 8, 16];
+/// Bitmaps per record: remote-free and alloc bits, and in checked mode the live bits.
+#[cfg(not(feature = "checked"))]
+pub(super) const BITS_MAPS: usize = 2;
+#[cfg(feature = "checked")]
+pub(super) const BITS_MAPS: usize = 3;
+
+/// Words per bitmap of a span of `nelems` objects (checked mode finds its live bits
+/// at `2 * words` from the record's start).
+#[cfg(feature = "checked")]
+pub(crate) fn bits_words(nelems: usize) -> usize {
+    BITS_WORDS[bits_bucket(nelems)]
+}
+
+/// Index into `BITS_WORDS` for a span of `nelems` objects.
+#[inline]
+pub(super) fn bits_bucket(nelems: usize) -> usize {
+    let w = nelems.div_ceil(64).max(1);
+    (usize::BITS - (w - 1).leading_zeros()) as usize
+}
+
+impl<M: MemSource> MHeap<M> {
+    /// A span record, refilling the fixalloc from the heap itself when it is empty.
+    /// Needs the heap lock (`h`).
+    ///
+    /// Records live in manual spans of purpose `SpanRecords`. The span describing a new
+    /// chunk of records is the chunk's own first record, so refilling needs no record
+    /// from elsewhere. This rare path (once per 64 KiB chunk of records) initialises and publishes
+    /// that span with the lock held.
+    pub(super) fn span_record_locked(&self, h: &mut Locked) -> Option<NonNull<MSpan>> {
+        let s = self.span_record_refill_locked(h);
+        self.publish_meta_released(h);
+        s
+    }
+
+    /// `span_record_locked` but for the released-bytes gauge.
+    fn span_record_refill_locked(&self, h: &mut Locked) -> Option<NonNull<MSpan>> {
+        if let Some(s) = NonNull::new(h.spanalloc.alloc()) {
+            return Some(s);
+        }
+        let (base, scav) = self.alloc_pages_locked(h, SPAN_CHUNK_PAGES, SPAN_CHUNK_PAGES)?;
+        self.commit_run(base, SPAN_CHUNK_PAGES, scav);
+        h.spanalloc.add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
+        let own = NonNull::new(h.spanalloc.alloc())?;
+        // SAFETY: `own` is a fresh record in the chunk it describes; nobody else knows
+        // it or the pages.
+        unsafe {
+            self.init_and_publish(
+                own,
+                base,
+                SPAN_CHUNK_PAGES,
+                Purpose::SpanRecords,
+                0,
+                scav,
+                false,
+            )
+        };
+        NonNull::new(h.spanalloc.alloc())
+    }
+
+    /// A chunk of `SPAN_CHUNK_PAGES` pages for a record allocator, as a manual span of
+    /// `purpose`. Needs the heap lock (`h`). Like the span-record refill, this rare path
+    /// initialises and publishes the chunk's span with the lock held.
+    fn manual_chunk_locked(&self, h: &mut Locked, purpose: Purpose) -> Option<usize> {
+        let s = self.span_record_locked(h)?;
+        let Some((base, scav)) = self.alloc_pages_locked(h, SPAN_CHUNK_PAGES, SPAN_CHUNK_PAGES)
+        else {
+            // SAFETY: the record was just taken and never published.
+            unsafe { h.spanalloc.free(s.as_ptr()) };
+            return None;
+        };
+        self.commit_run(base, SPAN_CHUNK_PAGES, scav);
+        // SAFETY: fresh record and pages, known to nobody else.
+        unsafe { self.init_and_publish(s, base, SPAN_CHUNK_PAGES, purpose, 0, scav, false) };
+        Some(base)
+    }
+
+    /// A bitmap record for a span of `nelems` objects. Needs the heap lock (`h`).
+    pub(super) fn bits_record_locked(&self, h: &mut Locked, nelems: usize) -> Option<*mut u64> {
+        self.bits_record_bucket_locked(h, bits_bucket(nelems))
+    }
+
+    /// A bitmap record of size bucket `b`. Needs the heap lock (`h`).
+    pub(super) fn bits_record_bucket_locked(&self, h: &mut Locked, b: usize) -> Option<*mut u64> {
+        let (mut p, mut fresh) = h.bitsalloc[b].alloc();
+        if p.is_null() {
+            let base = self.manual_chunk_locked(h, Purpose::SpanBitmaps)?;
+            h.bitsalloc[b].add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
+            (p, fresh) = h.bitsalloc[b].alloc();
+        }
+        self.publish_meta_released(h);
+        if fresh {
+            // The remote-free words are atomics: construct them once, when carved.
+            // SAFETY: a fresh record of 2 * BITS_WORDS[b] words; chunk memory may be
+            // dirty, so zero it first.
+            unsafe {
+                ptr::write_bytes(p, 0, BITS_MAPS * 8 * BITS_WORDS[b]);
+                init_atomics(p.cast::<crate::sync::AtomicU64>(), BITS_WORDS[b]);
+                // Checked mode's live bits (after the remote and alloc bitmaps).
+                #[cfg(feature = "checked")]
+                init_atomics(
+                    p.add(2 * BITS_WORDS[b]).cast::<crate::sync::AtomicU64>(),
+                    BITS_WORDS[b],
+                );
+            }
+        }
+        Some(p.cast())
+    }
+
+    /// A thread-cache record (constructed empty), or null if memory is exhausted.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn alloc_cache_record(&self) -> *mut MCache {
+        self.locked.lock().with(|h| {
+            let mut p = h.cachealloc.alloc();
+            if p.is_null() {
+                let Some(base) = self.manual_chunk_locked(h, Purpose::ThreadCaches) else {
+                    return ptr::null_mut();
+                };
+                h.cachealloc.add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
+                p = h.cachealloc.alloc();
+            }
+            // A record's free stacks get their storage when it is first handed out and
+            // keep it (records are reused, never unmapped): a mapping of its own, outside
+            // the arenas (metadata, like the arena index), so that it does not split the
+            // heap's free page runs. Lazily backed: pages are touched only as far as the
+            // stacks grow.
+            // SAFETY: the record is ours (just taken, in use by nobody).
+            if !p.is_null() && !unsafe { (*p).has_stacks() } {
+                let bytes = crate::mcache::STACK_MAP_BYTES;
+                let Ok(base) = self.mem.alloc_meta(bytes) else {
+                    // SAFETY: the record was just taken and is unused.
+                    unsafe { h.cachealloc.free(p) };
+                    return ptr::null_mut();
+                };
+                self.count_meta(bytes);
+                // SAFETY: a fresh mapping of `bytes` >= STACK_BYTES, ours alone.
+                unsafe { (*p).set_stacks(base.as_ptr().cast()) };
+            }
+            p
+        })
+    }
+
+    /// Returns a thread-cache record.
+    ///
+    /// # Safety
+    /// `p` came from `alloc_cache_record` and is not used any more.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn free_cache_record(&self, p: *mut MCache) {
+        // So that a dead thread's record holds no resident memory. Outside the lock:
+        // the record is ours.
+        // SAFETY: the record is ours, its stacks empty (caller's contract).
+        unsafe { self.drop_stack_pages(p) };
+        // SAFETY: forwarded.
+        self.locked.lock().with(|h| unsafe { h.cachealloc.free(p) });
+    }
+
+    /// Counts `bytes` more of OS memory for metadata outside the arenas (the gauge and
+    /// the consistent statistics).
+    pub(super) fn count_meta(&self, bytes: usize) {
+        add(&self.gauges.meta_sys, bytes);
+        self.stats_update(|d| d.add(field::META, bytes as u64));
+    }
+
+    /// Drops the resident pages of cache record `p`'s free-stack storage (the mapping
+    /// stays). If the OS refuses, the pages stay resident and only the statistics say
+    /// so: stack slots are written before they are read, so old contents do no harm.
+    ///
+    /// # Safety
+    /// `p` is a cache record owned by the caller, with every free stack empty.
+    #[cfg(not(spanheap_loom))]
+    pub(crate) unsafe fn drop_stack_pages(&self, p: *mut MCache) {
+        // SAFETY: the record is ours (caller's contract).
+        if let Some(base) = NonNull::new(unsafe { (*p).stack_base() }) {
+            let bytes = crate::mcache::STACK_MAP_BYTES;
+            // SAFETY: the record's own stack mapping; no slot holds anything.
+            if !unsafe { self.mem.decommit(base.cast(), bytes) } {
+                self.count_refused_decommit(bytes);
+            }
+        }
+    }
+}
