@@ -47,7 +47,7 @@ const CHUNK_CACHE_WORDS: usize = CHUNK_CACHE_PAGES / 64;
 pub(crate) const SPAN_RECS: usize = 16;
 /// Bitmap records per size bucket a cache holds at most.
 pub(crate) const BITS_RECS: usize = 4;
-/// Number of bitmap record sizes (`mheap::BITS_WORDS`).
+/// Number of bitmap record sizes (`mheap::records::BITS_WORDS`).
 pub(crate) const BITS_BUCKETS: usize = 5;
 /// Largest span (pages) kept whole in the large-block cache (512 KiB).
 pub(crate) const LARGE_MAX_PAGES: usize = 64;
