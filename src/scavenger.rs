@@ -6,7 +6,7 @@
 //! Free page runs are returned with `madvise(MADV_DONTNEED)` (see `os.rs` for why not
 //! `MADV_FREE`: RSS drops at once, and the pages read back as zero, so a later
 //! `alloc_zeroed` of them needs no clearing). The page allocator keeps, per 4 MiB
-//! chunk, a dirty mark and the time of the last free into it (`pagealloc.rs`). A
+//! chunk, a dirty mark and the time of the last free into it (`pagealloc/scav.rs`). A
 //! *paced pass* returns, from the top of the heap down:
 //!
 //! - only pages in chunks nobody has freed into for at least the **delay** (default

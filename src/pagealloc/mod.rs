@@ -1,0 +1,1147 @@
+//! The page allocator: which heap pages are free, and address-ordered first-fit search
+//! for runs of free pages (the design of Go's `mpagealloc.go`, proposal 35112,
+//! "scaling the page allocator").
+//!
+//! This file holds [`PageAlloc`] itself: the chunk map, the radix tree of summaries
+//! over it, the search, growth, `alloc` / `free` and the entry points of the threads'
+//! page and chunk caches. The other concepts of the design have a file each, cut as Go
+//! cuts them:
+//!
+//! * `bits.rs` (Go's `mpallocbits.go`): one chunk's alloc and scavenged bitmaps and
+//!   the bit operations and searches over them.
+//! * `scav.rs` (the scavenge index of Go's `mgcscavenge.go`): the dirty marks and free
+//!   stamps of the chunks, and the scavenger's methods on `PageAlloc` in their own
+//!   `impl` block.
+//! * `tests.rs`: the unit tests of all three, with the test-only `check_invariants`.
+//!   (The tests of the two single-word bit searches stay at the end of `bits.rs`,
+//!   next to the private functions they test.)
+//!
+//! The `PageAlloc` struct and the chunk map's L2 arrays are declared here, fields of
+//! the scavenger's index included, so that the struct stays one place to read.
+//!
+//! # Locking
+//!
+//! A [`PageAlloc`] is plain, unsynchronised memory. It is always used under the heap
+//! lock: its owner keeps it inside a mutex, and every method that changes it takes
+//! `&mut self`, which is the proof that the lock is held. No atomics are needed. The
+//! same holds in the child modules: the chunk bitmaps and the scavenger's index are
+//! parts of one `PageAlloc` and are only reached through it.
+//!
+//! # Design
+//!
+//! * **Chunks.** The address space is cut into 4 MiB chunks of [`CHUNK_PAGES`] = 512
+//!   heap pages. Each chunk that belongs to the heap ("grown") has two 512-bit bitmaps,
+//!   `alloc` and `scav` (`bits.rs` says what their bits mean).
+//!   Chunk records live in a two-level sparse array over the 2^26 chunks of the 48-bit
+//!   address space: a fixed L1 array of 2^13 pointers (a field of the struct) to L2
+//!   arrays of 2^13 chunk records, each L2 array obtained with
+//!   [`MemSource::alloc_meta`] the first time a chunk it covers is grown, never freed.
+//!   An L2 array also holds a bitmap of which of its chunks are grown, and the
+//!   scavenger's index of its chunks (`scav.rs`).
+//!
+//! * **Summaries.** A radix tree of five levels (radix bits 14, 3, 3, 3, 3, as Go uses
+//!   on 64-bit) sits over the chunks. Each entry summarises a power-of-two region of
+//!   address space with three numbers packed into a `u64`: `start` (free pages at the
+//!   beginning of the region), `max` (the longest run of free pages inside it) and
+//!   `end` (free pages at its end). A leaf entry covers one chunk; a root entry covers
+//!   16 GiB = 2^21 pages. Each level is one flat array indexed by address, so the
+//!   children of entry `i` are entries `8i .. 8i+8` of the next level, 64 bytes in one
+//!   cache line. The five arrays (585 MiB of address space in all, mostly for the leaf
+//!   level) are reserved once, on the first [`grow`](PageAlloc::grow), and only the OS
+//!   pages that hold entries covering grown address space are mapped; a bitmap of
+//!   mapped 8 KiB units records which, because mapping a unit a second time would
+//!   replace it with zeros. The whole root level (128 KiB) is mapped at once, so a
+//!   search may read any root entry.
+//!
+//! * **Packing.** `start`, `max` and `end` get 21 bits each. A value of 2^21 (all pages
+//!   of a root entry free) does not fit, and only arises when the root entry is
+//!   entirely free, so that one case is stored as a lone flag bit (bit 63), as in Go.
+//!
+//! * **Search.** [`alloc`](PageAlloc::alloc) first tries the chunk the search hint
+//!   points into; otherwise it walks down the tree: at each level it scans one block of
+//!   entries (8 below the root; at the root, the entries from the hint up to the end
+//!   of the heap), tracking a run that crosses entry boundaries from one entry's `end`
+//!   through wholly free entries into the next entry's `start`. (At the root, a bitmap
+//!   of the nonzero root entries lets the scan jump over empty ones.) A run that fits
+//!   across entries is returned at once; otherwise the search descends into the first
+//!   entry whose `max` fits, and at the leaf scans that chunk's bitmap. Cost: at most 8
+//!   summary reads per level below the root, the nonzero root entries from the hint on
+//!   (each covers 16 GiB, so a heap has few of them; at most 2^14 word-skipped bits),
+//!   and one chunk bitmap: independent of the heap size.
+//!
+//! * **Search hint.** `search_addr` is a lower bound of the first free page: every heap
+//!   page below it is allocated. Searches start there; each search raises it to the
+//!   first nonzero summary it met (or the exact first free page when it reached it);
+//!   frees and growth below it lower it.
+//!
+//! * **Scavenging.** Free pages start dirty; the scavenger finds them through a
+//!   per-chunk index and returns them to the OS (`scav.rs` describes how).
+//!
+//! * **Updates.** After the bitmaps of a run change, only the leaf summaries of the
+//!   chunks the run touches are recomputed (the chunks wholly inside the run are known
+//!   to be all free or all used without looking), then each level above is recomputed
+//!   from its 8 children for the affected entries only, stopping as soon as a level
+//!   does not change.
+//!
+//! # Invariants (checked by the tests' `check_invariants` after random operations)
+//!
+//! 1. A grown chunk's leaf summary equals `summarize(its alloc bitmap)`; the leaf
+//!    summary of a chunk outside the heap is zero.
+//! 2. Every summary above the leaves is the merge of its 8 children (the root entries
+//!    have no parent); hence an entry with no grown chunk under it is zero.
+//! 3. `search_addr <= address of the first free page` of the heap.
+//! 4. A scavenged bit is only set on a free page of a grown chunk.
+//! 5. `free` and `scav` equal the number of free pages and of scavenged pages.
+//! 6. Every summary entry that covers a grown chunk lies in a mapped unit, as does the
+//!    whole root level; a unit is mapped at most once.
+//! 7. A chunk with free pages that are not scavenged has its dirty mark set.
+
+mod bits;
+mod scav;
+#[cfg(test)]
+mod tests;
+
+use core::ptr::{self, NonNull};
+
+use crate::os::{MemSource, OsError, ADDR_LIMIT, MAX_OS_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE};
+
+use bits::Chunk;
+pub(crate) use scav::ScavPolicy;
+
+/// log2 of the pages in a chunk.
+const LOG_CHUNK_PAGES: u32 = 9;
+/// Heap pages in a chunk: one bit per page in each of the chunk's bitmaps.
+pub(crate) const CHUNK_PAGES: usize = 1 << LOG_CHUNK_PAGES;
+/// log2 of the bytes in a chunk.
+const LOG_CHUNK_SIZE: u32 = LOG_CHUNK_PAGES + PAGE_SHIFT;
+/// Bytes of address space one chunk covers (4 MiB). The heap grows in multiples of it.
+pub(crate) const CHUNK_SIZE: usize = 1 << LOG_CHUNK_SIZE;
+/// `u64` words in one chunk bitmap.
+const CHUNK_WORDS: usize = CHUNK_PAGES / 64;
+/// Chunks in the 48-bit address space.
+const CHUNK_COUNT: usize = ADDR_LIMIT >> LOG_CHUNK_SIZE;
+
+/// log2 of the chunk records in one L2 array.
+const L2_BITS: u32 = 13;
+/// Chunk records in one L2 array (1 MiB of records).
+const L2_ENTRIES: usize = 1 << L2_BITS;
+/// Pointers in the L1 array.
+const L1_ENTRIES: usize = CHUNK_COUNT >> L2_BITS;
+
+/// Levels of the summary tree; level 0 is the root, [`LEAF`] has one entry per chunk.
+const LEVELS: usize = 5;
+/// The leaf level.
+const LEAF: usize = LEVELS - 1;
+/// Radix bits of each level: the root level has 2^14 entries, and every other entry
+/// has 2^3 = 8 children.
+const LEVEL_BITS: [u32; LEVELS] = [14, 3, 3, 3, 3];
+/// log2 of the bytes of address space one entry of each level covers:
+/// [34, 31, 28, 25, 22].
+const LEVEL_SHIFT: [u32; LEVELS] = level_shifts();
+/// Entries in each level's array.
+const LEVEL_ENTRIES: [usize; LEVELS] = level_entries();
+/// Byte offset of each level's array inside the summary reservation.
+const LEVEL_OFFSET: [usize; LEVELS] = level_offsets();
+/// Bytes of the whole summary reservation (585 MiB).
+const SUMMARY_BYTES: usize = LEVEL_OFFSET[LEAF] + LEVEL_ENTRIES[LEAF] * 8;
+/// Granularity at which summary memory is mapped and tracked. A multiple of every
+/// supported OS page size.
+const MAP_UNIT: usize = MAX_OS_PAGE_SIZE;
+/// Units in the summary reservation.
+const MAP_UNITS: usize = SUMMARY_BYTES / MAP_UNIT;
+/// Words of the bitmap of mapped units.
+const MAP_WORDS: usize = MAP_UNITS.div_ceil(64);
+/// Words of the bitmap of nonzero root entries.
+const ROOT_WORDS: usize = LEVEL_ENTRIES[0] / 64;
+
+const fn level_shifts() -> [u32; LEVELS] {
+    let mut s = [0; LEVELS];
+    s[LEAF] = LOG_CHUNK_SIZE;
+    let mut l = LEAF;
+    while l > 0 {
+        s[l - 1] = s[l] + LEVEL_BITS[l];
+        l -= 1;
+    }
+    s
+}
+
+const fn level_entries() -> [usize; LEVELS] {
+    let mut e = [0; LEVELS];
+    let mut l = 0;
+    while l < LEVELS {
+        e[l] = ADDR_LIMIT >> LEVEL_SHIFT[l];
+        l += 1;
+    }
+    e
+}
+
+const fn level_offsets() -> [usize; LEVELS] {
+    let mut o = [0; LEVELS];
+    let mut l = 1;
+    while l < LEVELS {
+        o[l] = o[l - 1] + LEVEL_ENTRIES[l - 1] * 8;
+        l += 1;
+    }
+    o
+}
+
+const _: () = {
+    assert!(LEVEL_SHIFT[0] + LEVEL_BITS[0] == 48 && ADDR_LIMIT == 1 << 48);
+    assert!(LEVEL_ENTRIES[0] == 1 << LEVEL_BITS[0] && LEVEL_ENTRIES[LEAF] == CHUNK_COUNT);
+    // Every level below the root has 8 children per parent (`merge` takes 8).
+    assert!(LEVEL_BITS[1] == 3 && LEVEL_BITS[2] == 3 && LEVEL_BITS[3] == 3);
+    assert!(LEVEL_BITS[4] == 3);
+    // Units never straddle two levels, and a block of 8 sibling entries (64 bytes)
+    // never straddles two units.
+    assert!(LEVEL_OFFSET[1] % MAP_UNIT == 0 && LEVEL_OFFSET[2] % MAP_UNIT == 0);
+    assert!(LEVEL_OFFSET[3] % MAP_UNIT == 0 && LEVEL_OFFSET[4] % MAP_UNIT == 0);
+    assert!(SUMMARY_BYTES % MAP_UNIT == 0 && MAP_UNIT % 64 == 0);
+    assert!(CHUNK_PAGES == 64 * CHUNK_WORDS);
+};
+
+// ---------------------------------------------------------------------------------
+// Packed summaries
+// ---------------------------------------------------------------------------------
+
+/// Bits per packed field: enough for every count below the pages of a root entry.
+const LOG_MAX_PACKED: u32 = LEVEL_SHIFT[0] - PAGE_SHIFT;
+/// The largest count a summary holds: all pages of a root entry (2^21).
+const MAX_PACKED: usize = 1 << LOG_MAX_PACKED;
+/// Mask of one packed field.
+const FIELD_MASK: u64 = (MAX_PACKED - 1) as u64;
+/// The encoding of `(MAX_PACKED, MAX_PACKED, MAX_PACKED)`: a root entry all free.
+const ALL_FREE_FLAG: u64 = 1 << 63;
+const _: () = assert!(3 * LOG_MAX_PACKED <= 63 && LOG_MAX_PACKED == 21);
+
+/// A packed `(start, max, end)` summary of a region of address space: free pages at
+/// its start, longest free run in it, free pages at its end. Zero means "no free page"
+/// (fully allocated, or not part of the heap).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(transparent)]
+struct Sum(u64);
+
+impl Sum {
+    /// The summary of a chunk whose pages are all free.
+    const FREE_CHUNK: Sum = Sum::pack(CHUNK_PAGES, CHUNK_PAGES, CHUNK_PAGES);
+    /// The summary of a region without free pages.
+    const EMPTY: Sum = Sum(0);
+
+    /// Packs the three counts. Each is at most [`MAX_PACKED`], and `max` equals
+    /// `MAX_PACKED` only when the region (a root entry) is entirely free.
+    const fn pack(start: usize, max: usize, end: usize) -> Sum {
+        debug_assert!(start <= max && end <= max && max <= MAX_PACKED);
+        if max >= MAX_PACKED {
+            debug_assert!(start == MAX_PACKED && end == MAX_PACKED);
+            return Sum(ALL_FREE_FLAG);
+        }
+        Sum((start as u64 & FIELD_MASK)
+            | ((max as u64 & FIELD_MASK) << LOG_MAX_PACKED)
+            | ((end as u64 & FIELD_MASK) << (2 * LOG_MAX_PACKED)))
+    }
+
+    #[inline]
+    fn field(self, shift: u32) -> usize {
+        if self.0 & ALL_FREE_FLAG != 0 {
+            MAX_PACKED
+        } else {
+            ((self.0 >> shift) & FIELD_MASK) as usize
+        }
+    }
+
+    /// Free pages at the start of the region.
+    #[inline]
+    fn start(self) -> usize {
+        self.field(0)
+    }
+
+    /// The longest run of free pages in the region.
+    #[inline]
+    fn max(self) -> usize {
+        self.field(LOG_MAX_PACKED)
+    }
+
+    /// Free pages at the end of the region.
+    #[inline]
+    fn end(self) -> usize {
+        self.field(2 * LOG_MAX_PACKED)
+    }
+
+    #[inline]
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// The summary of 8 adjacent regions of `1 << log_child_pages` pages each, from their
+/// summaries in address order.
+fn merge(kids: &[Sum; 8], log_child_pages: u32) -> Sum {
+    let child_pages = 1usize << log_child_pages;
+    let mut start = kids[0].start();
+    let mut max = kids[0].max();
+    let mut end = kids[0].end();
+    for (k, kid) in kids.iter().enumerate().skip(1) {
+        let (s, m, e) = (kid.start(), kid.max(), kid.end());
+        // The free prefix continues only while every earlier child was all free.
+        if start == k * child_pages {
+            start += s;
+        }
+        // The run ending at the previous child's end may continue into this child.
+        max = max.max(end + s).max(m);
+        // The free suffix grows through an all-free child; otherwise it restarts.
+        end = if e == child_pages {
+            end + child_pages
+        } else {
+            e
+        };
+    }
+    Sum::pack(start, max, end)
+}
+
+// ---------------------------------------------------------------------------------
+// The chunk map
+// ---------------------------------------------------------------------------------
+
+/// One second-level array of the chunk map: the chunks of 32 GiB of address space.
+#[repr(C)]
+struct L2 {
+    /// The chunk records; meaningful only for grown chunks.
+    chunks: [Chunk; L2_ENTRIES],
+    /// Bit `k` set: chunk `k` of this array has been grown into the heap.
+    grown: [u64; L2_ENTRIES / 64],
+    /// Bit `k` set: chunk `k` may hold free pages that are not scavenged (set when
+    /// pages are freed into it, cleared by the scavenger when it finds none): the
+    /// scavenger's index, so that a pass visits only chunks with work (Go's
+    /// `scavengeIndex`).
+    dirty: [u64; L2_ENTRIES / 64],
+    /// Clock (milliseconds, wrapping) of the last free into chunk `k`: the scavenger
+    /// leaves chunks alone until their pages have stayed free for its delay.
+    freed_at: [u32; L2_ENTRIES],
+}
+
+/// Splits an absolute page range `[p, end)` at chunk boundaries, yielding
+/// `(chunk index, first page in chunk, end page in chunk)`.
+struct ChunkSpans {
+    /// Next absolute page number to yield.
+    p: usize,
+    /// End (exclusive) of the absolute page range.
+    end: usize,
+}
+
+impl Iterator for ChunkSpans {
+    type Item = (usize, usize, usize);
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.p >= self.end {
+            return None;
+        }
+        let ci = self.p >> LOG_CHUNK_PAGES;
+        let first = ci << LOG_CHUNK_PAGES;
+        let s = self.p - first;
+        let e = (self.end - first).min(CHUNK_PAGES);
+        self.p = first + e;
+        Some((ci, s, e))
+    }
+}
+
+/// The absolute page range `[first, end)` of `npages` pages at `base`, if `base` is
+/// page aligned, `npages >= 1` and the range ends inside the address space.
+#[inline]
+fn page_span(base: usize, npages: usize) -> Option<(usize, usize)> {
+    if base % PAGE_SIZE != 0 || npages == 0 {
+        return None;
+    }
+    let end = base.checked_add(npages.checked_mul(PAGE_SIZE)?)?;
+    if end > ADDR_LIMIT {
+        return None;
+    }
+    Some((base >> PAGE_SHIFT, end >> PAGE_SHIFT))
+}
+
+// ---------------------------------------------------------------------------------
+// The page allocator
+// ---------------------------------------------------------------------------------
+
+/// Free/used state of every heap page, with summaries for first-fit search. See the
+/// module documentation for the design and invariants.
+pub(crate) struct PageAlloc {
+    /// The chunk map's first level: L2 arrays by `chunk index >> L2_BITS`; null where
+    /// no chunk of that 32 GiB has been grown.
+    l1: [*mut L2; L1_ENTRIES],
+    /// Start of the summary reservation, holding the level arrays at [`LEVEL_OFFSET`];
+    /// null before the first grow.
+    sums: *mut u64,
+    /// Bit `u` set: unit `u` (of [`MAP_UNIT`] bytes) of the summary reservation is
+    /// mapped (readable, writable, zero where never written).
+    mapped: [u64; MAP_WORDS],
+    /// Bit `i` set: root entry `i` is nonzero (has a free page). Lets a search skip
+    /// the empty root entries in a few word operations.
+    root_free: [u64; ROOT_WORDS],
+    /// Search hint: every heap page below this address is allocated. [`ADDR_LIMIT`]
+    /// while nothing was ever grown.
+    search_addr: usize,
+    /// One past the highest grown chunk index (0 before the first grow). Bounds the
+    /// scan of the root level.
+    end_chunk: usize,
+    /// Free pages in the heap.
+    free: usize,
+    /// Free pages whose scavenged bit is set.
+    scav: usize,
+    /// Pages of all grown chunks.
+    total: usize,
+    /// Lowest grown chunk index (`usize::MAX` before the first grow).
+    first_chunk: usize,
+    /// The clock (milliseconds, wrapping) that frees stamp on chunks; set by the owner
+    /// before it frees ([`set_clock`](Self::set_clock)).
+    clock: u32,
+    /// Where the next scavenger scan starts: it looks at chunks below this index,
+    /// downwards, then wraps to the top. 0: start at the top.
+    scav_cursor: usize,
+}
+
+// SAFETY: the raw pointers lead to metadata memory (L2 arrays, summary arrays) that
+// this `PageAlloc` alone owns and never frees; nothing else holds them. Moving the
+// struct to another thread moves that ownership with it.
+unsafe impl Send for PageAlloc {}
+
+impl PageAlloc {
+    /// An empty page allocator; no memory is obtained until the first [`grow`](Self::grow).
+    pub(crate) const fn new() -> Self {
+        PageAlloc {
+            l1: [ptr::null_mut(); L1_ENTRIES],
+            sums: ptr::null_mut(),
+            mapped: [0; MAP_WORDS],
+            root_free: [0; ROOT_WORDS],
+            search_addr: ADDR_LIMIT,
+            end_chunk: 0,
+            free: 0,
+            scav: 0,
+            total: 0,
+            first_chunk: usize::MAX,
+            clock: 0,
+            scav_cursor: 0,
+        }
+    }
+
+    /// Pages of the heap, free or not.
+    pub(crate) fn total_pages(&self) -> usize {
+        self.total
+    }
+
+    /// Free pages in the heap.
+    pub(crate) fn free_pages(&self) -> usize {
+        self.free
+    }
+
+    /// Free pages that are scavenged (Prepared: reading as zero, holding no RAM).
+    pub(crate) fn scavenged_pages(&self) -> usize {
+        self.scav
+    }
+
+    // -- metadata access ------------------------------------------------------------
+
+    /// The L2 array of chunk `ci`, if one was allocated.
+    #[inline]
+    fn l2(&self, ci: usize) -> Option<&L2> {
+        let p = *self.l1.get(ci >> L2_BITS)?;
+        // SAFETY: a non-null L1 entry points to an L2 array obtained from
+        // `alloc_meta` (readable, writable, suitably aligned, zero-initialised, never
+        // freed) and owned by `self`; the shared borrow of `self` keeps it unchanged.
+        unsafe { p.as_ref() }
+    }
+
+    /// Whether chunk `ci` is part of the heap.
+    #[inline]
+    fn is_grown(&self, ci: usize) -> bool {
+        let k = ci & (L2_ENTRIES - 1);
+        self.l2(ci)
+            .is_some_and(|l2| l2.grown[k / 64] >> (k % 64) & 1 != 0)
+    }
+
+    /// The bitmaps of chunk `ci`, if it is part of the heap.
+    #[inline]
+    fn chunk(&self, ci: usize) -> Option<&Chunk> {
+        let l2 = self.l2(ci)?;
+        let k = ci & (L2_ENTRIES - 1);
+        if l2.grown[k / 64] >> (k % 64) & 1 == 0 {
+            return None;
+        }
+        Some(&l2.chunks[k])
+    }
+
+    /// The bitmaps of chunk `ci`, writable, if it is part of the heap.
+    #[inline]
+    fn chunk_mut(&mut self, ci: usize) -> Option<&mut Chunk> {
+        let p = *self.l1.get(ci >> L2_BITS)?;
+        // SAFETY: as in `l2`; the exclusive borrow of `self` makes this the only
+        // reference into the L2 array.
+        let l2 = unsafe { p.as_mut() }?;
+        let k = ci & (L2_ENTRIES - 1);
+        if l2.grown[k / 64] >> (k % 64) & 1 == 0 {
+            return None;
+        }
+        Some(&mut l2.chunks[k])
+    }
+
+    /// The unit of the summary reservation holding entry `i` of level `l`.
+    #[inline]
+    fn unit_of(l: usize, i: usize) -> usize {
+        (LEVEL_OFFSET[l] + i * 8) / MAP_UNIT
+    }
+
+    #[inline]
+    fn unit_mapped(&self, u: usize) -> bool {
+        self.mapped[u / 64] >> (u % 64) & 1 != 0
+    }
+
+    /// A pointer to entry `i` of level `l` if that entry exists and is mapped.
+    #[inline]
+    fn sum_ptr(&self, l: usize, i: usize) -> Option<*mut u64> {
+        if self.sums.is_null() || i >= LEVEL_ENTRIES[l] || !self.unit_mapped(Self::unit_of(l, i)) {
+            return None;
+        }
+        // SAFETY: `LEVEL_OFFSET[l] / 8 + i` is inside the `SUMMARY_BYTES` reservation
+        // that `sums` starts (i < LEVEL_ENTRIES[l]).
+        Some(unsafe { self.sums.add(LEVEL_OFFSET[l] / 8 + i) })
+    }
+
+    /// Entry `i` of level `l`. Only mapped entries are ever read (invariant 6); an
+    /// unmapped one reads as "no free pages".
+    #[inline]
+    fn sum(&self, l: usize, i: usize) -> Sum {
+        match self.sum_ptr(l, i) {
+            // SAFETY: the entry is in a mapped unit of our reservation, 8-aligned
+            // (the reservation is unit aligned), and only accessed under `&self`.
+            Some(p) => Sum(unsafe { p.read() }),
+            None => {
+                debug_assert!(false, "read of an unmapped summary ({l}, {i})");
+                Sum::EMPTY
+            }
+        }
+    }
+
+    /// The 8 sibling entries `first..first + 8` of level `l` (`first` a multiple of 8),
+    /// with one mapping check: a block of siblings is 64 bytes and never straddles a
+    /// mapping unit. An unmapped block reads as "no free pages".
+    #[inline]
+    fn sum_block(&self, l: usize, first: usize) -> [Sum; 8] {
+        debug_assert!(first % 8 == 0);
+        match self.sum_ptr(l, first) {
+            // SAFETY: the block lies in the same mapped unit as its first entry (units
+            // are multiples of 64 bytes and blocks are 64-byte aligned), inside the
+            // level (level sizes are multiples of 8 entries), and `&self` excludes
+            // writers.
+            Some(p) => unsafe { p.cast::<[u64; 8]>().read() }.map(Sum),
+            None => {
+                debug_assert!(false, "read of an unmapped summary block ({l}, {first})");
+                [Sum::EMPTY; 8]
+            }
+        }
+    }
+
+    /// Writes entry `i` of level `l` (which must be mapped; otherwise nothing happens).
+    #[inline]
+    fn set_sum(&mut self, l: usize, i: usize, s: Sum) {
+        match self.sum_ptr(l, i) {
+            // SAFETY: as in `sum`; `&mut self` makes this the only access.
+            Some(p) => unsafe { p.write(s.0) },
+            None => {
+                debug_assert!(false, "write of an unmapped summary ({l}, {i})");
+                return;
+            }
+        }
+        if l == 0 {
+            let bit = 1u64 << (i % 64);
+            if s.is_empty() {
+                self.root_free[i / 64] &= !bit;
+            } else {
+                self.root_free[i / 64] |= bit;
+            }
+        }
+    }
+
+    /// The first root entry in `[j, hi)` with a free page, or `hi`.
+    #[inline]
+    fn next_free_root(&self, j: usize, hi: usize) -> usize {
+        let mut w = j / 64;
+        let mut x = self.root_free[w] & (!0u64 << (j % 64));
+        loop {
+            if x != 0 {
+                return (w * 64 + x.trailing_zeros() as usize).min(hi);
+            }
+            w += 1;
+            if w * 64 >= hi {
+                return hi;
+            }
+            x = self.root_free[w];
+        }
+    }
+
+    // -- growth ---------------------------------------------------------------------
+
+    /// Adds `[base, base + size)` to the heap. `base` must be chunk aligned and `size` a
+    /// multiple of [`CHUNK_SIZE`]; the range must lie below [`ADDR_LIMIT`] and not be
+    /// part of the heap yet. The new pages are free and scavenged (fresh OS memory is
+    /// Prepared).
+    ///
+    /// Fails only if metadata memory cannot be obtained (or, as a fallback for a
+    /// caller bug caught by `debug_assert` in debug builds, with
+    /// [`OsError::TooLarge`] for a misaligned or out-of-range request); the heap is
+    /// then unchanged. Metadata obtained before the failure is kept for the next try.
+    pub(crate) fn grow(
+        &mut self,
+        mem: &dyn MemSource,
+        base: usize,
+        size: usize,
+    ) -> Result<(), OsError> {
+        if size == 0 {
+            return Ok(());
+        }
+        let aligned = base % CHUNK_SIZE == 0 && size % CHUNK_SIZE == 0;
+        debug_assert!(aligned, "grow({base:#x}, {size:#x}) is not chunk aligned");
+        let limit = match base.checked_add(size) {
+            Some(l) if aligned && l <= ADDR_LIMIT => l,
+            _ => return Err(OsError::TooLarge),
+        };
+        let (c0, c1) = (base >> LOG_CHUNK_SIZE, limit >> LOG_CHUNK_SIZE);
+
+        // 1. All metadata memory, before any state changes.
+        if self.sums.is_null() {
+            let p = mem.reserve(SUMMARY_BYTES, MAP_UNIT, 0)?;
+            self.sums = p.as_ptr().cast();
+        }
+        // The whole root level, so that searches may read any root entry.
+        self.map_summaries(mem, 0, 0, LEVEL_ENTRIES[0])?;
+        for (l, &shift) in LEVEL_SHIFT.iter().enumerate().skip(1) {
+            self.map_summaries(mem, l, base >> shift, ((limit - 1) >> shift) + 1)?;
+        }
+        for j in (c0 >> L2_BITS)..=((c1 - 1) >> L2_BITS) {
+            if self.l1[j].is_null() {
+                let p = mem.alloc_meta(core::mem::size_of::<L2>())?;
+                self.l1[j] = p.as_ptr().cast();
+            }
+        }
+
+        // 2. The new chunks: free and scavenged.
+        let mut added = 0;
+        for ci in c0..c1 {
+            let p = self.l1[ci >> L2_BITS];
+            // SAFETY: allocated in step 1 (non-null), owned by `self`, and `&mut self`
+            // makes this the only reference.
+            let Some(l2) = (unsafe { p.as_mut() }) else {
+                debug_assert!(false, "L2 array missing after allocation");
+                continue;
+            };
+            let k = ci & (L2_ENTRIES - 1);
+            if l2.grown[k / 64] >> (k % 64) & 1 != 0 {
+                debug_assert!(false, "chunk {ci:#x} grown twice");
+                continue;
+            }
+            l2.grown[k / 64] |= 1 << (k % 64);
+            l2.chunks[k] = Chunk {
+                alloc: [0; CHUNK_WORDS],
+                scav: [!0; CHUNK_WORDS],
+            };
+            added += CHUNK_PAGES;
+        }
+        self.free += added;
+        self.scav += added;
+        self.total += added;
+        self.end_chunk = self.end_chunk.max(c1);
+        self.first_chunk = self.first_chunk.min(c0);
+        if base < self.search_addr {
+            self.search_addr = base;
+        }
+        self.update(c0, c1, None);
+        Ok(())
+    }
+
+    /// Maps the units of the summary reservation holding entries `[lo, hi)` of level
+    /// `l` that are not mapped yet. Each unit is mapped at most once.
+    fn map_summaries(
+        &mut self,
+        mem: &dyn MemSource,
+        l: usize,
+        lo: usize,
+        hi: usize,
+    ) -> Result<(), OsError> {
+        debug_assert!(lo < hi && hi <= LEVEL_ENTRIES[l] && !self.sums.is_null());
+        let first = Self::unit_of(l, lo);
+        let end = (LEVEL_OFFSET[l] + hi * 8).div_ceil(MAP_UNIT);
+        let mut u = first;
+        while u < end {
+            if self.unit_mapped(u) {
+                u += 1;
+                continue;
+            }
+            let mut v = u + 1;
+            while v < end && !self.unit_mapped(v) {
+                v += 1;
+            }
+            // The units [u, v) are unmapped: map them in one call.
+            let addr = self.sums as usize + u * MAP_UNIT;
+            // SAFETY: `sums` is non-null, so `addr` (inside the reservation) is too.
+            let p = unsafe { NonNull::new_unchecked(addr as *mut u8) };
+            // SAFETY: [addr, addr + (v-u) units) lies inside our summary reservation
+            // (v <= MAP_UNITS), is unit (hence OS page) aligned, and is still only
+            // Reserved: no unit in it was mapped before, so nothing is overwritten.
+            unsafe { mem.map(p, (v - u) * MAP_UNIT)? };
+            for w in u..v {
+                self.mapped[w / 64] |= 1 << (w % 64);
+            }
+            u = v;
+        }
+        Ok(())
+    }
+
+    // -- summary maintenance ----------------------------------------------------------
+
+    /// Recomputes the leaf summaries of chunks `[c0, c1)` after their bitmaps changed,
+    /// then their ancestors. If `middle` is given, the chunks strictly inside the
+    /// range are known to have that summary (they were wholly allocated or freed).
+    fn update(&mut self, c0: usize, c1: usize, middle: Option<Sum>) {
+        debug_assert!(c0 < c1 && c1 <= CHUNK_COUNT);
+        let mut changed = false;
+        for ci in c0..c1 {
+            let new = match middle {
+                Some(m) if ci > c0 && ci + 1 < c1 && self.is_grown(ci) => m,
+                _ => match self.chunk(ci) {
+                    Some(ch) => ch.summarize(),
+                    None => continue,
+                },
+            };
+            if self.sum(LEAF, ci) != new {
+                self.set_sum(LEAF, ci, new);
+                changed = true;
+            }
+        }
+        // Each level from its children, as long as the level below changed.
+        let mut l = LEAF;
+        while changed && l > 0 {
+            l -= 1;
+            changed = false;
+            let shift = LEVEL_SHIFT[l] - LOG_CHUNK_SIZE;
+            let log_child_pages = LEVEL_SHIFT[l + 1] - PAGE_SHIFT;
+            for i in (c0 >> shift)..=((c1 - 1) >> shift) {
+                let kids = self.sum_block(l + 1, i << LEVEL_BITS[l + 1]);
+                let new = merge(&kids, log_child_pages);
+                if self.sum(l, i) != new {
+                    self.set_sum(l, i, new);
+                    changed = true;
+                }
+            }
+        }
+    }
+
+    // -- search -----------------------------------------------------------------------
+
+    /// Finds the first (lowest-address) run of `npages` free pages. Returns its address
+    /// (None if there is none) and a new lower bound for the first free page, at least
+    /// `search_addr`. Does not change anything.
+    fn find(&self, npages: usize) -> (Option<usize>, usize) {
+        let hint = self.search_addr;
+        if npages == 0 || hint >= self.end_chunk << LOG_CHUNK_SIZE {
+            return (None, hint);
+        }
+
+        // Fast path: the run fits in the hint's chunk. All pages before the hint are
+        // allocated, so the chunk's first fit after the hint is the first fit overall
+        // (a run crossing into the next chunk would start after any run inside it).
+        let hc = hint >> LOG_CHUNK_SIZE;
+        let hp = (hint >> PAGE_SHIFT) & (CHUNK_PAGES - 1);
+        if npages <= CHUNK_PAGES - hp {
+            if let Some(ch) = self.chunk(hc) {
+                if self.sum(LEAF, hc).max() >= npages {
+                    let base = hc << LOG_CHUNK_SIZE;
+                    let (pos, first) = ch.find(npages, hp);
+                    if let Some(p) = pos {
+                        return (Some(base + p * PAGE_SIZE), base + first * PAGE_SIZE);
+                    }
+                    debug_assert!(false, "leaf summary of chunk {hc:#x} promises a run");
+                }
+            }
+        }
+
+        // Walk down the tree. `lb` is the lower bound of the first free page found so
+        // far; while `refining`, the block being scanned is the one that holds the
+        // first free page, so its first nonzero entry raises `lb`.
+        let mut lb = hint;
+        let mut refining = true;
+        // The entry chosen at the previous level (the root block is the whole level).
+        let mut parent = 0;
+        for l in 0..LEVELS {
+            let shift = LEVEL_SHIFT[l];
+            let entry_pages = 1usize << (shift - PAGE_SHIFT);
+            let (lo, hi) = if l == 0 {
+                (0, ((self.end_chunk - 1) >> (shift - LOG_CHUNK_SIZE)) + 1)
+            } else {
+                (parent << LEVEL_BITS[l], (parent + 1) << LEVEL_BITS[l])
+            };
+            // Entries before the hint's entry hold no free page.
+            let h = hint >> shift;
+            let mut j = if h >= lo && h < hi { h } else { lo };
+            debug_assert!(
+                h < hi,
+                "the search hint lies beyond the block being scanned"
+            );
+            let mut first_nonzero = None;
+            // A run of free pages reaching the current entry: its length and address.
+            let (mut run, mut run_base) = (0usize, 0usize);
+            let mut descend = None;
+            while j < hi {
+                if l == 0 {
+                    // Skip the root entries without free pages at once; skipping any
+                    // breaks the run.
+                    let next = self.next_free_root(j, hi);
+                    if next != j {
+                        run = 0;
+                        j = next;
+                        if j == hi {
+                            break;
+                        }
+                    }
+                }
+                let s = self.sum(l, j);
+                if s.is_empty() {
+                    run = 0;
+                    j += 1;
+                    continue;
+                }
+                if first_nonzero.is_none() {
+                    first_nonzero = Some(j);
+                    if refining {
+                        lb = lb.max(j << shift);
+                    }
+                }
+                let start = s.start();
+                if run + start >= npages {
+                    // The run (possibly starting at this entry) fits.
+                    let addr = if run == 0 { j << shift } else { run_base };
+                    return (Some(addr), lb);
+                }
+                if s.max() >= npages {
+                    // The first fit lies inside this entry: any run crossing out of
+                    // it starts at its free suffix, after every run inside it.
+                    descend = Some(j);
+                    break;
+                }
+                if run == 0 || start < entry_pages {
+                    // The run cannot go on through this entry; a new one starts at
+                    // its free suffix.
+                    run = s.end();
+                    run_base = ((j + 1) << shift) - run * PAGE_SIZE;
+                } else {
+                    // The whole entry is free: the run continues through it.
+                    run += entry_pages;
+                }
+                j += 1;
+            }
+            match descend {
+                Some(d) => {
+                    refining &= first_nonzero == Some(d);
+                    parent = d;
+                }
+                None => {
+                    // At the root this is a plain miss; below it the parent's summary
+                    // promised a run, so the tree is inconsistent.
+                    debug_assert!(l == 0, "summary at level {} promises a run", l - 1);
+                    return (None, lb);
+                }
+            }
+        }
+
+        // `parent` is now a chunk whose summary says the run fits inside it.
+        let ci = parent;
+        let base = ci << LOG_CHUNK_SIZE;
+        let from = if hc == ci { hp } else { 0 };
+        let Some(ch) = self.chunk(ci) else {
+            debug_assert!(false, "nonzero summary for chunk {ci:#x} outside the heap");
+            return (None, lb);
+        };
+        let (pos, first) = ch.find(npages, from);
+        if refining {
+            lb = lb.max(base + first * PAGE_SIZE);
+        }
+        debug_assert!(
+            pos.is_some(),
+            "leaf summary of chunk {ci:#x} promises a run"
+        );
+        (pos.map(|p| base + p * PAGE_SIZE), lb)
+    }
+
+    /// `find`, and raises the search hint to what the search learnt.
+    fn find_and_learn(&mut self, npages: usize) -> Option<usize> {
+        if npages == 0 || npages > self.free {
+            debug_assert!(npages != 0, "allocation of zero pages");
+            return None;
+        }
+        let (found, lb) = self.find(npages);
+        if lb > self.search_addr {
+            self.search_addr = lb;
+        }
+        found
+    }
+
+    /// Allocates the free run found at `addr`, and moves the hint past it when the
+    /// run started at the hint.
+    fn take(&mut self, addr: usize, npages: usize) -> usize {
+        let scav = self.alloc_range(addr, npages);
+        if self.search_addr == addr {
+            // Every page below `addr` was allocated, and now the run is too.
+            self.search_addr = addr + npages * PAGE_SIZE;
+        }
+        scav
+    }
+
+    // -- the interface ----------------------------------------------------------------
+
+    /// Allocates the first (lowest-address) run of `npages >= 1` free pages. Returns its
+    /// address and how many of its bytes were scavenged (those pages must be committed
+    /// before use); their scavenged bits are cleared. None if no run is long enough:
+    /// the caller then grows the heap and retries.
+    pub(crate) fn alloc(&mut self, npages: usize) -> Option<(usize, usize)> {
+        let addr = self.find_and_learn(npages)?;
+        Some((addr, self.take(addr, npages)))
+    }
+
+    /// Like [`alloc`](Self::alloc), but the run's address is a multiple of
+    /// `align_pages * PAGE_SIZE` (`align_pages` a power of two; 0 and 1 mean no
+    /// alignment).
+    ///
+    /// The result is exactly:
+    /// 1. `a = align_up(F)` where `F` is the first fit of `npages`, if `[a, a + npages)`
+    ///    is free: then `a` is the lowest aligned run of all (every aligned fit is a fit,
+    ///    so lies at or above `F`);
+    /// 2. otherwise `align_up(P)`, where `P` is the first fit of
+    ///    `npages + align_pages - 1` pages, which always holds an aligned run (Go's
+    ///    method).
+    ///
+    /// Step 2 can miss an aligned run inside a free region shorter than the padded
+    /// length that lies beyond `F`'s region; it then returns a higher run, or None. A
+    /// None therefore means "no free region of `npages + align_pages - 1` pages", and
+    /// growing the heap by that much makes the retry succeed. Cost: at most two
+    /// searches plus a check of `npages` bits.
+    pub(crate) fn alloc_aligned(
+        &mut self,
+        npages: usize,
+        align_pages: usize,
+    ) -> Option<(usize, usize)> {
+        if align_pages <= 1 {
+            return self.alloc(npages);
+        }
+        if !align_pages.is_power_of_two() || align_pages > ADDR_LIMIT >> PAGE_SHIFT {
+            debug_assert!(
+                align_pages.is_power_of_two(),
+                "alignment {align_pages} is not a power of two"
+            );
+            return None;
+        }
+        let mask = (align_pages << PAGE_SHIFT) - 1;
+        let f = self.find_and_learn(npages)?;
+        let a = (f + mask) & !mask;
+        if self.is_free(a, npages) {
+            return Some((a, self.take(a, npages)));
+        }
+        let p = self.find_and_learn(npages.checked_add(align_pages - 1)?)?;
+        let a = (p + mask) & !mask;
+        Some((a, self.take(a, npages)))
+    }
+
+    /// Whether all of `[base, base + npages pages)` is inside the heap and free.
+    pub(crate) fn is_free(&self, base: usize, npages: usize) -> bool {
+        let Some((p0, p1)) = page_span(base, npages) else {
+            return false;
+        };
+        ChunkSpans { p: p0, end: p1 }
+            .all(|(ci, s, e)| self.chunk(ci).is_some_and(|ch| ch.range_free(s, e)))
+    }
+
+    /// Marks `[base, base + npages pages)` allocated. All of it must be free heap pages
+    /// (checked with `debug_assert`). Returns how many of its bytes were scavenged, and
+    /// clears their scavenged bits. Does not move the search hint (it stays a lower
+    /// bound).
+    pub(crate) fn alloc_range(&mut self, base: usize, npages: usize) -> usize {
+        debug_assert!(
+            self.is_free(base, npages),
+            "alloc_range({base:#x}, {npages}) of non-free pages"
+        );
+        let Some((p0, p1)) = page_span(base, npages) else {
+            return 0;
+        };
+        let (mut newly, mut scav) = (0, 0);
+        for (ci, s, e) in (ChunkSpans { p: p0, end: p1 }) {
+            match self.chunk_mut(ci) {
+                Some(ch) => {
+                    let (n, sc) = ch.set_alloc(s, e);
+                    newly += n;
+                    scav += sc;
+                }
+                None => debug_assert!(false, "alloc_range outside the heap"),
+            }
+        }
+        self.free -= newly;
+        self.scav -= scav;
+        let (c0, c1) = (p0 >> LOG_CHUNK_PAGES, ((p1 - 1) >> LOG_CHUNK_PAGES) + 1);
+        self.update(c0, c1, Some(Sum::EMPTY));
+        scav * PAGE_SIZE
+    }
+
+    /// Marks the run `[base, base + npages pages)` free. Its scavenged bits stay clear:
+    /// freed memory is dirty (Ready) until the scavenger returns it.
+    pub(crate) fn free(&mut self, base: usize, npages: usize) {
+        let Some((p0, p1)) = page_span(base, npages) else {
+            debug_assert!(false, "free({base:#x}, {npages}): bad range");
+            return;
+        };
+        let mut freed = 0;
+        for (ci, s, e) in (ChunkSpans { p: p0, end: p1 }) {
+            match self.chunk_mut(ci) {
+                Some(ch) => freed += ch.clear_alloc(s, e),
+                None => debug_assert!(false, "free outside the heap"),
+            }
+            self.note_freed(ci, e - s);
+        }
+        debug_assert_eq!(
+            freed, npages,
+            "free({base:#x}, {npages}) of pages not allocated"
+        );
+        self.free += freed;
+        if base < self.search_addr {
+            self.search_addr = base;
+        }
+        let (c0, c1) = (p0 >> LOG_CHUNK_PAGES, ((p1 - 1) >> LOG_CHUNK_PAGES) + 1);
+        self.update(c0, c1, Some(Sum::FREE_CHUNK));
+    }
+
+    /// For a thread's page cache (Go's `allocToCache`): takes every free page of the
+    /// 64-page aligned block that holds the first free page of the heap. Returns the
+    /// block's base, the bitmap of the pages taken (bit `i` = page `base + i` pages)
+    /// and the bitmap of those that were scavenged (their scavenged bits are cleared
+    /// here; the cache remembers them). None if no page is free.
+    pub(crate) fn alloc_to_cache(&mut self) -> Option<(usize, u64, u64)> {
+        let first = self.find_and_learn(1)?;
+        let base = first & !(64 * PAGE_SIZE - 1);
+        let ci = base >> LOG_CHUNK_SIZE;
+        let w = (base & (CHUNK_SIZE - 1)) / PAGE_SIZE / 64;
+        let ch = self.chunk_mut(ci)?;
+        let pages = !ch.alloc[w];
+        let scav = ch.scav[w] & pages;
+        ch.alloc[w] = !0;
+        ch.scav[w] &= !pages;
+        self.free -= pages.count_ones() as usize;
+        self.scav -= scav.count_ones() as usize;
+        // `first` was the lowest free page, and the whole block is now allocated.
+        self.search_addr = self.search_addr.max(base + 64 * PAGE_SIZE);
+        self.update(ci, ci + 1, None);
+        Some((base, pages, scav))
+    }
+
+    /// Gives back pages of a thread's page cache (Go's `pageCache.flush`): bit `i` of
+    /// `pages` set = page `base + i` pages is free again, `scav` (a subset) the ones
+    /// still scavenged. `base` is a block returned by
+    /// [`alloc_to_cache`](Self::alloc_to_cache), and the pages are allocated here.
+    pub(crate) fn free_from_cache(&mut self, base: usize, pages: u64, scav: u64) {
+        debug_assert!(scav & !pages == 0 && base % (64 * PAGE_SIZE) == 0);
+        if pages == 0 {
+            return;
+        }
+        let ci = base >> LOG_CHUNK_SIZE;
+        let w = (base & (CHUNK_SIZE - 1)) / PAGE_SIZE / 64;
+        let Some(ch) = self.chunk_mut(ci) else {
+            debug_assert!(false, "free_from_cache outside the heap");
+            return;
+        };
+        debug_assert!(ch.alloc[w] & pages == pages, "cache pages not allocated");
+        ch.alloc[w] &= !pages;
+        ch.scav[w] |= scav;
+        self.free += pages.count_ones() as usize;
+        self.scav += scav.count_ones() as usize;
+        if pages & !scav != 0 {
+            self.note_freed(ci, (pages & !scav).count_ones() as usize);
+        }
+        let lowest = base + pages.trailing_zeros() as usize * PAGE_SIZE;
+        if lowest < self.search_addr {
+            self.search_addr = lowest;
+        }
+        self.update(ci, ci + 1, None);
+    }
+
+    /// For a thread's chunk cache (the page cache's idea, one chunk wide): takes the
+    /// first wholly free chunk. Returns its address, the bitmap of the pages taken (all
+    /// of them) and the bitmap of those that were scavenged (their bits are cleared
+    /// here; the cache remembers them). None if no chunk is wholly free: the caller
+    /// grows the heap rather than take a fragment, which would run out after a block
+    /// or two and send the thread back to the lock.
+    pub(crate) fn alloc_chunk_to_cache(
+        &mut self,
+    ) -> Option<(usize, [u64; CHUNK_WORDS], [u64; CHUNK_WORDS])> {
+        // A run of 1023 free pages holds an aligned chunk.
+        let p = self.find_and_learn(2 * CHUNK_PAGES - 1)?;
+        let first = (p + CHUNK_SIZE - 1) & !(CHUNK_SIZE - 1);
+        if !self.is_free(first, CHUNK_PAGES) {
+            return None;
+        }
+        let ci = first >> LOG_CHUNK_SIZE;
+        let ch = self.chunk_mut(ci)?;
+        let (mut pages, mut scav) = ([0u64; CHUNK_WORDS], [0u64; CHUNK_WORDS]);
+        let (mut nfree, mut nscav) = (0, 0);
+        for w in 0..CHUNK_WORDS {
+            pages[w] = !ch.alloc[w];
+            scav[w] = ch.scav[w] & pages[w];
+            ch.alloc[w] = !0;
+            ch.scav[w] &= !pages[w];
+            nfree += pages[w].count_ones() as usize;
+            nscav += scav[w].count_ones() as usize;
+        }
+        self.free -= nfree;
+        self.scav -= nscav;
+        // The search hint stays a lower bound: pages were only taken.
+        self.update(ci, ci + 1, None);
+        Some((ci << LOG_CHUNK_SIZE, pages, scav))
+    }
+
+    /// Gives back the free pages of a thread's chunk cache: bit `i` of word `i / 64` of
+    /// `pages` set = page `base + i` pages is free again; `scav` (a subset) the ones
+    /// still scavenged. `base` came from
+    /// [`alloc_chunk_to_cache`](Self::alloc_chunk_to_cache) and those pages are
+    /// allocated here.
+    pub(crate) fn free_from_chunk_cache(
+        &mut self,
+        base: usize,
+        pages: &[u64; CHUNK_WORDS],
+        scav: &[u64; CHUNK_WORDS],
+    ) {
+        if pages.iter().all(|&w| w == 0) {
+            return;
+        }
+        let ci = base >> LOG_CHUNK_SIZE;
+        let Some(ch) = self.chunk_mut(ci) else {
+            debug_assert!(false, "free_from_chunk_cache outside the heap");
+            return;
+        };
+        let (mut freed, mut sc, mut dirty) = (0, 0, 0usize);
+        for w in 0..CHUNK_WORDS {
+            debug_assert!(
+                ch.alloc[w] & pages[w] == pages[w],
+                "cache pages not allocated"
+            );
+            debug_assert!(scav[w] & !pages[w] == 0);
+            ch.alloc[w] &= !pages[w];
+            ch.scav[w] |= scav[w];
+            freed += pages[w].count_ones() as usize;
+            sc += scav[w].count_ones() as usize;
+            dirty += (pages[w] & !scav[w]).count_ones() as usize;
+        }
+        self.free += freed;
+        self.scav += sc;
+        if dirty != 0 {
+            self.note_freed(ci, dirty);
+        }
+        let first = (0..CHUNK_WORDS).find(|&w| pages[w] != 0).unwrap_or(0);
+        let lowest = base + (first * 64 + pages[first].trailing_zeros() as usize) * PAGE_SIZE;
+        if lowest < self.search_addr {
+            self.search_addr = lowest;
+        }
+        self.update(ci, ci + 1, None);
+    }
+}
