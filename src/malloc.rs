@@ -3,7 +3,7 @@
 //!
 //! A request whose `Layout` maps to a size class (up to 32 KiB, alignment up to 8 KiB,
 //! see `sizeclasses::class_for_layout`) is a *small* object, served by the thread cache
-//! (`mcache.rs`); anything else is a *large* object: a page span of its own, sized to
+//! (`mcache/`); anything else is a *large* object: a page span of its own, sized to
 //! whole 8 KiB pages and aligned as asked. `dealloc` and `realloc` recompute the class
 //! from the `Layout` they are given with the same function, so a block's class at free
 //! time always matches its class at allocation time.

@@ -13,7 +13,7 @@
 //! announcement because a push is preceded by a CAS of the span's `place` from
 //! PARTIAL/FULL to PENDING, and only the lock holder moves it out of PENDING.
 //!
-//! Remote frees (see `mcache.rs`) announce a span when they free the first object of a
+//! Remote frees (see `mcache/flush.rs`) announce a span when they free the first object of a
 //! span that was full, or the last live object of any unowned span. The announcing
 //! thread then *tries* to take the lock and drain the stack; if the lock is busy, the
 //! holder drains after unlocking (a SeqCst fence on both sides makes one of them see the

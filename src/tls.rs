@@ -1,5 +1,5 @@
 //! The two thread-local slots of the thread cache: the cache pointer and its state
-//! (`mcache.rs`: NO_CACHE, LIVE, DEAD). Both are plain per-thread values with constant
+//! (`mcache/lifecycle.rs`: NO_CACHE, LIVE, DEAD). Both are plain per-thread values with constant
 //! initial values and no destructor, readable at any point of a thread's life.
 //!
 //! Two implementations behind one interface:

@@ -1,5 +1,5 @@
 //! A cache's local free list flushed into unowned spans under the mcentral lock
-//! (`mcentral.rs` `free_unowned`/`after_direct_free`, reached from `mcache.rs` `flush`
+//! (`mcentral.rs` `free_unowned`/`after_direct_free`, reached from `mcache/flush.rs` `flush`
 //! through `release`; the real code), against remote frees of the same span and another
 //! cache taking the span.
 //!

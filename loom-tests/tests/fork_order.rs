@@ -1,5 +1,5 @@
 //! The lock order of the fork handler against a thread without a cache (the real
-//! code: `mcache.rs` `SharedCache::alloc`, `refill`, `MHeap::maybe_scavenge` ->
+//! code: `mcache/shared.rs` `SharedCache::alloc`, `refill`, `MHeap::maybe_scavenge` ->
 //! `scavenge_due` -> `reclaim_caches` and `scavenge`; `MHeap::fork_lock_all` and
 //! `fork_unlock_all`, what `fork.rs`'s *prepare* and *parent* run).
 //!

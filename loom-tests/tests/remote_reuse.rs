@@ -1,4 +1,4 @@
-//! Cross-thread frees against the owner's reuse (`mcache.rs` `remote_free`,
+//! Cross-thread frees against the owner's reuse (`mcache/flush.rs` `remote_free`,
 //! `buffer_remote`/`flush_remote`, `refill`/`normalize`; `mcentral.rs` `merge_remote`;
 //! the real code).
 //!

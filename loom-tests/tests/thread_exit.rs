@@ -1,4 +1,4 @@
-//! Thread exit (`mcache.rs` `release_all`, what the thread-exit hook does, against
+//! Thread exit (`mcache/lifecycle.rs` `release_all`, what the thread-exit hook does, against
 //! remote frees; `mcentral.rs` `uncache_span`/`settle_locked`; the real code).
 //!
 //! Size class 12,288 B (two objects per span). Set-up: cache A allocates a0..a3; span X

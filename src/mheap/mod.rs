@@ -258,7 +258,7 @@ pub(crate) struct MHeap<M: MemSource> {
     /// The reclaim lock: one reclaimer at a time, and no claim held across `fork()`.
     /// Lock order: `lockrank::TABLE` (first of all).
     reclaim: Mutex<()>,
-    /// The cache of threads without one (`mcache.rs`).
+    /// The cache of threads without one (`mcache/shared.rs`).
     pub(crate) shared: SharedCache,
 }
 
