@@ -230,7 +230,8 @@ pub(crate) unsafe fn realloc<M: MemSource>(
     }
     // A block that grows by realloc is placed by the page allocator, not carved from
     // the thread's chunk cache: there its neighbours would belong to the cache and the
-    // next growth could only move it (measured: `Vec` growth ran ~1.5x slower that way).
+    // next growth could only move it (measured: `Vec` growth ran slower that way;
+    // docs/benchmarks.md, "Figures moved from the design notes").
     let q = if new_pages >= crate::pagecache::MAX_CACHED_SPAN_PAGES {
         alloc(heap, new_size, align, false, None)
     } else {

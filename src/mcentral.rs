@@ -65,8 +65,9 @@ struct Lists {
 /// (from a page cache that, fed by no free, runs dry and refills under the heap lock).
 /// When one thread allocates and another frees (a pipeline), spans empty in bursts, as
 /// a batch of frees arrives, while the allocating thread takes them one at a time: one
-/// spare caught few of them. (64-byte .. 1 KiB messages passed between two threads
-/// took the heap lock 23 times per 1,000 operations with one spare.) The scavenger
+/// spare caught few of them. (64-byte .. 1 KiB messages passed between two threads:
+/// heap-lock acquisitions with one spare and with these, docs/benchmarks.md,
+/// "Threads", 2026-12-02.) The scavenger
 /// cannot reach these pages; `release_memory` gives them back.
 const SPARE_BYTES: usize = 32 << 10;
 
@@ -281,11 +282,13 @@ impl MCentral {
     /// Objects a cache allocated then stay on spans it owns when it frees them, and the
     /// frees are local. When two threads traded spans through the mcentral instead (any partial
     /// span to any cache), a thread's frees of objects in spans the other had taken
-    /// went down the remote path: half of the frees of the `maps` demo, where the
-    /// threads share nothing. The half-free rule bounds what the preference costs in
+    /// went down the remote path: a large share of the frees of the `maps` demo, where
+    /// the threads share nothing (docs/benchmarks.md, "Figures moved from the design
+    /// notes"). The half-free rule bounds what the preference costs in
     /// memory: a span another cache (or a thread that has exited) keeps partly live is
     /// reused by others once half of it or less is live. (Asking for three quarters
-    /// free instead raised `parser`'s peak RSS by up to 9%.)
+    /// free instead raised `parser`'s peak RSS: docs/benchmarks.md, "Whole program",
+    /// the fourth session.)
     pub(crate) fn cache_span<M: MemSource>(
         &self,
         heap: &MHeap<M>,
@@ -429,9 +432,9 @@ impl MCentral {
                     let (pv, base) = unsafe { (private(s), s.as_ref().base()) };
                     // The span's first object in this call chains it on `touched`.
                     // Written as indexed selects, not a branch (which the compiler kept
-                    // for `if`): objects freed in no order make it unpredictable — 15%
-                    // of them mispredicted in the scatter benchmark (callgrind
-                    // --branch-sim), 0.2% now.
+                    // for `if`): objects freed in no order make it unpredictable (the
+                    // scatter benchmark's mispredictions under callgrind --branch-sim,
+                    // before and after: docs/benchmarks.md, "Scattered frees").
                     let first = usize::from(pv.flushed == 0);
                     pv.flush_next = [pv.flush_next, touched][first];
                     touched = [touched, s.as_ptr()][first];
@@ -646,7 +649,8 @@ impl MCentral {
     /// (an announcement), so it may join up to `max_spares`; otherwise it is kept only
     /// if there is no spare (a thread that frees its own objects empties spans as it
     /// goes, and one spare caught its oscillation; more held on to pages other classes
-    /// could use: `parser`'s peak RSS +1.2 MiB). Needs the mcentral lock (`l`).
+    /// could use: `parser`'s peak RSS grew; docs/benchmarks.md, "Figures moved from the
+    /// design notes"). Needs the mcentral lock (`l`).
     ///
     /// # Safety
     /// `s` is linked in `l` by the caller.

@@ -30,7 +30,8 @@
 //! at most [`PASS_BUDGET_NS`] each, within a CPU budget of [`BG_CPU_PERCENT`]% of one
 //! CPU on average (a token bucket of thread CPU time; an allowance saved up while there
 //! was nothing to do, at most [`BG_BURST_NS`], lets it return a large burst at once:
-//! `madvise` costs roughly 40 ms of CPU per GiB returned). Between passes it sleeps until
+//! `madvise` costs CPU time in proportion to what it returns; figures in
+//! docs/benchmarks.md, "Figures moved from the design notes"). Between passes it sleeps until
 //! the next free chunk becomes old enough, and when there is nothing left to return it
 //! parks on a futex with no timeout: no periodic wakeups. A free that leaves more than
 //! [`WAKE_BYTES`] of free committed memory beyond the headroom wakes it (one `futex`
