@@ -23,6 +23,19 @@ use crate::scavenger::{BACKLOG_WAIT, BG_OWNED, PASS_BUDGET_NS, START_BYTES};
 use crate::stats::field;
 use crate::sync::{MutexGuard, Ordering};
 
+// Batch sizes: how much one visit under a lock handles, so that no lock is held for
+// long whatever the heap's size (the pacing itself is `scavenger.rs`'s).
+
+/// Caches claimed per heavy barrier by `reclaim_caches`.
+const RECLAIM_BATCH: usize = 32;
+/// Runs, and pages in all (64 MiB), a pass picks per visit under the heap lock.
+const BATCH_RUNS: usize = 16;
+const BATCH_PAGES: usize = 8192;
+/// Record chunks withdrawn per visit under the heap lock by `release_free_records`.
+const RECORD_BATCH: usize = 16;
+/// Record chunks a paced pass looks at (all of them for `release_memory`).
+const RECORD_LOOKS: usize = 256;
+
 impl<M: MemSource> MHeap<M> {
     // ----------------------------------------------------------------------------------
     // Taking back idle threads' heap caches.
@@ -61,7 +74,7 @@ impl<M: MemSource> MHeap<M> {
     ///
     /// No allocator lock may be held (the reclaim lock, then the heap lock, are taken).
     pub(crate) fn reclaim_caches(&self, force: bool, now_ms: u32, idle_ms: u32) -> (usize, usize) {
-        const BATCH: usize = 32;
+        const BATCH: usize = RECLAIM_BATCH;
         let (mut taken, mut pending) = (0, 0);
         // The loom mutant `shared_scavenge` waits for the lock as passes did before, so
         // that its pass under the shared cache's lock deadlocks against the fork handler
@@ -148,9 +161,6 @@ impl<M: MemSource> MHeap<M> {
 
     /// The pages part of [`scavenge`](Self::scavenge).
     fn scavenge_pages(&self, force: bool, now_ns: u64, budget_ns: u64) -> (usize, bool) {
-        /// Runs and pages picked per visit under the lock (up to 64 MiB).
-        const BATCH_RUNS: usize = 16;
-        const BATCH_PAGES: usize = 8192;
         let policy = if force {
             ScavPolicy::ALL
         } else {
@@ -263,10 +273,8 @@ impl<M: MemSource> MHeap<M> {
         #[cfg(not(spanheap_loom))]
         {
             use crate::fixalloc::RECORD_PAGE;
-            const BATCH: usize = 16;
-            // Chunks looked at per paced pass (all of them for `release_memory`).
-            const LOOKS: usize = 256;
-            let mut budget = if force { usize::MAX } else { LOOKS };
+            const BATCH: usize = RECORD_BATCH;
+            let mut budget = if force { usize::MAX } else { RECORD_LOOKS };
             let mut restart = force;
             if crate::os::os_page_size().map_or(true, |p| RECORD_PAGE % p != 0) {
                 return 0;
