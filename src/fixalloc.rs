@@ -47,12 +47,31 @@ pub(crate) const RECORD_PAGE: usize = 4 << 10;
 ///
 /// # Safety
 /// `free_link` must return a field of `self` that nothing else uses while the record is
-/// free in the allocator.
+/// free in the allocator; where the allocator is paged (records of at most half a
+/// [`RECORD_PAGE`]), a record whose bytes are all zero must be a valid free record
+/// once [`revive`](Record::revive) has run on it.
 pub(crate) unsafe trait Record: Sized {
     /// A newly constructed record (run once per slot, when the slot is first carved).
     fn fresh() -> Self;
     /// The intrusive free-list link.
     fn free_link(&self) -> &UnsafeCell<*mut Self>;
+    /// Restores what a free record holds and zero bytes do not, in a record carved
+    /// again from a page that went back to the OS (its bytes read as zero, or as they
+    /// were if the OS refused). Runs under the owner's lock on a free record; it may
+    /// write only what no lock-free reader of a stale pointer looks at.
+    fn revive(&self) {}
+}
+
+/// How [`Slab::alloc`] came by a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Carved {
+    /// From a free list: a record as it was freed.
+    Recycled,
+    /// Never handed out before: the caller constructs it.
+    Fresh,
+    /// Carved again from a page that went back to the OS: zero bytes (or the record
+    /// as it was freed, if the OS refused); see [`Record::revive`].
+    Dropped,
 }
 
 /// How a [`Slab`] reads and writes the free-list link of a free record.
@@ -177,11 +196,11 @@ impl<L: Link> Slab<L> {
     /// A record and whether it is fresh (never handed out before, so the caller must
     /// construct it), or null if no chunk has one (the owner then supplies a chunk with
     /// [`add_chunk`](Self::add_chunk) and retries).
-    pub(crate) fn alloc(&mut self) -> (*mut u8, bool) {
+    pub(crate) fn alloc(&mut self) -> (*mut u8, Carved) {
         loop {
             let c = self.head;
             if c.is_null() {
-                return (ptr::null_mut(), false);
+                return (ptr::null_mut(), Carved::Recycled);
             }
             // SAFETY: listed chunks are chunks the owner gave us, with a valid head.
             let h = unsafe { &mut *c };
@@ -198,12 +217,12 @@ impl<L: Link> Slab<L> {
 
     /// A record of chunk `h`: a free one, else one carved, else the first of a dropped
     /// page (which becomes the carving page).
-    fn take_from(&mut self, h: &mut ChunkHead) -> Option<(*mut u8, bool)> {
+    fn take_from(&mut self, h: &mut ChunkHead) -> Option<(*mut u8, Carved)> {
         if !h.free.is_null() {
             let p = h.free;
             // SAFETY: records on a chunk's free list are free records of ours.
             h.free = unsafe { L::get(p, self.size) };
-            return Some((p, false));
+            return Some((p, Carved::Recycled));
         }
         if h.carve + self.size > h.carve_end {
             let ready = h.dropped & !h.pending;
@@ -226,11 +245,13 @@ impl<L: Link> Slab<L> {
             next = (next + RECORD_PAGE - 1) & !(RECORD_PAGE - 1);
         }
         h.carve = next;
-        let fresh = p >= h.fresh;
-        if fresh {
+        // The first carving runs at the high-water mark; below it are dropped pages.
+        if p >= h.fresh {
             h.fresh = next;
+            Some((p as *mut u8, Carved::Fresh))
+        } else {
+            Some((p as *mut u8, Carved::Dropped))
         }
-        Some((p as *mut u8, fresh))
     }
 
     /// Returns a record.
@@ -431,11 +452,14 @@ impl<T: Record> FixAlloc<T> {
     /// A record, or null if every chunk is used up (the owner then supplies a chunk with
     /// [`add_chunk`](Self::add_chunk) and retries).
     pub(crate) fn alloc(&mut self) -> *mut T {
-        let (p, fresh) = self.0.alloc();
+        let (p, carved) = self.0.alloc();
         let p = p.cast::<T>();
-        if fresh {
+        match carved {
             // SAFETY: a slot in a chunk the owner gave us, aligned for T, never used.
-            unsafe { p.write(T::fresh()) };
+            Carved::Fresh => unsafe { p.write(T::fresh()) },
+            // SAFETY: a free record of ours (zero bytes are one, per `Record`).
+            Carved::Dropped => unsafe { (*p).revive() },
+            Carved::Recycled => {}
         }
         p
     }
@@ -469,16 +493,25 @@ impl<T: Record> FixAlloc<T> {
 /// An untyped record allocator, for records whose size is chosen at run time
 /// (small-object bitmaps), linked through their last word. [`Slab::alloc`] says
 /// whether a record is freshly carved so that the caller can construct what needs
-/// constructing once.
+/// constructing once; records carved again from a dropped page need nothing (zero
+/// bytes are a cleared bitmap).
 pub(crate) type RawFixAlloc = Slab<LastWord>;
 
-// SAFETY: `free_link` is a field used for nothing else.
+// SAFETY: `free_link` is a field used for nothing else; a zeroed span record is a
+// free one (state Dead, no base, no bitmap) once `revive` has put it in no mcentral list.
 unsafe impl Record for crate::mspan::MSpan {
     fn fresh() -> Self {
         crate::mspan::MSpan::new()
     }
     fn free_link(&self) -> &UnsafeCell<*mut Self> {
         &self.free_link
+    }
+    fn revive(&self) {
+        // `list` is the one field whose free value is not zero (`NO_LIST`): the
+        // mcentral trusts it to say whether a span is linked. Lock-free readers of a
+        // stale pointer never look at the private state.
+        // SAFETY: the record is free and ours (the heap lock), so is its private state.
+        unsafe { self.small.private_mut().list = crate::mspan::NO_LIST };
     }
 }
 
@@ -637,10 +670,19 @@ mod tests {
             .filter(|&p| all_but_0_and_3 & (1 << page(p)) != 0)
             .collect();
         assert_eq!(again, want, "dropped slots are carved again in place");
-        assert!(again.iter().all(
-            |&p| unsafe { (*p).state() } == crate::mspan::SpanState::Dead
-                && unsafe { (*p).base() } == 0
-        ));
+        // Revived: what a fresh record holds (a zeroed one would claim to be in list 0,
+        // and the mcentral trusts that field).
+        let fresh = MSpan::new();
+        for &p in &again {
+            let r = unsafe { &*p };
+            assert_eq!(r.state(), crate::mspan::SpanState::Dead);
+            assert_eq!(r.base(), 0);
+            assert_eq!(
+                unsafe { r.small.private_mut().list },
+                unsafe { fresh.small.private_mut().list },
+                "a record carved from a dropped page is not in a list"
+            );
+        }
         assert_eq!(fa.0.released(), 0, "every released page is resident again");
         assert_eq!(fa.inuse(), a.len() + b.len());
         assert!(fa.alloc().is_null());
@@ -651,12 +693,12 @@ mod tests {
         let chunk = Chunk::new();
         let mut ra = RawFixAlloc::new(32, 8);
         ra.add_chunk(chunk.0, CHUNK_BYTES);
-        let (p, fresh) = ra.alloc();
-        assert!(fresh && !p.is_null());
+        let (p, carved) = ra.alloc();
+        assert!(carved == Carved::Fresh && !p.is_null());
         unsafe { p.write_bytes(0xAB, 24) };
         unsafe { ra.free(p) };
-        let (q, fresh) = ra.alloc();
-        assert_eq!((q, fresh), (p, false));
+        let (q, carved) = ra.alloc();
+        assert_eq!((q, carved), (p, Carved::Recycled));
         assert_eq!(unsafe { *q }, 0xAB, "only the last word is the link");
     }
 }

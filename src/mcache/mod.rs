@@ -337,7 +337,11 @@ impl MCache {
     }
 }
 
-// SAFETY: `free_link` is used only by the fixalloc.
+// Thread-cache records are too big for a paged record allocator, so their pages are
+// never given back (a record keeps its free-stack mapping for its next thread).
+const _: () = assert!(2 * core::mem::size_of::<MCache>() > crate::fixalloc::RECORD_PAGE);
+
+// SAFETY: `free_link` is used only by the fixalloc; the allocator is not paged.
 unsafe impl Record for MCache {
     fn fresh() -> Self {
         MCache::empty()

@@ -14,6 +14,7 @@ use core::ptr::{self, NonNull};
 
 use super::{add, Locked, MHeap};
 #[cfg(not(spanheap_loom))]
+use crate::fixalloc::Carved;
 use crate::mcache::MCache;
 use crate::mspan::{MSpan, Purpose};
 use crate::os::{MemSource, PAGE_SHIFT};
@@ -109,14 +110,16 @@ impl<M: MemSource> MHeap<M> {
 
     /// A bitmap record of size bucket `b`. Needs the heap lock (`h`).
     pub(super) fn bits_record_bucket_locked(&self, h: &mut Locked, b: usize) -> Option<*mut u64> {
-        let (mut p, mut fresh) = h.bitsalloc[b].alloc();
+        let (mut p, mut carved) = h.bitsalloc[b].alloc();
         if p.is_null() {
             let base = self.manual_chunk_locked(h, Purpose::SpanBitmaps)?;
             h.bitsalloc[b].add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
-            (p, fresh) = h.bitsalloc[b].alloc();
+            (p, carved) = h.bitsalloc[b].alloc();
         }
         self.publish_meta_released(h);
-        if fresh {
+        // Records carved again from a dropped page need nothing: zero bytes are a
+        // cleared bitmap, and old bytes are what a recycled record holds.
+        if carved == Carved::Fresh {
             // The remote-free words are atomics: construct them once, when carved.
             // SAFETY: a fresh record of 2 * BITS_WORDS[b] words; chunk memory may be
             // dirty, so zero it first.

@@ -318,12 +318,16 @@ impl<M: MemSource> MHeap<M> {
                         // SAFETY: pages `take_empty` withdrew: no record in them is in
                         // use or on a free list until they are put back, and zero is a
                         // valid free record there (fixalloc.rs).
-                        *o &= unsafe {
+                        let done = unsafe {
                             self.mem.decommit(
                                 NonNull::new_unchecked((base + k * RECORD_PAGE) as *mut u8),
                                 run * RECORD_PAGE,
                             )
                         };
+                        if !done {
+                            self.count_refused_decommit(run * RECORD_PAGE);
+                        }
+                        *o &= done;
                     }
                 }
                 self.locked.lock().with(|h| {
@@ -378,6 +382,8 @@ impl<M: MemSource> MHeap<M> {
                 // zero value is valid for every reader.
                 if unsafe { self.mem.decommit(p, bytes) } {
                     add(&self.gauges.span_map_drops, 1);
+                } else {
+                    self.count_refused_decommit(bytes);
                 }
             }
         }
