@@ -21,16 +21,18 @@
 //!
 //! **Giving pages back.** After a burst a program may free thousands of spans at
 //! once; their records (200 bytes each) would stay resident for good, as they do in Go.
-//! [`take_empty`](Slab::take_empty) hands the owner (the scavenger) every chunk of a
-//! paged allocator whose records past its first page are all free, withdrawn from use:
-//! those records leave the free list and carving restarts at the second page. The owner
-//! returns the pages past the first to the OS without its lock and then gives the chunk
-//! back with [`put_back`](Slab::put_back). Records carved again from there are not
-//! constructed again: they read as zero, which is a valid free record of every paged
-//! kind (a span record in state `Dead`, a bitmap of zero words), and a reader holding a
-//! stale pointer sees just that. If the OS refused, they hold what they held, which is
-//! valid too. Thread-cache records are not paged (each owns a mapping for its free
-//! stacks that it keeps for its next owner) and never give pages back.
+//! [`take_empty`](Slab::take_empty) hands the owner (the scavenger) the pages of a
+//! paged allocator's chunks (past each chunk's first) whose records are all carved and
+//! free, withdrawn from use: their records leave the free list and nothing is carved
+//! there. The owner returns those pages to the OS without its lock and then gives them
+//! back with [`put_back`](Slab::put_back); their slots are carved again, one page at a
+//! time, once the chunk has nothing else. Such a record is not constructed again (a
+//! reader holding a stale pointer may be loading its atomics): its bytes read as zero,
+//! which for a bitmap is a cleared one and for a span record a free one in state
+//! `Dead` once [`Record::revive`] has restored the one field whose free value is not
+//! zero. If the OS refused, the record holds what it held when freed, which is valid
+//! too. Thread-cache records are not paged (each owns a mapping for its free stacks
+//! that it keeps for its next owner) and never give pages back.
 
 use core::marker::PhantomData;
 use core::ptr;

@@ -316,8 +316,8 @@ impl<M: MemSource> MHeap<M> {
                         let run = (m >> k).trailing_ones() as usize;
                         m &= !(((1u32 << run) - 1) << k) as u16;
                         // SAFETY: pages `take_empty` withdrew: no record in them is in
-                        // use or on a free list until they are put back, and zero is a
-                        // valid free record there (fixalloc.rs).
+                        // use or on a free list until they are put back, and zero bytes
+                        // are a free record there once revived (fixalloc.rs).
                         let done = unsafe {
                             self.mem.decommit(
                                 NonNull::new_unchecked((base + k * RECORD_PAGE) as *mut u8),
