@@ -11,7 +11,7 @@ import re
 import sys
 
 LIMIT = 900
-GENERATED = set()
+GENERATED = {"sizeclasses.rs"}  # by tools/sizeclasses-gen
 
 
 def code_lines(text: str) -> int:

@@ -41,8 +41,8 @@ pub(crate) fn class_size(class: u8) -> usize {
 /// 8-byte step up to [`MAX_SMALL_SIZE`] (4 KiB of table, expanded at compile
 /// time from Go's two tables). Looking up sizes above [`SMALL_SIZE_MAX`] in
 /// [`SIZE_TO_CLASS128`] instead cost a second compare and a shift by a
-/// variable amount on every allocation and free: 12 instructions per call in
-/// the churn benchmark.
+/// variable amount on every allocation and free (instructions per call in the
+/// churn benchmark: docs/benchmarks.md, "Fast-path instruction counts").
 #[inline]
 pub(crate) fn size_to_class(size: usize) -> u8 {
     if size <= MAX_SMALL_SIZE {
