@@ -1124,6 +1124,88 @@ fn child_visit_race() {
     spanheap::stats().check().unwrap();
 }
 
+#[test]
+fn alloc_zeroed_clears_objects_kept_through_a_visit() {
+    in_child(
+        "child_zeroed_after_visit",
+        &[("SPANHEAP_SCAVENGE_DELAY_MS", "20")],
+    );
+}
+
+/// A visit that trims a thread's free stacks (or is abandoned) leaves objects on them
+/// and the thread's cache slot empty until its next allocation re-installs the record.
+/// If that allocation is an `alloc_zeroed`, the object it pops from the free stack was
+/// used before and must be cleared, although the slot it first looked at was empty.
+/// Threads fill and free a few hundred objects, sleep through a visit, then take them
+/// back zeroed, while the main thread's freed buffers keep the background thread busy.
+#[test]
+fn child_zeroed_after_visit() {
+    if !is_child() {
+        return;
+    }
+    const THREADS: usize = 4;
+    const N: usize = 256;
+    let hs: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let layout = Layout::from_size_align(120 + 64 * t, 8).unwrap();
+                let mut dirty = 0usize;
+                for _ in 0..60 {
+                    let v: Vec<*mut u8> = (0..N)
+                        .map(|_| {
+                            // SAFETY: a non-zero-sized layout.
+                            let p = unsafe { alloc(layout) };
+                            assert!(!p.is_null());
+                            // SAFETY: a live block of `layout.size()` bytes.
+                            unsafe { std::ptr::write_bytes(p, 0xA5, layout.size()) };
+                            p
+                        })
+                        .collect();
+                    for p in v {
+                        // SAFETY: allocated above with `layout`.
+                        unsafe { dealloc(p, layout) };
+                    }
+                    let mut z: Vec<*mut u8> = Vec::with_capacity(N);
+                    // Blocked in a system call: the background thread visits. The next
+                    // allocation is the `alloc_zeroed` (`push` does not allocate).
+                    std::thread::sleep(Duration::from_millis(30));
+                    for _ in 0..N {
+                        // SAFETY: as above.
+                        let p = unsafe { alloc_zeroed(layout) };
+                        assert!(!p.is_null());
+                        z.push(p);
+                    }
+                    for &p in &z {
+                        // SAFETY: live blocks of `layout.size()` bytes.
+                        let b = unsafe { std::slice::from_raw_parts(p, layout.size()) };
+                        dirty += usize::from(b.iter().any(|&x| x != 0));
+                    }
+                    for p in z {
+                        // SAFETY: allocated above with `layout`.
+                        unsafe { dealloc(p, layout) };
+                    }
+                }
+                dirty
+            })
+        })
+        .collect();
+    // Free pages waiting for their age keep the background thread looking at caches.
+    while !hs.iter().all(|h| h.is_finished()) {
+        drop(std::hint::black_box(vec![1u8; 1 << 20]));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let dirty: usize = hs.into_iter().map(|h| h.join().unwrap()).sum();
+    let (claimed, entered, released, trimmed) = spanheap::__private::thread_visits();
+    println!(
+        "visits: {claimed} claimed, {entered} entered, {released} released, {trimmed} trimmed"
+    );
+    assert_eq!(dirty, 0, "alloc_zeroed handed out {dirty} dirty objects");
+    assert!(
+        trimmed >= 10,
+        "too few trimming visits ({trimmed} of {entered} entered) to test anything"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The budget of all threads' free stacks.
 

@@ -510,9 +510,12 @@ fn alloc_slow(class: usize) -> *mut u8 {
 #[inline]
 pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
     let c = crate::tls::cache();
+    // An empty slot may hide a live record whose stacks hold objects: one a visitor
+    // trimmed or left (`idle.rs`). The slow path re-installs it and may pop a used
+    // object from it, so clear whatever comes (once per visit, or per new thread).
     // SAFETY: `c` is this thread's cache or the empty one (whose stacks are empty).
-    let recycled =
-        unsafe { (*ptr::addr_of!((*c).classes).cast::<ClassCache>().add(class)).nfree != 0 };
+    let recycled = c == empty_cache()
+        || unsafe { (*ptr::addr_of!((*c).classes).cast::<ClassCache>().add(class)).nfree != 0 };
     let p = alloc(class);
     if p.is_null() {
         return p;
