@@ -58,7 +58,10 @@
 //! `low` objects; `min(low, now)` of them have (approximately) not been needed since,
 //! and three quarters of those, from the bottom of the stack (the longest unused) go
 //! back. The estimate over-counts only when a stack dipped below both figures between
-//! visits, which costs a refill, nothing else. A thread is visited at most once per
+//! visits, which costs a refill, nothing else. A stack nothing was taken from since the
+//! previous visit (its pop count unchanged) goes back whole: it only receives frees (the
+//! leftover of a burst, say), and a quarter kept at each visit would linger, pinning the
+//! pages of the spans its objects belong to. A thread is visited at most once per
 //! delay; the cost to the owner is one slow path per visit (the re-installation).
 //!
 //! Everything here is process bookkeeping outside the modelled core (core atomics):
@@ -85,6 +88,15 @@ const ORPHAN: u8 = 4;
 /// waking up for again (the background thread may park).
 #[cfg(not(spanheap_loom))]
 const QUIET_BYTES: u64 = 256 << 10;
+
+/// `Door::pops_seen` before a visit has seen the class.
+const NOT_SEEN: u32 = u32::MAX;
+
+/// A pop count as `Door::pops_seen` keeps it (never `NOT_SEEN`).
+#[cfg(not(spanheap_loom))]
+fn pops_key(pops: u64) -> u32 {
+    pops as u32 & (NOT_SEEN >> 1)
+}
 
 /// The door of one cache record (see the module's documentation).
 pub(crate) struct Door {
@@ -114,6 +126,10 @@ pub(crate) struct Door {
     flushed: AtomicU8,
     /// Per class, the free stack's depth after the last visit (reclaim lock).
     low: [AtomicU16; NUM_CLASSES],
+    /// Per class, the stack's pop count (`ClassCache::pops`, truncated) after the last
+    /// visit, or `NOT_SEEN`: the same count at the next visit means no allocation took
+    /// from the stack in between (reclaim lock).
+    pops_seen: [AtomicU32; NUM_CLASSES],
     /// Per class, the free stack's depth as of the class's last slow path (or visit):
     /// for the statistics' estimate of what threads hold. Written by the owner (or a
     /// visitor holding the door), read by anyone (Relaxed: an estimate).
@@ -139,6 +155,7 @@ impl Door {
             visited_at: AtomicU32::new(0),
             flushed: AtomicU8::new(0),
             low: [const { AtomicU16::new(0) }; NUM_CLASSES],
+            pops_seen: [const { AtomicU32::new(NOT_SEEN) }; NUM_CLASSES],
             depth: [const { AtomicU16::new(0) }; NUM_CLASSES],
             held: AtomicU64::new(u64::MAX),
             next: AtomicPtr::new(core::ptr::null_mut()),
@@ -596,6 +613,9 @@ mod imp {
         for l in &door(c).low {
             l.store(0, Ordering::Relaxed);
         }
+        for p in &door(c).pops_seen {
+            p.store(NOT_SEEN, Ordering::Relaxed);
+        }
     }
 
     /// Trims record `c`'s free stacks by the low-water rule; returns whether anything
@@ -611,8 +631,12 @@ mod imp {
         let (mut any, mut held) = (false, 0u64);
         for class in 1..NUM_CLASSES {
             let low = u32::from(d.low[class].load(Ordering::Relaxed));
+            let seen = d.pops_seen[class].load(Ordering::Relaxed);
+            let unused = |pops: u64| pops_key(pops) == seen;
             // SAFETY: the record is ours (caller's contract).
-            let (left, went) = unsafe { crate::mcache::trim_class(&HEAP, c, class, low) };
+            let (left, went, pops) =
+                unsafe { crate::mcache::trim_class(&HEAP, c, class, low, unused) };
+            d.pops_seen[class].store(pops_key(pops), Ordering::Relaxed);
             any |= went;
             held += u64::from(left) * u64::from(crate::sizeclasses::CLASS_TO_SIZE[class]);
             d.low[class].store(left.min(u32::from(u16::MAX)) as u16, Ordering::Relaxed);

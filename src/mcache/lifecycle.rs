@@ -325,8 +325,10 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &MHeap<M>, c: *mut MCac
 
 /// A visitor's trim of class `class` of record `c` (`idle.rs`): the remote buffer goes
 /// back, and of the objects on the free stack, three quarters of `min(low, depth)` (the
-/// low-water estimate), taken from the bottom (the longest unused). Returns the depth
-/// left and whether anything went back.
+/// low-water estimate), taken from the bottom (the longest unused); or all of them if
+/// `unused(pops)` says, from the stack's pop count, that no allocation took from it
+/// since the last visit. Returns the depth left, whether anything went back, and the
+/// pop count after the trim.
 ///
 /// # Safety
 /// The caller holds the door of the live cache `c`; `class < NUM_CLASSES`.
@@ -335,7 +337,8 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
     c: *mut MCache,
     class: usize,
     low: u32,
-) -> (u32, bool) {
+    unused: impl FnOnce(u64) -> bool,
+) -> (u32, bool, u64) {
     // SAFETY: the entry is ours (caller's contract).
     let e = unsafe { entry(c, class) };
     let mut any = false;
@@ -345,8 +348,15 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
         unsafe { flush_remote(heap, c, e, class) };
         any = true;
     }
-    let n = low.min(e.nfree);
-    let k = n - n / TRIM_KEEP_DIV;
+    // A stack nothing was taken from since the last visit is a sink of frees: what it
+    // holds would stay until the thread exits, pinning its spans' pages (the leftover of
+    // a burst of frees). All of it goes. Otherwise the low-water rule.
+    let k = if unused(e.pops) {
+        e.nfree
+    } else {
+        let n = low.min(e.nfree);
+        n - n / TRIM_KEEP_DIV
+    };
     if k != 0 {
         // SAFETY: slots 0..nfree hold the stack's objects.
         let objs = unsafe { core::slice::from_raw_parts_mut(e.stack, e.nfree as usize) };
@@ -357,7 +367,7 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
         unsafe { flush(heap, c, e, class, keep) };
         any = true;
     }
-    (e.nfree, any)
+    (e.nfree, any, e.pops)
 }
 
 /// Whether this thread has a live cache (otherwise it allocates from the shared one).

@@ -188,7 +188,8 @@ const WIDE_EXIT_DIV: u64 = 8;
 const SPAN_KEEP_DIV: usize = 8;
 
 /// A visitor's trim (`trim_class`) keeps one in `TRIM_KEEP_DIV` (a quarter) of the
-/// objects below a free stack's low-water mark and returns the rest.
+/// objects below a free stack's low-water mark and returns the rest (all of a stack
+/// nothing was taken from since the previous visit).
 const TRIM_KEEP_DIV: u32 = 4;
 
 /// Default budget of all threads' free stacks together, in bytes (`budget`; the
