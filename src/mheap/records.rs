@@ -13,8 +13,8 @@
 use core::ptr::{self, NonNull};
 
 use super::{add, Locked, MHeap};
-#[cfg(not(spanheap_loom))]
 use crate::fixalloc::Carved;
+#[cfg(not(spanheap_loom))]
 use crate::mcache::MCache;
 use crate::mspan::{MSpan, Purpose};
 use crate::os::{MemSource, PAGE_SHIFT};
