@@ -59,9 +59,10 @@
 //! and three quarters of those, from the bottom of the stack (the longest unused) go
 //! back. The estimate over-counts only when a stack dipped below both figures between
 //! visits, which costs a refill, nothing else. A stack nothing was taken from since the
-//! previous visit (its pop count unchanged) goes back whole: it only receives frees (the
-//! leftover of a burst, say), and a quarter kept at each visit would linger, pinning the
-//! pages of the spans its objects belong to. A thread is visited at most once per
+//! previous visit or since the class's last slow path (its pop count unchanged, or
+//! zero) goes back whole: it only receives frees (the leftover of a burst, say), and a
+//! quarter kept at each visit would linger, pinning the pages of the spans its objects
+//! belong to. A thread is visited at most once per
 //! delay; the cost to the owner is one slow path per visit (the re-installation).
 //!
 //! Everything here is process bookkeeping outside the modelled core (core atomics):

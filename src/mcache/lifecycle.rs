@@ -326,9 +326,9 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &MHeap<M>, c: *mut MCac
 /// A visitor's trim of class `class` of record `c` (`idle.rs`): the remote buffer goes
 /// back, and of the objects on the free stack, three quarters of `min(low, depth)` (the
 /// low-water estimate), taken from the bottom (the longest unused); or all of them if
-/// `unused(pops)` says, from the stack's pop count, that no allocation took from it
-/// since the last visit. Returns the depth left, whether anything went back, and the
-/// pop count after the trim.
+/// no allocation took from the stack since the class's last slow path (its pop count
+/// is zero) or, as `unused(pops)` says, since the last visit. Returns the depth left,
+/// whether anything went back, and the pop count after the trim.
 ///
 /// # Safety
 /// The caller holds the door of the live cache `c`; `class < NUM_CLASSES`.
@@ -348,10 +348,12 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
         unsafe { flush_remote(heap, c, e, class) };
         any = true;
     }
-    // A stack nothing was taken from since the last visit is a sink of frees: what it
-    // holds would stay until the thread exits, pinning its spans' pages (the leftover of
-    // a burst of frees). All of it goes. Otherwise the low-water rule.
-    let k = if unused(e.pops) {
+    // A stack nothing was taken from since the last visit, or since the class's last
+    // slow path (which publishes and resets `pops`; the objects on the stack were all
+    // pushed since, and an allocation would have popped one), is a sink of frees: what
+    // it holds would stay until the thread exits, pinning its spans' pages (the
+    // leftover of a burst of frees). All of it goes. Otherwise the low-water rule.
+    let k = if e.pops == 0 || unused(e.pops) {
         e.nfree
     } else {
         let n = low.min(e.nfree);
