@@ -515,6 +515,12 @@ pub mod __private {
         crate::mcache::own_stack_bytes()
     }
 
+    /// Bytes of the calling thread's free-stack storage that are resident (`mincore`).
+    #[cfg(not(spanheap_loom))]
+    pub fn own_stack_resident_bytes() -> u64 {
+        crate::mcache::own_stack_resident()
+    }
+
     /// Whether the scavenger's background thread is parked until a free wakes it.
     #[cfg(not(spanheap_loom))]
     pub fn background_scavenger_parked() -> bool {

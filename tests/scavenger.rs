@@ -1231,6 +1231,7 @@ fn child_sink_stack_trimmed() {
         let burst: Vec<Box<[u8; 48]>> = (0..4000).map(|i| Box::new([i as u8; 48])).collect();
         drop(burst);
         let held_after_burst = spanheap::__private::own_free_stack_bytes().0;
+        let storage_after_burst = spanheap::__private::own_stack_resident_bytes();
         // Counted in visits that trimmed something (this thread's: the main thread's
         // stacks stay empty), not in time: the low-water rule alone would leave a
         // sixty-fourth of the burst after three.
@@ -1243,17 +1244,23 @@ fn child_sink_stack_trimmed() {
             std::thread::sleep(Duration::from_millis(5));
         }
         let held = spanheap::__private::own_free_stack_bytes().0;
-        (held_after_burst, held, t0.elapsed())
+        let storage = spanheap::__private::own_stack_resident_bytes();
+        (
+            (held_after_burst, storage_after_burst),
+            (held, storage),
+            t0.elapsed(),
+        )
     });
     // Freed buffers keep the background thread (and its visits) going.
     while !h.is_finished() {
         drop(std::hint::black_box(vec![1u8; 1 << 20]));
         std::thread::sleep(Duration::from_millis(2));
     }
-    let (burst, held, took) = h.join().unwrap();
+    let ((burst, burst_storage), (held, storage), took) = h.join().unwrap();
     let (claimed, entered, released, trimmed) = spanheap::__private::thread_visits();
     println!(
-        "free stacks: {burst} B after the burst, {held} B after {took:?}; visits: \
+        "free stacks: {burst} B after the burst, {held} B after {took:?}; their storage: \
+         {burst_storage} B resident, then {storage} B; visits: \
          {claimed} claimed, {entered} entered, {released} released, {trimmed} trimmed"
     );
     assert!(
@@ -1263,6 +1270,12 @@ fn child_sink_stack_trimmed() {
     assert!(
         held <= 64,
         "the thread still holds {held} B of free objects after {took:?}"
+    );
+    // The burst filled the 48-byte class's stack up to its limit (thousands of
+    // pointers, five pages and more); the trim gives those pages back.
+    assert!(
+        storage + 4 * 4096 <= burst_storage,
+        "stack storage still resident: {storage} B (after the burst: {burst_storage} B)"
     );
 }
 

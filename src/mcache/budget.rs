@@ -323,6 +323,28 @@ pub(crate) fn own_stack_bytes() -> (u64, u64) {
     })
 }
 
+/// Bytes of this thread's free-stack storage that are resident (for tests).
+#[cfg(not(spanheap_loom))]
+pub(crate) fn own_stack_resident() -> u64 {
+    let Some(c) = live_cache() else {
+        return 0;
+    };
+    // SAFETY: our live cache; only read.
+    let base = unsafe { (*c).stack_base() };
+    let page = crate::os::os_page_size().unwrap_or(4096);
+    let mut vec = [0u8; STACK_MAP_BYTES / 4096];
+    let n = STACK_MAP_BYTES / page;
+    if base.is_null() || n > vec.len() {
+        return 0;
+    }
+    // SAFETY: the record's own stack mapping, `STACK_MAP_BYTES` from a page boundary;
+    // `vec` has a byte per page.
+    if unsafe { libc::mincore(base.cast(), STACK_MAP_BYTES, vec.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    vec[..n].iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64
+}
+
 #[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]

@@ -364,9 +364,18 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
         let objs = unsafe { core::slice::from_raw_parts_mut(e.stack, e.nfree as usize) };
         // The bottom `k` objects to the top, where `flush` takes them from.
         objs.rotate_left(k as usize);
-        let keep = e.nfree - k;
+        let (before, keep) = (e.nfree, e.nfree - k);
         // SAFETY: forwarded.
         unsafe { flush(heap, c, e, class, keep) };
+        // The storage the objects filled goes back too, in whole pages: a burst pushed
+        // the stack deep, and the slots are written before they are read again.
+        // SAFETY: slots keep..before of our stack hold nothing now.
+        unsafe {
+            heap.drop_stack_range(
+                e.stack.add(keep as usize) as usize,
+                (before - keep) as usize * core::mem::size_of::<*mut u8>(),
+            )
+        };
         any = true;
     }
     (e.nfree, any, e.pops)

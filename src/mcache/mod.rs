@@ -112,7 +112,8 @@ use lifecycle::{create_cache, live_cache, Slow, LIVE, NO_CACHE};
 // The crate's paths into the cache (`crate::mcache::...`), wherever the items live now.
 #[cfg(not(spanheap_loom))]
 pub(crate) use budget::{
-    apply_own_budget, check_budget, own_stack_bytes, thread_stack_storage, STACK_MAP_BYTES,
+    apply_own_budget, check_budget, own_stack_bytes, own_stack_resident, thread_stack_storage,
+    STACK_MAP_BYTES,
 };
 pub(crate) use flush::remote_free;
 pub(crate) use lifecycle::release_all;

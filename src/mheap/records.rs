@@ -191,6 +191,30 @@ impl<M: MemSource> MHeap<M> {
         self.stats_update(|d| d.add(field::META, bytes as u64));
     }
 
+    /// Drops the resident pages that lie wholly inside `[base, base + bytes)`, a part of
+    /// a cache record's free-stack storage that holds no object (what a trimmed stack
+    /// no longer reaches). If the OS refuses, only the statistics say so, as for
+    /// `drop_stack_pages`.
+    ///
+    /// # Safety
+    /// The range is stack storage of a cache record whose owner (or a visitor holding
+    /// its door) is the caller, and no slot in it holds an object.
+    pub(crate) unsafe fn drop_stack_range(&self, base: usize, bytes: usize) {
+        let Ok(page) = crate::os::os_page_size() else {
+            return;
+        };
+        let (from, to) = (base.next_multiple_of(page), (base + bytes) & !(page - 1));
+        if to > from {
+            // SAFETY: whole pages of the caller's unused stack storage (contract).
+            if !unsafe {
+                self.mem
+                    .decommit(NonNull::new_unchecked(from as *mut u8), to - from)
+            } {
+                self.count_refused_decommit(to - from);
+            }
+        }
+    }
+
     /// Drops the resident pages of cache record `p`'s free-stack storage (the mapping
     /// stays). If the OS refuses, the pages stay resident and only the statistics say
     /// so: stack slots are written before they are read, so old contents do no harm.
