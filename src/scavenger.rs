@@ -572,6 +572,11 @@ pub(crate) mod background {
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
             libc::pthread_setname_np(libc::pthread_self(), c"spanheap-scav".as_ptr());
         }
+        // Register for the heavy barrier now (the registration waits for an RCU grace
+        // period, tens of milliseconds): a visit's two looks at a thread must be close
+        // together, and the first visit made them a registration apart, long enough for
+        // a thread that wakes every few milliseconds to run in between.
+        crate::sync::heavy_barrier();
         // The CPU budget: a token bucket of CPU nanoseconds, filled at BG_CPU_PERCENT
         // of the time that passes, holding at most BG_BURST_NS, emptied by the CPU
         // time each pass takes.

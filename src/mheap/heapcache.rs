@@ -245,7 +245,8 @@ impl<M: MemSource> MHeap<M> {
         self.publish_heap_cache(tc);
         // Cached large blocks and the kept big block are freed now: count them, then
         // free their spans (into the page block where they fit, which is flushed
-        // below).
+        // below), their pages as old as the cache's other free pages (`freed_ms`: a
+        // reclaimed idle cache's kept block has been unused as long as the cache).
         let big = NonNull::new(core::mem::replace(&mut tc.big, ptr::null_mut()));
         tc.last_big = 0;
         // SAFETY: the kept big block is a live span the cache owns, unused.
@@ -261,12 +262,12 @@ impl<M: MemSource> MHeap<M> {
                 tc.nlarge -= 1;
                 let s = tc.large[tc.nlarge];
                 // SAFETY: cached blocks are live spans the cache owns, unused.
-                unsafe { self.free_span_with(NonNull::new_unchecked(s), tc) };
+                unsafe { self.free_span_with_at(NonNull::new_unchecked(s), tc, Some(freed_ms)) };
             }
             tc.large_bytes = 0;
             if let Some(s) = big {
                 // SAFETY: as above.
-                unsafe { self.free_span_with(s, tc) };
+                unsafe { self.free_span_with_at(s, tc, Some(freed_ms)) };
             }
         }
         let pages = u64::from(tc.pages.cache.count_ones())
@@ -317,6 +318,16 @@ impl<M: MemSource> MHeap<M> {
     /// # Safety
     /// As for `free_span`; `tc` is the calling thread's.
     pub(crate) unsafe fn free_span_with(&self, s: NonNull<MSpan>, tc: &mut HeapCache) {
+        // SAFETY: forwarded.
+        unsafe { self.free_span_with_at(s, tc, None) }
+    }
+
+    /// `free_span_with`, pages that go to the page allocator stamped as freed at
+    /// `stamp` (coarse ms; None: now): for blocks a cache kept unused since then.
+    ///
+    /// # Safety
+    /// As for `free_span_with`.
+    unsafe fn free_span_with_at(&self, s: NonNull<MSpan>, tc: &mut HeapCache, stamp: Option<u32>) {
         // SAFETY: the caller owns the live span.
         let (base, npages) = unsafe { (s.as_ref().base(), s.as_ref().npages()) };
         let to_block = tc.pages.contains(base, npages);
@@ -349,7 +360,7 @@ impl<M: MemSource> MHeap<M> {
         if to_cache && rec.is_none() && bits.is_none() {
             return;
         }
-        let now = clock_ms();
+        let now = stamp.unwrap_or_else(clock_ms);
         let excess = self.locked.lock().with(|h| {
             if let Some((p, b)) = bits {
                 // SAFETY: the bitmap record belonged to the span, which is dead.

@@ -667,3 +667,30 @@ fn page_cache_reuses_a_freed_span_without_the_lock() {
     check_counters(h, &[]);
     assert_eq!(checked_stats(h).page_cache_bytes, 0);
 }
+
+#[test]
+fn a_reclaimed_caches_kept_block_is_as_old_as_the_cache() {
+    // A reclaimer flushes an idle thread's cache stamped with the time the thread last
+    // used it; the large block the cache kept for reuse has been unused as long, so a
+    // paced pass returns its pages at once instead of a delay later.
+    let h = new_heap();
+    h.scavenger.set_config(crate::ScavengerConfig {
+        delay: Some(std::time::Duration::from_millis(100)),
+        retain_percent: 0,
+        background: false,
+    });
+    let mut tc = HeapCache::new();
+    let s = h.alloc_span(64, Purpose::Heap, 0, 1).unwrap();
+    let base = unsafe { s.as_ref() }.base();
+    unsafe { core::ptr::write_bytes(base as *mut u8, 0xCD, 64 * PAGE_SIZE) };
+    tc.big = s.as_ptr();
+    let now = crate::os::coarse_now_ns();
+    let last_used = ((now / 1_000_000) as u32).wrapping_sub(500);
+    h.flush_heap_cache_at(&mut tc, last_used);
+    let (released, _) = h.scavenge(false, now, u64::MAX);
+    assert!(
+        released >= 64 * PAGE_SIZE,
+        "the kept block's pages were stamped young: {released} B released"
+    );
+    check_counters(h, &[]);
+}
