@@ -13,8 +13,9 @@
 //!   1 s): memory a program frees and takes again (a request buffer, a `Vec` grown and
 //!   dropped in a loop) keeps its chunk young and is never returned, so there is no
 //!   madvise per operation;
-//! - only beyond a **retained headroom** of free memory (default 10% of the pages in
-//!   use), so that a heap oscillating around its size keeps a cushion;
+//! - only beyond a **retained headroom** of free memory (default 10% of the pages of
+//!   heap spans in use: the program's heap, not the allocator's own record chunks), so
+//!   that a heap oscillating around its size keeps a cushion;
 //! - never from *dense* chunks (at least 31/32 of their pages in use), whose few free
 //!   pages are not worth breaking up the huge pages behind them.
 //!
@@ -202,9 +203,9 @@ impl Scavenger {
     }
 
     /// Free pages beyond the retained headroom that are not returned yet, given the
-    /// page allocator's counts.
-    pub(crate) fn excess_pages(&self, total: usize, free: usize, scavenged: usize) -> usize {
-        let keep = (total - free).saturating_mul(self.retain_percent() as usize) / 100;
+    /// pages of heap spans in use and the page allocator's free and scavenged counts.
+    pub(crate) fn excess_pages(&self, in_use: usize, free: usize, scavenged: usize) -> usize {
+        let keep = in_use.saturating_mul(self.retain_percent() as usize) / 100;
         (free - scavenged).saturating_sub(keep)
     }
 

@@ -184,8 +184,7 @@ impl<M: MemSource> MHeap<M> {
             let mut runs = [(0usize, 0usize); BATCH_RUNS];
             let (n, pages) = self.locked.lock().with(|h| {
                 let p = &mut h.pages;
-                let inuse = p.total_pages() - p.free_pages();
-                let keep = inuse.saturating_mul(retain) / 100;
+                let keep = self.heap_pages_in_use().saturating_mul(retain) / 100;
                 let dirty = p.free_pages() - p.scavenged_pages();
                 let goal = dirty.saturating_sub(keep).min(BATCH_PAGES);
                 p.scavenge_take(policy, goal, &mut runs)
@@ -486,8 +485,19 @@ impl<M: MemSource> MHeap<M> {
     /// Free pages beyond the retained headroom that are not returned yet. Heap lock.
     pub(super) fn excess_locked(&self, h: &Locked) -> usize {
         let p = &h.pages;
-        self.scavenger
-            .excess_pages(p.total_pages(), p.free_pages(), p.scavenged_pages())
+        self.scavenger.excess_pages(
+            self.heap_pages_in_use(),
+            p.free_pages(),
+            p.scavenged_pages(),
+        )
+    }
+
+    /// Pages of heap spans in use, what the retained headroom is a share of: the
+    /// program's heap, which may grow back, not the allocator's record chunks (after a
+    /// burst, a megabyte of them, mostly returned) or threads' page caches. Relaxed: a
+    /// heuristic's input.
+    fn heap_pages_in_use(&self) -> usize {
+        self.pages_in_use.load(Ordering::Relaxed)
     }
 
     /// After the heap lock was released by a section that freed pages (and computed

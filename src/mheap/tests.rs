@@ -694,3 +694,29 @@ fn a_reclaimed_caches_kept_block_is_as_old_as_the_cache() {
     );
     check_counters(h, &[]);
 }
+
+#[test]
+fn the_retained_headroom_is_a_share_of_the_heap_not_of_metadata() {
+    // 100 pages of the allocator's own records and a 10-page heap: with a 50% headroom
+    // a paced pass keeps 5 free pages committed, not 55.
+    let h = new_heap();
+    h.scavenger.set_config(crate::ScavengerConfig {
+        delay: Some(std::time::Duration::from_millis(10)),
+        retain_percent: 50,
+        background: false,
+    });
+    let meta = h.alloc_span(100, Purpose::SpanRecords, 0, 1).unwrap();
+    let live = h.alloc_span(10, Purpose::Heap, 0, 1).unwrap();
+    let freed = h.alloc_span(40, Purpose::Heap, 0, 1).unwrap();
+    let base = unsafe { freed.as_ref() }.base();
+    unsafe { core::ptr::write_bytes(base as *mut u8, 0xCD, 40 * PAGE_SIZE) };
+    unsafe { h.free_span(freed) };
+    let later = crate::os::coarse_now_ns() + 10_000_000_000;
+    let (released, _) = h.scavenge(false, later, u64::MAX);
+    assert!(
+        released >= 35 * PAGE_SIZE,
+        "only {} of the 40 free pages went back",
+        released / PAGE_SIZE
+    );
+    check_counters(h, &[(meta, Purpose::SpanRecords), (live, Purpose::Heap)]);
+}

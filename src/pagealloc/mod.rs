@@ -423,11 +423,6 @@ impl PageAlloc {
         }
     }
 
-    /// Pages of the heap, free or not.
-    pub(crate) fn total_pages(&self) -> usize {
-        self.total
-    }
-
     /// Free pages in the heap.
     pub(crate) fn free_pages(&self) -> usize {
         self.free
