@@ -69,7 +69,8 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Default delay before a free page is returned to the OS, in milliseconds.
 pub(crate) const DEFAULT_DELAY_MS: u32 = 1000;
-/// Default headroom of free memory kept committed, in percent of the pages in use.
+/// Default headroom of free memory kept committed, in percent of the pages of heap
+/// spans in use.
 pub(crate) const DEFAULT_RETAIN_PERCENT: u32 = 10;
 /// The longest a paced pass works before it stops (and lets the program go on).
 pub(crate) const PASS_BUDGET_NS: u64 = 2_000_000;
