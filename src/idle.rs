@@ -224,7 +224,7 @@ mod imp {
         let d = door(c);
         // SAFETY: gettid has no preconditions.
         d.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
-        let (slot, empty) = crate::tls::cache_slot();
+        let (slot, empty) = crate::mcache::tls::cache_slot();
         d.slot.store(slot, Ordering::Relaxed);
         d.empty.store(empty, Ordering::Relaxed);
         d.sigmask.store(blocked_signals(), Ordering::Relaxed);
@@ -274,7 +274,7 @@ mod imp {
             w.spin();
         }
         d.flushed.store(0, Ordering::Relaxed);
-        crate::tls::set_cache(c);
+        crate::mcache::tls::set_cache(c);
         Some(c)
     }
 

@@ -23,6 +23,8 @@
 //! - `sizeclasses`: the generated size-class table (67 classes up to 32 KiB).
 //! - `mcache`: the thread-local front end for small objects: local free stack and a
 //!   64-object window per class, no lock and no atomic read-modify-write; remote frees.
+//!   Its two thread-local slots are in `mcache::tls` (initial-exec TLS in shared
+//!   libraries with the `static-tls` feature).
 //! - `mcentral`: per-class spans no cache owns: partial/full lists, announcements.
 //! - `malloc`: `Layout` -> small object (size class) or large object (page span).
 //! - `scavenger`: returns free memory to the OS after a delay, from a background
@@ -31,8 +33,7 @@
 //! - `stats`: consistent statistics (per-writer deltas in two generations, with
 //!   per-thread sequence counters) behind [`stats()`], and the [`Stats`] report.
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
-//! - `tls`: the thread cache's thread-local slots (initial-exec TLS in shared libraries
-//!   with the `static-tls` feature); `fork`: the `pthread_atfork` handlers.
+//! - `fork`: the `pthread_atfork` handlers.
 //!
 //! The allocator never panics, never unwinds and never calls the global allocator.
 
@@ -65,8 +66,6 @@ mod scavenger;
 mod sizeclasses;
 mod stats;
 mod sync;
-#[cfg(not(spanheap_loom))]
-mod tls;
 
 // Classes serve alignments up to one heap page (spans are page aligned).
 const _: () = assert!(sizeclasses::MAX_CLASS_ALIGN == os::PAGE_SIZE);

@@ -55,10 +55,10 @@ const _: () = assert!(NO_CACHE == 0);
 /// cache is live (the process-wide heap's `writer` hook).
 #[cfg(not(spanheap_loom))]
 pub(crate) fn current_writer() -> Option<&'static HeapSeq> {
-    if crate::tls::state() != LIVE {
+    if super::tls::state() != LIVE {
         return None;
     }
-    let c = crate::tls::cache();
+    let c = super::tls::cache();
     if c == empty_cache() {
         // A visitor emptied the slot (`idle.rs`): the locked statistics path serves
         // until the record is back.
@@ -73,10 +73,10 @@ pub(crate) fn current_writer() -> Option<&'static HeapSeq> {
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(super) fn live_cache() -> Option<*mut MCache> {
-    if crate::tls::state() != LIVE {
+    if super::tls::state() != LIVE {
         return None;
     }
-    let c = crate::tls::cache();
+    let c = super::tls::cache();
     if c != empty_cache() {
         return Some(c);
     }
@@ -161,10 +161,10 @@ fn exit_key_loaded() -> Option<libc::pthread_key_t> {
 pub(super) fn create_cache() -> Option<*mut MCache> {
     // From here until the cache is live, an allocation the calls below make (the C
     // library may allocate inside them) takes the cache-less path: no recursion.
-    crate::tls::set_state(CREATING);
+    super::tls::set_state(CREATING);
     let c = create_cache_record();
     if c.is_null() {
-        crate::tls::set_state(NO_CACHE);
+        super::tls::set_state(NO_CACHE);
         return None;
     }
     // SAFETY: the record is ours; `seq` lives as long as the process.
@@ -177,10 +177,10 @@ pub(super) fn create_cache() -> Option<*mut MCache> {
             (*c).registered = true;
         }
     }
-    crate::tls::set_cache(c);
+    super::tls::set_cache(c);
     crate::idle::open(c, first);
     budget::thread_count(1);
-    crate::tls::set_state(LIVE);
+    super::tls::set_state(LIVE);
     HEAP.stats_update(|d| d.add(field::CACHES, 1));
     crate::stats::exit_report_once();
     crate::fork::register_once();
@@ -216,8 +216,8 @@ extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
     // No visitor may take the record from here on (one at work finishes first).
     crate::idle::exit(c);
     budget::thread_count(-1);
-    crate::tls::set_cache(empty_cache());
-    crate::tls::set_state(DEAD);
+    super::tls::set_cache(empty_cache());
+    super::tls::set_state(DEAD);
     // SAFETY: the cache was this thread's, and nothing refers to it any more.
     unsafe {
         release_all(&HEAP, c);
@@ -385,5 +385,5 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn has_cache() -> bool {
-    crate::tls::state() == LIVE
+    super::tls::state() == LIVE
 }

@@ -87,6 +87,8 @@ mod lifecycle;
 mod shared;
 #[cfg(all(test, not(spanheap_loom)))]
 mod tests;
+#[cfg(not(spanheap_loom))]
+pub(crate) mod tls;
 
 use core::ptr::{self, NonNull};
 
@@ -470,7 +472,7 @@ pub(crate) fn alloc(class: usize) -> *mut u8 {
 #[cfg(not(spanheap_loom))]
 #[inline(always)]
 fn alloc_unchecked(class: usize) -> *mut u8 {
-    let c = crate::tls::cache();
+    let c = tls::cache();
     // SAFETY: `c` is this thread's cache or the empty one.
     let p = unsafe { try_alloc(c, class) };
     if !p.is_null() {
@@ -483,7 +485,7 @@ fn alloc_unchecked(class: usize) -> *mut u8 {
 #[cold]
 #[inline(never)]
 fn alloc_slow(class: usize) -> *mut u8 {
-    let c = match crate::tls::state() {
+    let c = match tls::state() {
         LIVE => match live_cache() {
             Some(c) => c,
             None => return HEAP.shared.alloc(&HEAP, class),
@@ -511,7 +513,7 @@ fn alloc_slow(class: usize) -> *mut u8 {
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
-    let c = crate::tls::cache();
+    let c = tls::cache();
     // An empty slot may hide a live record whose stacks hold objects: one a visitor
     // trimmed or left (`idle.rs`). The slow path re-installs it and may pop a used
     // object from it, so clear whatever comes (once per visit, or per new thread).
@@ -558,7 +560,7 @@ pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
-    let c = crate::tls::cache();
+    let c = tls::cache();
     // SAFETY: `c` is this thread's cache or the empty one, whose span range is empty
     // (so it is never written here).
     unsafe {
@@ -607,7 +609,7 @@ unsafe fn dealloc_first(p: *mut u8, class: usize) {
     let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
         return; // not ours
     };
-    let c = match crate::tls::state() {
+    let c = match tls::state() {
         NO_CACHE => create_cache(),
         // A visitor emptied the slot (`idle.rs`).
         LIVE => live_cache(),

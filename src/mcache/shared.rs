@@ -115,7 +115,7 @@ impl SharedCache {
 pub(crate) fn with_heap_cache<R>(
     f: impl FnOnce(Option<&mut crate::pagecache::HeapCache>) -> R,
 ) -> R {
-    let c = match crate::tls::state() {
+    let c = match super::tls::state() {
         LIVE => match live_cache() {
             Some(c) => c,
             None => return f(None),

@@ -1,6 +1,9 @@
 //! The two thread-local slots of the thread cache: the cache pointer and its state
-//! (`mcache/lifecycle.rs`: NO_CACHE, LIVE, DEAD). Both are plain per-thread values with constant
-//! initial values and no destructor, readable at any point of a thread's life.
+//! (`lifecycle.rs`: NO_CACHE, LIVE, DEAD). Both are plain per-thread values with constant
+//! initial values and no destructor, readable at any point of a thread's life. They are
+//! part of `mcache` because the cache slot's initial value is the static empty cache's
+//! address, and only the thread cache and the idle-thread visitor above it (`idle.rs`)
+//! touch them: a module of their own would have to name `mcache` from below it.
 //!
 //! Two implementations behind one interface:
 //!
@@ -18,7 +21,7 @@
 //! The assembly block starts zeroed, so there the cache slot holds the cache's offset
 //! from the static empty cache (0 = the empty cache) rather than the pointer itself.
 
-use crate::mcache::MCache;
+use super::MCache;
 
 #[cfg(not(all(feature = "static-tls", target_arch = "x86_64", target_os = "linux")))]
 mod imp {
@@ -28,7 +31,7 @@ mod imp {
     thread_local! {
         /// The cache pointer itself, starting at the static empty cache.
         static CACHE: Cell<*mut MCache> = const {
-            Cell::new(crate::mcache::EMPTY_CACHE.get())
+            Cell::new(super::super::EMPTY_CACHE.get())
         };
         static STATE: Cell<u8> = const { Cell::new(0) };
     }
@@ -48,7 +51,7 @@ mod imp {
     pub(super) fn cache_slot() -> (usize, usize) {
         (
             CACHE.with(|x| x.as_ptr() as usize),
-            crate::mcache::EMPTY_CACHE.get() as usize,
+            super::super::EMPTY_CACHE.get() as usize,
         )
     }
     #[inline(always)]
@@ -96,7 +99,7 @@ mod imp {
 
     #[inline(always)]
     fn empty() -> usize {
-        crate::mcache::EMPTY_CACHE.get() as usize
+        super::super::EMPTY_CACHE.get() as usize
     }
 
     /// The block starts zeroed, so it holds the cache's offset from the static empty
