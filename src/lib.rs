@@ -33,6 +33,7 @@
 //! - `stats`: consistent statistics (per-writer deltas in two generations, with
 //!   per-thread sequence counters) behind [`stats()`], and the [`Stats`] report.
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
+//! - `env`: the `SPANHEAP_*` environment settings, read without allocating.
 //! - `fork`: the `pthread_atfork` handlers.
 //!
 //! The allocator never panics, never unwinds and never calls the global allocator.
@@ -46,6 +47,7 @@
 mod arena;
 #[cfg(all(feature = "checked", not(spanheap_loom)))]
 mod checked;
+mod env;
 mod fatal;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;

@@ -184,7 +184,7 @@ mod state {
         if b != usize::MAX {
             return b;
         }
-        let v = crate::scavenger::env_size(c"SPANHEAP_THREAD_CACHE_BUDGET")
+        let v = crate::env::env_size(c"SPANHEAP_THREAD_CACHE_BUDGET")
             .unwrap_or(crate::mcache::DEFAULT_BUDGET)
             .min(usize::MAX - 1);
         let _ = BUDGET.compare_exchange(usize::MAX, v, Ordering::Relaxed, Ordering::Relaxed);
