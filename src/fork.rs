@@ -78,7 +78,7 @@ extern "C" fn child() {
         .fork_child_settle(crate::mcache::current_writer());
     HEAP.scavenger.fork_child_reset();
     crate::os::membarrier_fork_child_reset();
-    crate::scavenger::background::fork_child_reset();
+    crate::bgscavenge::fork_child_reset();
     crate::idle::fork_child(crate::mcache::own_record());
     // SAFETY: fork() ran `prepare` on this thread before the copy.
     unsafe { unlock_all() };

@@ -29,7 +29,8 @@
 //! - `malloc`: `Layout` -> small object (size class) or large object (page span).
 //! - `scavenger`: returns free memory to the OS after a delay, from a background
 //!   thread started once there is some (or paced from the slow paths), and
-//!   [`release_memory`] for all of it now.
+//!   [`release_memory`] for all of it now; `bgscavenge`: that thread, for the
+//!   process-wide heap.
 //! - `stats`: consistent statistics (per-writer deltas in two generations, with
 //!   per-thread sequence counters) behind [`stats()`], and the [`Stats`] report.
 //! - `sync`: the single shim for atomics, cells and the lock (std or loom).
@@ -45,6 +46,8 @@
 #![warn(missing_debug_implementations)]
 
 mod arena;
+#[cfg(not(spanheap_loom))]
+mod bgscavenge;
 #[cfg(all(feature = "checked", not(spanheap_loom)))]
 mod checked;
 mod env;
@@ -88,7 +91,7 @@ mod global {
     pub(crate) static HEAP: MHeap<OsMemory> = MHeap::global(
         OsMemory,
         crate::mcache::current_writer,
-        crate::scavenger::background::HOOKS,
+        crate::bgscavenge::HOOKS,
     );
 
     /// The spanheap global allocator (zero-sized; all state is process-wide).
@@ -500,7 +503,7 @@ pub mod __private {
     /// Whether the scavenger's background thread is running.
     #[cfg(not(spanheap_loom))]
     pub fn background_scavenger_running() -> bool {
-        crate::scavenger::background::running()
+        crate::bgscavenge::running()
     }
 
     /// Visits of other threads' caches so far (`idle.rs`): doors claimed, visits that
@@ -525,7 +528,7 @@ pub mod __private {
     /// Whether the scavenger's background thread is parked until a free wakes it.
     #[cfg(not(spanheap_loom))]
     pub fn background_scavenger_parked() -> bool {
-        crate::scavenger::background::parked()
+        crate::bgscavenge::parked()
     }
 
     /// The address range of the calling thread's free-stack storage (the mapping its
