@@ -31,7 +31,9 @@
 //! child frees go back to their spans as remote frees, as from any other thread.
 //!
 //! The handlers are registered once, when the first thread cache is created (after it
-//! is live, so that an allocation `pthread_atfork` itself may make is an ordinary one).
+//! is live, so that an allocation `pthread_atfork` itself may make is an ordinary one):
+//! `register_once` is the process-wide heap's `on_cache_live` hook (`lib.rs`), which
+//! the thread cache runs without naming this module, above it.
 
 // Process-wide set-once flag, outside the modelled core.
 use core::sync::atomic::{AtomicBool, Ordering};

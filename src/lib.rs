@@ -92,6 +92,7 @@ mod global {
         OsMemory,
         crate::mcache::current_writer,
         crate::bgscavenge::HOOKS,
+        crate::fork::register_once,
     );
 
     /// The spanheap global allocator (zero-sized; all state is process-wide).

@@ -183,7 +183,8 @@ pub(super) fn create_cache() -> Option<*mut MCache> {
     super::tls::set_state(LIVE);
     HEAP.stats_update(|d| d.add(field::CACHES, 1));
     crate::stats::exit_report_once();
-    crate::fork::register_once();
+    // The process-wide heap's: registers the fork handlers once.
+    (HEAP.on_cache_live)();
     Some(c)
 }
 

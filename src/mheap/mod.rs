@@ -260,6 +260,10 @@ pub(crate) struct MHeap<M: MemSource> {
     reclaim: Mutex<()>,
     /// The cache of threads without one (`mcache/shared.rs`).
     pub(crate) shared: SharedCache,
+    /// Run each time a thread cache comes to life (`mcache/lifecycle.rs`): for the
+    /// process-wide heap, registering the fork handlers (`fork.rs`, which sits above
+    /// the caches and so is passed in rather than named); nothing for other heaps.
+    pub(crate) on_cache_live: fn(),
 }
 
 /// The mcentrals, one per class, each with its class's lock rank.
@@ -299,19 +303,23 @@ impl<M: MemSource> MHeap<M> {
             caches: AtomicPtr::new(ptr::null_mut()),
             reclaim: Mutex::new((), crate::lockrank::RECLAIM),
             shared: SharedCache::new(),
+            on_cache_live: || {},
         }
     }
 
     /// The process-wide heap: like `with_writer`, and its scavenger reads the
-    /// `SPANHEAP_*` environment variables and has a background thread (`bg`).
+    /// `SPANHEAP_*` environment variables and has a background thread (`bg`);
+    /// `on_cache_live` runs each time a thread cache comes to life.
     #[cfg(not(spanheap_loom))]
     pub(crate) const fn global(
         mem: M,
         writer: fn() -> Option<&'static HeapSeq>,
         bg: crate::scavenger::Background,
+        on_cache_live: fn(),
     ) -> Self {
         let mut h = Self::with_writer(mem, writer);
         h.scavenger = Scavenger::new(true, bg);
+        h.on_cache_live = on_cache_live;
         h
     }
     #[cfg(spanheap_loom)]
@@ -329,6 +337,7 @@ impl<M: MemSource> MHeap<M> {
             caches: AtomicPtr::new(ptr::null_mut()),
             reclaim: Mutex::new((), crate::lockrank::RECLAIM),
             shared: SharedCache::new(),
+            on_cache_live: || {},
         }
     }
 
