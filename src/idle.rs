@@ -48,6 +48,10 @@
 //! passes the first test; nothing short of restartable sequences can tell. (Handlers
 //! without `SA_NODEFER` block their own signal while they run, which step 1 sees.)
 //!
+//! The door (`Door`, a field of every cache record), the registry of records and the
+//! owner's side (`open`, `exit`, `reattach`) are in `mcache/door.rs`, run from the
+//! cache's life cycle; this module, above the caches, is the visitor's side.
+//!
 //! # What a visit does
 //!
 //! A thread that has not run at all for the delay (its context-switch count unchanged
@@ -68,120 +72,21 @@
 //! Everything here is process bookkeeping outside the modelled core (core atomics):
 //! its safety rests on the kernel's view of the thread, which loom cannot model.
 
-use core::sync::atomic::{
-    AtomicI32, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
-};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
+use crate::mcache::door::{door, CLAIMED, EXITED, NOT_SEEN, OPEN, ORPHAN, RECORDS};
 use crate::mcache::MCache;
 use crate::sizeclasses::NUM_CLASSES;
 
-/// Not a thread's record yet.
-const UNUSED: u8 = 0;
-/// A live thread's record; visitors may claim it.
-const OPEN: u8 = 1;
-/// A visitor has claimed it (reclaim lock held).
-const CLAIMED: u8 = 2;
-/// Its thread exited (or it was taken as an orphan): never visited again until reused.
-const EXITED: u8 = 3;
-/// In a fork child, a record of a thread that was not copied.
-const ORPHAN: u8 = 4;
 /// A thread whose last visit left less than this in its free stacks is not worth
 /// waking up for again (the background thread may park).
 #[cfg(not(spanheap_loom))]
 const QUIET_BYTES: u64 = 256 << 10;
 
-/// `Door::pops_seen` before a visit has seen the class.
-const NOT_SEEN: u32 = u32::MAX;
-
 /// A pop count as `Door::pops_seen` keeps it (never `NOT_SEEN`).
 #[cfg(not(spanheap_loom))]
 fn pops_key(pops: u64) -> u32 {
     pops as u32 & (NOT_SEEN >> 1)
-}
-
-/// The door of one cache record (see the module's documentation).
-pub(crate) struct Door {
-    /// UNUSED, OPEN, CLAIMED, EXITED or ORPHAN. The owner moves it OPEN -> EXITED
-    /// (and sets OPEN at creation); a visitor OPEN/ORPHAN -> CLAIMED -> OPEN/EXITED.
-    state: AtomicU8,
-    /// How deep the owner is in slow paths that use the record. Written by the owner,
-    /// or by a visitor holding the door (Relaxed: a visitor reads it only while the
-    /// owner is not running, and restores what it changes).
-    slow: AtomicU32,
-    /// The owner's kernel thread id. Owner, before OPEN (Release).
-    tid: AtomicI32,
-    /// The address of the owner's thread-local cache slot, and the value meaning "the
-    /// empty cache" there. Owner, before OPEN.
-    slot: AtomicUsize,
-    empty: AtomicUsize,
-    /// Signals 1..=64 the owner had blocked when it created the cache. Owner, before
-    /// OPEN.
-    sigmask: AtomicU64,
-    /// The visitors' notes (reclaim lock): the owner's context switches when a visit
-    /// first saw that count, and when (coarse ms); when it was last visited.
-    seen_switches: AtomicU64,
-    seen_at: AtomicU32,
-    visited_at: AtomicU32,
-    /// 1: a visitor took everything and the owner has not been back (nothing to visit).
-    /// Set by a visitor, cleared by the owner's `reattach`.
-    flushed: AtomicU8,
-    /// Per class, the free stack's depth after the last visit (reclaim lock).
-    low: [AtomicU16; NUM_CLASSES],
-    /// Per class, the stack's pop count (`ClassCache::pops`, truncated) after the last
-    /// visit, or `NOT_SEEN`: the same count at the next visit means no allocation took
-    /// from the stack in between (reclaim lock).
-    pops_seen: [AtomicU32; NUM_CLASSES],
-    /// Per class, the free stack's depth as of the class's last slow path (or visit):
-    /// for the statistics' estimate of what threads hold. Written by the owner (or a
-    /// visitor holding the door), read by anyone (Relaxed: an estimate).
-    depth: [AtomicU16; NUM_CLASSES],
-    /// Bytes the record's free stacks and remote buffers held after the last visit that
-    /// got in; `u64::MAX` before the first (reclaim lock).
-    held: AtomicU64,
-    /// Next record in the registry (set once, before publication).
-    next: AtomicPtr<MCache>,
-}
-
-impl Door {
-    pub(crate) const fn new() -> Self {
-        Door {
-            state: AtomicU8::new(UNUSED),
-            slow: AtomicU32::new(0),
-            tid: AtomicI32::new(0),
-            slot: AtomicUsize::new(0),
-            empty: AtomicUsize::new(0),
-            sigmask: AtomicU64::new(0),
-            seen_switches: AtomicU64::new(u64::MAX),
-            seen_at: AtomicU32::new(0),
-            visited_at: AtomicU32::new(0),
-            flushed: AtomicU8::new(0),
-            low: [const { AtomicU16::new(0) }; NUM_CLASSES],
-            pops_seen: [const { AtomicU32::new(NOT_SEEN) }; NUM_CLASSES],
-            depth: [const { AtomicU16::new(0) }; NUM_CLASSES],
-            held: AtomicU64::new(u64::MAX),
-            next: AtomicPtr::new(core::ptr::null_mut()),
-        }
-    }
-
-    /// The owner enters a slow path that uses its record; returns the depth to restore.
-    #[inline]
-    pub(crate) fn enter_slow(&self) -> u32 {
-        let d = self.slow.load(Ordering::Relaxed);
-        self.slow.store(d + 1, Ordering::Relaxed);
-        d
-    }
-
-    /// Records that class `class`'s free stack holds `n` objects (at a slow path).
-    #[inline]
-    pub(crate) fn publish_depth(&self, class: usize, n: u32) {
-        self.depth[class].store(n.min(u32::from(u16::MAX)) as u16, Ordering::Relaxed);
-    }
-
-    /// The owner leaves the slow path entered with `enter_slow` (which returned `d`).
-    #[inline]
-    pub(crate) fn exit_slow(&self, d: u32) {
-        self.slow.store(d, Ordering::Relaxed);
-    }
 }
 
 #[cfg(not(spanheap_loom))]
@@ -191,10 +96,6 @@ pub(crate) use imp::*;
 mod imp {
     use super::*;
     use crate::global::HEAP;
-
-    /// Every record that ever had a door opened, linked through `Door::next` (records
-    /// are never unmapped; a reused record keeps its place).
-    static RECORDS: AtomicPtr<MCache> = AtomicPtr::new(core::ptr::null_mut());
 
     /// Whether visits can work here (the heavy barrier exists); checked at the first.
     static USABLE: AtomicU8 = AtomicU8::new(2);
@@ -211,71 +112,6 @@ mod imp {
 
     fn count(i: usize) {
         COUNTS[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn door<'a>(c: *mut MCache) -> &'a Door {
-        // SAFETY: records are never unmapped; the door is only used atomically.
-        unsafe { &(*c).door }
-    }
-
-    /// The calling thread's record `c` becomes its live cache: notes what visitors need
-    /// and opens the door. `first`: the record was never registered.
-    pub(crate) fn open(c: *mut MCache, first: bool) {
-        let d = door(c);
-        // SAFETY: gettid has no preconditions.
-        d.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
-        let (slot, empty) = crate::mcache::tls::cache_slot();
-        d.slot.store(slot, Ordering::Relaxed);
-        d.empty.store(empty, Ordering::Relaxed);
-        d.sigmask.store(blocked_signals(), Ordering::Relaxed);
-        d.seen_switches.store(u64::MAX, Ordering::Relaxed);
-        d.flushed.store(0, Ordering::Relaxed);
-        d.held.store(u64::MAX, Ordering::Relaxed);
-        for l in d.low.iter().chain(&d.depth) {
-            l.store(0, Ordering::Relaxed);
-        }
-        // Release: a visitor that sees OPEN (Acquire) sees the fields above.
-        d.state.store(OPEN, Ordering::Release);
-        if first {
-            crate::sync::push_linked(&RECORDS, c, &d.next, Ordering::Release);
-        }
-    }
-
-    /// The owner of `c` is exiting: waits for a visit in progress to end, then closes
-    /// the door for good.
-    pub(crate) fn exit(c: *mut MCache) {
-        let d = door(c);
-        let mut w = crate::sync::SpinWait::new();
-        // Acquire: the visitor's work on the record happens-before our exit path.
-        while d
-            .state
-            .compare_exchange(OPEN, EXITED, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            if d.state.load(Ordering::Relaxed) != CLAIMED {
-                return; // not open (never opened): nothing to close
-            }
-            w.spin();
-        }
-    }
-
-    /// In a slow path of a thread whose cache slot is empty although its cache is live:
-    /// a visitor closed the door. Waits for the visit to end and re-installs the record
-    /// (the exit key's value). None if the thread has no record (it never had one).
-    #[cold]
-    #[inline(never)]
-    pub(crate) fn reattach() -> Option<*mut MCache> {
-        let c = crate::mcache::own_record()?;
-        let d = door(c);
-        let mut w = crate::sync::SpinWait::new();
-        // Acquire: pairs with the visitor's Release when it reopens, so its work on
-        // the record happens-before ours.
-        while d.state.load(Ordering::Acquire) == CLAIMED {
-            w.spin();
-        }
-        d.flushed.store(0, Ordering::Relaxed);
-        crate::mcache::tls::set_cache(c);
-        Some(c)
     }
 
     /// In a fork child, run by the only thread: every other thread's record is an
@@ -318,21 +154,6 @@ mod imp {
             c = d.next.load(Ordering::Acquire);
         }
         total
-    }
-
-    /// Signals 1..=64 blocked in the calling thread, as a bit mask (bit n-1: signal n,
-    /// as `/proc`'s `SigBlk` shows them).
-    fn blocked_signals() -> u64 {
-        // SAFETY: reading this thread's mask into a local set; sigismember reads it.
-        unsafe {
-            let mut set: libc::sigset_t = core::mem::zeroed();
-            if libc::pthread_sigmask(libc::SIG_BLOCK, core::ptr::null(), &mut set) != 0 {
-                return u64::MAX; // unknown: never matches, so never visited
-            }
-            (1..=64).fold(0u64, |m, s| {
-                m | (u64::from(libc::sigismember(&set, s) == 1) << (s - 1))
-            })
-        }
     }
 
     /// What a look at a thread found.

@@ -57,6 +57,7 @@ pub mod fault_injection;
 mod fixalloc;
 #[cfg(not(spanheap_loom))]
 mod fork;
+#[cfg(not(spanheap_loom))]
 mod idle;
 mod lockrank;
 mod malloc;

@@ -80,7 +80,7 @@ pub(super) fn live_cache() -> Option<*mut MCache> {
     if c != empty_cache() {
         return Some(c);
     }
-    crate::idle::reattach()
+    super::door::reattach()
 }
 
 /// The calling thread's cache record (the exit key's value), whether or not its slot
@@ -95,7 +95,7 @@ pub(crate) fn own_record() -> Option<*mut MCache> {
 
 /// Marks the owner of `c` as inside a slow path that uses its record, for as long as
 /// it lives (visitors leave such a record alone, `idle.rs`).
-pub(super) struct Slow<'a>(&'a crate::idle::Door, u32);
+pub(super) struct Slow<'a>(&'a super::door::Door, u32);
 
 impl<'a> Slow<'a> {
     /// # Safety
@@ -178,7 +178,7 @@ pub(super) fn create_cache() -> Option<*mut MCache> {
         }
     }
     super::tls::set_cache(c);
-    crate::idle::open(c, first);
+    super::door::open(c, first);
     budget::thread_count(1);
     super::tls::set_state(LIVE);
     HEAP.stats_update(|d| d.add(field::CACHES, 1));
@@ -215,7 +215,7 @@ fn create_cache_record() -> *mut MCache {
 extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
     let c = arg.cast::<MCache>();
     // No visitor may take the record from here on (one at work finishes first).
-    crate::idle::exit(c);
+    super::door::exit(c);
     budget::thread_count(-1);
     super::tls::set_cache(empty_cache());
     super::tls::set_state(DEAD);

@@ -24,9 +24,9 @@
 //! *Protection.* A cache record belongs to its owner thread (the shared cache: to the
 //! holder of its lock): its entries are read and written with plain loads and stores,
 //! no lock and no atomic read-modify-write. Others reach a live record only through its
-//! `door` (`idle.rs`, atomics; a visitor that holds it acts as the owner) and its
-//! statistics counter `seq`. The current spans a cache owns are its own too; objects
-//! of spans it does not own go back through the spans' atomic remote bitmaps.
+//! `door` (`door.rs`, atomics; a visitor, `idle.rs`, that holds it acts as the owner)
+//! and its statistics counter `seq`. The current spans a cache owns are its own too;
+//! objects of spans it does not own go back through the spans' atomic remote bitmaps.
 //!
 //! # How it works
 //!
@@ -82,6 +82,7 @@
 //! cache) are not.
 
 pub(crate) mod budget;
+pub(crate) mod door;
 mod flush;
 mod lifecycle;
 mod shared;
@@ -279,7 +280,7 @@ pub(crate) struct MCache {
     limits_gen: usize,
     /// The door through which other threads may visit the record while its owner is
     /// provably outside the allocator (`idle.rs`).
-    pub(crate) door: crate::idle::Door,
+    pub(crate) door: door::Door,
     /// Fixalloc free-list link (heap lock).
     free_link: UnsafeCell<*mut MCache>,
 }
@@ -334,7 +335,7 @@ impl MCache {
                 seq: HeapSeq::new(),
                 registered: false,
                 limits_gen: 0,
-                door: crate::idle::Door::new(),
+                door: door::Door::new(),
                 free_link: UnsafeCell::new(ptr::null_mut()),
             }
         }
