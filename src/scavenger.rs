@@ -105,8 +105,9 @@ pub struct ScavengerConfig {
     /// turns automatic returning off (environment `SPANHEAP_SCAVENGE_DELAY_MS=off`);
     /// [`release_memory`](crate::release_memory) still works.
     pub delay: Option<Duration>,
-    /// Free memory kept committed regardless of age, in percent of the memory in use
-    /// (default 10, environment `SPANHEAP_RETAIN_PERCENT`).
+    /// Free memory kept committed regardless of age, in percent of the heap in use
+    /// (the pages of heap spans; the allocator's own record chunks do not count;
+    /// default 10, environment `SPANHEAP_RETAIN_PERCENT`).
     pub retain_percent: u32,
     /// Let a background thread do the scavenging (default on; environment
     /// `SPANHEAP_BACKGROUND_SCAVENGER=0` turns it off). The thread is started only once
