@@ -46,19 +46,13 @@
 #![warn(missing_debug_implementations)]
 
 mod arena;
-#[cfg(not(spanheap_loom))]
-mod bgscavenge;
-#[cfg(all(feature = "checked", not(spanheap_loom)))]
-mod checked;
 mod env;
 mod fatal;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;
 mod fixalloc;
 #[cfg(not(spanheap_loom))]
-mod fork;
-#[cfg(not(spanheap_loom))]
-mod idle;
+mod global;
 mod lockrank;
 mod malloc;
 mod mcache;
@@ -80,61 +74,48 @@ pub use mspan::Purpose;
 pub use scavenger::ScavengerConfig;
 pub use stats::{ClassStats, HeapGauges, Stats};
 
+/// The spanheap global allocator (zero-sized; all state is process-wide: `global/mod.rs`).
+///
+/// ```no_run
+/// #[global_allocator]
+/// static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
+/// ```
 #[cfg(not(spanheap_loom))]
-mod global {
-    use core::alloc::{GlobalAlloc, Layout};
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpanHeap;
 
-    use crate::malloc;
-    use crate::mheap::MHeap;
-    use crate::os::OsMemory;
+// SAFETY: blocks come from spans that the heap hands out once and takes back only in
+// `dealloc`/`realloc`; every block is at least `layout.size()` bytes (whole pages)
+// and aligned to `layout.align()`; failures return null; nothing panics.
+#[cfg(not(spanheap_loom))]
+unsafe impl core::alloc::GlobalAlloc for SpanHeap {
+    #[inline]
+    unsafe fn alloc(&self, layout: core::alloc::Layout) -> *mut u8 {
+        malloc::global::alloc(layout.size(), layout.align())
+    }
 
-    /// The process-wide heap behind [`SpanHeap`].
-    pub(crate) static HEAP: MHeap<OsMemory> = MHeap::global(
-        OsMemory,
-        crate::mcache::current_writer,
-        crate::bgscavenge::HOOKS,
-        crate::fork::register_once,
-    );
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: core::alloc::Layout) -> *mut u8 {
+        malloc::global::alloc_zeroed(layout.size(), layout.align())
+    }
 
-    /// The spanheap global allocator (zero-sized; all state is process-wide).
-    ///
-    /// ```no_run
-    /// #[global_allocator]
-    /// static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
-    /// ```
-    #[derive(Clone, Copy, Debug, Default)]
-    pub struct SpanHeap;
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: core::alloc::Layout) {
+        // SAFETY: GlobalAlloc's contract: `ptr` is a live block allocated with `layout`.
+        unsafe { malloc::global::dealloc(ptr, layout.size(), layout.align()) }
+    }
 
-    // SAFETY: blocks come from spans that the heap hands out once and takes back only in
-    // `dealloc`/`realloc`; every block is at least `layout.size()` bytes (whole pages)
-    // and aligned to `layout.align()`; failures return null; nothing panics.
-    unsafe impl GlobalAlloc for SpanHeap {
-        #[inline]
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            malloc::global::alloc(layout.size(), layout.align())
-        }
-
-        #[inline]
-        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-            malloc::global::alloc_zeroed(layout.size(), layout.align())
-        }
-
-        #[inline]
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            // SAFETY: GlobalAlloc's contract: `ptr` is a live block allocated with `layout`.
-            unsafe { malloc::global::dealloc(ptr, layout.size(), layout.align()) }
-        }
-
-        #[inline]
-        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            // SAFETY: GlobalAlloc's contract: `ptr` is a live block allocated with `layout`.
-            unsafe { malloc::global::realloc(ptr, layout.size(), layout.align(), new_size) }
-        }
+    #[inline]
+    unsafe fn realloc(
+        &self,
+        ptr: *mut u8,
+        layout: core::alloc::Layout,
+        new_size: usize,
+    ) -> *mut u8 {
+        // SAFETY: GlobalAlloc's contract: `ptr` is a live block allocated with `layout`.
+        unsafe { malloc::global::realloc(ptr, layout.size(), layout.align(), new_size) }
     }
 }
-
-#[cfg(not(spanheap_loom))]
-pub use global::SpanHeap;
 
 /// A consistent snapshot of spanheap's statistics.
 ///
@@ -159,11 +140,11 @@ pub use global::SpanHeap;
 /// the process exits.
 #[cfg(not(spanheap_loom))]
 pub fn stats() -> Stats {
-    mcache::publish_counts();
+    mcache::publish_counts::<global::Process>();
     let mut t = [0u64; stats::field::N];
     global::HEAP.stats.read(&mut t);
     let mut s = Stats::from_totals(&t, global::HEAP.gauges());
-    s.free_stack_bytes = idle::census(|_, _| {});
+    s.free_stack_bytes = global::idle::census(|_, _| {});
     s.thread_cache_budget = mcache::budget::get() as u64;
     let c = global::HEAP.counters();
     s.metadata_released_bytes = c.meta_released;
@@ -194,7 +175,7 @@ pub struct ThreadCacheInfo {
 #[cfg(not(spanheap_loom))]
 pub fn thread_caches(out: &mut [ThreadCacheInfo]) -> usize {
     let mut n = 0;
-    idle::census(|tid, free_stack_bytes| {
+    global::idle::census(|tid, free_stack_bytes| {
         if let Some(o) = out.get_mut(n) {
             *o = ThreadCacheInfo {
                 tid,
@@ -214,7 +195,7 @@ pub fn thread_caches(out: &mut [ThreadCacheInfo]) -> usize {
 /// same automatically.
 #[cfg(not(spanheap_loom))]
 pub fn flush_thread_cache() {
-    mcache::flush_own();
+    mcache::flush_own::<global::Process>();
 }
 
 /// Returns every free page of the heap to the OS now (Go's `debug.FreeOSMemory`), and
@@ -239,8 +220,8 @@ pub fn flush_thread_cache() {
 /// ```
 #[cfg(not(spanheap_loom))]
 pub fn release_memory() -> usize {
-    mcache::flush_own();
-    idle::visit_threads(true, 0, 0);
+    mcache::flush_own::<global::Process>();
+    global::idle::visit_threads(true, 0, 0);
     global::HEAP.reclaim_caches(true, 0, 0);
     global::HEAP.release_spares();
     global::HEAP.scavenge(true, 0, u64::MAX).0
@@ -295,7 +276,7 @@ pub fn thread_cache_budget() -> usize {
 #[cfg(not(spanheap_loom))]
 pub fn set_thread_cache_budget(bytes: usize) {
     mcache::budget::set(bytes);
-    mcache::apply_own_budget();
+    mcache::apply_own_budget::<global::Process>();
 }
 
 /// Entry points by address alone, for C-style callers that do not pass the size or
@@ -422,8 +403,8 @@ mod raw_tests {
 /// public API; no semver promise.
 #[doc(hidden)]
 pub mod __private {
+    use crate::mcache::Heap;
     pub use crate::mheap::HeapCounters;
-    use crate::mheap::MHeap;
     use crate::mspan::{MSpan, Purpose};
     use crate::os::{MemSource, OsMemory};
     use core::ptr::NonNull;
@@ -505,14 +486,14 @@ pub mod __private {
     /// Whether the scavenger's background thread is running.
     #[cfg(not(spanheap_loom))]
     pub fn background_scavenger_running() -> bool {
-        crate::bgscavenge::running()
+        crate::global::bgscavenge::running()
     }
 
     /// Visits of other threads' caches so far (`idle.rs`): doors claimed, visits that
     /// got in, idle threads released, busy threads trimmed.
     #[cfg(not(spanheap_loom))]
     pub fn thread_visits() -> (u64, u64, u64, u64) {
-        crate::idle::counts()
+        crate::global::idle::counts()
     }
 
     /// The calling thread's free stacks: (bytes held, bytes their limits allow).
@@ -530,7 +511,7 @@ pub mod __private {
     /// Whether the scavenger's background thread is parked until a free wakes it.
     #[cfg(not(spanheap_loom))]
     pub fn background_scavenger_parked() -> bool {
-        crate::bgscavenge::parked()
+        crate::global::bgscavenge::parked()
     }
 
     /// The address range of the calling thread's free-stack storage (the mapping its
@@ -568,12 +549,12 @@ pub mod __private {
     /// back to the memory source only through [`release_free`](Self::release_free).
     #[derive(Debug)]
     pub struct PageHeap<M: MemSource + 'static = OsMemory> {
-        heap: &'static MHeap<M>,
+        heap: &'static Heap<M>,
     }
 
-    impl<M: MemSource> core::fmt::Debug for MHeap<M> {
+    impl<M: MemSource> core::fmt::Debug for Heap<M> {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-            f.debug_struct("MHeap").finish_non_exhaustive()
+            f.debug_struct("Heap").finish_non_exhaustive()
         }
     }
 
@@ -598,7 +579,7 @@ pub mod __private {
         /// A new heap over `mem`. Leaked on purpose: spans must outlive any handle.
         pub fn new(mem: M) -> Self {
             PageHeap {
-                heap: Box::leak(Box::new(MHeap::new(mem))),
+                heap: Box::leak(Box::new(Heap::new(mem))),
             }
         }
         pub fn alloc_span(&self, npages: usize, purpose: Purpose, align: usize) -> Option<SpanRef> {
@@ -831,7 +812,7 @@ pub mod __private {
     /// at a time (it may be moved between threads, never shared).
     #[derive(Debug)]
     pub struct SmallCache<M: MemSource + 'static> {
-        heap: &'static MHeap<M>,
+        heap: &'static Heap<M>,
         c: *mut crate::mcache::MCache,
     }
 
@@ -997,7 +978,7 @@ pub mod __private {
         /// without one. Leaked, as [`PageHeap::new`].
         pub fn with_thread_writers(mem: M) -> Self {
             PageHeap {
-                heap: Box::leak(Box::new(MHeap::with_writer(mem, thread_writer))),
+                heap: Box::leak(Box::new(Heap::with_writer(mem, thread_writer))),
             }
         }
 

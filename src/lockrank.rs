@@ -26,8 +26,10 @@ pub(crate) const STATS_READER: Rank = Rank(2);
 pub(crate) const SHARED: Rank = Rank(3);
 /// `MCentral::lists` of class 1; class `c` has `CENTRAL.0 + c - 1` (see [`central`]).
 const CENTRAL: Rank = Rank(4);
+/// `Heap::records`: the thread-cache record allocator (`mcache/heap.rs`).
+pub(crate) const CACHE_RECORDS: Rank = Rank(CENTRAL.0 + NUM_CLASSES as u16 - 1);
 /// `MHeap::locked`: the heap lock.
-pub(crate) const HEAP: Rank = Rank(CENTRAL.0 + NUM_CLASSES as u16 - 1);
+pub(crate) const HEAP: Rank = Rank(CACHE_RECORDS.0 + 1);
 /// `ConsistentStats::nop`: cache-less statistics writers, the reader's flip.
 pub(crate) const STATS_NOP: Rank = Rank(HEAP.0 + 1);
 
@@ -48,7 +50,7 @@ pub(crate) struct Entry {
 
 /// The lock order, lowest rank first. `docs/design.md` has the same table.
 #[cfg_attr(not(feature = "lockrank"), allow(dead_code))]
-pub(crate) const TABLE: [Entry; 6] = [
+pub(crate) const TABLE: [Entry; 7] = [
     Entry {
         first: RECLAIM,
         last: RECLAIM,
@@ -72,6 +74,12 @@ pub(crate) const TABLE: [Entry; 6] = [
         last: central(NUM_CLASSES - 1),
         name: "mcentral",
         taken: "span refills and hand-offs, drains (one per class, in class order)",
+    },
+    Entry {
+        first: CACHE_RECORDS,
+        last: CACHE_RECORDS,
+        name: "cache records",
+        taken: "a thread cache's birth and death (record chunks come from the heap under it)",
     },
     Entry {
         first: HEAP,
@@ -307,7 +315,7 @@ mod checked_tests {
         assert!(
             stderr.contains(
                 "spanheap: lock order violation: taking reclaim (rank 1) \
-                 while holding heap (rank 71)"
+                 while holding heap (rank 72)"
             ),
             "{stderr}"
         );

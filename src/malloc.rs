@@ -253,16 +253,26 @@ pub(crate) unsafe fn realloc<M: MemSource>(
 pub(crate) mod global {
     use core::ptr;
 
-    use crate::global::HEAP;
+    use crate::global::{Process, HEAP};
     use crate::mcache;
     use crate::sizeclasses::{
         class_for_layout, common_class, is_common, CLASS_TO_SIZE, NUM_CLASSES,
     };
 
+    /// An object of size class `class` from the calling thread's cache (checked mode
+    /// marks it live).
+    #[inline]
+    fn small(class: usize) -> *mut u8 {
+        let p = mcache::alloc::<Process>(class);
+        #[cfg(feature = "checked")]
+        crate::global::checked::on_alloc(p);
+        p
+    }
+
     #[inline]
     pub(crate) fn alloc(size: usize, align: usize) -> *mut u8 {
         if is_common(size, align) {
-            return mcache::alloc(common_class(size));
+            return small(common_class(size));
         }
         alloc_uncommon(size, align)
     }
@@ -272,7 +282,7 @@ pub(crate) mod global {
     fn alloc_uncommon(size: usize, align: usize) -> *mut u8 {
         let class = class_for_layout(size, align);
         if class != 0 {
-            return mcache::alloc(class as usize);
+            return small(class as usize);
         }
         large_alloc(size, align, false)
     }
@@ -281,7 +291,7 @@ pub(crate) mod global {
     /// the thread-local lookup stays off the small-object paths.
     #[inline(never)]
     fn large_alloc(size: usize, align: usize, zero: bool) -> *mut u8 {
-        mcache::with_heap_cache(|tc| super::alloc(&HEAP, size, align, zero, tc))
+        mcache::with_heap_cache::<Process, _>(|tc| super::alloc(&HEAP, size, align, zero, tc))
     }
 
     /// # Safety
@@ -289,7 +299,7 @@ pub(crate) mod global {
     #[inline(never)]
     unsafe fn large_dealloc(p: *mut u8) {
         // SAFETY: forwarded.
-        mcache::with_heap_cache(|tc| unsafe { super::dealloc(&HEAP, p, tc) })
+        mcache::with_heap_cache::<Process, _>(|tc| unsafe { super::dealloc(&HEAP, p, tc) })
     }
 
     #[inline]
@@ -298,7 +308,10 @@ pub(crate) mod global {
         if class == 0 {
             return large_alloc(size, align, true);
         }
-        mcache::alloc_zeroed(class as usize, size)
+        let p = mcache::alloc_zeroed::<Process>(class as usize, size);
+        #[cfg(feature = "checked")]
+        crate::global::checked::on_alloc(p);
+        p
     }
 
     /// # Safety
@@ -306,10 +319,14 @@ pub(crate) mod global {
     #[inline]
     pub(crate) unsafe fn dealloc(p: *mut u8, size: usize, align: usize) {
         #[cfg(feature = "checked")]
-        crate::checked::on_free(p, crate::checked::Expect::layout(size, align), true);
+        crate::global::checked::on_free(
+            p,
+            crate::global::checked::Expect::layout(size, align),
+            true,
+        );
         if is_common(size, align) {
             // SAFETY: `p` is a live object of this class (foreign pointers are ignored).
-            return unsafe { mcache::dealloc(p, common_class(size)) };
+            return unsafe { mcache::dealloc::<Process>(p, common_class(size)) };
         }
         // SAFETY: forwarded.
         unsafe { dealloc_uncommon(p, size, align) }
@@ -327,7 +344,7 @@ pub(crate) mod global {
             return unsafe { large_dealloc(p) };
         }
         // SAFETY: `p` is a live object of class `class` (foreign pointers are ignored).
-        unsafe { mcache::dealloc(p, class as usize) }
+        unsafe { mcache::dealloc::<Process>(p, class as usize) }
     }
 
     // -- By address alone (the C ABI: `free`, `malloc_usable_size`, `realloc`) -------
@@ -391,7 +408,7 @@ pub(crate) mod global {
     pub(crate) unsafe fn free_unsized(p: *mut u8) {
         #[cfg(feature = "checked")]
         if !p.is_null() {
-            crate::checked::on_free(p, None, true);
+            crate::global::checked::on_free(p, None, true);
         }
         let Some((s, off)) = HEAP.span_and_offset_of(p as usize) else {
             return not_live("free", p);
@@ -411,7 +428,7 @@ pub(crate) mod global {
                 interior("free", p);
             }
             // SAFETY: a live object of that class (the caller's contract).
-            unsafe { mcache::dealloc(p, class) }
+            unsafe { mcache::dealloc::<Process>(p, class) }
         } else {
             if off != 0 {
                 interior("free", p);
@@ -487,7 +504,7 @@ pub(crate) mod global {
     /// `p` is a live block of this heap, not null.
     pub(crate) unsafe fn realloc_unsized(p: *mut u8, new_size: usize, align: usize) -> *mut u8 {
         #[cfg(feature = "checked")]
-        crate::checked::on_free(p, None, false);
+        crate::global::checked::on_free(p, None, false);
         let new_class = class_for_layout(new_size, align);
         let old_size = match block_of(p) {
             Block::Small { off, .. } | Block::Large { off, .. } if off != 0 => {
@@ -503,7 +520,7 @@ pub(crate) mod global {
                 if new_class == 0 {
                     // SAFETY: large to large: in place when possible; the old size
                     // only bounds the copy.
-                    return mcache::with_heap_cache(|tc| unsafe {
+                    return mcache::with_heap_cache::<Process, _>(|tc| unsafe {
                         super::realloc(&HEAP, p, size, align, new_size, tc)
                     });
                 }
@@ -534,7 +551,11 @@ pub(crate) mod global {
         new_size: usize,
     ) -> *mut u8 {
         #[cfg(feature = "checked")]
-        crate::checked::on_free(p, crate::checked::Expect::layout(old_size, align), false);
+        crate::global::checked::on_free(
+            p,
+            crate::global::checked::Expect::layout(old_size, align),
+            false,
+        );
         let old_class = class_for_layout(old_size, align);
         let new_class = class_for_layout(new_size, align);
         if old_class != 0 && old_class == new_class {
@@ -542,7 +563,7 @@ pub(crate) mod global {
         }
         if old_class == 0 && new_class == 0 {
             // SAFETY: forwarded (large to large: in place when possible).
-            return mcache::with_heap_cache(|tc| unsafe {
+            return mcache::with_heap_cache::<Process, _>(|tc| unsafe {
                 super::realloc(&HEAP, p, old_size, align, new_size, tc)
             });
         }

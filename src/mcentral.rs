@@ -30,6 +30,11 @@
 //!
 //! Lock order: mcentral lock -> heap lock (retiring a span frees it to the mheap). A
 //! thread never holds two mcentral locks except through `try_lock`, which never waits.
+//!
+//! An mcentral does not own the page heap, nor do the page heap's records own the
+//! mcentrals: both belong to the level above (`mcache::Heap`), which the mcentral
+//! reaches through [`SpanSource`] (the page heap, and a sibling mcentral for a span
+//! announced to the wrong class).
 
 use core::ptr::{self, NonNull};
 
@@ -38,6 +43,19 @@ use crate::mspan::{place, rstate, rstate_parts, MSpan, SmallPrivate, NO_LIST, RS
 use crate::os::{MemSource, PAGE_SHIFT};
 use crate::sizeclasses::{div_magic, obj_index_by, CLASS_TO_NPAGES};
 use crate::sync::{fence, AtomicPtr, Mutex, Ordering};
+
+/// What an mcentral needs of the heap that owns it: the page heap its spans come from
+/// and go back to, and the mcentral of another class (a stale announcement goes to the
+/// class the span has now). The owner is above this module; the trait lets the mcentral
+/// call up without naming it (Go's mcentral names `mheap_` instead: one package).
+pub(crate) trait SpanSource {
+    /// The page heap's memory source.
+    type Mem: MemSource;
+    /// The page heap.
+    fn pages(&self) -> &MHeap<Self::Mem>;
+    /// The mcentral of size class `class` (1..NUM_CLASSES).
+    fn central(&self, class: usize) -> &MCentral;
+}
 
 /// What the mcentral lock protects.
 struct Lists {
@@ -219,14 +237,14 @@ impl MCentral {
 
     /// Gives the spare spans back to the page heap (for `release_memory`); returns how
     /// many. Takes the mcentral lock, then the heap lock for each span (the lock order).
-    pub(crate) fn release_spares<M: MemSource>(&self, heap: &MHeap<M>) -> usize {
+    pub(crate) fn release_spares<H: SpanSource>(&self, heap: &H) -> usize {
         self.lists.lock().with(|l| {
             let n = l.nspares;
             // SAFETY: we hold the lock.
             while let Some(s) = unsafe { pop_spare(l) } {
                 // SAFETY: unchained, nobody else can reach the span (no live object, no
                 // owner, in no list).
-                unsafe { heap.free_span(s) };
+                unsafe { heap.pages().free_span(s) };
             }
             n
         })
@@ -289,9 +307,9 @@ impl MCentral {
     /// reused by others once half of it or less is live. (Asking for three quarters
     /// free instead raised `parser`'s peak RSS: docs/benchmarks.md, "Whole program",
     /// the fourth session.)
-    pub(crate) fn cache_span<M: MemSource>(
+    pub(crate) fn cache_span<H: SpanSource>(
         &self,
-        heap: &MHeap<M>,
+        heap: &H,
         class: u8,
         owner: usize,
     ) -> Option<NonNull<MSpan>> {
@@ -305,9 +323,9 @@ impl MCentral {
     ///
     /// # Safety
     /// As for `uncache_span` with `old`.
-    pub(crate) unsafe fn exchange_span<M: MemSource>(
+    pub(crate) unsafe fn exchange_span<H: SpanSource>(
         &self,
-        heap: &MHeap<M>,
+        heap: &H,
         class: u8,
         old: NonNull<MSpan>,
         owner: usize,
@@ -327,9 +345,9 @@ impl MCentral {
     ///
     /// # Safety
     /// The calling thread's cache owns `s`, of class `class`, and gives it up.
-    pub(crate) unsafe fn uncache_span<M: MemSource>(
+    pub(crate) unsafe fn uncache_span<H: SpanSource>(
         &self,
-        heap: &MHeap<M>,
+        heap: &H,
         class: u8,
         s: NonNull<MSpan>,
     ) {
@@ -341,12 +359,7 @@ impl MCentral {
     ///
     /// # Safety
     /// As for `uncache_span`.
-    unsafe fn uncache_locked<M: MemSource>(
-        &self,
-        heap: &MHeap<M>,
-        l: &mut Lists,
-        s: NonNull<MSpan>,
-    ) {
+    unsafe fn uncache_locked<H: SpanSource>(&self, heap: &H, l: &mut Lists, s: NonNull<MSpan>) {
         // SAFETY: still owned by the caller until the state word says otherwise; the
         // lock makes us the next owner of the private state.
         let p = unsafe { private(s) };
@@ -385,9 +398,9 @@ impl MCentral {
     /// # Safety
     /// The objects are live small objects of class `class` of `heap`, given up, and
     /// counted as freed.
-    pub(crate) unsafe fn free_unowned<M: MemSource>(
+    pub(crate) unsafe fn free_unowned<H: SpanSource>(
         &self,
-        heap: &MHeap<M>,
+        heap: &H,
         class: u8,
         objs: &mut [*mut u8],
         owner: usize,
@@ -412,7 +425,8 @@ impl MCentral {
                 let p = objs[i];
                 let mut off = (p as usize).wrapping_sub(run_base);
                 if off >= run_bytes {
-                    let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) else {
+                    let Some(s) = NonNull::new(heap.pages().span_of_hinted(p as usize, &mut hint))
+                    else {
                         run_bytes = 0;
                         continue;
                     };
@@ -490,9 +504,9 @@ impl MCentral {
     /// # Safety
     /// `s` is an unowned span of this class whose private state the caller holds under
     /// the lock.
-    unsafe fn after_direct_free<M: MemSource>(
+    unsafe fn after_direct_free<H: SpanSource>(
         &self,
-        heap: &MHeap<M>,
+        heap: &H,
         l: &mut Lists,
         s: NonNull<MSpan>,
         k: u16,
@@ -527,9 +541,9 @@ impl MCentral {
 
     /// A remote free has freed the first object of a full span, or (`last`) the last
     /// live object of an unowned span: announce it to the lock holder.
-    pub(crate) fn announce<M: MemSource>(
+    pub(crate) fn announce<H: SpanSource>(
         &self,
-        heap: &MHeap<M>,
+        heap: &H,
         class: u8,
         s: NonNull<MSpan>,
         last: bool,
@@ -567,7 +581,7 @@ impl MCentral {
     }
 
     /// Drains the pending stack if the lock is free; never waits.
-    fn try_drain<M: MemSource>(&self, heap: &MHeap<M>, class: u8) {
+    fn try_drain<H: SpanSource>(&self, heap: &H, class: u8) {
         /// The hand-off fence. The loom mutant `drain_fence` weakens it (AcqRel orders
         /// no store before a later load) to show that the span-set model catches it.
         #[cfg(not(spanheap_mutant = "drain_fence"))]
@@ -590,9 +604,9 @@ impl MCentral {
     }
 
     /// Runs `f` under the lock, draining announcements first and after.
-    fn with_lock<M: MemSource, R>(
+    fn with_lock<H: SpanSource, R>(
         &self,
-        heap: &MHeap<M>,
+        heap: &H,
         class: u8,
         f: impl FnOnce(&mut Lists) -> R,
     ) -> R {
@@ -605,7 +619,7 @@ impl MCentral {
     }
 
     /// Places every announced span. Needs the mcentral lock (`l`).
-    fn drain_locked<M: MemSource>(&self, heap: &MHeap<M>, class: u8, l: &mut Lists) {
+    fn drain_locked<H: SpanSource>(&self, heap: &H, class: u8, l: &mut Lists) {
         // Acquire pairs with the pushers' Release.
         let mut cur = self.pending.swap(ptr::null_mut(), Ordering::Acquire);
         while let Some(s) = NonNull::new(cur) {
@@ -618,7 +632,7 @@ impl MCentral {
             if sc != class {
                 // A stale announcement raced with the span's retirement and the
                 // record's reuse for another class: hand it to its own mcentral.
-                let other = &heap.central[sc as usize];
+                let other = heap.central(sc as usize);
                 other.push_pending(s);
                 other.try_drain(heap, sc);
                 continue;
@@ -654,9 +668,9 @@ impl MCentral {
     ///
     /// # Safety
     /// `s` is linked in `l` by the caller.
-    unsafe fn settle_locked<M: MemSource>(
+    unsafe fn settle_locked<H: SpanSource>(
         &self,
-        heap: &MHeap<M>,
+        heap: &H,
         l: &mut Lists,
         s: NonNull<MSpan>,
         state: u64,
@@ -689,7 +703,7 @@ impl MCentral {
                 l.nspares += 1;
             } else {
                 // SAFETY: no live object, no owner, in no list: nobody uses the span.
-                unsafe { heap.free_span(s) };
+                unsafe { heap.pages().free_span(s) };
             }
         } else if low > 0 && cur == place::FULL {
             // (`low` can be transiently negative: a merge that ran ahead of a freer's

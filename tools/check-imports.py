@@ -1,20 +1,19 @@
 #!/usr/bin/env python3
-"""Fails if an import cycle among the top-level modules of src/ is new or has grown.
+"""Fails if the top-level modules of src/ import each other in a cycle.
 
 The allocator is meant to be layered, with every dependency pointing down:
 malloc -> mcache -> mcentral -> mheap -> pagealloc/arena -> os, with stats and sync
-beside them and the fork handlers and lib.rs (the global allocator) on top. A lower
-layer that must reach up does it through a callback or a trait, not by naming the
-upper module. Some cycles predate this check; tools/import-cycles.txt lists the edges
-that lie inside a cycle today. This is a ratchet: cycles may only shrink.
+beside them, and global (the process-wide heap, idle visits, the background scavenger,
+fork handlers, checked mode), malloc and lib.rs (the front ends) on top. A lower layer
+that must reach up does it through a callback or a trait, not by naming the upper
+module.
 
 How: for every .rs file under src/ (tests.rs files and `#[cfg(test)]` items skipped,
 comments and string literals stripped), every `crate::<module>` reference (including
 `use crate::{a, b}` groups) is an edge from the file's top-level module (src/foo.rs and
 src/foo/*.rs are `foo`; lib.rs and the modules declared inline in it are `lib`). The
-strongly connected components of that graph are printed; an edge inside one that is not
-in the baseline fails the check (exit 1). Baseline edges that have gone are reported
-(exit 0): run `python3 tools/check-imports.py --update` to shrink the baseline.
+strongly connected components of that graph are printed with their edges; any
+component of more than one module fails the check (exit 1).
 """
 import pathlib
 import re
@@ -22,7 +21,6 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
-BASELINE = ROOT / "tools" / "import-cycles.txt"
 
 TOKEN = re.compile(
     r"//[^\n]*"  # line comment (and doc comment)
@@ -192,32 +190,20 @@ def sccs(edges: dict) -> list:
 def main() -> int:
     edges = graph()
     comps = sccs(edges)
-    cyclic = sorted(
-        f"{a} -> {b}" for comp in comps for a in comp for b in edges.get(a, ()) if b in comp
-    )
-    for comp in comps:
-        print("import cycle among: " + ", ".join(comp))
     if not comps:
         print("no import cycle among src/ modules")
-    if "--update" in sys.argv:
-        BASELINE.write_text("".join(e + "\n" for e in cyclic))
-        print(f"{BASELINE.relative_to(ROOT)}: {len(cyclic)} edges inside cycles")
         return 0
-    baseline = set(BASELINE.read_text().split("\n")) - {""} if BASELINE.exists() else set()
-    new = [e for e in cyclic if e not in baseline]
-    gone = sorted(baseline - set(cyclic))
-    for e in new:
-        print(f"new edge inside an import cycle: {e}")
-    if new:
-        print(
-            "a lower layer must not name an upper one: pass a callback or use a trait "
-            "(see the header of tools/check-imports.py)"
-        )
-        return 1
-    if gone:
-        print("no longer inside a cycle: " + "; ".join(gone))
-        print("run `python3 tools/check-imports.py --update` to shrink the baseline")
-    return 0
+    for comp in comps:
+        print("import cycle among: " + ", ".join(comp))
+        for a in comp:
+            for b in sorted(edges.get(a, ())):
+                if b in comp:
+                    print(f"  {a} -> {b}")
+    print(
+        "a lower layer must not name an upper one: pass a callback or use a trait "
+        "(see the header of tools/check-imports.py)"
+    )
+    return 1
 
 
 if __name__ == "__main__":

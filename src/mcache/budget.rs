@@ -17,8 +17,7 @@
 use core::ptr;
 
 #[cfg(not(spanheap_loom))]
-use crate::global::HEAP;
-use crate::mheap::MHeap;
+use super::heap::Heap;
 use crate::os::MemSource;
 use crate::sizeclasses::{CLASS_TO_SIZE, NUM_CLASSES};
 
@@ -258,7 +257,7 @@ impl MCache {
     /// The caller owns the live cache (or holds its door); no lock held.
     pub(crate) unsafe fn apply_limits<M: MemSource>(
         this: *mut MCache,
-        heap: &MHeap<M>,
+        heap: &Heap<M>,
         limits: &[u16; NUM_CLASSES],
         generation: usize,
     ) {
@@ -284,23 +283,23 @@ impl MCache {
 /// As for `MCache::apply_limits`.
 #[cfg(not(spanheap_loom))]
 #[inline]
-pub(crate) unsafe fn check_budget(c: *mut MCache) {
+pub(crate) unsafe fn check_budget<M: MemSource>(heap: &Heap<M>, c: *mut MCache) {
     let g = state::generation();
     // SAFETY: the field is the owner's.
     if unsafe { *ptr::addr_of!((*c).limits_gen) } != g {
         // SAFETY: forwarded.
-        unsafe { apply_budget(c, g) };
+        unsafe { apply_budget(heap, c, g) };
     }
 }
 
 /// Brings the calling thread's limits up to date with the budget now.
 #[cfg(not(spanheap_loom))]
-pub(crate) fn apply_own_budget() {
+pub(crate) fn apply_own_budget<P: super::Process>() {
     if let Some(c) = live_cache() {
         // SAFETY: our live cache, no lock held.
         unsafe {
             let _slow = Slow::new(c);
-            check_budget(c);
+            check_budget(P::heap(), c);
         }
     }
 }
@@ -348,8 +347,8 @@ pub(crate) fn own_stack_resident() -> u64 {
 #[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]
-unsafe fn apply_budget(c: *mut MCache, g: usize) {
+unsafe fn apply_budget<M: MemSource>(heap: &Heap<M>, c: *mut MCache, g: usize) {
     let limits = scaled_limits(state::share());
     // SAFETY: forwarded.
-    unsafe { MCache::apply_limits(c, &HEAP, &limits, g) };
+    unsafe { MCache::apply_limits(c, heap, &limits, g) };
 }

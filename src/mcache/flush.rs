@@ -19,10 +19,9 @@
 
 use core::ptr::{self, NonNull};
 
-use crate::arena::NO_ARENA;
 #[cfg(not(spanheap_loom))]
-use crate::global::HEAP;
-use crate::mheap::MHeap;
+use super::heap::Heap;
+use crate::arena::NO_ARENA;
 use crate::mspan::{rstate_parts, MSpan, RSTATE_OWNED};
 use crate::os::MemSource;
 use crate::sizeclasses::{obj_index, CLASS_TO_SIZE, NUM_CLASSES};
@@ -46,18 +45,15 @@ use super::{
 #[cold]
 #[inline(never)]
 pub(super) unsafe fn overflow<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     c: *mut MCache,
     e: &mut ClassCache,
     class: usize,
 ) {
     #[cfg(not(spanheap_loom))]
-    if ptr::eq(
-        heap as *const MHeap<M> as *const u8,
-        &HEAP as *const _ as *const u8,
-    ) {
+    if heap.budgeted {
         // SAFETY: `c` is a live cache of the process-wide heap, ours.
-        unsafe { check_budget(c) };
+        unsafe { check_budget(heap, c) };
         if e.nfree <= u32::from(e.limit) {
             return; // a larger limit keeps them all (or `check_budget` flushed)
         }
@@ -75,7 +71,7 @@ pub(super) unsafe fn overflow<M: MemSource>(
 /// given up.
 #[inline(never)]
 pub(super) unsafe fn buffer_remote<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     c: *mut MCache,
     e: &mut ClassCache,
     p: *mut u8,
@@ -127,10 +123,15 @@ static REMOTE_LIMIT: [u32; NUM_CLASSES] = {
 #[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]
-pub(super) unsafe fn pless_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
-    HEAP.stats_update(|d| d.add(field::SMALL_FREES + class, 1));
+pub(super) unsafe fn pless_free<M: MemSource>(
+    heap: &Heap<M>,
+    p: *mut u8,
+    s: NonNull<MSpan>,
+    class: usize,
+) {
+    heap.stats_update(|d| d.add(field::SMALL_FREES + class, 1));
     // SAFETY: forwarded.
-    unsafe { remote_free(&HEAP, p, s, class) }
+    unsafe { remote_free(heap, p, s, class) }
 }
 
 /// Returns the whole remote buffer to the objects' spans, after counting the frees.
@@ -140,7 +141,7 @@ pub(super) unsafe fn pless_free(p: *mut u8, s: NonNull<MSpan>, class: usize) {
 #[cold]
 #[inline(never)]
 pub(super) unsafe fn flush_remote<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     c: *mut MCache,
     e: &mut ClassCache,
     class: usize,
@@ -196,7 +197,7 @@ impl Iterator for LinkedObjs {
 #[cold]
 #[inline(never)]
 pub(super) unsafe fn flush<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     c: *mut MCache,
     e: &mut ClassCache,
     class: usize,
@@ -268,7 +269,7 @@ pub(super) unsafe fn flush<M: MemSource>(
 /// # Safety
 /// The objects are live small objects of class `class` of `heap`, given up.
 unsafe fn remote_free_objs<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     objs: impl Iterator<Item = *mut u8>,
     class: usize,
     owner: usize,
@@ -400,7 +401,7 @@ impl RemoteRun {
     ///
     /// # Safety
     /// The run's objects were given up by their user.
-    unsafe fn finish<M: MemSource>(mut self, heap: &MHeap<M>, class: usize) {
+    unsafe fn finish<M: MemSource>(mut self, heap: &Heap<M>, class: usize) {
         self.or_word(class);
         // SAFETY: span records are never unmapped.
         let span = unsafe { self.span.as_ref() };
@@ -427,7 +428,7 @@ impl RemoteRun {
 /// As for `dealloc`.
 #[cold]
 pub(crate) unsafe fn remote_free<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     p: *mut u8,
     s: NonNull<MSpan>,
     class: usize,

@@ -18,8 +18,7 @@
 use core::ptr;
 
 #[cfg(not(spanheap_loom))]
-use crate::global::HEAP;
-use crate::mheap::MHeap;
+use super::heap::Heap;
 use crate::os::MemSource;
 use crate::sizeclasses::NUM_CLASSES;
 use crate::stats::field;
@@ -123,7 +122,7 @@ static KEY: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::n
 const KEY_FAILED: usize = usize::MAX;
 
 #[cfg(not(spanheap_loom))]
-fn exit_key() -> Option<libc::pthread_key_t> {
+fn exit_key<P: super::Process>() -> Option<libc::pthread_key_t> {
     use core::sync::atomic::Ordering as O;
     match KEY.load(O::Acquire) {
         0 => {}
@@ -132,7 +131,7 @@ fn exit_key() -> Option<libc::pthread_key_t> {
     }
     let mut k: libc::pthread_key_t = 0;
     // SAFETY: creating a key with a destructor of the right signature.
-    if unsafe { libc::pthread_key_create(&mut k, Some(on_thread_exit)) } != 0 {
+    if unsafe { libc::pthread_key_create(&mut k, Some(on_thread_exit::<P>)) } != 0 {
         let _ = KEY.compare_exchange(0, KEY_FAILED, O::AcqRel, O::Acquire);
         return exit_key_loaded();
     }
@@ -158,11 +157,12 @@ fn exit_key_loaded() -> Option<libc::pthread_key_t> {
 /// Creates this thread's cache and registers the exit hook. None if either fails (the
 /// thread then stays cache-less).
 #[cfg(not(spanheap_loom))]
-pub(super) fn create_cache() -> Option<*mut MCache> {
+pub(super) fn create_cache<P: super::Process>() -> Option<*mut MCache> {
+    let heap = P::heap();
     // From here until the cache is live, an allocation the calls below make (the C
     // library may allocate inside them) takes the cache-less path: no recursion.
     super::tls::set_state(CREATING);
-    let c = create_cache_record();
+    let c = create_cache_record::<P>();
     if c.is_null() {
         super::tls::set_state(NO_CACHE);
         return None;
@@ -172,8 +172,8 @@ pub(super) fn create_cache() -> Option<*mut MCache> {
     if first {
         // SAFETY: as above.
         unsafe {
-            HEAP.stats.register(&(*c).seq);
-            HEAP.register_cache(&*ptr::addr_of!((*c).heap));
+            heap.stats.register(&(*c).seq);
+            heap.register_cache(&*ptr::addr_of!((*c).heap));
             (*c).registered = true;
         }
     }
@@ -181,21 +181,21 @@ pub(super) fn create_cache() -> Option<*mut MCache> {
     super::door::open(c, first);
     budget::thread_count(1);
     super::tls::set_state(LIVE);
-    HEAP.stats_update(|d| d.add(field::CACHES, 1));
+    heap.stats_update(|d| d.add(field::CACHES, 1));
     crate::stats::exit_report_once();
     // The process-wide heap's: registers the fork handlers once.
-    (HEAP.on_cache_live)();
+    (heap.on_cache_live)();
     Some(c)
 }
 
 /// A cache record for this thread, with the exit hook set to release it; null if
 /// either fails. The caller has set the state to CREATING.
 #[cfg(not(spanheap_loom))]
-fn create_cache_record() -> *mut MCache {
-    let Some(key) = exit_key() else {
+fn create_cache_record<P: super::Process>() -> *mut MCache {
+    let Some(key) = exit_key::<P>() else {
         return ptr::null_mut();
     };
-    let c = HEAP.alloc_cache_record();
+    let c = P::heap().alloc_cache_record();
     if c.is_null() {
         return c;
     }
@@ -203,7 +203,7 @@ fn create_cache_record() -> *mut MCache {
     // destructor run at thread exit.
     if unsafe { libc::pthread_setspecific(key, c.cast()) } != 0 {
         // SAFETY: the record is unused.
-        unsafe { HEAP.free_cache_record(c) };
+        unsafe { P::heap().free_cache_record(c) };
         return ptr::null_mut();
     }
     c
@@ -212,7 +212,8 @@ fn create_cache_record() -> *mut MCache {
 /// The pthread-key destructor: gives every current span back and frees the cache.
 /// From here on the thread is cache-less.
 #[cfg(not(spanheap_loom))]
-extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
+extern "C" fn on_thread_exit<P: super::Process>(arg: *mut libc::c_void) {
+    let heap = P::heap();
     let c = arg.cast::<MCache>();
     // No visitor may take the record from here on (one at work finishes first).
     super::door::exit(c);
@@ -221,23 +222,24 @@ extern "C" fn on_thread_exit(arg: *mut libc::c_void) {
     super::tls::set_state(DEAD);
     // SAFETY: the cache was this thread's, and nothing refers to it any more.
     unsafe {
-        release_all(&HEAP, c);
-        HEAP.free_cache_record(c);
+        release_all(heap, c);
+        heap.free_cache_record(c);
     }
-    HEAP.stats_update(|d| d.sub(field::CACHES, 1));
+    heap.stats_update(|d| d.sub(field::CACHES, 1));
 }
 
 /// Publishes the calling thread's pending reuse counts (for a statistics snapshot).
 #[cfg(not(spanheap_loom))]
-pub(crate) fn publish_counts() {
+pub(crate) fn publish_counts<P: super::Process>() {
+    let heap = P::heap();
     let Some(c) = live_cache() else {
         return;
     };
     // SAFETY: our live cache.
     let _slow = unsafe { Slow::new(c) };
     // SAFETY: our live cache's heap cache is ours, entered with no lock held.
-    unsafe { (*c).heap.with(|tc| HEAP.publish_heap_cache(tc)) };
-    HEAP.stats_update(|d| {
+    unsafe { (*c).heap.with(|tc| heap.publish_heap_cache(tc)) };
+    heap.stats_update(|d| {
         for class in 1..NUM_CLASSES {
             // SAFETY: our live cache's entries are ours.
             let e = unsafe { entry(c, class) };
@@ -254,7 +256,7 @@ pub(crate) fn publish_counts() {
 /// lists and remote buffers are flushed and every current span returned to its
 /// mcentral. The cache stays usable.
 #[cfg(not(spanheap_loom))]
-pub(crate) fn flush_own() {
+pub(crate) fn flush_own<P: super::Process>() {
     let Some(c) = live_cache() else {
         return;
     };
@@ -263,8 +265,8 @@ pub(crate) fn flush_own() {
     // SAFETY: our live cache; `release_all` leaves it empty and valid, so the stack
     // pages can go too.
     unsafe {
-        release_all(&HEAP, c);
-        HEAP.drop_stack_pages(c);
+        release_all(P::heap(), c);
+        P::heap().drop_stack_pages(c);
     }
 }
 
@@ -273,7 +275,7 @@ pub(crate) fn flush_own() {
 ///
 /// # Safety
 /// `c` is a live cache owned by the caller.
-pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) {
+pub(crate) unsafe fn release_all<M: MemSource>(heap: &Heap<M>, c: *mut MCache) {
     // SAFETY: forwarded.
     unsafe { release_classes(heap, c) };
     // SAFETY: the heap cache is ours, entered with no lock held.
@@ -288,7 +290,7 @@ pub(crate) unsafe fn release_all<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) 
 ///
 /// # Safety
 /// `c` is a live cache owned by the caller (or a visitor holding its door).
-pub(crate) unsafe fn release_classes<M: MemSource>(heap: &MHeap<M>, c: *mut MCache) {
+pub(crate) unsafe fn release_classes<M: MemSource>(heap: &Heap<M>, c: *mut MCache) {
     // SAFETY: `c` is a live cache (caller's contract).
     let _slow = unsafe { Slow::new(c) };
     for class in 1..NUM_CLASSES {
@@ -334,7 +336,7 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &MHeap<M>, c: *mut MCac
 /// # Safety
 /// The caller holds the door of the live cache `c`; `class < NUM_CLASSES`.
 pub(crate) unsafe fn trim_class<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     c: *mut MCache,
     class: usize,
     low: u32,

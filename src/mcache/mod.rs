@@ -84,6 +84,7 @@
 pub(crate) mod budget;
 pub(crate) mod door;
 mod flush;
+mod heap;
 mod lifecycle;
 mod shared;
 #[cfg(all(test, not(spanheap_loom)))]
@@ -96,9 +97,7 @@ use core::ptr::{self, NonNull};
 use crate::arena::{ArenaHint, NO_ARENA};
 use crate::fixalloc::Record;
 #[cfg(not(spanheap_loom))]
-use crate::global::HEAP;
 use crate::mcentral::{count_free, merge_remote, private};
-use crate::mheap::MHeap;
 use crate::mspan::{MSpan, Purpose};
 use crate::os::MemSource;
 use crate::pagecache::GatedCache;
@@ -116,9 +115,9 @@ use lifecycle::{create_cache, live_cache, Slow, LIVE, NO_CACHE};
 #[cfg(not(spanheap_loom))]
 pub(crate) use budget::{
     apply_own_budget, check_budget, own_stack_bytes, own_stack_resident, thread_stack_storage,
-    STACK_MAP_BYTES,
 };
 pub(crate) use flush::remote_free;
+pub(crate) use heap::Heap;
 pub(crate) use lifecycle::release_all;
 #[cfg(not(spanheap_loom))]
 pub(crate) use lifecycle::{
@@ -217,7 +216,7 @@ pub(crate) struct ClassCache {
     /// than a list linked through the objects: a free does not write to the object, an
     /// allocation does not read it, and a flush walks an array instead of chasing
     /// links through cold objects. The storage (`FREE_LIMIT + 1` slots in the record's
-    /// stack mapping, see `MCache::set_stacks` and `MHeap::alloc_cache_record`) is
+    /// stack mapping, see `MCache::set_stacks` and `Heap::alloc_cache_record`) is
     /// fixed for the record's lifetime; null in the empty cache, whose `nfree` stays 0.
     stack: *mut *mut u8,
     /// Objects on `stack`.
@@ -424,7 +423,7 @@ pub(super) unsafe fn try_alloc(c: *mut MCache, class: usize) -> *mut u8 {
 /// `c` is a live cache of `heap` owned by the caller (thread, or lock holder).
 #[inline]
 pub(crate) unsafe fn alloc_from<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     c: *mut MCache,
     class: usize,
 ) -> *mut u8 {
@@ -443,7 +442,7 @@ pub(crate) unsafe fn alloc_from<M: MemSource>(
 ///
 /// # Safety
 /// `c` is a thread cache owned by the caller, who holds no lock.
-unsafe fn refilled<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> *mut u8 {
+unsafe fn refilled<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize) -> *mut u8 {
     // SAFETY: forwarded.
     let r = unsafe { refill(heap, c, class) };
     if r == Refill::Span {
@@ -456,64 +455,65 @@ unsafe fn refilled<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) 
     unsafe { try_alloc(c, class) }
 }
 
-/// Allocates an object of size class `class` (1..NUM_CLASSES). Null on failure.
+/// How the calling thread's cache reaches the process-wide heap: a zero-sized type of
+/// the layer above (`global::Process`) whose `heap` is the one `HEAP`. The entry points
+/// that serve the process (`alloc`, `dealloc`, the thread's birth and death) are generic
+/// over it rather than naming the static, so that this layer does not depend on the one
+/// that builds the heap; once inlined, `P::heap()` is the static's address, as if named.
 #[cfg(not(spanheap_loom))]
-#[inline]
-pub(crate) fn alloc(class: usize) -> *mut u8 {
-    #[cfg(feature = "checked")]
-    {
-        let p = alloc_unchecked(class);
-        crate::checked::on_alloc(p);
-        p
-    }
-    #[cfg(not(feature = "checked"))]
-    alloc_unchecked(class)
+pub(crate) trait Process: 'static {
+    /// The process-wide heap.
+    fn heap() -> &'static Heap<crate::os::OsMemory>;
 }
 
+/// Allocates an object of size class `class` (1..NUM_CLASSES) from the calling thread's
+/// cache of the process-wide heap. Null on failure. (Checked mode's `on_alloc` is the
+/// caller's: `malloc.rs`.)
 #[cfg(not(spanheap_loom))]
-#[inline(always)]
-fn alloc_unchecked(class: usize) -> *mut u8 {
+#[inline]
+pub(crate) fn alloc<P: Process>(class: usize) -> *mut u8 {
     let c = tls::cache();
     // SAFETY: `c` is this thread's cache or the empty one.
     let p = unsafe { try_alloc(c, class) };
     if !p.is_null() {
         return p;
     }
-    alloc_slow(class)
+    alloc_slow::<P>(class)
 }
 
 #[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]
-fn alloc_slow(class: usize) -> *mut u8 {
+fn alloc_slow<P: Process>(class: usize) -> *mut u8 {
+    let heap = P::heap();
     let c = match tls::state() {
         LIVE => match live_cache() {
             Some(c) => c,
-            None => return HEAP.shared.alloc(&HEAP, class),
+            None => return heap.shared.alloc(heap, class),
         },
-        NO_CACHE => match create_cache() {
+        NO_CACHE => match create_cache::<P>() {
             Some(n) => n,
-            None => return HEAP.shared.alloc(&HEAP, class),
+            None => return heap.shared.alloc(heap, class),
         },
-        _ => return HEAP.shared.alloc(&HEAP, class),
+        _ => return heap.shared.alloc(heap, class),
     };
     // SAFETY: `c` is this thread's live cache, no lock held.
     unsafe {
         let _slow = Slow::new(c);
-        check_budget(c);
+        check_budget(heap, c);
         // A re-installed record may have a non-empty stack for this class.
         let p = try_alloc(c, class);
         if !p.is_null() {
             return p;
         }
-        refilled(&HEAP, c, class)
+        refilled(heap, c, class)
     }
 }
 
 /// Allocates a zeroed object of class `class` (`size` bytes are cleared when needed).
 #[cfg(not(spanheap_loom))]
 #[inline]
-pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
+pub(crate) fn alloc_zeroed<P: Process>(class: usize, size: usize) -> *mut u8 {
     let c = tls::cache();
     // An empty slot may hide a live record whose stacks hold objects: one a visitor
     // trimmed or left (`idle.rs`). The slow path re-installs it and may pop a used
@@ -521,7 +521,7 @@ pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
     // SAFETY: `c` is this thread's cache or the empty one (whose stacks are empty).
     let recycled = c == empty_cache()
         || unsafe { (*ptr::addr_of!((*c).classes).cast::<ClassCache>().add(class)).nfree != 0 };
-    let p = alloc(class);
+    let p = alloc::<P>(class);
     if p.is_null() {
         return p;
     }
@@ -530,7 +530,7 @@ pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
     // shared cache's span state after the lock is gone, so it always clears.
     let clear = recycled
         || !has_cache()
-        || match NonNull::new(HEAP.span_of_unchecked(p as usize)) {
+        || match NonNull::new(P::heap().span_of_unchecked(p as usize)) {
             // SAFETY: the window object came from the current span our cache owns.
             Some(s) => unsafe { s.as_ref().info().needzero || private(s).dirty },
             None => true,
@@ -560,7 +560,7 @@ pub(crate) fn alloc_zeroed(class: usize, size: usize) -> *mut u8 {
 /// `p` is a live small object of class `class`, not used afterwards.
 #[cfg(not(spanheap_loom))]
 #[inline]
-pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
+pub(crate) unsafe fn dealloc<P: Process>(p: *mut u8, class: usize) {
     let c = tls::cache();
     // SAFETY: `c` is this thread's cache or the empty one, whose span range is empty
     // (so it is never written here).
@@ -569,9 +569,9 @@ pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
         // Wrapping: below `span_base` the difference is huge (and in wide mode
         // `span_len` is usize::MAX, see `set_span`).
         if (p as usize).wrapping_sub(e.span_base) < e.span_len {
-            push_local(&HEAP, c, e, p, class);
+            push_local(P::heap(), c, e, p, class);
         } else {
-            dealloc_slow(p, class, c);
+            dealloc_slow::<P>(p, class, c);
         }
     }
 }
@@ -583,18 +583,18 @@ pub(crate) unsafe fn dealloc(p: *mut u8, class: usize) {
 /// As for `dealloc`; `c` is this thread's cache or the empty one.
 #[cfg(not(spanheap_loom))]
 #[inline(never)]
-unsafe fn dealloc_slow(p: *mut u8, class: usize, c: *mut MCache) {
+unsafe fn dealloc_slow<P: Process>(p: *mut u8, class: usize, c: *mut MCache) {
     if c == empty_cache() {
         // SAFETY: forwarded.
-        return unsafe { dealloc_first(p, class) };
+        return unsafe { dealloc_first::<P>(p, class) };
     }
     // SAFETY: `c` is this thread's live cache; the hint is its own.
     let hint = unsafe { &mut *ptr::addr_of_mut!((*c).arena_hint) };
-    let Some(s) = NonNull::new(HEAP.span_of_hinted(p as usize, hint)) else {
+    let Some(s) = NonNull::new(P::heap().span_of_hinted(p as usize, hint)) else {
         return; // not ours
     };
     // SAFETY: forwarded; `c` is this thread's live cache.
-    unsafe { free_to(&HEAP, c, p, s, class) }
+    unsafe { free_to(P::heap(), c, p, s, class) }
 }
 
 /// A free by a thread still on the empty cache: a thread that frees before it ever
@@ -606,21 +606,21 @@ unsafe fn dealloc_slow(p: *mut u8, class: usize, c: *mut MCache) {
 #[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]
-unsafe fn dealloc_first(p: *mut u8, class: usize) {
-    let Some(s) = NonNull::new(HEAP.span_of_unchecked(p as usize)) else {
+unsafe fn dealloc_first<P: Process>(p: *mut u8, class: usize) {
+    let Some(s) = NonNull::new(P::heap().span_of_unchecked(p as usize)) else {
         return; // not ours
     };
     let c = match tls::state() {
-        NO_CACHE => create_cache(),
+        NO_CACHE => create_cache::<P>(),
         // A visitor emptied the slot (`idle.rs`).
         LIVE => live_cache(),
         _ => None,
     };
     match c {
         // SAFETY: forwarded; `c` is this thread's new cache.
-        Some(c) => unsafe { free_to(&HEAP, c, p, s, class) },
+        Some(c) => unsafe { free_to(P::heap(), c, p, s, class) },
         // SAFETY: forwarded.
-        None => unsafe { pless_free(p, s, class) },
+        None => unsafe { pless_free(P::heap(), p, s, class) },
     }
 }
 
@@ -633,7 +633,7 @@ unsafe fn dealloc_first(p: *mut u8, class: usize) {
 /// other is correct too, see `free_to`).
 #[inline(always)]
 unsafe fn push_local<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     c: *mut MCache,
     e: &mut ClassCache,
     p: *mut u8,
@@ -664,7 +664,7 @@ unsafe fn push_local<M: MemSource>(
 /// and class `class`, not used afterwards.
 #[inline(always)]
 pub(crate) unsafe fn free_to<M: MemSource>(
-    heap: &MHeap<M>,
+    heap: &Heap<M>,
     c: *mut MCache,
     p: *mut u8,
     s: NonNull<MSpan>,
@@ -698,7 +698,7 @@ pub(crate) unsafe fn free_to<M: MemSource>(
 /// # Safety
 /// `c` is a live cache owned by the caller (thread cache, or shared cache under lock),
 /// and the class's free list and window are empty.
-pub(super) unsafe fn refill<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> Refill {
+pub(super) unsafe fn refill<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize) -> Refill {
     // SAFETY: forwarded.
     let r = unsafe { refill_span(heap, c, class) };
     // SAFETY: the entry is ours.
@@ -746,7 +746,7 @@ pub(super) enum Refill {
 ///
 /// # Safety
 /// As for `refill`.
-unsafe fn refill_span<M: MemSource>(heap: &MHeap<M>, c: *mut MCache, class: usize) -> Refill {
+unsafe fn refill_span<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize) -> Refill {
     // SAFETY: the entry is ours.
     let e = unsafe { entry(c, class) };
     // The span to give back in the same hold of the mcentral lock as the next is taken.
@@ -855,10 +855,7 @@ pub(super) fn is_wide(e: &ClassCache) -> bool {
 /// The current span of entry `e`, found through the span map (the entry keeps its
 /// address range, which the fast free path tests).
 #[inline]
-pub(super) fn current_span<M: MemSource>(
-    heap: &MHeap<M>,
-    e: &ClassCache,
-) -> Option<NonNull<MSpan>> {
+pub(super) fn current_span<M: MemSource>(heap: &Heap<M>, e: &ClassCache) -> Option<NonNull<MSpan>> {
     if e.span_base == 0 {
         return None;
     }

@@ -14,7 +14,7 @@
 
 use core::ptr;
 
-use crate::mheap::MHeap;
+use super::heap::Heap;
 use crate::os::MemSource;
 use crate::sync::Mutex;
 
@@ -44,7 +44,7 @@ impl SharedCache {
     /// Allocates an object of class `class` (1..NUM_CLASSES) from the shared cache.
     /// Null if memory is exhausted. The caller holds no lock.
     #[cold]
-    pub(crate) fn alloc<M: MemSource>(&self, heap: &MHeap<M>, class: usize) -> *mut u8 {
+    pub(crate) fn alloc<M: MemSource>(&self, heap: &Heap<M>, class: usize) -> *mut u8 {
         let (p, refill) = self.0.lock().with(|sh| {
             if sh.0.is_null() {
                 sh.0 = Self::record(heap);
@@ -83,7 +83,7 @@ impl SharedCache {
 
     /// A record for the shared cache: from the heap's records, or (under loom, whose
     /// atomics need constructing) a leaked one.
-    fn record<M: MemSource>(heap: &MHeap<M>) -> *mut MCache {
+    fn record<M: MemSource>(heap: &Heap<M>) -> *mut MCache {
         #[cfg(not(spanheap_loom))]
         return heap.alloc_cache_record();
         #[cfg(spanheap_loom)]
@@ -93,7 +93,7 @@ impl SharedCache {
         }
     }
 
-    /// For the fork handlers (`MHeap::fork_lock_all`): takes the lock without a guard.
+    /// For the fork handlers (`Heap::fork_lock_all`): takes the lock without a guard.
     pub(crate) fn fork_lock(&self) {
         self.0.fork_lock();
     }
@@ -112,7 +112,7 @@ impl SharedCache {
 /// must not reach the thread cache again (the large-object paths only use the heap).
 #[cfg(not(spanheap_loom))]
 #[inline]
-pub(crate) fn with_heap_cache<R>(
+pub(crate) fn with_heap_cache<P: super::Process, R>(
     f: impl FnOnce(Option<&mut crate::pagecache::HeapCache>) -> R,
 ) -> R {
     let c = match super::tls::state() {
@@ -120,7 +120,7 @@ pub(crate) fn with_heap_cache<R>(
             Some(c) => c,
             None => return f(None),
         },
-        NO_CACHE => match create_cache() {
+        NO_CACHE => match create_cache::<P>() {
             Some(c) => c,
             None => return f(None),
         },

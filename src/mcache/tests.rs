@@ -3,7 +3,7 @@ use crate::os::TestMem;
 use crate::sizeclasses::CLASS_TO_NOBJS;
 
 /// `spans` spans' worth of class `class` objects from cache `c`.
-fn fill(h: &MHeap<TestMem>, c: *mut MCache, class: usize, spans: usize) -> Vec<*mut u8> {
+fn fill(h: &Heap<TestMem>, c: *mut MCache, class: usize, spans: usize) -> Vec<*mut u8> {
     let n = CLASS_TO_NOBJS[class] as usize * spans;
     let objs: Vec<*mut u8> = (0..n).map(|_| unsafe { alloc_from(h, c, class) }).collect();
     assert!(objs.iter().all(|p| !p.is_null()));
@@ -11,13 +11,13 @@ fn fill(h: &MHeap<TestMem>, c: *mut MCache, class: usize, spans: usize) -> Vec<*
 }
 
 /// A heap of its own for one test.
-fn test_heap() -> &'static MHeap<TestMem> {
-    Box::leak(Box::new(MHeap::new(TestMem)))
+fn test_heap() -> &'static Heap<TestMem> {
+    Box::leak(Box::new(Heap::new(TestMem)))
 }
 
 /// Frees `objs`, live objects of class `class`, through cache `c`, in order.
 fn free_all<'a>(
-    h: &MHeap<TestMem>,
+    h: &Heap<TestMem>,
     c: *mut MCache,
     class: usize,
     objs: impl IntoIterator<Item = &'a *mut u8>,
@@ -32,7 +32,7 @@ fn free_all<'a>(
 /// the cache's spans back (`release_all`), so that they sit in the partial list with
 /// `c` as their last owner.
 fn free_and_release(
-    h: &MHeap<TestMem>,
+    h: &Heap<TestMem>,
     c: *mut MCache,
     class: usize,
     objs: &[*mut u8],

@@ -45,27 +45,27 @@
 //!   constructors; the lock path of span allocation and free (`alloc_span`,
 //!   `free_span`, shrinking and growing in place); span lookup (`span_of*`); growth
 //!   (`alloc_pages_locked`, `grow_locked`); the publication protocol
-//!   (`init_and_publish`, `unpublish`); the counters and the statistics glue. The fork
-//!   wrappers (`fork_lock_all` / `fork_unlock_all`) are here too: they take every lock
-//!   the heap owns (reclaim lock, statistics, shared cache, mcentrals, heap lock) in
-//!   rank order.
+//!   (`init_and_publish`, `unpublish`); the counters and the statistics glue; the
+//!   fork handlers' access to the reclaim and heap locks (`fork_lock_reclaim`,
+//!   `fork_lock_heap`), which `mcache::Heap::fork_lock_all` interleaves with the locks
+//!   of the level above in rank order.
 //! - `heapcache.rs` (Go's `mpagecache.go`): allocation and free through a thread's heap
 //!   cache (page block, chunk cache, record caches, large blocks), refills and flushes.
 //! - `scavenge.rs` (Go's `mgcscavenge.go`): taking back idle threads' caches (the
 //!   reclaim gate's driver), the scavenger passes, metadata release and the background
 //!   thread's glue. The policy, the settings and the thread are in `scavenger.rs`.
-//! - `records.rs` (the users of Go's `mfixalloc.go`): span, bitmap and thread-cache
-//!   records carved from manual spans, and metadata accounting.
+//! - `records.rs` (the users of Go's `mfixalloc.go`): span and bitmap records carved
+//!   from manual spans, record chunks and metadata mappings lent to the level above
+//!   (thread-cache records), and metadata accounting.
+//!
+//! The page heap knows nothing of the mcentrals or the thread caches: `mcache::Heap`
+//! owns it together with them (see `docs/design.md`, "Layers").
 //! - `tests.rs`: unit tests.
 
 use core::ptr::{self, NonNull};
 
 use crate::arena::{ArenaHint, ArenaIndex, HeapArena, ARENA_SIZE};
 use crate::fixalloc::{FixAlloc, RawFixAlloc};
-#[cfg(not(spanheap_loom))]
-use crate::mcache::MCache;
-use crate::mcache::SharedCache;
-use crate::mcentral::MCentral;
 use crate::mspan::{
     place, rstate, MSpan, Purpose, SmallPrivate, SpanInfo, SpanState, RSTATE_OWNED,
 };
@@ -73,7 +73,6 @@ use crate::os::{MemSource, OsError, PAGE_SHIFT};
 use crate::pagealloc::PageAlloc;
 use crate::pagecache::GatedCache;
 use crate::scavenger::Scavenger;
-use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
 use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats};
 use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
@@ -108,9 +107,6 @@ pub(crate) struct Locked {
     spanalloc: FixAlloc<MSpan>,
     /// Small-object bitmap records, one allocator per size in `BITS_WORDS`.
     bitsalloc: [RawFixAlloc; 5],
-    /// Thread-cache records (the `GlobalAlloc` front end only).
-    #[cfg(not(spanheap_loom))]
-    cachealloc: FixAlloc<MCache>,
     /// Where the next arena reservation is tried first (just past the last one), so
     /// arenas stay contiguous.
     hint: usize,
@@ -131,8 +127,6 @@ impl Locked {
                 RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[3], 8),
                 RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[4], 8),
             ],
-            #[cfg(not(spanheap_loom))]
-            cachealloc: FixAlloc::new(),
             hint: 0,
             meta_released: 0,
         }
@@ -247,8 +241,6 @@ pub(crate) struct MHeap<M: MemSource> {
     /// The calling thread's statistics sequence counter, if it has a registered one
     /// (a thread cache); `None` makes write sections take the statistics' leaf lock.
     writer: fn() -> Option<&'static HeapSeq>,
-    /// One mcentral per size class (index 0 unused).
-    pub(crate) central: [MCentral; NUM_CLASSES],
     /// Settings and pacing of the scavenger (`scavenger.rs`).
     pub(crate) scavenger: Scavenger,
     /// Every thread's gated heap cache ever registered (`register_cache`), linked
@@ -258,24 +250,6 @@ pub(crate) struct MHeap<M: MemSource> {
     /// The reclaim lock: one reclaimer at a time, and no claim held across `fork()`.
     /// Lock order: `lockrank::TABLE` (first of all).
     reclaim: Mutex<()>,
-    /// The cache of threads without one (`mcache/shared.rs`).
-    pub(crate) shared: SharedCache,
-    /// Run each time a thread cache comes to life (`mcache/lifecycle.rs`): for the
-    /// process-wide heap, registering the fork handlers (`fork.rs`, which sits above
-    /// the caches and so is passed in rather than named); nothing for other heaps.
-    pub(crate) on_cache_live: fn(),
-}
-
-/// The mcentrals, one per class, each with its class's lock rank.
-#[cfg(not(spanheap_loom))]
-const fn centrals() -> [MCentral; NUM_CLASSES] {
-    let mut a = [const { MCentral::new(0) }; NUM_CLASSES];
-    let mut c = 1;
-    while c < NUM_CLASSES {
-        a[c] = MCentral::new(c);
-        c += 1;
-    }
-    a
 }
 
 impl<M: MemSource> MHeap<M> {
@@ -298,28 +272,22 @@ impl<M: MemSource> MHeap<M> {
             gauges: Gauges::new(),
             stats: HeapStats::new(),
             writer,
-            central: centrals(),
             scavenger: Scavenger::new(false, crate::scavenger::NO_BACKGROUND),
             caches: AtomicPtr::new(ptr::null_mut()),
             reclaim: Mutex::new((), crate::lockrank::RECLAIM),
-            shared: SharedCache::new(),
-            on_cache_live: || {},
         }
     }
 
     /// The process-wide heap: like `with_writer`, and its scavenger reads the
-    /// `SPANHEAP_*` environment variables and has a background thread (`bg`);
-    /// `on_cache_live` runs each time a thread cache comes to life.
+    /// `SPANHEAP_*` environment variables and has a background thread (`bg`).
     #[cfg(not(spanheap_loom))]
     pub(crate) const fn global(
         mem: M,
         writer: fn() -> Option<&'static HeapSeq>,
         bg: crate::scavenger::Background,
-        on_cache_live: fn(),
     ) -> Self {
         let mut h = Self::with_writer(mem, writer);
         h.scavenger = Scavenger::new(true, bg);
-        h.on_cache_live = on_cache_live;
         h
     }
     #[cfg(spanheap_loom)]
@@ -332,12 +300,9 @@ impl<M: MemSource> MHeap<M> {
             gauges: Gauges::new(),
             stats: HeapStats::new(),
             writer,
-            central: core::array::from_fn(MCentral::new),
             scavenger: Scavenger::new(false, crate::scavenger::NO_BACKGROUND),
             caches: AtomicPtr::new(ptr::null_mut()),
             reclaim: Mutex::new((), crate::lockrank::RECLAIM),
-            shared: SharedCache::new(),
-            on_cache_live: || {},
         }
     }
 
@@ -610,12 +575,6 @@ impl<M: MemSource> MHeap<M> {
         self.pages_in_use.load(Ordering::Acquire)
     }
 
-    /// Gives every mcentral's spare spans back to the page heap (for `release_memory`).
-    /// Takes each mcentral lock in turn; the heap lock must not be held.
-    pub(crate) fn release_spares(&self) -> usize {
-        self.central.iter().map(|c| c.release_spares(self)).sum()
-    }
-
     /// A snapshot of the counters.
     pub(crate) fn counters(&self) -> HeapCounters {
         let st = &self.gauges;
@@ -674,36 +633,33 @@ impl<M: MemSource> MHeap<M> {
         })
     }
 
-    /// For the fork handlers (`fork.rs`): takes every lock of the heap in rank order
-    /// (`lockrank::TABLE`) and holds them until [`fork_unlock_all`](Self::fork_unlock_all).
-    pub(crate) fn fork_lock_all(&self) {
+    /// For the fork handlers (`mcache::Heap::fork_lock_all`, which interleaves these
+    /// with the locks it owns, in rank order): the reclaim lock, first of all.
+    pub(crate) fn fork_lock_reclaim(&self) {
         self.reclaim.fork_lock();
-        self.stats.fork_lock_reader();
-        self.shared.fork_lock();
-        for c in &self.central[1..NUM_CLASSES] {
-            c.fork_lock();
-        }
-        self.locked.fork_lock();
-        self.stats.fork_lock_nop();
     }
 
-    /// Releases what [`fork_lock_all`](Self::fork_lock_all) took, in reverse order.
+    /// For the fork handlers: the heap lock.
+    pub(crate) fn fork_lock_heap(&self) {
+        self.locked.fork_lock();
+    }
+
+    /// Releases the heap lock taken by `fork_lock_heap`.
     ///
     /// # Safety
-    /// The calling thread holds every lock of the heap, taken with `fork_lock_all` (in
-    /// the child of a fork, the thread that forked).
-    pub(crate) unsafe fn fork_unlock_all(&self) {
-        // SAFETY: the calling thread holds each lock, taken by `fork_lock_all`.
-        unsafe {
-            self.stats.fork_unlock_nop();
-            self.locked.fork_unlock();
-            for c in self.central[1..NUM_CLASSES].iter().rev() {
-                c.fork_unlock();
-            }
-            self.shared.fork_unlock();
-            self.stats.fork_unlock_reader();
-            self.reclaim.fork_unlock();
-        }
+    /// The calling thread holds it (in the child of a fork, the thread that forked).
+    pub(crate) unsafe fn fork_unlock_heap(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.locked.fork_unlock() };
+    }
+
+    /// Releases the reclaim lock taken by `fork_lock_reclaim`.
+    ///
+    /// # Safety
+    /// As for `fork_unlock_heap`.
+    pub(crate) unsafe fn fork_unlock_reclaim(&self) {
+        // SAFETY: forwarded.
+        unsafe { self.reclaim.fork_unlock() };
     }
 
     // ----------------------------------------------------------------------------------

@@ -1,21 +1,18 @@
 //! Metadata records the heap carves for itself (the users of Go's `mfixalloc.go`):
-//! span records, small-object bitmap records and thread-cache records, from chunks of
-//! `SPAN_CHUNK_PAGES` pages that the heap takes as manual spans; the bitmap record
-//! sizes (`BITS_*`, `bits_bucket`); and the accounting of metadata memory outside the
-//! arenas (`count_meta`, thread caches' free-stack storage).
+//! span records and small-object bitmap records, from chunks of `SPAN_CHUNK_PAGES`
+//! pages that the heap takes as manual spans; the bitmap record sizes (`BITS_*`,
+//! `bits_bucket`); chunks and metadata mappings for the level above (thread-cache
+//! records and their free stacks, `mcache/heap.rs`); and the accounting of metadata
+//! memory outside the arenas (`count_meta`).
 //!
 //! What protects what: the record allocators are in `Locked` and are used only with
 //! the heap lock held (`h`); a new chunk's span is initialised and published under it
-//! (the rare path). A thread-cache record's free-stack mapping is made under the lock
-//! when the record is first handed out; its pages are dropped without the lock by the
-//! record's owner. Gauges and statistics are atomic, as in `mod.rs`.
+//! (the rare path). Gauges and statistics are atomic, as in `mod.rs`.
 
 use core::ptr::{self, NonNull};
 
 use super::{add, Locked, MHeap};
 use crate::fixalloc::Carved;
-#[cfg(not(spanheap_loom))]
-use crate::mcache::MCache;
 use crate::mspan::{MSpan, Purpose};
 use crate::os::{MemSource, PAGE_SHIFT};
 use crate::stats::field;
@@ -137,51 +134,22 @@ impl<M: MemSource> MHeap<M> {
         Some(p.cast())
     }
 
-    /// A thread-cache record (constructed empty), or null if memory is exhausted.
-    #[cfg(not(spanheap_loom))]
-    pub(crate) fn alloc_cache_record(&self) -> *mut MCache {
-        self.locked.lock().with(|h| {
-            let mut p = h.cachealloc.alloc();
-            if p.is_null() {
-                let Some(base) = self.manual_chunk_locked(h, Purpose::ThreadCaches) else {
-                    return ptr::null_mut();
-                };
-                h.cachealloc.add_chunk(base, SPAN_CHUNK_PAGES << PAGE_SHIFT);
-                p = h.cachealloc.alloc();
-            }
-            // A record's free stacks get their storage when it is first handed out and
-            // keep it (records are reused, never unmapped): a mapping of its own, outside
-            // the arenas (metadata, like the arena index), so that it does not split the
-            // heap's free page runs. Lazily backed: pages are touched only as far as the
-            // stacks grow.
-            // SAFETY: the record is ours (just taken, in use by nobody).
-            if !p.is_null() && !unsafe { (*p).has_stacks() } {
-                let bytes = crate::mcache::STACK_MAP_BYTES;
-                let Ok(base) = self.mem.alloc_meta(bytes) else {
-                    // SAFETY: the record was just taken and is unused.
-                    unsafe { h.cachealloc.free(p) };
-                    return ptr::null_mut();
-                };
-                self.count_meta(bytes);
-                // SAFETY: a fresh mapping of `bytes` >= STACK_BYTES, ours alone.
-                unsafe { (*p).set_stacks(base.as_ptr().cast()) };
-            }
-            p
-        })
+    /// A chunk of `CHUNK_BYTES` (`fixalloc.rs`) for a record allocator the heap does not
+    /// own (thread-cache records, `mcache/heap.rs`), as a manual span of `purpose`, or
+    /// `None` if memory is exhausted. Takes the heap lock.
+    pub(crate) fn record_chunk(&self, purpose: Purpose) -> Option<usize> {
+        self.locked
+            .lock()
+            .with(|h| self.manual_chunk_locked(h, purpose))
     }
 
-    /// Returns a thread-cache record.
-    ///
-    /// # Safety
-    /// `p` came from `alloc_cache_record` and is not used any more.
-    #[cfg(not(spanheap_loom))]
-    pub(crate) unsafe fn free_cache_record(&self, p: *mut MCache) {
-        // So that a dead thread's record holds no resident memory. Outside the lock:
-        // the record is ours.
-        // SAFETY: the record is ours, its stacks empty (caller's contract).
-        unsafe { self.drop_stack_pages(p) };
-        // SAFETY: forwarded.
-        self.locked.lock().with(|h| unsafe { h.cachealloc.free(p) });
+    /// A mapping of `bytes` for metadata outside the arenas (a thread cache's free
+    /// stacks), lazily backed and counted as metadata; `None` if the OS refuses. It is
+    /// never unmapped: its pages are dropped with `drop_meta_pages`.
+    pub(crate) fn alloc_meta_mapping(&self, bytes: usize) -> Option<NonNull<u8>> {
+        let base = self.mem.alloc_meta(bytes).ok()?;
+        self.count_meta(bytes);
+        Some(base)
     }
 
     /// Counts `bytes` more of OS memory for metadata outside the arenas (the gauge and
@@ -215,21 +183,17 @@ impl<M: MemSource> MHeap<M> {
         }
     }
 
-    /// Drops the resident pages of cache record `p`'s free-stack storage (the mapping
-    /// stays). If the OS refuses, the pages stay resident and only the statistics say
-    /// so: stack slots are written before they are read, so old contents do no harm.
+    /// Drops the resident pages of `[base, base + bytes)`, a whole mapping from
+    /// `alloc_meta_mapping` (the mapping stays). If the OS refuses, the pages stay
+    /// resident and only the statistics say so.
     ///
     /// # Safety
-    /// `p` is a cache record owned by the caller, with every free stack empty.
-    #[cfg(not(spanheap_loom))]
-    pub(crate) unsafe fn drop_stack_pages(&self, p: *mut MCache) {
-        // SAFETY: the record is ours (caller's contract).
-        if let Some(base) = NonNull::new(unsafe { (*p).stack_base() }) {
-            let bytes = crate::mcache::STACK_MAP_BYTES;
-            // SAFETY: the record's own stack mapping; no slot holds anything.
-            if !unsafe { self.mem.decommit(base.cast(), bytes) } {
-                self.count_refused_decommit(bytes);
-            }
+    /// The mapping's owner is the caller and nothing in it is read before it is written
+    /// again.
+    pub(crate) unsafe fn drop_meta_pages(&self, base: NonNull<u8>, bytes: usize) {
+        // SAFETY: the caller's own mapping, holding nothing it will read (contract).
+        if !unsafe { self.mem.decommit(base, bytes) } {
+            self.count_refused_decommit(bytes);
         }
     }
 }

@@ -4,6 +4,7 @@ use super::records::SPAN_CHUNK_PAGES;
 use super::*;
 use crate::os::{TestMem, PAGE_SIZE};
 use crate::pagecache::HeapCache;
+use crate::sizeclasses::NUM_CLASSES;
 
 fn new_heap() -> &'static MHeap<TestMem> {
     Box::leak(Box::new(MHeap::new(TestMem)))

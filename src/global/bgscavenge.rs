@@ -12,7 +12,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use crate::global::HEAP;
+use super::HEAP;
 use crate::scavenger::{Background, BG_BURST_NS, BG_CPU_PERCENT, PASS_BUDGET_NS};
 
 /// Not running (never started, turned off, or in a fork child).
@@ -36,7 +36,7 @@ pub(crate) const HOOKS: Background = Background {
     running,
     wake,
     nudge,
-    visit: crate::idle::visit_threads,
+    visit: super::idle::visit_threads,
 };
 
 /// Starts the background scavenger thread unless it runs. Returns whether it runs.

@@ -94,8 +94,8 @@ pub(crate) use imp::*;
 
 #[cfg(not(spanheap_loom))]
 mod imp {
+    use super::super::HEAP;
     use super::*;
-    use crate::global::HEAP;
 
     /// Whether visits can work here (the heavy barrier exists); checked at the first.
     static USABLE: AtomicU8 = AtomicU8::new(2);
@@ -449,7 +449,7 @@ mod imp {
         let d = door(c);
         // A parked thread's limits follow the budget's share too.
         // SAFETY: the record is ours (caller's contract).
-        unsafe { crate::mcache::check_budget(c) };
+        unsafe { crate::mcache::check_budget(&HEAP, c) };
         let (mut any, mut held) = (false, 0u64);
         for class in 1..NUM_CLASSES {
             let low = u32::from(d.low[class].load(Ordering::Relaxed));

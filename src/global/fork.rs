@@ -32,13 +32,13 @@
 //!
 //! The handlers are registered once, when the first thread cache is created (after it
 //! is live, so that an allocation `pthread_atfork` itself may make is an ordinary one):
-//! `register_once` is the process-wide heap's `on_cache_live` hook (`lib.rs`), which
+//! `register_once` is the process-wide heap's `on_cache_live` hook (`global/mod.rs`), which
 //! the thread cache runs without naming this module, above it.
 
 // Process-wide set-once flag, outside the modelled core.
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::global::HEAP;
+use super::HEAP;
 
 static REGISTERED: AtomicBool = AtomicBool::new(false);
 
@@ -80,8 +80,8 @@ extern "C" fn child() {
         .fork_child_settle(crate::mcache::current_writer());
     HEAP.scavenger.fork_child_reset();
     crate::os::membarrier_fork_child_reset();
-    crate::bgscavenge::fork_child_reset();
-    crate::idle::fork_child(crate::mcache::own_record());
+    super::bgscavenge::fork_child_reset();
+    super::idle::fork_child(crate::mcache::own_record());
     // SAFETY: fork() ran `prepare` on this thread before the copy.
     unsafe { unlock_all() };
 }

@@ -23,7 +23,7 @@
 
 use core::fmt;
 
-use crate::global::HEAP;
+use super::HEAP;
 use crate::mspan::{MSpan, Purpose, SpanState};
 use crate::os::PAGE_SIZE;
 use crate::sizeclasses::{class_for_layout, CLASS_TO_NOBJS, CLASS_TO_SIZE};
