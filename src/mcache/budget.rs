@@ -16,7 +16,6 @@
 
 use core::ptr;
 
-#[cfg(not(spanheap_loom))]
 use super::heap::Heap;
 use crate::os::MemSource;
 use crate::sizeclasses::{CLASS_TO_SIZE, NUM_CLASSES};

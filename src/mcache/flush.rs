@@ -19,7 +19,6 @@
 
 use core::ptr::{self, NonNull};
 
-#[cfg(not(spanheap_loom))]
 use super::heap::Heap;
 use crate::arena::NO_ARENA;
 use crate::mspan::{rstate_parts, MSpan, RSTATE_OWNED};

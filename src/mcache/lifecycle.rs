@@ -17,7 +17,6 @@
 
 use core::ptr;
 
-#[cfg(not(spanheap_loom))]
 use super::heap::Heap;
 use crate::os::MemSource;
 use crate::sizeclasses::NUM_CLASSES;
