@@ -81,6 +81,16 @@ pub(crate) struct HeapArena {
     /// was mapped; pages at or above it are still zero from the OS. Only grows (atomic
     /// fetch_max), Go's `zeroedBase`.
     zeroed_base: AtomicUsize,
+    /// Size-class hint per page: the class of the last small-object span that covered
+    /// the page (0: none yet). Stored (Relaxed) when a small span is published, never
+    /// cleared, so it may name a class the page no longer has: only a reader that checks
+    /// it may use it. The C ABI's `free` does (`mcache::free_hinted`): it takes the
+    /// hint's class only if the block lies in the calling thread's current span of that
+    /// class, which is a live span of that class whatever the hint's age. Relaxed: the
+    /// check, not the hint, is what the reader relies on. (Not under loom: the C ABI
+    /// is outside the models, and the stores would only multiply their interleavings.)
+    #[cfg(not(spanheap_loom))]
+    class_hint: [AtomicU8; PAGES_PER_ARENA],
 }
 
 type L2 = [AtomicPtr<HeapArena>; L2_ENTRIES];
@@ -117,7 +127,7 @@ pub(crate) struct ArenaIndex {
 }
 
 #[inline]
-fn arena_number(addr: usize) -> usize {
+pub(crate) fn arena_number(addr: usize) -> usize {
     addr >> ARENA_SHIFT
 }
 
@@ -244,6 +254,11 @@ impl HeapArena {
                 PAGES_PER_ARENA / 8,
             );
             init_atomics(ptr::addr_of_mut!((*a).zeroed_base), 1);
+            #[cfg(not(spanheap_loom))]
+            init_atomics(
+                ptr::addr_of_mut!((*a).class_hint).cast::<AtomicU8>(),
+                PAGES_PER_ARENA,
+            );
         }
         Ok((p, bytes))
     }
@@ -259,6 +274,15 @@ impl HeapArena {
     pub(crate) fn span_at(&self, addr: usize) -> *mut MSpan {
         self.spans[Self::page_index(addr)].load(Ordering::Acquire)
     }
+
+    /// The size-class hint of the page holding `addr` (see `class_hint`: it may be
+    /// stale, and 0 means none).
+    #[cfg(not(spanheap_loom))]
+    #[cfg_attr(feature = "checked", allow(dead_code))] // checked mode validates every free
+    #[inline(always)]
+    pub(crate) fn class_hint_at(&self, addr: usize) -> usize {
+        self.class_hint[Self::page_index(addr)].load(Ordering::Relaxed) as usize
+    }
 }
 
 impl ArenaIndex {
@@ -270,6 +294,33 @@ impl ArenaIndex {
     /// initialised before this call. Pages may cross arena boundaries (large spans in
     /// contiguous arenas).
     pub(crate) fn set_spans(&self, base: usize, npages: usize, s: *mut MSpan) {
+        self.for_each_run(base, npages, |arena, pages| {
+            for slot in &arena.spans[pages] {
+                slot.store(s, PUBLISH_SPAN);
+            }
+        });
+    }
+
+    /// Sets the size-class hint of `npages` pages from `base` to `class` (a small span
+    /// being published; see `HeapArena::class_hint`).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn set_class_hints(&self, base: usize, npages: usize, class: u8) {
+        self.for_each_run(base, npages, |arena, pages| {
+            for slot in &arena.class_hint[pages] {
+                slot.store(class, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Runs `f` on each arena's share of `npages` pages from `base`, as that arena's
+    /// record and a range of its page indices (pages may cross arena boundaries: large
+    /// spans in contiguous arenas).
+    fn for_each_run(
+        &self,
+        base: usize,
+        npages: usize,
+        mut f: impl FnMut(&HeapArena, core::ops::Range<usize>),
+    ) {
         let mut addr = base;
         let end = base + npages * PAGE_SIZE;
         while addr < end {
@@ -284,9 +335,7 @@ impl ArenaIndex {
             } else {
                 PAGES_PER_ARENA
             };
-            for slot in &arena.spans[first..last] {
-                slot.store(s, PUBLISH_SPAN);
-            }
+            f(arena, first..last);
             addr = arena_end.min(end);
         }
     }

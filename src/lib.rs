@@ -301,13 +301,28 @@ pub mod raw {
     /// alignment of 8, the fast one.
     #[inline]
     pub fn malloc(size: usize) -> *mut u8 {
-        if size <= 8 {
-            return global::alloc(size.max(1), 8);
-        }
-        match size.checked_add(15) {
-            Some(s) => global::alloc(s & !15, 8),
+        match malloc_size(size) {
+            Some(s) => global::alloc(s, 8),
             None => core::ptr::null_mut(),
         }
+    }
+
+    /// The first half of [`malloc`]: a block from the calling thread's cache if its
+    /// size class has one ready (free stack or window), else null and the caller calls
+    /// [`malloc`]. Never makes a system call and takes no lock (so `errno` is
+    /// untouched). Always null in checked mode.
+    #[inline]
+    pub fn malloc_fast(size: usize) -> *mut u8 {
+        global::malloc_cached(size)
+    }
+
+    /// `malloc`'s request as a size with alignment 8 that gives glibc's alignment.
+    #[inline(always)]
+    fn malloc_size(size: usize) -> Option<usize> {
+        if size <= 8 {
+            return Some(size.max(1));
+        }
+        size.checked_add(15).map(|s| s & !15)
     }
 
     /// As [`alloc`], the bytes zeroed.
@@ -326,6 +341,31 @@ pub mod raw {
     pub unsafe fn free(p: *mut u8) {
         // SAFETY: forwarded.
         unsafe { global::free_unsized(p) }
+    }
+
+    /// The first half of [`free`]: frees `p` and returns true if it is an object of
+    /// the calling thread's current span of its size class (found from a per-page
+    /// size-class hint and checked against that span); otherwise does nothing and
+    /// returns false, and the caller calls [`free_validated`]. Never makes a system call
+    /// (so `errno` is untouched) and takes no lock. Always false in checked mode.
+    ///
+    /// # Safety
+    /// As for [`free`].
+    #[inline]
+    pub unsafe fn free_fast(p: *mut u8) -> bool {
+        // SAFETY: forwarded.
+        unsafe { global::free_fast(p) }
+    }
+
+    /// The second half of [`free`]: looks `p`'s span up and frees it by what it says
+    /// (may make system calls: returning memory, waiting for a lock).
+    ///
+    /// # Safety
+    /// As for [`free`].
+    #[inline]
+    pub unsafe fn free_validated(p: *mut u8) {
+        // SAFETY: forwarded.
+        unsafe { global::free_validated(p) }
     }
 
     /// The number of usable bytes of the live block at `p` (at least what was asked

@@ -256,7 +256,7 @@ pub(crate) mod global {
     use crate::global::{Process, HEAP};
     use crate::mcache;
     use crate::sizeclasses::{
-        class_for_layout, common_class, is_common, CLASS_TO_SIZE, NUM_CLASSES,
+        class_for_layout, common_class, is_common, MAX_SMALL_SIZE, SIZE_TO_CLASS,
     };
 
     /// An object of size class `class` from the calling thread's cache (checked mode
@@ -267,6 +267,42 @@ pub(crate) mod global {
         #[cfg(feature = "checked")]
         crate::global::checked::on_alloc(p);
         p
+    }
+
+    /// C's `malloc(size)` if the calling thread's cache has an object of the class
+    /// ready (free stack or window), else null. No slow path, no system call. Always
+    /// null in checked mode (every allocation then takes the path that marks it live).
+    #[inline(always)]
+    pub(crate) fn malloc_cached(size: usize) -> *mut u8 {
+        if cfg!(feature = "checked") || size > MAX_SMALL_SIZE {
+            return ptr::null_mut();
+        }
+        // SAFETY: size <= MAX_SMALL_SIZE, so the index is at most the table's last.
+        let class = unsafe { *MALLOC_CLASS.get_unchecked((size + 7) >> 3) };
+        mcache::alloc_cached(class as usize)
+    }
+
+    /// The size class C's `malloc` uses for each request of up to `MAX_SMALL_SIZE`
+    /// bytes, by `(size + 7) / 8`: glibc's alignment (16 bytes for blocks over 8 bytes,
+    /// so the size is rounded up to 16), one table load where `raw::malloc` rounds and
+    /// then looks up. Every size in `((i - 1) * 8, i * 8]` rounds to the same multiple of
+    /// 16 as `i * 8`, so one entry serves the eight sizes.
+    static MALLOC_CLASS: [u8; MAX_SMALL_SIZE / 8 + 1] = {
+        let mut t = [0u8; MAX_SMALL_SIZE / 8 + 1];
+        let mut i = 0;
+        while i < t.len() {
+            let s = i * 8;
+            let req = if s <= 8 { 8 } else { (s + 15) & !15 };
+            t[i] = SIZE_TO_CLASS[(req + 7) >> 3];
+            i += 1;
+        }
+        t
+    };
+
+    /// The class `malloc_cached` takes for a request of `size` bytes (tests).
+    #[cfg(test)]
+    pub(crate) fn malloc_class(size: usize) -> usize {
+        MALLOC_CLASS[(size + 7) >> 3] as usize
     }
 
     #[inline]
@@ -406,6 +442,41 @@ pub(crate) mod global {
     /// not used afterwards.
     #[inline]
     pub(crate) unsafe fn free_unsized(p: *mut u8) {
+        // SAFETY: forwarded.
+        unsafe {
+            if !free_fast(p) {
+                free_validated(p);
+            }
+        }
+    }
+
+    /// `free_unsized`'s first half: frees `p` and returns true if it is an object of
+    /// the calling thread's current span of its class (`mcache::free_hinted`); else
+    /// does nothing and returns false. Never makes a system call. Always false in
+    /// checked mode, where every free is validated.
+    ///
+    /// # Safety
+    /// As for `free_unsized`.
+    #[inline(always)]
+    pub(crate) unsafe fn free_fast(p: *mut u8) -> bool {
+        #[cfg(feature = "checked")]
+        {
+            let _ = p;
+            false
+        }
+        // SAFETY: forwarded.
+        #[cfg(not(feature = "checked"))]
+        unsafe {
+            mcache::free_hinted::<Process>(p)
+        }
+    }
+
+    /// `free_unsized`'s second half: looks the span up and frees `p` by what it says.
+    ///
+    /// # Safety
+    /// As for `free_unsized`.
+    #[inline(never)]
+    pub(crate) unsafe fn free_validated(p: *mut u8) {
         #[cfg(feature = "checked")]
         if !p.is_null() {
             crate::global::checked::on_free(p, None, true);
@@ -422,11 +493,11 @@ pub(crate) mod global {
         let class = info.spanclass as usize;
         if class != 0 {
             // Not an object's start: one multiply and a compare, no division.
-            // SAFETY: a live small span's class is below NUM_CLASSES, the table's length.
-            let c = unsafe { *DIVISIBLE.get_unchecked(class) };
-            if (off as u64).wrapping_mul(c) >= c {
+            if !mcache::at_object_start(class, off) {
                 interior("free", p);
             }
+            // The next free of a block in this arena may take `free_fast`.
+            mcache::note_arena::<Process>(p);
             // SAFETY: a live object of that class (the caller's contract).
             unsafe { mcache::dealloc::<Process>(p, class) }
         } else {
@@ -436,27 +507,6 @@ pub(crate) mod global {
             // SAFETY: a live large block.
             unsafe { large_dealloc(p) }
         }
-    }
-
-    /// Per class, `c = ceil(2^64 / size)`: an offset `n` below 2^32 is a multiple of
-    /// the size iff `n * c mod 2^64 < c` (Lemire, Kaser and Kurz, "Faster remainder by
-    /// direct computation", 2019). Offsets in a span are far below 2^32; a test checks
-    /// every offset of every class. Class 0 has no size (the entry is unused).
-    static DIVISIBLE: [u64; NUM_CLASSES] = {
-        let mut t = [0u64; NUM_CLASSES];
-        let mut c = 1;
-        while c < NUM_CLASSES {
-            t[c] = u64::MAX / CLASS_TO_SIZE[c] as u64 + 1;
-            c += 1;
-        }
-        t
-    };
-
-    /// Whether `off` (an offset into a span of class `class`) is an object's start, by
-    /// the test `free_unsized` uses.
-    #[cfg(test)]
-    pub(crate) fn at_object_start(class: usize, off: usize) -> bool {
-        (off as u64).wrapping_mul(DIVISIBLE[class]) < DIVISIBLE[class]
     }
 
     /// A by-address free or realloc of `p`, which is not in a live span of user
@@ -584,6 +634,29 @@ mod tests {
     use super::*;
     use crate::os::TestMem;
 
+    /// `malloc`'s one-load class table agrees with the path it short-cuts: round to
+    /// glibc's alignment (`raw::malloc`), then `class_for_layout` with alignment 8; and
+    /// the block it gives has that alignment.
+    #[test]
+    fn malloc_class_table_matches_the_rounding_path_for_every_small_size() {
+        use crate::sizeclasses::{class_for_layout, CLASS_TO_SIZE, MAX_SMALL_SIZE};
+        for size in 0..=MAX_SMALL_SIZE {
+            let req = if size <= 8 {
+                size.max(1)
+            } else {
+                (size + 15) & !15
+            };
+            let want = class_for_layout(req, 8) as usize;
+            let got = global::malloc_class(size);
+            assert_eq!(got, want, "size {size}");
+            let obj = CLASS_TO_SIZE[got] as usize;
+            assert!(obj >= size.max(1), "size {size}: object of {obj}");
+            if size > 8 {
+                assert_eq!(obj % 16, 0, "size {size}: 16-byte alignment");
+            }
+        }
+    }
+
     #[test]
     fn the_object_start_test_is_exact_for_every_offset_of_every_class() {
         use crate::sizeclasses::{CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
@@ -592,7 +665,7 @@ mod tests {
             let span = (CLASS_TO_NPAGES[class] as usize) << PAGE_SHIFT;
             for off in 0..span {
                 assert_eq!(
-                    global::at_object_start(class, off),
+                    crate::mcache::at_object_start(class, off),
                     off % size == 0,
                     "class {class} offset {off}"
                 );

@@ -102,6 +102,18 @@ const CASES: &[(&str, &str, fn())] = &[
             spanheap::raw::free(p.add(16));
         },
     ),
+    // The same once the thread's arena memo is set (by the first free), so that the
+    // fast half of `free` looks at the block: it must leave an interior pointer of the
+    // current span to the validating half.
+    (
+        "raw_free_interior_small_fast_half",
+        "points inside a block",
+        || unsafe {
+            let (a, b) = (spanheap::raw::malloc(512), spanheap::raw::malloc(512));
+            spanheap::raw::free(a);
+            spanheap::raw::free(b.add(16));
+        },
+    ),
     (
         "raw_free_interior_large",
         "points inside a block",

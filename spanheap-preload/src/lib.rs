@@ -77,11 +77,24 @@ fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
 /// C's `malloc`.
 #[no_mangle]
 pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+    // 16-byte alignment for blocks over 8 bytes, through the fast class lookup. The
+    // fast half has no slow path, so this is a leaf with a tail call on a miss.
+    let p = raw::malloc_fast(size);
+    if !p.is_null() {
+        return p.cast();
+    }
+    malloc_slow(size)
+}
+
+/// `malloc` when the thread's cache has nothing ready: the whole path, and `ENOMEM` on
+/// failure. (Sizes over `PTRDIFF_MAX` fail there too: they exceed the largest span.)
+#[cold]
+#[inline(never)]
+extern "C" fn malloc_slow(size: usize) -> *mut c_void {
     if too_big(size) {
         set_errno(libc::ENOMEM);
         return core::ptr::null_mut();
     }
-    // 16-byte alignment for blocks over 8 bytes, through the fast class lookup.
     let p = raw::malloc(size);
     if p.is_null() {
         set_errno(libc::ENOMEM);
@@ -106,17 +119,33 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 /// C's `free`: `p` is NULL or a live block from this allocator, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn free(p: *mut c_void) {
+    // SAFETY: the caller's contract. The fast half makes no system call, and null is
+    // never an object of a span (it misses). A leaf with a tail call on a miss.
+    if unsafe { raw::free_fast(p.cast()) } {
+        return;
+    }
+    // SAFETY: forwarded.
+    unsafe { free_slow(p) }
+}
+
+/// `free` when the block is not an object of the thread's current span of its class.
+///
+/// # Safety
+/// As for `free`.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn free_slow(p: *mut c_void) {
     if p.is_null() {
         return;
     }
-    // A free may reach a slow path that makes system calls (returning memory to the
+    // The rest may reach a slow path that makes system calls (returning memory to the
     // OS, waiting for a lock); C requires errno to survive it.
     // SAFETY: __errno_location returns this thread's errno slot.
     let slot = unsafe { libc::__errno_location() };
     // SAFETY: the slot is valid for this thread's life.
     let e = unsafe { *slot };
     // SAFETY: the caller's contract.
-    unsafe { raw::free(p.cast()) };
+    unsafe { raw::free_validated(p.cast()) };
     // SAFETY: as above.
     unsafe { *slot = e };
 }

@@ -85,6 +85,8 @@ pub(crate) mod budget;
 pub(crate) mod door;
 mod flush;
 mod heap;
+#[cfg(not(spanheap_loom))]
+mod hinted;
 mod lifecycle;
 mod shared;
 #[cfg(all(test, not(spanheap_loom)))]
@@ -96,7 +98,6 @@ use core::ptr::{self, NonNull};
 
 use crate::arena::{ArenaHint, NO_ARENA};
 use crate::fixalloc::Record;
-#[cfg(not(spanheap_loom))]
 use crate::mcentral::{count_free, merge_remote, private};
 use crate::mspan::{MSpan, Purpose};
 use crate::os::MemSource;
@@ -118,6 +119,9 @@ pub(crate) use budget::{
 };
 pub(crate) use flush::remote_free;
 pub(crate) use heap::Heap;
+#[cfg(not(spanheap_loom))]
+#[cfg_attr(feature = "checked", allow(unused_imports))] // checked mode validates every free
+pub(crate) use hinted::{at_object_start, free_hinted, note_arena};
 pub(crate) use lifecycle::release_all;
 #[cfg(not(spanheap_loom))]
 pub(crate) use lifecycle::{
@@ -464,6 +468,15 @@ unsafe fn refilled<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize) -
 pub(crate) trait Process: 'static {
     /// The process-wide heap.
     fn heap() -> &'static Heap<crate::os::OsMemory>;
+}
+
+/// An object of size class `class` (1..NUM_CLASSES) from what the calling thread's
+/// cache holds (free stack or window), or null: `alloc` without its slow path.
+#[cfg(not(spanheap_loom))]
+#[inline(always)]
+pub(crate) fn alloc_cached(class: usize) -> *mut u8 {
+    // SAFETY: `tls::cache()` is this thread's cache or the empty one.
+    unsafe { try_alloc(tls::cache(), class) }
 }
 
 /// Allocates an object of size class `class` (1..NUM_CLASSES) from the calling thread's

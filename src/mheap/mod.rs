@@ -821,6 +821,12 @@ impl<M: MemSource> MHeap<M> {
 
         self.account_alloc(purpose, nbytes, scav, cached);
 
+        // The C ABI's size-class hint (not part of the publication: readers check it
+        // against their own current span, see `HeapArena::class_hint`).
+        #[cfg(not(spanheap_loom))]
+        if spanclass != 0 {
+            self.arenas.set_class_hints(base, npages, spanclass);
+        }
         // Publication. The span must be completely initialised before this point.
         // (1) Span map: Release pairs with the Acquire in `HeapArena::span_at`.
         self.arenas.set_spans(base, npages, s.as_ptr());
