@@ -75,7 +75,7 @@ use crate::pagecache::GatedCache;
 use crate::scavenger::Scavenger;
 use crate::sizeclasses::NUM_CLASSES;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
-use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats};
+use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats, LockStats, LOCK_KINDS};
 use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 use records::{bits_bucket, BITS_MAPS, BITS_WORDS};
@@ -339,6 +339,22 @@ impl<M: MemSource> MHeap<M> {
             shared: SharedCache::new(),
             on_cache_live: || {},
         }
+    }
+
+    /// The use of every lock of this heap, summed per kind (`spanheap::lock_stats`).
+    #[cfg_attr(spanheap_loom, allow(dead_code))]
+    pub(crate) fn lock_stats(&self) -> [LockStats; LOCK_KINDS] {
+        let mut t = LockStats::table();
+        LockStats::add(&mut t, self.reclaim.counts());
+        for c in self.stats.lock_counts() {
+            LockStats::add(&mut t, c);
+        }
+        LockStats::add(&mut t, self.shared.lock_counts());
+        for c in &self.central[1..] {
+            LockStats::add(&mut t, c.lock_counts());
+        }
+        LockStats::add(&mut t, self.locked.counts());
+        t
     }
 
     /// Allocates a span of `npages` pages for `purpose`, its base aligned to
