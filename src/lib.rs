@@ -78,7 +78,7 @@ const _: () = assert!(sizeclasses::MAX_CLASS_ALIGN == os::PAGE_SIZE);
 
 pub use mspan::Purpose;
 pub use scavenger::ScavengerConfig;
-pub use stats::{ClassStats, HeapGauges, LockStats, Stats, LOCK_KINDS};
+pub use stats::{ClassStats, HeapGauges, LockStats, RemoteFreeStats, Stats, LOCK_KINDS};
 
 #[cfg(not(spanheap_loom))]
 mod global {
@@ -169,7 +169,18 @@ pub fn stats() -> Stats {
     s.metadata_released_bytes = c.meta_released;
     s.span_map_pages_dropped = c.span_map_drops;
     s.locks = global::HEAP.lock_stats();
+    s.remote = remote_free_stats();
     s
+}
+
+/// What the thread caches' remote frees (objects of spans another cache owns, or no
+/// cache: cross-thread frees) did to shared cache lines so far: objects, and the
+/// atomic read-modify-writes and mcentral announcements they took (see
+/// [`RemoteFreeStats`]). Cheap: sums a few counters of every thread-cache record, takes
+/// no lock and does not allocate. [`stats()`] reports the same in [`Stats::remote`].
+#[cfg(not(spanheap_loom))]
+pub fn remote_free_stats() -> RemoteFreeStats {
+    RemoteFreeStats::from_array(mcache::door::remote_totals())
 }
 
 /// How much the allocator's shared locks are used and contended: one row per kind of

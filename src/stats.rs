@@ -499,6 +499,49 @@ impl LockStats {
     }
 }
 
+/// What thread caches' remote frees (frees of objects of spans the freeing cache does
+/// not own, returned when a cache flushes its remote buffer or free stack) did to
+/// shared cache lines, cumulative (see
+/// [`remote_free_stats`](crate::remote_free_stats)). Each is an atomic
+/// read-modify-write on a line the span's owner (or another freer) also writes.
+/// Counted per thread-cache record and summed when read; frees by threads without a
+/// cache are not counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteFreeStats {
+    /// Objects freed through the remote path.
+    pub objects: u64,
+    /// `fetch_or`s of spans' remote-free bitmap words (one per 64-object word a run
+    /// of frees into one span touches).
+    pub bitmap_rmws: u64,
+    /// `fetch_add`s of spans' state words (one per run of frees into one span).
+    pub state_rmws: u64,
+    /// Announcements to a size class's mcentral (a span became allocatable again or
+    /// wholly free): a push on its lock-free pending stack, and a drain under the
+    /// mcentral lock when `try_lock` gets it.
+    pub announces: u64,
+}
+
+impl RemoteFreeStats {
+    pub(crate) fn from_array(a: [u64; 4]) -> Self {
+        RemoteFreeStats {
+            objects: a[0],
+            bitmap_rmws: a[1],
+            state_rmws: a[2],
+            announces: a[3],
+        }
+    }
+
+    /// The counts since `before` (an earlier reading).
+    pub fn since(&self, before: &RemoteFreeStats) -> RemoteFreeStats {
+        RemoteFreeStats {
+            objects: self.objects.wrapping_sub(before.objects),
+            bitmap_rmws: self.bitmap_rmws.wrapping_sub(before.bitmap_rmws),
+            state_rmws: self.state_rmws.wrapping_sub(before.state_rmws),
+            announces: self.announces.wrapping_sub(before.announces),
+        }
+    }
+}
+
 /// A snapshot of spanheap's statistics: see [`stats()`](crate::stats()).
 ///
 /// All fields except [`gauges`](Self::gauges) come from one consistent snapshot: every
@@ -598,6 +641,9 @@ pub struct Stats {
     /// (not part of it; it includes the locks `stats()` itself took): see
     /// [`lock_stats`](crate::lock_stats).
     pub locks: [LockStats; LOCK_KINDS],
+    /// What remote frees did to shared cache lines, read after the consistent snapshot
+    /// (not part of it): see [`remote_free_stats`](crate::remote_free_stats).
+    pub remote: RemoteFreeStats,
 }
 
 impl Stats {
@@ -642,6 +688,7 @@ impl Stats {
             classes,
             gauges,
             locks: LockStats::table(),
+            remote: RemoteFreeStats::default(),
         }
     }
 
@@ -828,6 +875,12 @@ impl fmt::Display for Stats {
             Bytes(g.heap_idle),
             Bytes(g.heap_released),
             g.pages_in_use
+        )?;
+        let r = &self.remote;
+        writeln!(
+            f,
+            "  remote frees       {:>12}   bitmap fetch_or {}, state fetch_add {}, announcements {}",
+            r.objects, r.bitmap_rmws, r.state_rmws, r.announces
         )?;
         writeln!(
             f,

@@ -1,7 +1,8 @@
-//! The lock counters (`spanheap::lock_stats`, `Stats::locks`): spans moving through a
-//! size class's mcentral between two threads are counted as mcentral acquisitions,
-//! counts only grow, and contended acquisitions never exceed acquisitions, however
-//! busy the locks are.
+//! The lock counters (`spanheap::lock_stats`, `Stats::locks`) and the remote-free
+//! counters (`spanheap::remote_free_stats`): spans moving through a size class's
+//! mcentral between two threads are counted as mcentral acquisitions and the frees as
+//! remote frees, counts only grow, and contended acquisitions never exceed
+//! acquisitions, however busy the locks are.
 
 mod common;
 
@@ -58,6 +59,7 @@ fn cross_thread_frees_through_one_mcentral_are_counted() {
     const OBJECTS: usize = 200_000;
     const BATCH: usize = 500;
     let before = spanheap::lock_stats();
+    let remote_before = spanheap::remote_free_stats();
     assert_eq!(kind(&before, "mcentral").locks, 67);
     assert_eq!(kind(&before, "heap").locks, 1);
     let done = AtomicBool::new(false);
@@ -104,6 +106,15 @@ fn cross_thread_frees_through_one_mcentral_are_counted() {
         d.acquisitions
     );
     assert!(d.contended <= d.acquisitions);
+    // The consumer's frees were remote frees (of the producer's spans), counted with
+    // the atomics they took: at most one state-word add per bitmap OR, at most one
+    // bitmap OR per object, at most one announcement per state-word add.
+    let r = spanheap::remote_free_stats().since(&remote_before);
+    assert!(r.objects >= OBJECTS as u64 / 2, "{r:?}");
+    assert!(r.announces <= r.state_rmws, "{r:?}");
+    assert!(r.state_rmws <= r.bitmap_rmws, "{r:?}");
+    assert!(r.bitmap_rmws <= r.objects, "{r:?}");
+    eprintln!("cross-thread: mcentral {d:?}; remote {r:?}");
 }
 
 /// Four threads churn the same two size classes and large blocks (the mcentral locks
