@@ -52,7 +52,7 @@ const MAX_SIZE: usize = 1000;
 /// Free-and-allocate steps per round (one thread's life).
 const ROUND_PAIRS: usize = 100_000;
 /// Rounds (threads) per chain.
-const ROUNDS: usize = 40;
+const ROUNDS: usize = 100;
 
 /// One slot: a block, its size and the tag written into it.
 #[derive(Clone, Copy)]

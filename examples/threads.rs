@@ -111,10 +111,11 @@ fn run(t: usize, f: fn(u64) -> usize) -> (f64, usize) {
     (ops as f64 / start.elapsed().as_secs_f64() / 1e6, ops)
 }
 
-/// Runs workload `w` (`f` on `t` threads); on spanheap, prints its `locks` line.
-fn measured(w: &str, t: usize, f: fn(u64) -> usize, lines: &mut Vec<String>) -> f64 {
+/// Runs workload `w` (`f` on `n` threads) of the table's row `t`; on spanheap, adds
+/// its `locks` line.
+fn measured(w: &str, t: usize, n: usize, f: fn(u64) -> usize, lines: &mut Vec<String>) -> f64 {
     let before = locks::snapshot(switch::mode() == switch::SPANHEAP);
-    let (mops, ops) = run(t, f);
+    let (mops, ops) = run(n, f);
     if let Some(b) = before {
         lines.push(locks::line(w, t, &b, ops));
     }
@@ -124,10 +125,10 @@ fn measured(w: &str, t: usize, f: fn(u64) -> usize, lines: &mut Vec<String>) -> 
 fn child(threads: &[usize]) {
     for &t in threads {
         let mut lines = Vec::new();
-        let l = measured("local", t, local, &mut lines);
-        let s = measured("spans", t, spans, &mut lines);
+        let l = measured("local", t, t, local, &mut lines);
+        let s = measured("spans", t, t, spans, &mut lines);
         // Pairs: t/2 producers each with its consumer (at least one pair).
-        let r = measured("remote", (t / 2).max(1), remote_pair, &mut lines);
+        let r = measured("remote", t, (t / 2).max(1), remote_pair, &mut lines);
         println!("{t} {l:.1} {s:.2} {r:.1}");
         for line in lines {
             println!("{line}");
@@ -197,8 +198,6 @@ fn main() {
             }
             println!();
         }
-        // The thread counts of `remote` are pairs: its line is labelled with the
-        // producers (t/2, at least 1).
         locks::print_for(name, &results[0].1);
     }
 }
