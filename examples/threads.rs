@@ -19,6 +19,8 @@
 //!
 //! Prints million operations per second (all threads together) per allocator and
 //! thread count; the allocator is chosen per process as in the demo (`DEMO_ALLOC`).
+//! Under each table, spanheap's lock acquisitions and contended acquisitions per 1,000
+//! operations per lock kind (`spanheap::lock_stats`, read before and after each run).
 
 use std::hint::black_box;
 use std::process::Command;
@@ -32,6 +34,9 @@ use switch::CHOICES;
 #[path = "common/rng.rs"]
 mod rng;
 use rng::Rng;
+
+#[path = "common/locks.rs"]
+mod locks;
 
 const LOCAL_OPS: usize = 4_000_000;
 const SPAN_OPS: usize = 200_000;
@@ -95,23 +100,39 @@ fn remote_pair(seed: u64) -> usize {
     consumer.join().unwrap() * 2
 }
 
-/// Runs `f` on `t` threads at once; returns million operations per second.
-fn run(t: usize, f: fn(u64) -> usize) -> f64 {
+/// Runs `f` on `t` threads at once; returns million operations per second and the
+/// operations done.
+fn run(t: usize, f: fn(u64) -> usize) -> (f64, usize) {
     let start = Instant::now();
     let handles: Vec<_> = (0..t)
         .map(|i| std::thread::spawn(move || f(i as u64 + 1)))
         .collect();
     let ops: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    ops as f64 / start.elapsed().as_secs_f64() / 1e6
+    (ops as f64 / start.elapsed().as_secs_f64() / 1e6, ops)
+}
+
+/// Runs workload `w` (`f` on `n` threads) of the table's row `t`; on spanheap, adds
+/// its `locks` line.
+fn measured(w: &str, t: usize, n: usize, f: fn(u64) -> usize, lines: &mut Vec<String>) -> f64 {
+    let before = locks::snapshot(switch::mode() == switch::SPANHEAP);
+    let (mops, ops) = run(n, f);
+    if let Some(b) = before {
+        lines.push(locks::line(w, t, &b, ops));
+    }
+    mops
 }
 
 fn child(threads: &[usize]) {
     for &t in threads {
-        let l = run(t, local);
-        let s = run(t, spans);
+        let mut lines = Vec::new();
+        let l = measured("local", t, t, local, &mut lines);
+        let s = measured("spans", t, t, spans, &mut lines);
         // Pairs: t/2 producers each with its consumer (at least one pair).
-        let r = run((t / 2).max(1), remote_pair);
+        let r = measured("remote", t, (t / 2).max(1), remote_pair, &mut lines);
         println!("{t} {l:.1} {s:.2} {r:.1}");
+        for line in lines {
+            println!("{line}");
+        }
     }
 }
 
@@ -148,10 +169,10 @@ fn main() {
         assert!(out.status.success(), "{name} failed");
         results.push((name, String::from_utf8(out.stdout).unwrap()));
     }
-    for (w, title) in [
-        (1, "local: small objects, Mops/s"),
-        (2, "spans: 40 KiB .. 1 MiB blocks, Mops/s"),
-        (3, "remote: every free cross-thread, Mops/s"),
+    for (w, name, title) in [
+        (1, "local", "local: small objects, Mops/s"),
+        (2, "spans", "spans: 40 KiB .. 1 MiB blocks, Mops/s"),
+        (3, "remote", "remote: every free cross-thread, Mops/s"),
     ] {
         println!("\n{title} (ratio = allocator / spanheap)");
         print!("{:>8}", "threads");
@@ -161,7 +182,11 @@ fn main() {
         println!();
         // Field `w` of line `i` of a child's output.
         let field = |out: &str, i: usize| -> f64 {
-            let line = out.lines().nth(i).unwrap();
+            let line = out
+                .lines()
+                .filter(|l| !l.starts_with("locks "))
+                .nth(i)
+                .unwrap();
             line.split(' ').nth(w).unwrap().parse().unwrap()
         };
         for (i, t) in threads.iter().enumerate() {
@@ -173,5 +198,6 @@ fn main() {
             }
             println!();
         }
+        locks::print_for(name, &results[0].1);
     }
 }

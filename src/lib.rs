@@ -72,7 +72,7 @@ const _: () = assert!(sizeclasses::MAX_CLASS_ALIGN == os::PAGE_SIZE);
 
 pub use mspan::Purpose;
 pub use scavenger::ScavengerConfig;
-pub use stats::{ClassStats, HeapGauges, Stats};
+pub use stats::{ClassStats, HeapGauges, LockStats, RemoteFreeStats, Stats, LOCK_KINDS};
 
 /// The spanheap global allocator (zero-sized; all state is process-wide: `global/mod.rs`).
 ///
@@ -149,7 +149,42 @@ pub fn stats() -> Stats {
     let c = global::HEAP.counters();
     s.metadata_released_bytes = c.meta_released;
     s.span_map_pages_dropped = c.span_map_drops;
+    s.locks = global::HEAP.lock_stats();
+    s.remote = remote_free_stats();
     s
+}
+
+/// What the thread caches' remote frees (objects of spans another cache owns, or no
+/// cache: cross-thread frees) did to shared cache lines so far: objects, and the
+/// atomic read-modify-writes and mcentral announcements they took (see
+/// [`RemoteFreeStats`]). Cheap: sums a few counters of every thread-cache record, takes
+/// no lock and does not allocate. [`stats()`] reports the same in [`Stats::remote`].
+#[cfg(not(spanheap_loom))]
+pub fn remote_free_stats() -> RemoteFreeStats {
+    RemoteFreeStats::from_array(mcache::door::remote_totals())
+}
+
+/// How much the allocator's shared locks are used and contended: one row per kind of
+/// lock, in lock order (`reclaim`, `stats reader`, `shared cache`, `mcentral` (the 67
+/// size classes' locks summed), `cache records`, `heap`, `stats nop`; see [`LockStats`]). Cumulative
+/// counts; take two readings and subtract ([`LockStats::since`]) to measure a piece
+/// of work. Cheap: it reads each lock's counters (no lock taken, no allocation).
+/// [`stats()`] reports the same in [`Stats::locks`], and `SPANHEAP_STATS=1` prints it
+/// at exit.
+///
+/// ```
+/// let before = spanheap::lock_stats();
+/// let v: Vec<Box<[u8; 64]>> = (0..10_000).map(|_| Box::new([0; 64])).collect();
+/// drop(v);
+/// for (now, then) in spanheap::lock_stats().iter().zip(&before) {
+///     let d = now.since(then);
+///     assert!(d.contended <= d.acquisitions);
+///     println!("{:<14} {} acquisitions, {} contended", d.name, d.acquisitions, d.contended);
+/// }
+/// ```
+#[cfg(not(spanheap_loom))]
+pub fn lock_stats() -> [LockStats; LOCK_KINDS] {
+    global::HEAP.lock_stats()
 }
 
 /// What one thread's cache holds (see [`thread_caches`]).

@@ -49,7 +49,6 @@ pub(crate) struct Entry {
 }
 
 /// The lock order, lowest rank first. `docs/design.md` has the same table.
-#[cfg_attr(not(feature = "lockrank"), allow(dead_code))]
 pub(crate) const TABLE: [Entry; 7] = [
     Entry {
         first: RECLAIM,
@@ -94,6 +93,15 @@ pub(crate) const TABLE: [Entry; 7] = [
         taken: "statistics sections of cache-less writers, the reader's flip",
     },
 ];
+
+/// The row of [`TABLE`] that rank `r` falls in: the lock's *kind*, by which
+/// `spanheap::lock_stats` sums the counts of the locks (`TABLE.len()` for none).
+pub(crate) fn kind(r: Rank) -> usize {
+    TABLE
+        .iter()
+        .position(|e| e.first <= r && r <= e.last)
+        .unwrap_or(TABLE.len())
+}
 
 /// The name of the lock of rank `r`.
 #[cfg_attr(not(feature = "lockrank"), allow(dead_code))]
@@ -212,6 +220,12 @@ mod tests {
         }
         assert_eq!(name(central(7)), "mcentral");
         assert_eq!(name(HEAP), "heap");
+        assert_eq!(kind(RECLAIM), 0);
+        assert_eq!(kind(central(1)), 3);
+        assert_eq!(kind(central(NUM_CLASSES - 1)), 3);
+        assert_eq!(kind(CACHE_RECORDS), 4);
+        assert_eq!(kind(HEAP), 5);
+        assert_eq!(kind(STATS_NOP), TABLE.len() - 1);
     }
 
     /// docs/design.md's "Lock order" table lists the same rows as `TABLE`: rank (or

@@ -205,6 +205,11 @@ fn update_rstate(s: NonNull<MSpan>, f: impl Fn(u32, i64) -> (u32, i64)) -> u64 {
 }
 
 impl MCentral {
+    /// The counts of this class's lock, with its rank (`spanheap::lock_stats`).
+    pub(crate) fn lock_counts(&self) -> (crate::sync::Rank, crate::sync::LockCount) {
+        self.lists.counts()
+    }
+
     /// Fork handlers: take and release this class's lock (see `fork.rs`).
     pub(crate) fn fork_lock(&self) {
         self.lists.fork_lock();

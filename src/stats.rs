@@ -58,7 +58,9 @@ use core::ptr;
 
 use crate::mspan::Purpose;
 use crate::sizeclasses::{CLASS_TO_SIZE, NUM_CLASSES};
-use crate::sync::{fence, AtomicPtr, AtomicU32, AtomicU64, Mutex, Ordering, SpinWait};
+use crate::sync::{
+    fence, AtomicPtr, AtomicU32, AtomicU64, LockCount, Mutex, Ordering, Rank, SpinWait,
+};
 
 /// The writer's fence between its odd counter and its load of `gen`. The loom suite's
 /// mutant `spanheap_mutant="stats_no_fence"` drops it to show the model can fail.
@@ -218,6 +220,11 @@ impl<const N: usize> ConsistentStats<N> {
                 });
             }
         }
+    }
+
+    /// The counts of its two locks (`reader`, then `nop`), with their ranks.
+    pub(crate) fn lock_counts(&self) -> [(Rank, LockCount); 2] {
+        [self.reader.counts(), self.nop.counts()]
     }
 
     /// Fork handlers: take and release the reader and `nop` locks (see `fork.rs`).
@@ -406,6 +413,135 @@ pub struct HeapGauges {
     pub pages_in_use: u64,
 }
 
+/// How many kinds of lock [`lock_stats`](crate::lock_stats) reports: one per row of
+/// the lock order (`docs/design.md`, "Lock order").
+pub const LOCK_KINDS: usize = crate::lockrank::TABLE.len();
+
+/// The use of one kind of the allocator's shared locks (see
+/// [`lock_stats`](crate::lock_stats)): the counts of every lock of that kind (one per
+/// size class for `mcentral`), summed. All counts are cumulative since the process
+/// started.
+///
+/// Counted by the locks themselves: an acquisition with a plain load and store of a
+/// counter that only the holder writes, beside the lock word (no atomic
+/// read-modify-write on the uncontended path); the rest on the slow path only. Each
+/// lock's counts are read without stopping its users, so a snapshot is not consistent
+/// across locks, but it never shows more contended acquisitions than acquisitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockStats {
+    /// The kind's name in the lock order: `reclaim`, `stats reader`, `shared cache`,
+    /// `mcentral`, `cache records`, `heap`, `stats nop`.
+    pub name: &'static str,
+    /// How many locks of this kind the process-wide heap has.
+    pub locks: u32,
+    /// Successful acquisitions (`lock`, and `try_lock` when the lock was free).
+    pub acquisitions: u64,
+    /// Acquisitions that found the lock taken and went to the slow path (spinning,
+    /// then sleeping on a futex). Never more than `acquisitions`.
+    pub contended: u64,
+    /// `futex_wait` calls made by contended acquisitions (each a sleep in the kernel,
+    /// or a call that returned at once because the lock word had changed).
+    pub sleeps: u64,
+    /// Nanoseconds contended acquisitions spent waiting (`CLOCK_MONOTONIC`, read only
+    /// on the slow path), spinning and sleeping together.
+    pub wait_ns: u64,
+    /// `try_lock` calls that found the lock taken and gave up (the thread-cache flush
+    /// sends such a chunk of objects down the lock-free remote path instead).
+    pub try_busy: u64,
+}
+
+impl LockStats {
+    /// The kind `name` with nothing counted.
+    pub const fn empty(name: &'static str) -> LockStats {
+        LockStats {
+            name,
+            locks: 0,
+            acquisitions: 0,
+            contended: 0,
+            sleeps: 0,
+            wait_ns: 0,
+            try_busy: 0,
+        }
+    }
+
+    /// Every kind, in lock order, with nothing counted.
+    pub(crate) fn table() -> [LockStats; LOCK_KINDS] {
+        let mut t = [LockStats::empty(""); LOCK_KINDS];
+        for (l, e) in t.iter_mut().zip(crate::lockrank::TABLE.iter()) {
+            l.name = e.name;
+        }
+        t
+    }
+
+    /// Adds lock count `c` to the row of its rank's kind in `t`.
+    pub(crate) fn add(t: &mut [LockStats; LOCK_KINDS], (rank, c): (Rank, LockCount)) {
+        if let Some(l) = t.get_mut(crate::lockrank::kind(rank)) {
+            l.locks += 1;
+            l.acquisitions += c.acquisitions;
+            l.contended += c.contended;
+            l.sleeps += c.sleeps;
+            l.wait_ns += c.wait_ns;
+            l.try_busy += c.try_busy;
+        }
+    }
+
+    /// The counts since `before` (an earlier reading of the same kind).
+    pub fn since(&self, before: &LockStats) -> LockStats {
+        LockStats {
+            name: self.name,
+            locks: self.locks,
+            acquisitions: self.acquisitions.wrapping_sub(before.acquisitions),
+            contended: self.contended.wrapping_sub(before.contended),
+            sleeps: self.sleeps.wrapping_sub(before.sleeps),
+            wait_ns: self.wait_ns.wrapping_sub(before.wait_ns),
+            try_busy: self.try_busy.wrapping_sub(before.try_busy),
+        }
+    }
+}
+
+/// What thread caches' remote frees (frees of objects of spans the freeing cache does
+/// not own, returned when a cache flushes its remote buffer or free stack) did to
+/// shared cache lines, cumulative (see
+/// [`remote_free_stats`](crate::remote_free_stats)). Each is an atomic
+/// read-modify-write on a line the span's owner (or another freer) also writes.
+/// Counted per thread-cache record and summed when read; frees by threads without a
+/// cache are not counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteFreeStats {
+    /// Objects freed through the remote path.
+    pub objects: u64,
+    /// `fetch_or`s of spans' remote-free bitmap words (one per 64-object word a run
+    /// of frees into one span touches).
+    pub bitmap_rmws: u64,
+    /// `fetch_add`s of spans' state words (one per run of frees into one span).
+    pub state_rmws: u64,
+    /// Announcements to a size class's mcentral (a span became allocatable again or
+    /// wholly free): a push on its lock-free pending stack, and a drain under the
+    /// mcentral lock when `try_lock` gets it.
+    pub announces: u64,
+}
+
+impl RemoteFreeStats {
+    pub(crate) fn from_array(a: [u64; 4]) -> Self {
+        RemoteFreeStats {
+            objects: a[0],
+            bitmap_rmws: a[1],
+            state_rmws: a[2],
+            announces: a[3],
+        }
+    }
+
+    /// The counts since `before` (an earlier reading).
+    pub fn since(&self, before: &RemoteFreeStats) -> RemoteFreeStats {
+        RemoteFreeStats {
+            objects: self.objects.wrapping_sub(before.objects),
+            bitmap_rmws: self.bitmap_rmws.wrapping_sub(before.bitmap_rmws),
+            state_rmws: self.state_rmws.wrapping_sub(before.state_rmws),
+            announces: self.announces.wrapping_sub(before.announces),
+        }
+    }
+}
+
 /// A snapshot of spanheap's statistics: see [`stats()`](crate::stats()).
 ///
 /// All fields except [`gauges`](Self::gauges) come from one consistent snapshot: every
@@ -501,6 +637,13 @@ pub struct Stats {
     pub classes: [ClassStats; NUM_CLASSES],
     /// The atomic heap counters, read separately (not part of the consistent snapshot).
     pub gauges: HeapGauges,
+    /// The use of the allocator's locks per kind, read after the consistent snapshot
+    /// (not part of it; it includes the locks `stats()` itself took): see
+    /// [`lock_stats`](crate::lock_stats).
+    pub locks: [LockStats; LOCK_KINDS],
+    /// What remote frees did to shared cache lines, read after the consistent snapshot
+    /// (not part of it): see [`remote_free_stats`](crate::remote_free_stats).
+    pub remote: RemoteFreeStats,
 }
 
 impl Stats {
@@ -544,6 +687,8 @@ impl Stats {
             decommit_failed_bytes: t[DECOMMIT_FAILED_BYTES],
             classes,
             gauges,
+            locks: LockStats::table(),
+            remote: RemoteFreeStats::default(),
         }
     }
 
@@ -731,6 +876,30 @@ impl fmt::Display for Stats {
             Bytes(g.heap_released),
             g.pages_in_use
         )?;
+        let r = &self.remote;
+        writeln!(
+            f,
+            "  remote frees       {:>12}   bitmap fetch_or {}, state fetch_add {}, announcements {}",
+            r.objects, r.bitmap_rmws, r.state_rmws, r.announces
+        )?;
+        writeln!(
+            f,
+            "  {:<14} {:>5} {:>14} {:>12} {:>12} {:>12} {:>12}",
+            "lock", "locks", "acquisitions", "contended", "sleeps", "waited us", "try busy"
+        )?;
+        for l in &self.locks {
+            writeln!(
+                f,
+                "  {:<14} {:>5} {:>14} {:>12} {:>12} {:>12} {:>12}",
+                l.name,
+                l.locks,
+                l.acquisitions,
+                l.contended,
+                l.sleeps,
+                l.wait_ns / 1000,
+                l.try_busy
+            )?;
+        }
         writeln!(
             f,
             "  {:>5} {:>6} {:>14} {:>14} {:>12} {:>12}",

@@ -231,12 +231,28 @@ const LOCK_ACQUIRE: Ordering = Ordering::Relaxed;
 /// kernel. It has no poisoning (the allocator does not panic) and exposes raw
 /// `lock`/`unlock` so that fork handlers can hold it across `fork()`.
 ///
-/// Under loom the kernel wait becomes a yield, so the lock itself is model-checked too.
+/// It counts its own use ([`LockCount`], read by `spanheap::lock_stats`): every
+/// acquisition, with a plain load and store of a counter beside `state` that only the
+/// holder writes (no atomic read-modify-write on the fast path), and, on the slow path
+/// only, the contended acquisitions, the futex sleeps and the nanoseconds waited.
+/// `#[repr(C)]` keeps the acquisition counter in the first 16 bytes with `state`, on the
+/// cache line the acquiring CAS has just taken.
+///
+/// Under loom the kernel wait becomes a yield, so the lock itself is model-checked too;
+/// the counters are compiled out there.
+#[repr(C)]
 pub(crate) struct RawMutex {
     state: AtomicU32,
-    /// Its place in the lock order (`lockrank.rs`); kept only where it is checked.
-    #[cfg(all(feature = "lockrank", not(spanheap_loom)))]
+    /// Its place in the lock order (`lockrank.rs`): the key its counts are summed by,
+    /// and what the `lockrank` feature checks.
     rank: Rank,
+    /// Successful acquisitions (`lock`, `try_lock`). Written only by the holder, with a
+    /// Relaxed load and store, before `contended` (see [`RawMutex::counts`]).
+    #[cfg(not(spanheap_loom))]
+    acquisitions: AtomicU64,
+    /// The slow path's counts, written by the holder only.
+    #[cfg(not(spanheap_loom))]
+    slow: SlowCounts,
     /// Debug builds: the pthread that holds the lock (0 when free), to check that the
     /// thread unlocking is the one that locked. Written only by the holder.
     #[cfg(all(debug_assertions, not(spanheap_loom)))]
@@ -246,27 +262,107 @@ pub(crate) struct RawMutex {
     futex: (loom::sync::Mutex<()>, loom::sync::Condvar),
 }
 
+/// What a lock's slow paths counted (see [`RawMutex`]).
+#[cfg(not(spanheap_loom))]
+struct SlowCounts {
+    /// Acquisitions whose first CAS failed (`lock_slow` ran). Written by the holder,
+    /// Release, after `acquisitions`.
+    contended: AtomicU64,
+    /// `futex_wait` calls made by those acquisitions. Written by the holder.
+    sleeps: AtomicU64,
+    /// Nanoseconds those acquisitions spent in `lock_slow` (`CLOCK_MONOTONIC`, read
+    /// only there). Written by the holder.
+    wait_ns: AtomicU64,
+    /// `try_lock` calls that found the lock taken: a Relaxed `fetch_add` by the caller,
+    /// which does not hold the lock (on the line its failed CAS just loaded).
+    busy: AtomicU64,
+}
+
+/// One lock's counts, as [`RawMutex::counts`] reads them (all zero under loom).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LockCount {
+    pub(crate) acquisitions: u64,
+    pub(crate) contended: u64,
+    pub(crate) sleeps: u64,
+    pub(crate) wait_ns: u64,
+    pub(crate) try_busy: u64,
+}
+
+/// Adds one to a counter only the caller writes: a load and a store, no RMW.
+#[cfg(not(spanheap_loom))]
+#[inline(always)]
+fn bump(c: &AtomicU64, v: u64, order: Ordering) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(v), order);
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the vDSO: no system call, no allocation).
+#[cfg(not(spanheap_loom))]
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass; it does not allocate.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+}
+
 impl RawMutex {
     /// A free lock of rank `rank` (`lockrank.rs`).
     #[cfg(not(spanheap_loom))]
     pub(crate) const fn new(rank: Rank) -> Self {
-        #[cfg(not(feature = "lockrank"))]
-        let _ = rank;
         RawMutex {
             state: AtomicU32::new(UNLOCKED),
-            #[cfg(feature = "lockrank")]
             rank,
+            acquisitions: AtomicU64::new(0),
+            slow: SlowCounts {
+                contended: AtomicU64::new(0),
+                sleeps: AtomicU64::new(0),
+                wait_ns: AtomicU64::new(0),
+                busy: AtomicU64::new(0),
+            },
             #[cfg(debug_assertions)]
             owner: AtomicUsize::new(0),
         }
     }
     #[cfg(spanheap_loom)]
     pub(crate) fn new(rank: Rank) -> Self {
-        let _ = rank;
         RawMutex {
             state: AtomicU32::new(UNLOCKED),
+            rank,
             futex: (loom::sync::Mutex::new(()), loom::sync::Condvar::new()),
         }
+    }
+
+    /// The lock's rank and what it has counted so far. Lock-free and racy with the
+    /// holder's updates, but never shows more contended acquisitions than acquisitions:
+    /// `contended` is loaded first (Acquire, pairing with the holder's Release store,
+    /// which follows its store of `acquisitions`). Under loom: nothing counted.
+    #[cfg(spanheap_loom)]
+    pub(crate) fn counts(&self) -> (Rank, LockCount) {
+        (self.rank, LockCount::default())
+    }
+    /// The lock's rank and what it has counted so far (see above).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) fn counts(&self) -> (Rank, LockCount) {
+        let contended = self.slow.contended.load(Ordering::Acquire);
+        let c = LockCount {
+            contended,
+            acquisitions: self.acquisitions.load(Ordering::Relaxed),
+            sleeps: self.slow.sleeps.load(Ordering::Relaxed),
+            wait_ns: self.slow.wait_ns.load(Ordering::Relaxed),
+            try_busy: self.slow.busy.load(Ordering::Relaxed),
+        };
+        (self.rank, c)
+    }
+
+    /// The holder counts its acquisition.
+    #[inline(always)]
+    fn count_acquisition(&self) {
+        #[cfg(not(spanheap_loom))]
+        bump(&self.acquisitions, 1, Ordering::Relaxed);
     }
 
     #[inline]
@@ -280,17 +376,40 @@ impl RawMutex {
         if self
             .state
             .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
-            .is_err()
+            .is_ok()
         {
+            self.count_acquisition();
+        } else {
             self.lock_slow();
         }
         #[cfg(all(debug_assertions, not(spanheap_loom)))]
         self.owner.store(current_thread_id(), Ordering::Relaxed);
     }
 
+    /// The contended acquisition: waits, then counts it (holding the lock).
     #[cold]
     #[inline(never)]
     fn lock_slow(&self) {
+        #[cfg(not(spanheap_loom))]
+        let start = now_ns();
+        let _sleeps = self.acquire_slow();
+        self.count_acquisition();
+        #[cfg(not(spanheap_loom))]
+        {
+            // Release: a reader that sees this count sees the acquisition's too.
+            bump(&self.slow.contended, 1, Ordering::Release);
+            bump(&self.slow.sleeps, _sleeps, Ordering::Relaxed);
+            bump(
+                &self.slow.wait_ns,
+                now_ns().wrapping_sub(start),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Waits for the lock and takes it; returns how many times it slept in the kernel.
+    #[inline(always)]
+    fn acquire_slow(&self) -> u64 {
         // Spin a little first: the heap lock is held for short sections. (Not under
         // loom: there a spin only multiplies the interleavings without adding any.)
         #[cfg(not(spanheap_loom))]
@@ -303,15 +422,18 @@ impl RawMutex {
                         .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
                         .is_ok()
                 {
-                    return;
+                    return 0;
                 }
                 backoff.snooze();
             }
         }
         // Then sleep. Marking the lock CONTENDED tells the holder to wake someone.
+        let mut sleeps = 0;
         while self.state.swap(CONTENDED, LOCK_ACQUIRE) != UNLOCKED {
             self.wait(CONTENDED);
+            sleeps += 1;
         }
+        sleeps
     }
 
     #[inline]
@@ -336,6 +458,13 @@ impl RawMutex {
             .state
             .compare_exchange(UNLOCKED, LOCKED, LOCK_ACQUIRE, Ordering::Relaxed)
             .is_ok();
+        if ok {
+            self.count_acquisition();
+        } else {
+            // Relaxed RMW, by a thread that does not hold the lock: only on failure.
+            #[cfg(not(spanheap_loom))]
+            self.slow.busy.fetch_add(1, Ordering::Relaxed);
+        }
         #[cfg(all(feature = "lockrank", not(spanheap_loom)))]
         if ok {
             crate::lockrank::tried(self as *const Self as usize, self.rank);
@@ -455,6 +584,11 @@ impl<T> Mutex<T> {
     /// that forked).
     pub(crate) unsafe fn fork_unlock(&self) {
         self.raw.unlock();
+    }
+
+    /// The lock's rank and counts (see [`RawMutex::counts`]).
+    pub(crate) fn counts(&self) -> (Rank, LockCount) {
+        self.raw.counts()
     }
 
     /// The lock if it is free; never waits.

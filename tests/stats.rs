@@ -452,6 +452,20 @@ fn exit_report_names_spanheap() {
     assert!(report
         .lines()
         .any(|l| l.contains("class") && l.contains("live bytes")));
+    // The lock table: a header, then the mcentral row with its 67 locks and a
+    // non-zero acquisition count.
+    assert!(report
+        .lines()
+        .any(|l| l.contains("lock") && l.contains("acquisitions") && l.contains("contended")));
+    let mcentral: Vec<u64> = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("mcentral"))
+        .unwrap_or_else(|| panic!("no mcentral row:\n{report}"))
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert!(mcentral[0] > 1 && mcentral[1] > 0, "{report}");
     assert!(report.lines().count() > 12, "{report}");
 }
 

@@ -67,6 +67,12 @@ pub(crate) struct Door {
     pub(crate) held: AtomicU64,
     /// Next record in the registry (set once, before publication).
     pub(crate) next: AtomicPtr<MCache>,
+    /// What this record's flushes did on the remote-free path, cumulative over every
+    /// thread that used the record (never reset): objects, span bitmap `fetch_or`s,
+    /// span state-word `fetch_add`s, mcentral announcements. Written by the owner (or a
+    /// visitor holding the door) with a load and a store, read by anyone (Relaxed).
+    #[cfg(not(spanheap_loom))]
+    pub(crate) remote: [AtomicU64; 4],
 }
 
 impl Door {
@@ -87,6 +93,19 @@ impl Door {
             depth: [const { AtomicU16::new(0) }; NUM_CLASSES],
             held: AtomicU64::new(u64::MAX),
             next: AtomicPtr::new(core::ptr::null_mut()),
+            #[cfg(not(spanheap_loom))]
+            remote: [const { AtomicU64::new(0) }; 4],
+        }
+    }
+
+    /// Adds a flush's remote-path counts (see `remote`).
+    #[cfg(not(spanheap_loom))]
+    #[inline]
+    pub(crate) fn count_remote(&self, v: [u64; 4]) {
+        for (c, v) in self.remote.iter().zip(v) {
+            if v != 0 {
+                c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+            }
         }
     }
 
@@ -120,6 +139,22 @@ pub(crate) static RECORDS: AtomicPtr<MCache> = AtomicPtr::new(core::ptr::null_mu
 pub(crate) fn door<'a>(c: *mut MCache) -> &'a Door {
     // SAFETY: records are never unmapped; the door is only used atomically.
     unsafe { &(*c).door }
+}
+
+/// The remote-path counts of every record, summed (see `Door::remote`).
+#[cfg(not(spanheap_loom))]
+pub(crate) fn remote_totals() -> [u64; 4] {
+    let mut t = [0u64; 4];
+    // Acquire: pairs with `open`'s Release push.
+    let mut c = RECORDS.load(Ordering::Acquire);
+    while !c.is_null() {
+        let d = door(c);
+        for (t, r) in t.iter_mut().zip(&d.remote) {
+            *t = t.wrapping_add(r.load(Ordering::Relaxed));
+        }
+        c = d.next.load(Ordering::Acquire);
+    }
+    t
 }
 
 /// The calling thread's record `c` becomes its live cache: notes what visitors need

@@ -157,9 +157,51 @@ pub(super) unsafe fn flush_remote<M: MemSource>(
     heap.stats_update(|d| d.add(field::SMALL_FREES + class, n));
     let p = e.remote;
     e.remote = ptr::null_mut();
+    let mut counts = RemoteCounts::default();
     // SAFETY: the buffer's objects are ours, live from their spans' view, and linked
     // into a null-terminated list. (The owner count is only `flush`'s.)
-    unsafe { remote_free_objs(heap, LinkedObjs(p), class, 0, &mut 0) };
+    unsafe { remote_free_objs(heap, LinkedObjs(p), class, 0, &mut 0, &mut counts) };
+    // SAFETY: `c` is a live cache, ours (or its visitor's).
+    unsafe { counts.record(c) };
+}
+
+/// What one flush's remote frees did to shared cache lines (kept per record in its
+/// door, summed by `spanheap::remote_free_stats`).
+#[derive(Default)]
+struct RemoteCounts {
+    /// Objects freed through the remote path.
+    objects: u64,
+    /// `fetch_or`s of span remote-bitmap words (one per run's 64-object word).
+    bitmap_rmws: u64,
+    /// `fetch_add`s of span state words (one per run of objects of one span).
+    state_rmws: u64,
+    /// Announcements to the mcentral (a push on its pending stack, and a drain if the
+    /// lock is free).
+    announces: u64,
+}
+
+impl RemoteCounts {
+    /// Adds the counts to record `c`'s door (a plain load and store each: the door's
+    /// counters have one writer at a time, the owner or a visitor holding the door).
+    ///
+    /// # Safety
+    /// `c` is a live cache record that the caller may write (its owner or visitor).
+    #[inline]
+    unsafe fn record(&self, c: *mut MCache) {
+        #[cfg(not(spanheap_loom))]
+        {
+            // SAFETY: records are never unmapped; the door's fields are atomics.
+            let d = unsafe { &(*c).door };
+            d.count_remote([
+                self.objects,
+                self.bitmap_rmws,
+                self.state_rmws,
+                self.announces,
+            ]);
+        }
+        #[cfg(spanheap_loom)]
+        let _ = c;
+    }
 }
 
 /// The objects of a null-terminated list linked through their first word (the remote
@@ -226,6 +268,7 @@ pub(super) unsafe fn flush<M: MemSource>(
     // another cache took since) take the remote path.
     let owner = c as usize;
     let mut foreign = 0u64;
+    let mut counts = RemoteCounts::default();
     // SAFETY: slots keep..nfree of the stack hold the objects to return: ours, live
     // from their spans' view, counted. The stack is not the cache record, so `e` and
     // the slice do not overlap.
@@ -237,12 +280,21 @@ pub(super) unsafe fn flush<M: MemSource>(
                 Some((kept, f)) => {
                     foreign += f;
                     let rest = chunk.get_unchecked(..kept).iter().copied();
-                    remote_free_objs(heap, rest, class, owner, &mut foreign);
+                    remote_free_objs(heap, rest, class, owner, &mut foreign, &mut counts);
                 }
-                None => remote_free_objs(heap, chunk.iter().copied(), class, owner, &mut foreign),
+                None => remote_free_objs(
+                    heap,
+                    chunk.iter().copied(),
+                    class,
+                    owner,
+                    &mut foreign,
+                    &mut counts,
+                ),
             }
         }
     }
+    // SAFETY: `c` is a live cache, ours (or its visitor's).
+    unsafe { counts.record(c) };
     e.nfree = keep;
     // SAFETY: `c` is a live cache; its door is used atomically.
     unsafe { (*c).door.publish_depth(class, keep) };
@@ -273,6 +325,7 @@ unsafe fn remote_free_objs<M: MemSource>(
     class: usize,
     owner: usize,
     foreign: &mut u64,
+    counts: &mut RemoteCounts,
 ) {
     let mut run: Option<RemoteRun> = None;
     let mut hint = NO_ARENA;
@@ -282,19 +335,19 @@ unsafe fn remote_free_objs<M: MemSource>(
                 if let Some(r) = run.take() {
                     *foreign += r.foreign(owner);
                     // SAFETY: the run's objects were given up by the caller.
-                    unsafe { r.finish(heap, class) };
+                    unsafe { r.finish(heap, class, counts) };
                 }
                 run = Some(RemoteRun::new(s));
             }
             if let Some(r) = run.as_mut() {
-                r.add(p, class);
+                r.add(p, class, counts);
             }
         }
     }
     if let Some(r) = run {
         *foreign += r.foreign(owner);
         // SAFETY: as above.
-        unsafe { r.finish(heap, class) };
+        unsafe { r.finish(heap, class, counts) };
     }
 }
 
@@ -361,10 +414,10 @@ impl RemoteRun {
         }
     }
 
-    fn add(&mut self, p: *mut u8, class: usize) {
+    fn add(&mut self, p: *mut u8, class: usize, counts: &mut RemoteCounts) {
         let idx = obj_index(class as u8, p as usize - self.base);
         if idx / 64 != self.word {
-            self.or_word(class);
+            self.or_word(class, counts);
             self.word = idx / 64;
         }
         let bit = 1 << (idx % 64);
@@ -376,8 +429,9 @@ impl RemoteRun {
         self.count += 1;
     }
 
-    fn or_word(&mut self, class: usize) {
+    fn or_word(&mut self, class: usize, counts: &mut RemoteCounts) {
         if self.mask != 0 {
+            counts.bitmap_rmws += 1;
             // SAFETY: the record starts with one atomic word per 64 objects, and `word`
             // came from an object index below nelems.
             let w = unsafe { &*self.bits.cast::<AtomicU64>().add(self.word) };
@@ -400,8 +454,15 @@ impl RemoteRun {
     ///
     /// # Safety
     /// The run's objects were given up by their user.
-    unsafe fn finish<M: MemSource>(mut self, heap: &Heap<M>, class: usize) {
-        self.or_word(class);
+    unsafe fn finish<M: MemSource>(
+        mut self,
+        heap: &Heap<M>,
+        class: usize,
+        counts: &mut RemoteCounts,
+    ) {
+        self.or_word(class, counts);
+        counts.objects += self.count;
+        counts.state_rmws += 1;
         // SAFETY: span records are never unmapped.
         let span = unsafe { self.span.as_ref() };
         // SeqCst: ordered with the owner's SeqCst state-word CASes (ownership changes).
@@ -414,6 +475,7 @@ impl RemoteRun {
             // count at zero (it can be transiently negative, see `mcentral`).
             let first = low <= 0 && low + n > 0;
             if last || first {
+                counts.announces += 1;
                 heap.central[class].announce(heap, class as u8, self.span, last);
             }
         }

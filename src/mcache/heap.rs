@@ -30,7 +30,7 @@ use crate::mheap::MHeap;
 use crate::mspan::Purpose;
 use crate::os::MemSource;
 use crate::sizeclasses::NUM_CLASSES;
-use crate::stats::HeapSeq;
+use crate::stats::{HeapSeq, LockStats, LOCK_KINDS};
 #[cfg(not(spanheap_loom))]
 use crate::sync::Mutex;
 
@@ -125,6 +125,20 @@ impl<M: MemSource> Heap<M> {
                 on_cache_live: || {},
             }
         }
+    }
+
+    /// The use of every lock of this heap, summed per kind (`spanheap::lock_stats`).
+    #[cfg_attr(spanheap_loom, allow(dead_code))]
+    pub(crate) fn lock_stats(&self) -> [LockStats; LOCK_KINDS] {
+        let mut t = LockStats::table();
+        self.pages.add_lock_stats(&mut t);
+        LockStats::add(&mut t, self.shared.lock_counts());
+        for c in &self.central[1..] {
+            LockStats::add(&mut t, c.lock_counts());
+        }
+        #[cfg(not(spanheap_loom))]
+        LockStats::add(&mut t, self.records.counts());
+        t
     }
 
     /// Gives every mcentral's spare spans back to the page heap (for `release_memory`).

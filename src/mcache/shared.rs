@@ -41,6 +41,11 @@ impl SharedCache {
         }
     }
 
+    /// The counts of its lock, with its rank (`spanheap::lock_stats`).
+    pub(crate) fn lock_counts(&self) -> (crate::sync::Rank, crate::sync::LockCount) {
+        self.0.counts()
+    }
+
     /// Allocates an object of class `class` (1..NUM_CLASSES) from the shared cache.
     /// Null if memory is exhausted. The caller holds no lock.
     #[cold]

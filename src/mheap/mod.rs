@@ -74,7 +74,7 @@ use crate::pagealloc::PageAlloc;
 use crate::pagecache::GatedCache;
 use crate::scavenger::Scavenger;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
-use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats};
+use crate::stats::{field, HeapDelta, HeapGauges, HeapSeq, HeapStats, LockStats, LOCK_KINDS};
 use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 use records::{bits_bucket, BITS_MAPS, BITS_WORDS};
@@ -304,6 +304,17 @@ impl<M: MemSource> MHeap<M> {
             caches: AtomicPtr::new(ptr::null_mut()),
             reclaim: Mutex::new((), crate::lockrank::RECLAIM),
         }
+    }
+
+    /// Adds the use of the page heap's own locks (reclaim, statistics, heap) to `t`, per
+    /// kind (`mcache::Heap::lock_stats` adds the rest).
+    #[cfg_attr(spanheap_loom, allow(dead_code))]
+    pub(crate) fn add_lock_stats(&self, t: &mut [LockStats; LOCK_KINDS]) {
+        LockStats::add(t, self.reclaim.counts());
+        for c in self.stats.lock_counts() {
+            LockStats::add(t, c);
+        }
+        LockStats::add(t, self.locked.counts());
     }
 
     /// Allocates a span of `npages` pages for `purpose`, its base aligned to
