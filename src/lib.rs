@@ -564,7 +564,7 @@ pub mod __private {
         crate::global::bgscavenge::running()
     }
 
-    /// Visits of other threads' caches so far (`idle.rs`): doors claimed, visits that
+    /// Visits of other threads' caches so far (`global/idle.rs`): doors claimed, visits that
     /// got in, idle threads released, busy threads trimmed.
     #[cfg(not(spanheap_loom))]
     pub fn thread_visits() -> (u64, u64, u64, u64) {

@@ -210,7 +210,7 @@ impl MCentral {
         self.lists.counts()
     }
 
-    /// Fork handlers: take and release this class's lock (see `fork.rs`).
+    /// Fork handlers: take and release this class's lock (see `global/fork.rs`).
     pub(crate) fn fork_lock(&self) {
         self.lists.fork_lock();
     }

@@ -227,7 +227,7 @@ impl<const N: usize> ConsistentStats<N> {
         [self.reader.counts(), self.nop.counts()]
     }
 
-    /// Fork handlers: take and release the reader and `nop` locks (see `fork.rs`).
+    /// Fork handlers: take and release the reader and `nop` locks (see `global/fork.rs`).
     pub(crate) fn fork_lock_reader(&self) {
         self.reader.fork_lock();
     }

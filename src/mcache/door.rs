@@ -1,6 +1,6 @@
 //! The door of a thread-cache record: its state and the notes visitors need, and the
 //! owner's side of the protocol (`open` when the cache comes to life, `exit`, and
-//! `reattach` after a visit). The protocol and the visitor's side are in `idle.rs`. The
+//! `reattach` after a visit). The protocol and the visitor's side are in `global/idle.rs`. The
 //! door is a field of every record and the owner runs its side from the cache's own
 //! life cycle (`lifecycle.rs`), so it lives with the cache; the visitor, above the
 //! caches, reads the doors and the registry of records here.
@@ -26,7 +26,7 @@ pub(crate) const ORPHAN: u8 = 4;
 /// `Door::pops_seen` before a visit has seen the class.
 pub(crate) const NOT_SEEN: u32 = u32::MAX;
 
-/// The door of one cache record (see `idle.rs`'s documentation).
+/// The door of one cache record (see `global/idle.rs`'s documentation).
 pub(crate) struct Door {
     /// UNUSED, OPEN, CLAIMED, EXITED or ORPHAN. The owner moves it OPEN -> EXITED
     /// (and sets OPEN at creation); a visitor OPEN/ORPHAN -> CLAIMED -> OPEN/EXITED.

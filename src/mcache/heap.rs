@@ -57,7 +57,7 @@ pub(crate) struct Heap<M: MemSource> {
     /// the process-wide heap's do. Immutable.
     pub(crate) budgeted: bool,
     /// Run each time a thread cache comes to life (`lifecycle.rs`): for the
-    /// process-wide heap, registering the fork handlers (`fork.rs`, which sits above
+    /// process-wide heap, registering the fork handlers (`global/fork.rs`, which sits above
     /// the caches and so is passed in rather than named); nothing for other heaps.
     pub(crate) on_cache_live: fn(),
 }
@@ -147,7 +147,7 @@ impl<M: MemSource> Heap<M> {
         self.central.iter().map(|c| c.release_spares(self)).sum()
     }
 
-    /// For the fork handlers (`fork.rs`): takes every lock of the heap in rank order
+    /// For the fork handlers (`global/fork.rs`): takes every lock of the heap in rank order
     /// (`lockrank::TABLE`) and holds them until [`fork_unlock_all`](Self::fork_unlock_all).
     pub(crate) fn fork_lock_all(&self) {
         self.pages.fork_lock_reclaim();

@@ -11,7 +11,7 @@
 //!
 //! *Protection.* The state and the cache pointer are thread-locals, the key a
 //! process-wide set-once core atomic. A record is its owner's; `release_classes` and
-//! `trim_class` may also run in a visitor that holds the record's door (`idle.rs`),
+//! `trim_class` may also run in a visitor that holds the record's door (`global/idle.rs`),
 //! which `Slow` and `idle::exit` coordinate with. Statistics go through the heap's
 //! statistics sections.
 
@@ -58,7 +58,7 @@ pub(crate) fn current_writer() -> Option<&'static HeapSeq> {
     }
     let c = super::tls::cache();
     if c == empty_cache() {
-        // A visitor emptied the slot (`idle.rs`): the locked statistics path serves
+        // A visitor emptied the slot (`global/idle.rs`): the locked statistics path serves
         // until the record is back.
         return None;
     }
@@ -67,7 +67,7 @@ pub(crate) fn current_writer() -> Option<&'static HeapSeq> {
 }
 
 /// This thread's live cache, re-installed first if a visitor emptied its slot
-/// (`idle.rs`); None if the thread has no live cache.
+/// (`global/idle.rs`); None if the thread has no live cache.
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(super) fn live_cache() -> Option<*mut MCache> {
@@ -92,7 +92,7 @@ pub(crate) fn own_record() -> Option<*mut MCache> {
 }
 
 /// Marks the owner of `c` as inside a slow path that uses its record, for as long as
-/// it lives (visitors leave such a record alone, `idle.rs`).
+/// it lives (visitors leave such a record alone, `global/idle.rs`).
 pub(super) struct Slow<'a>(&'a super::door::Door, u32);
 
 impl<'a> Slow<'a> {
@@ -325,7 +325,7 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &Heap<M>, c: *mut MCach
     }
 }
 
-/// A visitor's trim of class `class` of record `c` (`idle.rs`): the remote buffer goes
+/// A visitor's trim of class `class` of record `c` (`global/idle.rs`): the remote buffer goes
 /// back, and of the objects on the free stack, three quarters of `min(low, depth)` (the
 /// low-water estimate), taken from the bottom (the longest unused); or all of them if
 /// no allocation took from the stack since the class's last slow path (its pop count

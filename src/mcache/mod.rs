@@ -24,7 +24,7 @@
 //! *Protection.* A cache record belongs to its owner thread (the shared cache: to the
 //! holder of its lock): its entries are read and written with plain loads and stores,
 //! no lock and no atomic read-modify-write. Others reach a live record only through its
-//! `door` (`door.rs`, atomics; a visitor, `idle.rs`, that holds it acts as the owner)
+//! `door` (`door.rs`, atomics; a visitor, `global/idle.rs`, that holds it acts as the owner)
 //! and its statistics counter `seq`. The current spans a cache owns are its own too;
 //! objects of spans it does not own go back through the spans' atomic remote bitmaps.
 //!
@@ -282,7 +282,7 @@ pub(crate) struct MCache {
     /// `FREE_LIMIT`s then apply). Owner (or a visitor holding the door).
     limits_gen: usize,
     /// The door through which other threads may visit the record while its owner is
-    /// provably outside the allocator (`idle.rs`).
+    /// provably outside the allocator (`global/idle.rs`).
     pub(crate) door: door::Door,
     /// Fixalloc free-list link (heap lock).
     free_link: UnsafeCell<*mut MCache>,
@@ -529,7 +529,7 @@ fn alloc_slow<P: Process>(class: usize) -> *mut u8 {
 pub(crate) fn alloc_zeroed<P: Process>(class: usize, size: usize) -> *mut u8 {
     let c = tls::cache();
     // An empty slot may hide a live record whose stacks hold objects: one a visitor
-    // trimmed or left (`idle.rs`). The slow path re-installs it and may pop a used
+    // trimmed or left (`global/idle.rs`). The slow path re-installs it and may pop a used
     // object from it, so clear whatever comes (once per visit, or per new thread).
     // SAFETY: `c` is this thread's cache or the empty one (whose stacks are empty).
     let recycled = c == empty_cache()
@@ -625,7 +625,7 @@ unsafe fn dealloc_first<P: Process>(p: *mut u8, class: usize) {
     };
     let c = match tls::state() {
         NO_CACHE => create_cache::<P>(),
-        // A visitor emptied the slot (`idle.rs`).
+        // A visitor emptied the slot (`global/idle.rs`).
         LIVE => live_cache(),
         _ => None,
     };

@@ -2,7 +2,7 @@
 //! (`lifecycle.rs`: NO_CACHE, LIVE, DEAD). Both are plain per-thread values with constant
 //! initial values and no destructor, readable at any point of a thread's life. They are
 //! part of `mcache` because the cache slot's initial value is the static empty cache's
-//! address, and only the thread cache and the idle-thread visitor above it (`idle.rs`)
+//! address, and only the thread cache and the idle-thread visitor above it (`global/idle.rs`)
 //! touch them: a module of their own would have to name `mcache` from below it.
 //!
 //! Two implementations behind one interface:
@@ -144,7 +144,7 @@ pub(crate) fn set_cache(c: *mut MCache) {
 
 /// The address of this thread's cache slot (a word, valid while the thread lives), and
 /// the value that means "the empty cache" in it: for a visitor that empties the slot of
-/// an idle thread (`idle.rs`).
+/// an idle thread (`global/idle.rs`).
 pub(crate) fn cache_slot() -> (usize, usize) {
     imp::cache_slot()
 }

@@ -42,7 +42,7 @@ impl<M: MemSource> MHeap<M> {
     // ----------------------------------------------------------------------------------
 
     /// The reclaim lock, for a reclaimer of threads' caches (`reclaim_caches`, visits in
-    /// `idle.rs`): waited for if `wait` (`release_memory`), else only tried, so that a
+    /// `global/idle.rs`): waited for if `wait` (`release_memory`), else only tried, so that a
     /// paced pass skips the caches while another reclaimer is at work (it may be this
     /// thread: a visit's flush reaches a slow path).
     pub(crate) fn reclaim_lock(&self, wait: bool) -> Option<MutexGuard<'_, ()>> {
