@@ -396,26 +396,26 @@ impl ArenaIndex {
             "an arena with a span in use is being released"
         );
         a.zeroed_base.store(0, Ordering::Relaxed);
-        let mut refused = false;
         // Not under loom: the models' span map is loom atomics, not plain memory.
         #[cfg(not(spanheap_loom))]
-        {
+        let refused = {
             let bytes = core::mem::size_of_val(&a.spans);
             let p = NonNull::from(&a.spans).cast::<u8>();
             let whole = crate::os::os_page_size()
                 .is_ok_and(|page| bytes % page == 0 && p.as_ptr() as usize % page == 0);
-            if whole {
-                // SAFETY: whole OS pages of the record's span map, metadata memory from
-                // the OS layer (Ready); nobody writes them while the caller holds the
-                // heap lock (above), and their zero value is valid for every reader.
-                if unsafe { mem.decommit(p, bytes) } {
-                    return true;
-                }
-                refused = true;
+            // SAFETY: whole OS pages of the record's span map, metadata memory from the
+            // OS layer (Ready); nobody writes them while the caller holds the heap lock
+            // (above), and their zero value is valid for every reader.
+            if whole && unsafe { mem.decommit(p, bytes) } {
+                return true;
             }
-        }
+            whole
+        };
         #[cfg(spanheap_loom)]
-        let _ = mem;
+        let refused = {
+            let _ = mem;
+            false
+        };
         for e in &a.spans {
             // Relaxed: a null entry carries nothing for a reader to see.
             e.store(ptr::null_mut(), Ordering::Relaxed);
