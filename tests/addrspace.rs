@@ -51,12 +51,7 @@ fn a_freed_heap_serves_100_mib_under_rlimit_as() {
 fn vm_size() -> usize {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = s.lines().find(|l| l.starts_with("VmSize:")).unwrap();
-    let kib: usize = line
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
 }
 
@@ -186,7 +181,10 @@ fn fill_free_and_ask() {
         unsafe { dealloc(p as *mut u8, Layout::from_size_align(n, 8).unwrap()) };
     }
     let freed = spanheap::stats();
-    ensure(freed.check().is_ok(), "statistics inconsistent after the frees");
+    ensure(
+        freed.check().is_ok(),
+        "statistics inconsistent after the frees",
+    );
 
     // 3. One 100 MiB block: it must be served, and be writable.
     let big = Layout::from_size_align(100 * MIB, 8).unwrap();
@@ -203,12 +201,18 @@ fn fill_free_and_ask() {
         }
         off = 0;
         while off < 100 * MIB {
-            ensure(p.add(off).read() == off as u8 | 1, "the 100 MiB block lost a write");
+            ensure(
+                p.add(off).read() == off as u8 | 1,
+                "the 100 MiB block lost a write",
+            );
             off += 4096;
         }
     }
     let after = spanheap::stats();
-    ensure(after.check().is_ok(), "statistics inconsistent after the retry");
+    ensure(
+        after.check().is_ok(),
+        "statistics inconsistent after the retry",
+    );
     // SAFETY: the live block of this layout.
     unsafe { dealloc(p, big) };
 

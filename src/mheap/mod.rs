@@ -765,7 +765,10 @@ impl<M: MemSource> MHeap<M> {
             // SAFETY: an arena of this heap (a page-aligned part of one of its
             // reservations) that the page allocator no longer hands out and whose pages
             // nobody uses: every one was free, and we hold the heap lock.
-            unsafe { self.mem.release(NonNull::new_unchecked(base as *mut u8), ARENA_SIZE) };
+            unsafe {
+                self.mem
+                    .release(NonNull::new_unchecked(base as *mut u8), ARENA_SIZE)
+            };
             bytes += ARENA_SIZE;
             scav_bytes += scav << PAGE_SHIFT;
         }

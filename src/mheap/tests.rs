@@ -862,7 +862,10 @@ fn a_freed_heap_gives_arenas_back_when_growth_is_refused() {
             assert!(w[0].0 + w[0].1 <= w[1].0, "spans overlap: {w:x?}");
         }
         for &(b, n) in &ranges {
-            assert!(h.mem.holds(b, n), "span {b:#x}+{n:#x} outside the held arenas");
+            assert!(
+                h.mem.holds(b, n),
+                "span {b:#x}+{n:#x} outside the held arenas"
+            );
             for p in (b..b + n).step_by(PAGE_SIZE) {
                 assert_eq!(unsafe { *(p as *const usize) }, p, "page {p:#x} was reused");
             }
@@ -893,7 +896,11 @@ fn a_freed_heap_gives_arenas_back_when_growth_is_refused() {
     while take(&mut live, 1 + (next() % 384) as usize) {}
     assert!(live.len() > 50);
     assert_eq!(h.counters().arena_bytes, (4 * ARENA_SIZE) as u64);
-    assert_eq!(checked_stats(h).unmapped_bytes, 0, "arenas in use were given back");
+    assert_eq!(
+        checked_stats(h).unmapped_bytes,
+        0,
+        "arenas in use were given back"
+    );
     check_live(&live);
     check_counters(h, &live);
 
@@ -906,7 +913,10 @@ fn a_freed_heap_gives_arenas_back_when_growth_is_refused() {
     check_counters(h, &live);
     let before = checked_stats(h);
     let big_pages = (100 << 20) / PAGE_SIZE;
-    assert!(take(&mut live, big_pages), "100 MiB after freeing a full heap");
+    assert!(
+        take(&mut live, big_pages),
+        "100 MiB after freeing a full heap"
+    );
     check_live(&live);
     check_counters(h, &live);
     let after = checked_stats(h);
@@ -938,7 +948,10 @@ fn a_freed_heap_gives_arenas_back_when_growth_is_refused() {
     }
     check_counters(h, &live);
     // Everything free: the whole limit is at hand again for one request.
-    assert!(take(&mut live, 3 * ARENA_SIZE / PAGE_SIZE - 8), "three arenas");
+    assert!(
+        take(&mut live, 3 * ARENA_SIZE / PAGE_SIZE - 8),
+        "three arenas"
+    );
     check_live(&live);
     check_counters(h, &live);
     for (s, _) in live.drain(..) {

@@ -761,7 +761,11 @@ impl PageAlloc {
             };
             let k = ci & (L2_ENTRIES - 1);
             let ch = &mut l2.chunks[k];
-            scav += ch.scav.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+            scav += ch
+                .scav
+                .iter()
+                .map(|w| w.count_ones() as usize)
+                .sum::<usize>();
             *ch = Chunk {
                 alloc: [0; CHUNK_WORDS],
                 scav: [0; CHUNK_WORDS],

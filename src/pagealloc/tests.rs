@@ -1130,16 +1130,25 @@ fn shrink_takes_a_free_region_out_and_it_can_be_grown_again() {
     assert_eq!(pa.free_region(0, size), Some(addr(BASE + A, 0)));
     assert_eq!(pa.shrink(addr(BASE, 0), size), None, "pages in use");
     assert_eq!(pa.free_pages(), total - 10);
-    assert_eq!(pa.shrink(addr(BASE + A, 0), size), Some(A * CHUNK_PAGES - 20));
+    assert_eq!(
+        pa.shrink(addr(BASE + A, 0), size),
+        Some(A * CHUNK_PAGES - 20)
+    );
     pa.check_invariants();
     assert_eq!(pa.free_pages(), total - 10 - A * CHUNK_PAGES);
     assert_eq!(pa.scavenged_pages(), total - 10 - A * CHUNK_PAGES);
     assert!(!pa.is_free(addr(BASE + A, 0), 1));
-    assert_eq!(pa.free_region(addr(BASE + A, 0), size), Some(addr(BASE + 2 * A, 0)));
+    assert_eq!(
+        pa.free_region(addr(BASE + A, 0), size),
+        Some(addr(BASE + 2 * A, 0))
+    );
     // No run crosses the hole; the scavenger has nothing dirty left to take.
     assert_eq!(pa.alloc(A * CHUNK_PAGES + 1), None);
     let mut runs = [(0, 0); 4];
-    assert_eq!(pa.scavenge_take(ScavPolicy::ALL, usize::MAX, &mut runs), (0, 0));
+    assert_eq!(
+        pa.scavenge_take(ScavPolicy::ALL, usize::MAX, &mut runs),
+        (0, 0)
+    );
     // The top region goes too: the bounds stay, searches still work.
     assert_eq!(pa.shrink(far, size), Some(A * CHUNK_PAGES));
     assert_eq!(pa.free_region(addr(BASE + 2 * A + 1, 0), size), None);
