@@ -74,7 +74,7 @@ fn set_soft_limit(cur: libc::rlim_t) {
 /// exhausted).
 #[cold]
 fn bail(msg: &'static str) -> ! {
-    set_soft_limit(SAVED.load(std::sync::atomic::Ordering::Relaxed) as libc::rlim_t);
+    set_soft_limit(SAVED.load(std::sync::atomic::Ordering::Relaxed));
     panic!("{msg}");
 }
 
@@ -138,7 +138,7 @@ fn fill_free_and_ask() {
     };
     // SAFETY: reading our own limit into a valid struct.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) }, 0);
-    SAVED.store(rl.rlim_cur as u64, std::sync::atomic::Ordering::Relaxed);
+    SAVED.store(rl.rlim_cur, std::sync::atomic::Ordering::Relaxed);
     let stats0 = spanheap::stats();
     let limit = vm_size() + 900 * MIB;
     set_soft_limit(limit as libc::rlim_t);
