@@ -15,7 +15,9 @@
 //! `L1` (64 entries, part of the heap) points to lazily allocated `L2` arrays (65,536
 //! entries, 512 KiB of virtual memory each, resident only where touched), which point
 //! to arena records. Lookups are lock-free; entries are only ever added, under the heap
-//! lock, and never removed (address space, once part of the heap, stays part of it).
+//! lock, and never removed: an arena whose address space the heap gives back to the OS
+//! (`MHeap::release_free_arenas_locked`) keeps its record, its span map emptied
+//! (`forget_pages_locked`), and gets it back if the range is grown again.
 //!
 //! Shared fields and what protects them:
 //!
@@ -79,7 +81,8 @@ pub(crate) struct HeapArena {
     page_in_use: [AtomicU8; PAGES_PER_ARENA / 8],
     /// Bytes from the arena start below which pages may have been written since the arena
     /// was mapped; pages at or above it are still zero from the OS. Only grows (atomic
-    /// fetch_max), Go's `zeroedBase`.
+    /// fetch_max), Go's `zeroedBase`, until the arena is unmapped
+    /// (`ArenaIndex::forget_pages_locked` sets it back to 0).
     zeroed_base: AtomicUsize,
     /// Size-class hint per page: the class of the last small-object span that covered
     /// the page (0: none yet). Stored (Relaxed) when a small span is published, never
@@ -363,6 +366,61 @@ impl ArenaIndex {
         let entry = &arena.spans[HeapArena::page_index(chunk_base)];
         let p = NonNull::from(entry).cast::<u8>();
         (os_page == bytes && p.as_ptr() as usize % os_page == 0).then_some((p, bytes))
+    }
+
+    /// Forgets what the record of the arena at `base` says about its pages, for a heap
+    /// that is about to give the arena's address space back to the OS (`munmap`): its
+    /// span map reads as null again ("never part of a span"), so that a pointer into
+    /// whatever the OS maps there later is not taken for one of ours (the C ABI's
+    /// `free` aborts on a pointer into pages the heap has used), and `zeroed_base` is
+    /// back to 0, so that the pages of a fresh mapping at the same address are known to
+    /// be zero if the arena is grown again. The record itself stays in the index (an
+    /// address range keeps its record), as do the class hints, which readers check
+    /// anyway. The span map is dropped with `decommit` where it fills whole OS pages
+    /// (the record's span map is 64 KiB, page aligned), else its entries are stored
+    /// null one by one; returns false if the OS refused the `decommit` (the entries
+    /// were then stored null).
+    ///
+    /// The caller holds the heap lock and has seen every page of the arena free in the
+    /// page allocator: nobody owns a page of it, so nobody writes its span-map entries
+    /// or its `zeroed_base` (both are only written by a thread that took pages from the
+    /// page allocator) until the lock is let go; lock-free readers may read either value
+    /// of an entry, and handle both (as for `chunk_span_map`). No span of it is in use,
+    /// so its `pageInUse` bits are clear already.
+    pub(crate) fn forget_pages_locked(&self, mem: &dyn MemSource, base: usize) -> bool {
+        let Some(a) = self.arena_of(base) else {
+            return true;
+        };
+        debug_assert!(
+            a.page_in_use.iter().all(|b| b.load(Ordering::Relaxed) == 0),
+            "an arena with a span in use is being released"
+        );
+        a.zeroed_base.store(0, Ordering::Relaxed);
+        // Not under loom: the models' span map is loom atomics, not plain memory.
+        #[cfg(not(spanheap_loom))]
+        let refused = {
+            let bytes = core::mem::size_of_val(&a.spans);
+            let p = NonNull::from(&a.spans).cast::<u8>();
+            let whole = crate::os::os_page_size()
+                .is_ok_and(|page| bytes % page == 0 && p.as_ptr() as usize % page == 0);
+            // SAFETY: whole OS pages of the record's span map, metadata memory from the
+            // OS layer (Ready); nobody writes them while the caller holds the heap lock
+            // (above), and their zero value is valid for every reader.
+            if whole && unsafe { mem.decommit(p, bytes) } {
+                return true;
+            }
+            whole
+        };
+        #[cfg(spanheap_loom)]
+        let refused = {
+            let _ = mem;
+            false
+        };
+        for e in &a.spans {
+            // Relaxed: a null entry carries nothing for a reader to see.
+            e.store(ptr::null_mut(), Ordering::Relaxed);
+        }
+        !refused
     }
 
     /// Sets the `pageInUse` bit of the page at `base`. Release: a reader that sees the

@@ -58,7 +58,7 @@ pub(crate) fn alloc<M: MemSource>(
     size: usize,
     align: usize,
     zero: bool,
-    tc: Option<&mut HeapCache>,
+    mut tc: Option<&mut HeapCache>,
 ) -> *mut u8 {
     let Some(npages) = pages_for(size) else {
         return ptr::null_mut();
@@ -66,7 +66,7 @@ pub(crate) fn alloc<M: MemSource>(
     if align > MAX_ALIGN {
         return ptr::null_mut();
     }
-    let s = match tc {
+    let s = match tc.as_deref_mut() {
         Some(tc) => {
             // A cached block of the same size: nothing shared is touched.
             if align <= PAGE_SIZE {
@@ -91,6 +91,17 @@ pub(crate) fn alloc<M: MemSource>(
             heap.alloc_span_with(npages, Purpose::Heap, 0, align, tc)
         }
         None => heap.alloc_span(npages, Purpose::Heap, 0, align),
+    };
+    // Out of memory with free pages in the thread's heap cache (page block, chunks,
+    // kept blocks): they pin the arenas they lie in, which the heap could otherwise
+    // give back to the OS when it is refused a growth (`MHeap::grow_locked`). Give them
+    // back to the page heap and try once more.
+    let s = match (s, tc) {
+        (None, Some(tc)) => {
+            heap.flush_heap_cache(tc);
+            heap.alloc_span(npages, Purpose::Heap, 0, align)
+        }
+        (s, _) => s,
     };
     // The heap was asked: a slow path, where a due scavenger pass may run.
     heap.maybe_scavenge();
@@ -232,11 +243,19 @@ pub(crate) unsafe fn realloc<M: MemSource>(
     // the thread's chunk cache: there its neighbours would belong to the cache and the
     // next growth could only move it (measured: `Vec` growth ran slower that way;
     // docs/benchmarks.md, "Figures moved from the design notes").
-    let q = if new_pages >= crate::pagecache::MAX_CACHED_SPAN_PAGES {
+    let mut q = if new_pages >= crate::pagecache::MAX_CACHED_SPAN_PAGES {
         alloc(heap, new_size, align, false, None)
     } else {
         alloc(heap, new_size, align, false, tc.as_deref_mut())
     };
+    if q.is_null() {
+        if let Some(tc) = tc.as_deref_mut() {
+            // Out of memory: as in `alloc`, the thread's cached free pages go back to
+            // the page heap first (the block being resized is live, not among them).
+            heap.flush_heap_cache(tc);
+            q = alloc(heap, new_size, align, false, None);
+        }
+    }
     if !q.is_null() {
         // SAFETY: both blocks are live, distinct, and at least this long.
         unsafe {
@@ -327,7 +346,28 @@ pub(crate) mod global {
     /// the thread-local lookup stays off the small-object paths.
     #[inline(never)]
     fn large_alloc(size: usize, align: usize, zero: bool) -> *mut u8 {
+        let p =
+            mcache::with_heap_cache::<Process, _>(|tc| super::alloc(&HEAP, size, align, zero, tc));
+        if !p.is_null() {
+            return p;
+        }
+        release_for_retry();
         mcache::with_heap_cache::<Process, _>(|tc| super::alloc(&HEAP, size, align, zero, tc))
+    }
+
+    /// Out of memory for a large block (the page heap could not grow, even after
+    /// giving its wholly free arenas back to the OS and flushing the thread's heap
+    /// cache): what else pins free memory in arenas that could then be given back goes
+    /// back to the page heap before the one retry: the calling thread's small-object
+    /// cache (its free stacks and current spans, so that spans it emptied retire) and
+    /// every size class's spare spans. Takes the mcentral locks and the heap lock in
+    /// rank order, holding none on entry (`large_alloc` and the large `realloc`s call it
+    /// after their heap-cache section). Other threads' caches are left alone.
+    #[cold]
+    #[inline(never)]
+    fn release_for_retry() {
+        mcache::flush_own::<Process>();
+        HEAP.release_spares();
     }
 
     /// # Safety
@@ -570,9 +610,7 @@ pub(crate) mod global {
                 if new_class == 0 {
                     // SAFETY: large to large: in place when possible; the old size
                     // only bounds the copy.
-                    return mcache::with_heap_cache::<Process, _>(|tc| unsafe {
-                        super::realloc(&HEAP, p, size, align, new_size, tc)
-                    });
+                    return unsafe { realloc_large(p, size, align, new_size) };
                 }
                 size
             }
@@ -590,6 +628,27 @@ pub(crate) mod global {
             }
         }
         q
+    }
+
+    /// A large block resized to a large block, with one retry after
+    /// `release_for_retry` if memory is exhausted (a failed try leaves the block as it
+    /// was).
+    ///
+    /// # Safety
+    /// `p` is a live large block of at least `old_size` bytes allocated with `align`.
+    unsafe fn realloc_large(p: *mut u8, old_size: usize, align: usize, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded.
+        let q = mcache::with_heap_cache::<Process, _>(|tc| unsafe {
+            super::realloc(&HEAP, p, old_size, align, new_size, tc)
+        });
+        if !q.is_null() {
+            return q;
+        }
+        release_for_retry();
+        // SAFETY: forwarded; the failed try left the block live and unchanged.
+        mcache::with_heap_cache::<Process, _>(|tc| unsafe {
+            super::realloc(&HEAP, p, old_size, align, new_size, tc)
+        })
     }
 
     /// # Safety
@@ -613,9 +672,7 @@ pub(crate) mod global {
         }
         if old_class == 0 && new_class == 0 {
             // SAFETY: forwarded (large to large: in place when possible).
-            return mcache::with_heap_cache::<Process, _>(|tc| unsafe {
-                super::realloc(&HEAP, p, old_size, align, new_size, tc)
-            });
+            return unsafe { realloc_large(p, old_size, align, new_size) };
         }
         let q = alloc(new_size, align);
         if !q.is_null() {

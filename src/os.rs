@@ -96,8 +96,9 @@ pub unsafe trait MemSource: Sync {
     /// Any state -> None.
     ///
     /// # Safety
-    /// The range must be a whole reservation (or its tail/head) of this source that
-    /// nobody uses any more.
+    /// The range must be a whole reservation of this source, or a page-aligned part of
+    /// one (its head or tail, or an arena inside it: the heap gives back wholly free
+    /// arenas when growth is refused), that nobody uses any more.
     unsafe fn release(&self, ptr: NonNull<u8>, size: usize);
 
     /// None -> Ready in one step, for the allocator's own metadata.
@@ -538,7 +539,8 @@ mod std_mem {
                 // SAFETY: a whole allocation made by `reserve` with this layout.
                 unsafe { std::alloc::dealloc(r.0.as_ptr(), r.1) };
             }
-            // A head or tail of a reservation: leaked (the tests are short-lived).
+            // A part of a reservation (head, tail, an arena inside it): leaked (the
+            // tests are short-lived).
         }
     }
 }

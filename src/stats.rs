@@ -345,8 +345,11 @@ pub(crate) mod field {
     pub(crate) const DECOMMIT_FAILURES: usize = PAGES_IN_USE + 10;
     /// Bytes those calls covered (cumulative).
     pub(crate) const DECOMMIT_FAILED_BYTES: usize = PAGES_IN_USE + 11;
+    /// Arena bytes given back to the OS whole (`munmap`) when a growth was refused
+    /// (cumulative).
+    pub(crate) const UNMAPPED: usize = PAGES_IN_USE + 12;
     /// Small-object allocations per class: `SMALL_ALLOCS + class`.
-    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 12;
+    pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 13;
     /// Small-object frees per class: `SMALL_FREES + class`.
     pub(crate) const SMALL_FREES: usize = SMALL_ALLOCS + NUM_CLASSES;
     /// Number of counters.
@@ -632,6 +635,11 @@ pub struct Stats {
     pub decommit_failures: u64,
     /// Bytes those refused calls covered (cumulative).
     pub decommit_failed_bytes: u64,
+    /// Arena bytes given back to the OS whole (`munmap`) so far (cumulative): when the
+    /// OS refuses to grow the heap (address space or memory exhausted, `RLIMIT_AS`),
+    /// the arenas whose every page is free are unmapped and the growth is tried again.
+    /// They no longer count in `arena_bytes`.
+    pub unmapped_bytes: u64,
     /// Small-object counts per size class, indexed by class (index 0, "no class", is
     /// all zero). See [`ClassStats`] for when objects are counted.
     pub classes: [ClassStats; NUM_CLASSES],
@@ -685,6 +693,7 @@ impl Stats {
             reused_released_bytes: t[REUSED_RELEASED],
             decommit_failures: t[DECOMMIT_FAILURES],
             decommit_failed_bytes: t[DECOMMIT_FAILED_BYTES],
+            unmapped_bytes: t[UNMAPPED],
             classes,
             gauges,
             locks: LockStats::table(),
@@ -797,13 +806,17 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = &self.gauges;
         writeln!(f, "spanheap statistics")?;
-        writeln!(
+        write!(
             f,
             "  arenas mapped      {:>12}   committed {}, released {}",
             Bytes(self.arena_bytes),
             Bytes(self.committed_bytes),
             Bytes(self.released_bytes)
         )?;
+        if self.unmapped_bytes != 0 {
+            write!(f, ", unmapped {}", Bytes(self.unmapped_bytes))?;
+        }
+        writeln!(f)?;
         writeln!(
             f,
             "  in use             {:>12}   heap {}, span records {}, span bitmaps {}, thread caches {}",

@@ -221,6 +221,19 @@ fn fork_from_a_thread_while_others_allocate() {
     assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "fork: ok");
 }
 
+/// Issue 26 in C: under `RLIMIT_AS`, blocks of 24 B .. 3 MB until `malloc` returns
+/// NULL, all freed, then `malloc(100 MiB)` must succeed (`tests/c/addrspace.c`; spanheap
+/// gives its wholly free arenas back when the growth is refused).
+#[test]
+fn a_freed_heap_serves_100_mib_under_rlimit_as_in_c() {
+    let bin = c_binary("addrspace.c", "addrspace");
+    compare(
+        "c addrspace (RLIMIT_AS)",
+        |l| l.starts_with("addrspace:"),
+        || Command::new(&bin),
+    );
+}
+
 /// Cache creation is reentrant: `tests/c/keys.c` creates 40 pthread keys before its
 /// first `malloc`, so glibc's `pthread_setspecific` allocates (through the preload)
 /// while spanheap creates each thread's cache. Before the fix this recursed until the

@@ -64,7 +64,7 @@
 
 use core::ptr::{self, NonNull};
 
-use crate::arena::{ArenaHint, ArenaIndex, HeapArena, ARENA_SIZE};
+use crate::arena::{ArenaHint, ArenaIndex, HeapArena, ARENA_SIZE, PAGES_PER_ARENA};
 use crate::fixalloc::{FixAlloc, RawFixAlloc};
 use crate::mspan::{
     place, rstate, MSpan, Purpose, SmallPrivate, SpanInfo, SpanState, RSTATE_OWNED,
@@ -707,7 +707,88 @@ impl<M: MemSource> MHeap<M> {
 
     /// Grows the heap by whole arenas so that `npages` pages aligned to `align_pages`
     /// fit. Returns the base of the new region. Needs the heap lock (`h`).
+    ///
+    /// If the OS refuses (`OsError::NoMemory`: address space or memory exhausted,
+    /// `RLIMIT_AS`), the arenas whose every page is free are given back to it
+    /// ([`release_free_arenas_locked`](Self::release_free_arenas_locked)) and, if there
+    /// were any, the growth is tried once more: a heap that is all free can then serve
+    /// a request longer than any of its free runs, in the address space it gave back.
     fn grow_locked(
+        &self,
+        h: &mut Locked,
+        npages: usize,
+        align_pages: usize,
+    ) -> Result<usize, OsError> {
+        match self.grow_once_locked(h, npages, align_pages) {
+            Err(OsError::NoMemory(e)) => {
+                if self.release_free_arenas_locked(h) == 0 {
+                    return Err(OsError::NoMemory(e));
+                }
+                self.grow_once_locked(h, npages, align_pages)
+            }
+            r => r,
+        }
+    }
+
+    /// Gives every arena whose pages are all free in the page allocator back to the OS
+    /// (`MemSource::release`, `munmap`), under the heap lock (`h`). Returns the bytes
+    /// released.
+    ///
+    /// Free pages held anywhere else (threads' page and chunk caches, kept large
+    /// blocks, mcentral spares, a scavenger pass's runs) are allocated in the page
+    /// allocator, so an arena holding one is not taken; nor is one with a record chunk
+    /// or any live span. Each arena taken is first removed from the page allocator
+    /// (`PageAlloc::shrink`: no search, cache refill or scavenger pass finds its pages
+    /// again), then its record forgets its pages (span map emptied, `zeroed_base` 0:
+    /// `ArenaIndex::forget_pages_locked`), then it is unmapped. The record stays in the
+    /// index: if the OS hands the range back to a later growth, `grow_once_locked`
+    /// reuses it and `PageAlloc::grow` takes the chunks in again.
+    ///
+    /// Accounting: the arena leaves `arena_bytes` and `heap_sys` (it was idle, so
+    /// `heap_idle` drops by as much); its scavenged pages leave `heap_released` and the
+    /// released bytes of the statistics, its dirty free pages (which `munmap` drops as
+    /// well) the committed bytes; `Stats::unmapped_bytes` counts the arena. The page
+    /// allocator's free and scavenged counts drop with it, so the scavenger's view (its
+    /// excess, its dirty marks) stays the page allocator's.
+    fn release_free_arenas_locked(&self, h: &mut Locked) -> usize {
+        let (mut bytes, mut scav_bytes) = (0usize, 0usize);
+        let mut from = 0;
+        while let Some(base) = h.pages.free_region(from, ARENA_SIZE) {
+            from = base + ARENA_SIZE;
+            let Some(scav) = h.pages.shrink(base, ARENA_SIZE) else {
+                debug_assert!(false, "a free region could not be taken out");
+                continue;
+            };
+            if !self.arenas.forget_pages_locked(&self.mem, base) {
+                self.count_refused_decommit(core::mem::size_of::<*mut MSpan>() * PAGES_PER_ARENA);
+            }
+            // SAFETY: an arena of this heap (a page-aligned part of one of its
+            // reservations) that the page allocator no longer hands out and whose pages
+            // nobody uses: every one was free, and we hold the heap lock.
+            unsafe {
+                self.mem
+                    .release(NonNull::new_unchecked(base as *mut u8), ARENA_SIZE)
+            };
+            bytes += ARENA_SIZE;
+            scav_bytes += scav << PAGE_SHIFT;
+        }
+        if bytes == 0 {
+            return 0;
+        }
+        sub(&self.gauges.arena_bytes, bytes);
+        sub(&self.gauges.heap_sys, bytes);
+        sub(&self.gauges.heap_released, scav_bytes);
+        self.stats_update(|d| {
+            d.sub(field::ARENA, bytes as u64);
+            d.sub(field::RELEASED, scav_bytes as u64);
+            d.sub(field::COMMITTED, (bytes - scav_bytes) as u64);
+            d.add(field::UNMAPPED, bytes as u64);
+        });
+        bytes
+    }
+
+    /// One try of [`grow_locked`](Self::grow_locked).
+    fn grow_once_locked(
         &self,
         h: &mut Locked,
         npages: usize,

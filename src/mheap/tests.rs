@@ -12,7 +12,7 @@ fn new_heap() -> &'static MHeap<TestMem> {
 
 /// Checks every counter invariant that holds when no span operation is in flight,
 /// against the page allocator's own view and a list of the live spans.
-fn check_counters(h: &MHeap<TestMem>, live: &[(NonNull<MSpan>, Purpose)]) {
+fn check_counters<M: MemSource>(h: &MHeap<M>, live: &[(NonNull<MSpan>, Purpose)]) {
     let c = h.counters();
     let (free_pages, scav_pages, records) = h.page_state();
     assert_eq!(
@@ -415,7 +415,7 @@ fn four_threads_never_get_overlapping_pages() {
 }
 
 /// The consistent statistics of `h`, checked.
-fn checked_stats(h: &MHeap<TestMem>) -> crate::stats::Stats {
+fn checked_stats<M: MemSource>(h: &MHeap<M>) -> crate::stats::Stats {
     let mut t = [0u64; crate::stats::field::N];
     h.stats.read(&mut t);
     let s = crate::stats::Stats::from_totals(&t, h.gauges());
@@ -720,4 +720,242 @@ fn the_retained_headroom_is_a_share_of_the_heap_not_of_metadata() {
         released / PAGE_SIZE
     );
     check_counters(h, &[(meta, Purpose::SpanRecords), (live, Purpose::Heap)]);
+}
+
+/// The tests' memory source (`TestMem`) under an address-space limit, as `RLIMIT_AS`
+/// sets one: arena reservations (alignment of an arena or more) fail with `NoMemory`
+/// once `budget` bytes of them are held; metadata reservations pass. Each arena
+/// reservation is made between two guard reservations of its own that are never
+/// released, so that no two are contiguous and a free run never crosses from one into
+/// the next (a request longer than an arena cannot be served by adjacent free arenas).
+/// A released arena's address is tried first by the next one-arena reservation, so
+/// that the heap grows back into a range it gave away.
+struct Budgeted {
+    budget: usize,
+    /// Arena reservations held: (base, bytes), split as arenas are released.
+    held: std::sync::Mutex<Vec<(usize, usize)>>,
+    /// Addresses of released arenas, not reserved again yet.
+    released: std::sync::Mutex<Vec<usize>>,
+    /// One-arena reservations that landed on a released arena's address.
+    reused: std::sync::atomic::AtomicUsize,
+}
+
+impl Budgeted {
+    fn new(budget: usize) -> Self {
+        Budgeted {
+            budget,
+            held: std::sync::Mutex::new(Vec::new()),
+            released: std::sync::Mutex::new(Vec::new()),
+            reused: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+    fn held_bytes(&self) -> usize {
+        self.held.lock().unwrap().iter().map(|r| r.1).sum()
+    }
+    /// Whether `[base, base + bytes)` lies inside an arena reservation held now.
+    fn holds(&self, base: usize, bytes: usize) -> bool {
+        self.held
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(b, n)| base >= b && base + bytes <= b + n)
+    }
+}
+
+// SAFETY: every call is forwarded to `TestMem`, or fails before it; a reservation
+// handed out is a fresh one of `TestMem` (the guards around it stay reserved).
+unsafe impl MemSource for Budgeted {
+    fn reserve(&self, size: usize, align: usize, hint: usize) -> Result<NonNull<u8>, OsError> {
+        if align < ARENA_SIZE {
+            return TestMem.reserve(size, align, hint);
+        }
+        if self.held_bytes() + size > self.budget {
+            return Err(OsError::NoMemory(12));
+        }
+        if size == ARENA_SIZE && align == ARENA_SIZE {
+            let again = self.released.lock().unwrap().pop();
+            if let Some(r) = again {
+                let p = TestMem.reserve(size, align, r)?;
+                if p.as_ptr() as usize == r {
+                    self.reused.fetch_add(1, Ordering::Relaxed);
+                    self.held.lock().unwrap().push((r, size));
+                    return Ok(p);
+                }
+                // Somebody else's mapping took the range: no reuse this time.
+                // SAFETY: the reservation just made, unused.
+                unsafe { TestMem.release(p, size) };
+            }
+        }
+        let g = TestMem.reserve(size + 2 * align, align, 0)?;
+        let base = g.as_ptr() as usize + align;
+        self.held.lock().unwrap().push((base, size));
+        // SAFETY: inside the reservation just made, so not null.
+        Ok(unsafe { NonNull::new_unchecked(base as *mut u8) })
+    }
+    unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
+        // SAFETY: forwarded from our caller.
+        unsafe { TestMem.map(ptr, size) }
+    }
+    unsafe fn commit(&self, ptr: NonNull<u8>, size: usize) {
+        // SAFETY: forwarded from our caller.
+        unsafe { TestMem.commit(ptr, size) }
+    }
+    unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {
+        // SAFETY: forwarded from our caller.
+        unsafe { TestMem.decommit(ptr, size) }
+    }
+    fn decommit_zeroes(&self) -> bool {
+        TestMem.decommit_zeroes()
+    }
+    unsafe fn release(&self, ptr: NonNull<u8>, size: usize) {
+        let base = ptr.as_ptr() as usize;
+        {
+            let mut held = self.held.lock().unwrap();
+            if let Some(i) = held
+                .iter()
+                .position(|&(b, n)| base >= b && base + size <= b + n)
+            {
+                let (b, n) = held.swap_remove(i);
+                if base > b {
+                    held.push((b, base - b));
+                }
+                if base + size < b + n {
+                    held.push((base + size, b + n - base - size));
+                }
+                if size == ARENA_SIZE {
+                    self.released.lock().unwrap().push(base);
+                }
+            }
+        }
+        // SAFETY: forwarded from our caller.
+        unsafe { TestMem.release(ptr, size) }
+    }
+}
+
+/// Issue 26: a heap filled to an address-space limit and then freed must serve a
+/// request longer than any of its free runs, by giving its wholly free arenas back to
+/// the OS and growing again; nothing released is handed out before it is reserved
+/// again, and the counters stay consistent throughout.
+#[test]
+#[cfg_attr(miri, ignore = "reserves hundreds of MiB of address space")]
+fn a_freed_heap_gives_arenas_back_when_growth_is_refused() {
+    let h: &MHeap<Budgeted> = Box::leak(Box::new(MHeap::new(Budgeted::new(4 * ARENA_SIZE))));
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // Every live span lies in an arena the memory source holds now, no two overlap,
+    // and each page still carries the tag written when the span was handed out.
+    let check_live = |live: &[(NonNull<MSpan>, Purpose)]| {
+        let mut ranges: Vec<(usize, usize)> = live
+            .iter()
+            .map(|(s, _)| {
+                let span = unsafe { s.as_ref() };
+                (span.base(), span.npages() * PAGE_SIZE)
+            })
+            .collect();
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            assert!(w[0].0 + w[0].1 <= w[1].0, "spans overlap: {w:x?}");
+        }
+        for &(b, n) in &ranges {
+            assert!(
+                h.mem.holds(b, n),
+                "span {b:#x}+{n:#x} outside the held arenas"
+            );
+            for p in (b..b + n).step_by(PAGE_SIZE) {
+                assert_eq!(unsafe { *(p as *const usize) }, p, "page {p:#x} was reused");
+            }
+        }
+    };
+    let take = |live: &mut Vec<(NonNull<MSpan>, Purpose)>, npages: usize| -> bool {
+        let Some(s) = h.alloc_span(npages, Purpose::Heap, 0, 1) else {
+            return false;
+        };
+        let span = unsafe { s.as_ref() };
+        let (b, n) = (span.base(), span.npages() * PAGE_SIZE);
+        let fresh = !unsafe { span.info() }.needzero;
+        for p in (b..b + n).step_by(PAGE_SIZE) {
+            if fresh {
+                // Zero from the OS (a regrown arena's pages included): needzero is
+                // false only for memory known to be zero.
+                assert_eq!(unsafe { *((p + PAGE_SIZE - 8) as *const usize) }, 0);
+            }
+            unsafe { *(p as *mut usize) = p };
+        }
+        live.push((s, Purpose::Heap));
+        true
+    };
+
+    // 1. Fill to the limit with spans of 8 KiB .. 3 MiB. A refused growth with every
+    //    arena in use gives nothing back.
+    let mut live = Vec::new();
+    while take(&mut live, 1 + (next() % 384) as usize) {}
+    assert!(live.len() > 50);
+    assert_eq!(h.counters().arena_bytes, (4 * ARENA_SIZE) as u64);
+    assert_eq!(
+        checked_stats(h).unmapped_bytes,
+        0,
+        "arenas in use were given back"
+    );
+    check_live(&live);
+    check_counters(h, &live);
+
+    // 2. Free everything. The largest free run is now at most an arena (reservations
+    //    are apart), so 100 MiB needs a growth the limit refuses, until the heap gives
+    //    its free arenas back.
+    for (s, _) in live.drain(..) {
+        unsafe { h.free_span(s) };
+    }
+    check_counters(h, &live);
+    let before = checked_stats(h);
+    let big_pages = (100 << 20) / PAGE_SIZE;
+    assert!(
+        take(&mut live, big_pages),
+        "100 MiB after freeing a full heap"
+    );
+    check_live(&live);
+    check_counters(h, &live);
+    let after = checked_stats(h);
+    let c = h.counters();
+    assert!(
+        after.unmapped_bytes >= 2 * ARENA_SIZE as u64,
+        "{} bytes unmapped",
+        after.unmapped_bytes
+    );
+    assert_eq!(
+        c.arena_bytes,
+        before.arena_bytes - after.unmapped_bytes + 2 * ARENA_SIZE as u64
+    );
+    assert_eq!(c.arena_bytes, h.mem.held_bytes() as u64);
+    assert_eq!(after.arena_bytes, c.arena_bytes);
+    assert!(c.arena_bytes <= (4 * ARENA_SIZE) as u64);
+
+    // 3. Fill again: the heap grows back (into a released range where the OS allows),
+    //    and no page is handed out twice.
+    while take(&mut live, 1 + (next() % 384) as usize) {}
+    check_live(&live);
+    check_counters(h, &live);
+    assert_eq!(h.counters().arena_bytes, h.mem.held_bytes() as u64);
+    if h.mem.reused.load(Ordering::Relaxed) == 0 {
+        std::eprintln!("note: no arena was grown again at a released address");
+    }
+    for (s, _) in live.drain(..) {
+        unsafe { h.free_span(s) };
+    }
+    check_counters(h, &live);
+    // Everything free: the whole limit is at hand again for one request.
+    assert!(
+        take(&mut live, 3 * ARENA_SIZE / PAGE_SIZE - 8),
+        "three arenas"
+    );
+    check_live(&live);
+    check_counters(h, &live);
+    for (s, _) in live.drain(..) {
+        unsafe { h.free_span(s) };
+    }
+    check_counters(h, &live);
 }

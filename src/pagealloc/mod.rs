@@ -380,7 +380,8 @@ pub(crate) struct PageAlloc {
     /// Search hint: every heap page below this address is allocated. [`ADDR_LIMIT`]
     /// while nothing was ever grown.
     search_addr: usize,
-    /// One past the highest grown chunk index (0 before the first grow). Bounds the
+    /// One past the highest chunk index ever grown (0 before the first grow): an upper
+    /// bound of the grown chunks (a [`shrink`](Self::shrink) leaves it). Bounds the
     /// scan of the root level.
     end_chunk: usize,
     /// Free pages in the heap.
@@ -389,7 +390,8 @@ pub(crate) struct PageAlloc {
     scav: usize,
     /// Pages of all grown chunks.
     total: usize,
-    /// Lowest grown chunk index (`usize::MAX` before the first grow).
+    /// Lowest chunk index ever grown (`usize::MAX` before the first grow): a lower
+    /// bound of the grown chunks, as `end_chunk` is an upper one.
     first_chunk: usize,
     /// The clock (milliseconds, wrapping) that frees stamp on chunks; set by the owner
     /// before it frees ([`set_clock`](Self::set_clock)).
@@ -576,7 +578,9 @@ impl PageAlloc {
 
     /// Adds `[base, base + size)` to the heap. `base` must be chunk aligned and `size` a
     /// multiple of [`CHUNK_SIZE`]; the range must lie below [`ADDR_LIMIT`] and not be
-    /// part of the heap yet. The new pages are free and scavenged (fresh OS memory is
+    /// part of the heap now (it may have been before: a range taken out by
+    /// [`shrink`](Self::shrink) can be grown again, and its summary memory, mapped the
+    /// first time, is reused). The new pages are free and scavenged (fresh OS memory is
     /// Prepared).
     ///
     /// Fails only if metadata memory cannot be obtained (or, as a fallback for a
@@ -689,6 +693,98 @@ impl PageAlloc {
         Ok(())
     }
 
+    // -- giving address space back ---------------------------------------------------
+
+    /// The lowest address `a >= from`, a multiple of `size`, such that every page of
+    /// `[a, a + size)` is part of the heap and free: a region the heap could give back
+    /// to the OS whole. `size` is a power-of-two multiple of [`CHUNK_SIZE`], at most
+    /// what a root summary entry covers (16 GiB). Skips the root entries without a free
+    /// page, so the cost is bounded by the regions under the root entries that have
+    /// one, whatever the spread of the heap. Changes nothing.
+    pub(crate) fn free_region(&self, from: usize, size: usize) -> Option<usize> {
+        let ok = size.is_power_of_two() && size >= CHUNK_SIZE && size <= 1 << LEVEL_SHIFT[0];
+        debug_assert!(ok, "free_region of {size:#x} bytes");
+        if !ok || self.end_chunk == 0 {
+            return None;
+        }
+        let end = self.end_chunk << LOG_CHUNK_SIZE;
+        let root_shift = LEVEL_SHIFT[0];
+        let hi = ((self.end_chunk - 1) >> (root_shift - LOG_CHUNK_SIZE)) + 1;
+        let mut a = from
+            .max(self.first_chunk << LOG_CHUNK_SIZE)
+            .checked_next_multiple_of(size)?;
+        while a < end {
+            let r = a >> root_shift;
+            let next = self.next_free_root(r, hi);
+            if next != r {
+                if next >= hi {
+                    return None;
+                }
+                a = next << root_shift;
+                continue;
+            }
+            if self.is_free(a, size >> PAGE_SHIFT) {
+                return Some(a);
+            }
+            a += size;
+        }
+        None
+    }
+
+    /// Takes `[base, base + size)` out of the heap (the opposite of
+    /// [`grow`](Self::grow)), for a caller that gives that address space back to the
+    /// OS: its chunks stop being part of the heap, so no search, cache refill or
+    /// scavenger pass finds their pages again, and their summaries, dirty marks and
+    /// page counts go. `base` and `size` are chunk aligned. Only done if every page of
+    /// the range is part of the heap and free (None otherwise, nothing changed).
+    /// Returns how many of its pages were scavenged (the rest were free and dirty).
+    ///
+    /// The chunk map's L2 arrays and the summary memory stay (mapped units are never
+    /// unmapped), ready for the range, or another, to be grown again.
+    pub(crate) fn shrink(&mut self, base: usize, size: usize) -> Option<usize> {
+        let aligned = base % CHUNK_SIZE == 0 && size % CHUNK_SIZE == 0 && size != 0;
+        debug_assert!(aligned, "shrink({base:#x}, {size:#x}) is not chunk aligned");
+        if !aligned || !self.is_free(base, size >> PAGE_SHIFT) {
+            return None;
+        }
+        // `is_free` saw every chunk of the range grown, so the range is below
+        // ADDR_LIMIT and every L2 array it needs exists.
+        let (c0, c1) = (base >> LOG_CHUNK_SIZE, (base + size) >> LOG_CHUNK_SIZE);
+        let mut scav = 0;
+        for ci in c0..c1 {
+            let p = self.l1[ci >> L2_BITS];
+            // SAFETY: a non-null L1 entry is our L2 array (as in `chunk_mut`); `&mut
+            // self` makes this the only reference into it.
+            let Some(l2) = (unsafe { p.as_mut() }) else {
+                debug_assert!(false, "L2 array missing for a grown chunk");
+                continue;
+            };
+            let k = ci & (L2_ENTRIES - 1);
+            let ch = &mut l2.chunks[k];
+            scav += ch
+                .scav
+                .iter()
+                .map(|w| w.count_ones() as usize)
+                .sum::<usize>();
+            *ch = Chunk {
+                alloc: [0; CHUNK_WORDS],
+                scav: [0; CHUNK_WORDS],
+            };
+            l2.grown[k / 64] &= !(1 << (k % 64));
+            l2.dirty[k / 64] &= !(1 << (k % 64));
+            // The leaf is in a mapped unit: the chunk was grown.
+            self.set_sum(LEAF, ci, Sum::EMPTY);
+        }
+        let pages = size >> PAGE_SHIFT;
+        self.free -= pages;
+        self.scav -= scav;
+        self.total -= pages;
+        // `search_addr` stays a lower bound of the first free page, and `first_chunk`
+        // / `end_chunk` stay bounds of the grown chunks.
+        self.update_parents(c0, c1);
+        Some(scav)
+    }
+
     // -- summary maintenance ----------------------------------------------------------
 
     /// Recomputes the leaf summaries of chunks `[c0, c1)` after their bitmaps changed,
@@ -710,7 +806,15 @@ impl PageAlloc {
                 changed = true;
             }
         }
-        // Each level from its children, as long as the level below changed.
+        if changed {
+            self.update_parents(c0, c1);
+        }
+    }
+
+    /// Recomputes the summaries above the leaves of chunks `[c0, c1)`, level by level
+    /// from their children, as long as a level changed.
+    fn update_parents(&mut self, c0: usize, c1: usize) {
+        let mut changed = true;
         let mut l = LEAF;
         while changed && l > 0 {
             l -= 1;

@@ -100,7 +100,10 @@ impl PageAlloc {
                 self.search_addr
             );
         }
-        assert_eq!(self.end_chunk, grown.last().map_or(0, |&c| c + 1));
+        // Bounds of the grown chunks (exact until a `shrink` takes out the top or
+        // bottom ones).
+        assert!(self.end_chunk >= grown.last().map_or(0, |&c| c + 1));
+        assert!(grown.first().map_or(true, |&c| self.first_chunk <= c));
         if grown.is_empty() {
             return;
         }
@@ -1104,6 +1107,65 @@ fn summary_units_are_mapped_once_and_kept() {
         Some((addr(BASE, 10), (1022 * 512 + 510 + 512) * PAGE_SIZE))
     );
     pa.check_invariants();
+}
+
+#[test]
+fn shrink_takes_a_free_region_out_and_it_can_be_grown_again() {
+    // Three contiguous "arenas" of 16 chunks and a fourth far away.
+    const A: usize = 16;
+    let size = A * CHUNK_SIZE;
+    let mem = TrackingMem::new();
+    let mut pa = new_pa();
+    pa.grow(&mem, addr(BASE, 0), 3 * size).unwrap();
+    let far = 0x7000_0000_0000;
+    pa.grow(&mem, far, size).unwrap();
+    let total = 4 * A * CHUNK_PAGES;
+    // Free runs coalesce across the regions' boundaries: the three are one run.
+    assert!(pa.is_free(addr(BASE, 0), 3 * A * CHUNK_PAGES));
+    assert_eq!(pa.alloc_range(addr(BASE, 0), 10), 10 * PAGE_SIZE);
+    // 20 dirty free pages in the second region.
+    pa.alloc_range(addr(BASE + A, 5), 20);
+    pa.free(addr(BASE + A, 5), 20);
+    pa.check_invariants();
+    assert_eq!(pa.free_region(0, size), Some(addr(BASE + A, 0)));
+    assert_eq!(pa.shrink(addr(BASE, 0), size), None, "pages in use");
+    assert_eq!(pa.free_pages(), total - 10);
+    assert_eq!(
+        pa.shrink(addr(BASE + A, 0), size),
+        Some(A * CHUNK_PAGES - 20)
+    );
+    pa.check_invariants();
+    assert_eq!(pa.free_pages(), total - 10 - A * CHUNK_PAGES);
+    assert_eq!(pa.scavenged_pages(), total - 10 - A * CHUNK_PAGES);
+    assert!(!pa.is_free(addr(BASE + A, 0), 1));
+    assert_eq!(
+        pa.free_region(addr(BASE + A, 0), size),
+        Some(addr(BASE + 2 * A, 0))
+    );
+    // No run crosses the hole; the scavenger has nothing dirty left to take.
+    assert_eq!(pa.alloc(A * CHUNK_PAGES + 1), None);
+    let mut runs = [(0, 0); 4];
+    assert_eq!(
+        pa.scavenge_take(ScavPolicy::ALL, usize::MAX, &mut runs),
+        (0, 0)
+    );
+    // The top region goes too: the bounds stay, searches still work.
+    assert_eq!(pa.shrink(far, size), Some(A * CHUNK_PAGES));
+    assert_eq!(pa.free_region(addr(BASE + 2 * A + 1, 0), size), None);
+    pa.check_invariants();
+    assert_eq!(pa.alloc(1), Some((addr(BASE, 10), PAGE_SIZE)));
+    pa.free(addr(BASE, 10), 1);
+    // Grown again (the same ranges): fresh, scavenged, one run with its neighbours.
+    pa.grow(&mem, addr(BASE + A, 0), size).unwrap();
+    pa.grow(&mem, far, size).unwrap();
+    pa.check_invariants();
+    assert_eq!(pa.free_pages(), total - 10);
+    let run = 3 * A * CHUNK_PAGES - 10;
+    let got = pa.alloc(run).unwrap();
+    assert_eq!(got.0, addr(BASE, 10));
+    assert_eq!(pa.alloc(A * CHUNK_PAGES), Some((far, size)));
+    pa.check_invariants();
+    assert_eq!(pa.free_pages(), 0);
 }
 
 #[test]
