@@ -75,6 +75,14 @@ pub(crate) struct HeapArena {
     /// the entries of a whole chunk of free, released pages, which then read as null
     /// again ([`ArenaIndex::chunk_span_map`]). Written with Release by
     /// the thread publishing the owning span, read with Acquire.
+    ///
+    /// An entry's top byte (`CLASS_SHIFT`) carries the span's size class (0 for other
+    /// spans): the size-class hint of the C ABI's `free` (`mcache::free_hinted`), read
+    /// with the entry in one Relaxed load. An entry left by a dead span still names
+    /// its class, so the hint may be stale: `free_hinted` takes its class only if the
+    /// block lies in the calling thread's current span of that class, which is a live
+    /// span of that class whatever the entry's age. Record pointers are below 2^47, so
+    /// the byte is free; `span_at` masks it off.
     spans: [AtomicPtr<MSpan>; PAGES_PER_ARENA],
     /// `pageInUse`: bit `p` is set iff page `p` is the first page of a heap span in
     /// state InUse. Updated with atomic OR/AND (seed 001).
@@ -84,17 +92,13 @@ pub(crate) struct HeapArena {
     /// fetch_max), Go's `zeroedBase`, until the arena is unmapped
     /// (`ArenaIndex::forget_pages_locked` sets it back to 0).
     zeroed_base: AtomicUsize,
-    /// Size-class hint per page: the class of the last small-object span that covered
-    /// the page (0: none yet). Stored (Relaxed) when a small span is published, never
-    /// cleared, so it may name a class the page no longer has: only a reader that checks
-    /// it may use it. The C ABI's `free` does (`mcache::free_hinted`): it takes the
-    /// hint's class only if the block lies in the calling thread's current span of that
-    /// class, which is a live span of that class whatever the hint's age. Relaxed: the
-    /// check, not the hint, is what the reader relies on. (Not under loom: the C ABI
-    /// is outside the models, and the stores would only multiply their interleavings.)
-    #[cfg(not(spanheap_loom))]
-    class_hint: [AtomicU8; PAGES_PER_ARENA],
 }
+
+/// Where a span-map entry keeps its span's size class (see `HeapArena::spans`).
+const CLASS_SHIFT: u32 = 56;
+/// The record-pointer bits of a span-map entry.
+const ENTRY_ADDR: usize = (1 << CLASS_SHIFT) - 1;
+const _: () = assert!(crate::sizeclasses::NUM_CLASSES <= 1 << (usize::BITS - CLASS_SHIFT));
 
 type L2 = [AtomicPtr<HeapArena>; L2_ENTRIES];
 
@@ -257,11 +261,6 @@ impl HeapArena {
                 PAGES_PER_ARENA / 8,
             );
             init_atomics(ptr::addr_of_mut!((*a).zeroed_base), 1);
-            #[cfg(not(spanheap_loom))]
-            init_atomics(
-                ptr::addr_of_mut!((*a).class_hint).cast::<AtomicU8>(),
-                PAGES_PER_ARENA,
-            );
         }
         Ok((p, bytes))
     }
@@ -275,16 +274,19 @@ impl HeapArena {
     /// in [`ArenaIndex::set_spans`], so a non-null span's record is initialised).
     #[inline]
     pub(crate) fn span_at(&self, addr: usize) -> *mut MSpan {
-        self.spans[Self::page_index(addr)].load(Ordering::Acquire)
+        let e = self.spans[Self::page_index(addr)].load(Ordering::Acquire);
+        // Take the class byte off by offsetting the pointer (keeps its provenance).
+        e.wrapping_byte_sub(e as usize & !ENTRY_ADDR)
     }
 
-    /// The size-class hint of the page holding `addr` (see `class_hint`: it may be
-    /// stale, and 0 means none).
+    /// The size class the span-map entry of the page holding `addr` names (see
+    /// `spans`: it may be stale, and 0 means none). Relaxed: the reader's own check,
+    /// not the entry, is what it relies on.
     #[cfg(not(spanheap_loom))]
     #[cfg_attr(feature = "checked", allow(dead_code))] // checked mode validates every free
     #[inline(always)]
     pub(crate) fn class_hint_at(&self, addr: usize) -> usize {
-        self.class_hint[Self::page_index(addr)].load(Ordering::Relaxed) as usize
+        self.spans[Self::page_index(addr)].load(Ordering::Relaxed) as usize >> CLASS_SHIFT
     }
 }
 
@@ -295,22 +297,14 @@ impl ArenaIndex {
     /// these pages are allocated. The Release stores pair with the Acquire in
     /// [`HeapArena::span_at`]: a reader that finds `s` also sees `s`'s record as it was
     /// initialised before this call. Pages may cross arena boundaries (large spans in
-    /// contiguous arenas).
-    pub(crate) fn set_spans(&self, base: usize, npages: usize, s: *mut MSpan) {
+    /// contiguous arenas). `class` is the span's size class (0 for other spans), kept
+    /// in the entries' top byte (see `HeapArena::spans`).
+    pub(crate) fn set_spans(&self, base: usize, npages: usize, s: *mut MSpan, class: u8) {
+        debug_assert!(s as usize <= ENTRY_ADDR, "span record above 2^56");
+        let entry = s.wrapping_byte_add((class as usize) << CLASS_SHIFT);
         self.for_each_run(base, npages, |arena, pages| {
             for slot in &arena.spans[pages] {
-                slot.store(s, PUBLISH_SPAN);
-            }
-        });
-    }
-
-    /// Sets the size-class hint of `npages` pages from `base` to `class` (a small span
-    /// being published; see `HeapArena::class_hint`).
-    #[cfg(not(spanheap_loom))]
-    pub(crate) fn set_class_hints(&self, base: usize, npages: usize, class: u8) {
-        self.for_each_run(base, npages, |arena, pages| {
-            for slot in &arena.class_hint[pages] {
-                slot.store(class, Ordering::Relaxed);
+                slot.store(entry, PUBLISH_SPAN);
             }
         });
     }
@@ -375,8 +369,8 @@ impl ArenaIndex {
     /// `free` aborts on a pointer into pages the heap has used), and `zeroed_base` is
     /// back to 0, so that the pages of a fresh mapping at the same address are known to
     /// be zero if the arena is grown again. The record itself stays in the index (an
-    /// address range keeps its record), as do the class hints, which readers check
-    /// anyway. The span map is dropped with `decommit` where it fills whole OS pages
+    /// address range keeps its record). The span map (with the size classes its
+    /// entries carry) is dropped with `decommit` where it fills whole OS pages
     /// (the record's span map is 64 KiB, page aligned), else its entries are stored
     /// null one by one; returns false if the OS refused the `decommit` (the entries
     /// were then stored null).

@@ -1,6 +1,6 @@
 //! `free` without a size (the C ABI): the block's class comes from its page's
-//! size-class hint (`HeapArena::class_hint`) instead of a walk of the span map to the
-//! span record, and is trusted only if the block lies in the calling thread's current
+//! span-map entry, which names the span's class beside the record pointer
+//! (`HeapArena::spans`), instead of a walk to the span record and its checks, and is trusted only if the block lies in the calling thread's current
 //! span of that class. That span is live, of that class and owned by this cache, so
 //! the check validates the hint whatever its age; the rest is `dealloc`'s fast path.
 //! Anything else (another span, a page without a hint, an arena other than the one

@@ -521,7 +521,7 @@ impl<M: MemSource> MHeap<M> {
         // realloc makes no promise about the new bytes).
         let _ = self.arenas.needs_zero(end, n);
         self.account_alloc(Purpose::Heap, n << PAGE_SHIFT, scav, false);
-        self.arenas.set_spans(end, n, s.as_ptr());
+        self.arenas.set_spans(end, n, s.as_ptr(), 0);
         span.npages.store(new_npages, Ordering::Relaxed);
         self.pages_in_use.fetch_add(n, Ordering::Release);
         true
@@ -913,15 +913,9 @@ impl<M: MemSource> MHeap<M> {
 
         self.account_alloc(purpose, nbytes, scav, cached);
 
-        // The C ABI's size-class hint (not part of the publication: readers check it
-        // against their own current span, see `HeapArena::class_hint`).
-        #[cfg(not(spanheap_loom))]
-        if spanclass != 0 {
-            self.arenas.set_class_hints(base, npages, spanclass);
-        }
         // Publication. The span must be completely initialised before this point.
         // (1) Span map: Release pairs with the Acquire in `HeapArena::span_at`.
-        self.arenas.set_spans(base, npages, s.as_ptr());
+        self.arenas.set_spans(base, npages, s.as_ptr(), spanclass);
         // (2) State, last of the span's own fields: Release pairs with the Acquire in
         //     `MSpan::state`; from here a validating reader accepts the span.
         span.set_state(if purpose.is_manual() {
