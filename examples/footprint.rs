@@ -293,10 +293,13 @@ fn job(j: usize) -> Box<[u8]> {
     result.into_boxed_slice()
 }
 
+/// `pool`: a job's index and what it kept.
+type PoolResult = (usize, Box<[u8]>);
+
 fn pool() -> u64 {
     let (tx, rx) = mpsc::channel::<usize>();
     let rx = Arc::new(Mutex::new(rx));
-    let results: Arc<Mutex<Vec<(usize, Box<[u8]>)>>> = Arc::new(Mutex::new(Vec::new()));
+    let results: Arc<Mutex<Vec<PoolResult>>> = Arc::new(Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..POOL_THREADS)
         .map(|_| {
             let (rx, results) = (rx.clone(), results.clone());
