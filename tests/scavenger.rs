@@ -1357,3 +1357,70 @@ fn child_budget() {
         );
     }
 }
+
+/// A pool of worker threads builds the results, exits, and the main thread drops them
+/// all and goes idle (`examples/footprint.rs pool`): every free is of an exited
+/// thread's object, so the dropping thread reaches no slow path but the remote
+/// buffer's flush. With default settings the memory must still come back, which takes
+/// the background thread being started from there.
+#[test]
+fn memory_dropped_by_a_thread_that_only_frees_comes_back() {
+    in_child("child_only_frees", &[]);
+}
+
+#[test]
+fn child_only_frees() {
+    if !is_child() {
+        return;
+    }
+    // Sized up front, so that no buffer is freed (and no page goes back) before the
+    // drop: the scavenger has had nothing to do, and its thread has not started.
+    const PER_THREAD: usize = 48_000;
+    let results = std::sync::Mutex::new(Vec::<Box<[u8]>>::with_capacity(4 * PER_THREAD));
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let results = &results;
+            s.spawn(move || {
+                let mut rng = 0x2545_f491_4f6c_dd1du64 ^ t;
+                let mut mine = Vec::with_capacity(PER_THREAD);
+                for _ in 0..PER_THREAD {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let n = 16 + (rng % 1009) as usize;
+                    mine.push(vec![t as u8 + 1; n].into_boxed_slice());
+                }
+                results.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    assert!(
+        !scavenger_thread_exists(),
+        "the background thread started before the drop: this test no longer sets up \
+         the case it is about"
+    );
+    let live = rss();
+    let v = results.into_inner().unwrap();
+    assert!(
+        v.iter().all(|b| b.iter().all(|&x| x == b[0])),
+        "contents changed"
+    );
+    drop(v);
+    // No allocator call from here on, in this thread or any other.
+    let t0 = Instant::now();
+    while rss() > live / 4 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "idle RSS still {} MiB ({} MiB with the results live)",
+            rss() / MIB,
+            live / MIB
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "back from {} MiB to {} MiB after {:?}",
+        live / MIB,
+        rss() / MIB,
+        t0.elapsed()
+    );
+}

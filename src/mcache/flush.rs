@@ -91,6 +91,11 @@ pub(super) unsafe fn buffer_remote<M: MemSource>(
     if u32::from(*n) >= REMOTE_LIMIT[class] {
         // SAFETY: forwarded.
         unsafe { flush_remote(heap, c, e, class) };
+        // A thread that only frees other threads' objects (a consumer, or the thread
+        // that drops what a pool of exited workers built) reaches no other slow path:
+        // this is where a due scavenger pass runs, or the background thread starts,
+        // after the frees gave spans back (no lock held here).
+        heap.maybe_scavenge();
     }
 }
 
@@ -130,7 +135,9 @@ pub(super) unsafe fn pless_free<M: MemSource>(
 ) {
     heap.stats_update(|d| d.add(field::SMALL_FREES + class, 1));
     // SAFETY: forwarded.
-    unsafe { remote_free(heap, p, s, class) }
+    unsafe { remote_free(heap, p, s, class) };
+    // As in `buffer_remote`: a cache-less thread's frees reach no other slow path.
+    heap.maybe_scavenge();
 }
 
 /// Returns the whole remote buffer to the objects' spans, after counting the frees.
