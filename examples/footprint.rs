@@ -54,13 +54,17 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::hash::BuildHasherDefault;
 use std::io::Read;
-use std::process::Command;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[path = "common/switch.rs"]
 mod switch;
-use switch::CHOICES;
+
+#[path = "common/children.rs"]
+mod children;
+
+#[path = "common/table.rs"]
+mod table;
 
 #[path = "common/rng.rs"]
 mod rng;
@@ -386,30 +390,15 @@ fn parse(out: &str) -> Parsed {
 }
 
 /// Width of the label column and of each allocator's column.
-const LABEL: usize = 22;
-const CELL: usize = 15;
-
-fn row(label: &str, cells: impl IntoIterator<Item = String>) {
-    print!("| {label:<LABEL$} |");
-    for c in cells {
-        print!(" {c:>CELL$} |");
-    }
-    println!();
-}
-
-/// The markdown line under the header: labels left, numbers right-aligned.
-fn rule(columns: usize) {
-    print!("|{}|", "-".repeat(LABEL + 2));
-    for _ in 0..columns {
-        print!("{}:|", "-".repeat(CELL + 1));
-    }
-    println!();
-}
+const TABLE: table::Table = table::Table {
+    label: 22,
+    cell: 15,
+};
 
 /// A row of MiB figures, each with its ratio to the row's lowest.
 fn ratio_row(label: &str, values: &[f64]) {
     let lowest = values.iter().copied().fold(f64::INFINITY, f64::min);
-    row(
+    TABLE.row(
         label,
         values
             .iter()
@@ -418,22 +407,9 @@ fn ratio_row(label: &str, values: &[f64]) {
 }
 
 fn run_workload(name: &str) {
-    let exe = std::env::current_exe().unwrap();
-    let runs: Vec<(&str, Parsed)> = CHOICES
-        .iter()
-        .map(|&(alloc, _)| {
-            let out = Command::new(&exe)
-                .arg(name)
-                .env("DEMO_ALLOC", alloc)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{alloc} {name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            (alloc, parse(&String::from_utf8(out.stdout).unwrap()))
-        })
+    let runs: Vec<(&str, Parsed)> = children::run_each(&[name])
+        .into_iter()
+        .map(|(alloc, out)| (alloc, parse(&out)))
         .collect();
 
     let check = &runs[0].1.check;
@@ -448,8 +424,8 @@ fn run_workload(name: &str) {
         "\n{name} (MiB, ratio to the lowest; peak = VmHWM at the child's end, final = VmRSS \
          after everything was freed, at once / 1 s / 2 s later; checksum {check})\n"
     );
-    row("", runs.iter().map(|(alloc, _)| alloc.to_string()));
-    rule(runs.len());
+    TABLE.row("", runs.iter().map(|(alloc, _)| alloc.to_string()));
+    TABLE.rule(runs.len());
     let peaks: Vec<f64> = runs.iter().map(|(_, p)| p.peak).collect();
     ratio_row("peak (VmHWM)", &peaks);
     for (k, after) in FINAL_AFTER.iter().enumerate() {
@@ -460,7 +436,7 @@ fn run_workload(name: &str) {
         };
         ratio_row(&label, &finals);
     }
-    row(
+    TABLE.row(
         "workload ms",
         runs.iter().map(|(_, p)| format!("{:.0}", p.ms)),
     );

@@ -30,12 +30,13 @@
 //! allocator is chosen per process as in the demo (`DEMO_ALLOC`).
 
 use std::alloc::{alloc, dealloc, Layout};
-use std::process::Command;
 use std::time::Instant;
 
 #[path = "common/switch.rs"]
 mod switch;
-use switch::CHOICES;
+
+#[path = "common/children.rs"]
+mod children;
 
 #[path = "common/rng.rs"]
 mod rng;
@@ -206,21 +207,8 @@ fn main() {
         child(&threads);
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let mut results = Vec::new();
-    for (name, _) in CHOICES {
-        let out = Command::new(&exe)
-            .args(threads.iter().map(|t| t.to_string()))
-            .env("DEMO_ALLOC", name)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        results.push((name, String::from_utf8(out.stdout).unwrap()));
-    }
+    let args: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
+    let results = children::run_each(&args);
     println!(
         "larson: {SLOTS} blocks of {MIN_SIZE}..{MAX_SIZE} B per chain, {ROUNDS} threads of \
          {ROUND_PAIRS} free+malloc each; Mops/s (spanheap / allocator)"

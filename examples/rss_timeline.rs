@@ -53,13 +53,17 @@ use std::fs::File;
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
 #[path = "common/switch.rs"]
 mod switch;
-use switch::CHOICES;
+
+#[path = "common/children.rs"]
+mod children;
+
+#[path = "common/table.rs"]
+mod table;
 
 #[path = "common/rng.rs"]
 mod rng;
@@ -406,25 +410,10 @@ const TITLES: [&str; 3] = [
 ];
 
 /// Width of the label column and of each allocator's column.
-const LABEL: usize = 26;
-const CELL: usize = 10;
-
-fn row(label: &str, cells: impl IntoIterator<Item = String>) {
-    print!("| {label:<LABEL$} |");
-    for c in cells {
-        print!(" {c:>CELL$} |");
-    }
-    println!();
-}
-
-/// The markdown line under the header: labels left, numbers right-aligned.
-fn rule(columns: usize) {
-    print!("|{}|", "-".repeat(LABEL + 2));
-    for _ in 0..columns {
-        print!("{}:|", "-".repeat(CELL + 1));
-    }
-    println!();
-}
+const TABLE: table::Table = table::Table {
+    label: 26,
+    cell: 10,
+};
 
 /// RSS of one allocator's child at `ms`.
 fn at(p: &Parsed, ms: u32) -> f64 {
@@ -454,42 +443,28 @@ fn target(runs: &[(&str, Parsed)], ms: u32, against_system_only: bool, limit: f6
 }
 
 fn run_scenario(i: usize) {
-    let exe = std::env::current_exe().unwrap();
-    let runs: Vec<(&str, Parsed)> = CHOICES
-        .iter()
-        .map(|&(name, _)| {
-            let out = Command::new(&exe)
-                .arg(SCENARIOS[i])
-                .env("DEMO_ALLOC", name)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{name} {} failed: {}",
-                SCENARIOS[i],
-                String::from_utf8_lossy(&out.stderr)
-            );
-            (name, parse(&String::from_utf8(out.stdout).unwrap()))
-        })
+    let runs: Vec<(&str, Parsed)> = children::run_each(&[SCENARIOS[i]])
+        .into_iter()
+        .map(|(name, out)| (name, parse(&out)))
         .collect();
 
     println!("\n{} (RSS in MiB, defaults of each allocator)\n", TITLES[i]);
-    row("ms", runs.iter().map(|(name, _)| name.to_string()));
-    rule(runs.len());
-    row("start", runs.iter().map(|(_, p)| format!("{:.1}", p.start)));
-    row("peak", runs.iter().map(|(_, p)| format!("{:.1}", p.peak)));
+    TABLE.row("ms", runs.iter().map(|(name, _)| name.to_string()));
+    TABLE.rule(runs.len());
+    TABLE.row("start", runs.iter().map(|(_, p)| format!("{:.1}", p.start)));
+    TABLE.row("peak", runs.iter().map(|(_, p)| format!("{:.1}", p.peak)));
     for (k, (ms, _)) in runs[0].1.timeline.iter().enumerate() {
-        row(
+        TABLE.row(
             &ms.to_string(),
             runs.iter().map(|(_, p)| format!("{:.1}", p.timeline[k].1)),
         );
     }
-    row(
+    TABLE.row(
         "bg cpu ms / switches",
         runs.iter().map(|(_, p)| p.bg.clone()),
     );
     if SCENARIOS[i] == "burst" {
-        row(
+        TABLE.row(
             "idle 2 s: bg wakeups / RSS",
             runs.iter().map(|(_, p)| p.idle.clone().unwrap()),
         );

@@ -23,13 +23,14 @@
 //! operations per lock kind (`spanheap::lock_stats`, read before and after each run).
 
 use std::hint::black_box;
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::Instant;
 
 #[path = "common/switch.rs"]
 mod switch;
-use switch::CHOICES;
+
+#[path = "common/children.rs"]
+mod children;
 
 #[path = "common/rng.rs"]
 mod rng;
@@ -158,17 +159,8 @@ fn main() {
         child(&threads);
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let mut results = Vec::new();
-    for (name, _) in CHOICES {
-        let out = Command::new(&exe)
-            .args(threads.iter().map(|t| t.to_string()))
-            .env("DEMO_ALLOC", name)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{name} failed");
-        results.push((name, String::from_utf8(out.stdout).unwrap()));
-    }
+    let args: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
+    let results = children::run_each(&args);
     for (w, name, title) in [
         (1, "local", "local: small objects, Mops/s"),
         (2, "spans", "spans: 40 KiB .. 1 MiB blocks, Mops/s"),

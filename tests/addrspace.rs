@@ -22,6 +22,7 @@ use std::alloc::{alloc, dealloc, Layout};
 use std::time::Duration;
 
 mod common;
+use common::{bail, ensure, limit_address_space, restore_address_space, vm_size};
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
@@ -44,43 +45,6 @@ fn a_freed_heap_serves_100_mib_under_rlimit_as() {
     assert!(stdout.contains("addrspace: ok"), "{stdout}");
     for l in stdout.lines().filter(|l| l.contains("addrspace: ")) {
         println!("{l}");
-    }
-}
-
-/// `VmSize` of this process, from `/proc/self/status`.
-fn vm_size() -> usize {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = s.lines().find(|l| l.starts_with("VmSize:")).unwrap();
-    let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
-}
-
-/// The original soft limit, restored before any panic.
-static SAVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn set_soft_limit(cur: libc::rlim_t) {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: reading our own limit into a valid struct.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) }, 0);
-    rl.rlim_cur = cur;
-    // SAFETY: setting the soft limit at or below the (unchanged) hard limit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
-}
-
-/// Raises the limit back, then panics with `msg` (no formatting while memory is
-/// exhausted).
-#[cold]
-fn bail(msg: &'static str) -> ! {
-    set_soft_limit(SAVED.load(std::sync::atomic::Ordering::Relaxed));
-    panic!("{msg}");
-}
-
-fn ensure(ok: bool, msg: &'static str) {
-    if !ok {
-        bail(msg);
     }
 }
 
@@ -132,16 +96,9 @@ fn fill_free_and_ask() {
     // Everything the test needs is allocated before the limit goes down.
     let mut blocks: Vec<(usize, usize)> = Vec::with_capacity(1 << 18);
     let mut fences: Vec<usize> = Vec::with_capacity(1 << 12);
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: reading our own limit into a valid struct.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) }, 0);
-    SAVED.store(rl.rlim_cur, std::sync::atomic::Ordering::Relaxed);
     let stats0 = spanheap::stats();
     let limit = vm_size() + 900 * MIB;
-    set_soft_limit(limit as libc::rlim_t);
+    limit_address_space(limit);
 
     // 1. Fill the limit until an allocation fails. Each block is written at its ends
     //    and every 64 KiB (so that its memory is really used).
@@ -217,7 +174,7 @@ fn fill_free_and_ask() {
     unsafe { dealloc(p, big) };
 
     // The limit goes back up before anything is formatted.
-    set_soft_limit(rl.rlim_cur);
+    restore_address_space();
     println!(
         "addrspace: filled {} MiB in {} blocks ({} MiB of arenas; {} MiB under the limit at the end); \
          after the frees {} MiB of arenas; 100 MiB served with {} MiB of arenas, {} MiB unmapped",

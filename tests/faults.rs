@@ -17,17 +17,12 @@ use std::alloc::{alloc, dealloc, Layout};
 use std::time::{Duration, Instant};
 
 mod common;
+use common::{ensure, limit_address_space, restore_address_space, vm_size};
 
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
 
 const MIB: usize = 1 << 20;
-
-fn vm_size() -> usize {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: usize = s.split_whitespace().next().unwrap().parse().unwrap();
-    pages * 4096
-}
 
 #[test]
 fn address_space_exhaustion_fails_cleanly() {
@@ -83,39 +78,6 @@ fn pattern(i: usize) -> u8 {
     (i * 31 % 251) as u8
 }
 
-/// The original soft limit, restored before any panic.
-static mut SAVED: libc::rlimit = libc::rlimit {
-    rlim_cur: 0,
-    rlim_max: 0,
-};
-
-fn set_soft_limit(cur: libc::rlim_t) {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: reading our own limit into a valid struct.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) }, 0);
-    rl.rlim_cur = cur;
-    // SAFETY: setting the soft limit at or below the (unchanged) hard limit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
-}
-
-/// Raises the limit back, then panics with `msg` (a `&'static str`: no formatting while
-/// memory is exhausted).
-#[cold]
-fn bail(msg: &'static str) -> ! {
-    // SAFETY: single-threaded child; SAVED was written before the limit went down.
-    set_soft_limit(unsafe { SAVED.rlim_cur });
-    panic!("{msg}");
-}
-
-fn ensure(ok: bool, msg: &'static str) {
-    if !ok {
-        bail(msg);
-    }
-}
-
 /// A 64-byte object on the intrusive list: next pointer, then its index's pattern.
 const SMALL: usize = 64;
 
@@ -124,13 +86,8 @@ fn exhaust() {
     let large_l = Layout::from_size_align(MIB, 8).unwrap();
     let small_l = Layout::from_size_align(SMALL, 8).unwrap();
     let mut large: Vec<usize> = Vec::with_capacity(4096);
-    // SAFETY: reading our own limit into a valid struct.
-    unsafe {
-        let saved = &raw mut SAVED;
-        assert_eq!(libc::getrlimit(libc::RLIMIT_AS, saved), 0);
-    }
     let vm0 = vm_size();
-    set_soft_limit((vm0 + 512 * MIB) as libc::rlim_t);
+    limit_address_space(vm0 + 512 * MIB);
 
     // Large blocks until the address space runs out: null, not a crash.
     loop {
@@ -296,8 +253,7 @@ fn exhaust() {
     }
     spanheap::flush_thread_cache();
     let s = spanheap::stats();
-    // SAFETY: single-threaded child; SAVED was written above.
-    set_soft_limit(unsafe { SAVED.rlim_cur });
+    restore_address_space();
     s.check().expect("statistics consistent at the end");
     assert_eq!(s.large_live_objects(), 0, "large blocks still live: {s}");
     println!(
@@ -380,11 +336,6 @@ fn exhaust_threads() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
     use std::sync::{Arc, Barrier};
     const T: usize = 4;
-    // SAFETY: reading our own limit into a valid struct.
-    unsafe {
-        let saved = &raw mut SAVED;
-        assert_eq!(libc::getrlimit(libc::RLIMIT_AS, saved), 0);
-    }
     let start = Arc::new(Barrier::new(T + 1));
     let done = Arc::new(AtomicUsize::new(0));
     let failed: Arc<AtomicUsize> = Arc::new(AtomicUsize::new(0));
@@ -409,7 +360,7 @@ fn exhaust_threads() {
         })
         .collect();
     let vm0 = vm_size();
-    set_soft_limit((vm0 + 512 * MIB) as libc::rlim_t);
+    limit_address_space(vm0 + 512 * MIB);
     start.wait();
     let mut snapshots = 0;
     let mut bad_stats = false;
@@ -419,8 +370,7 @@ fn exhaust_threads() {
         std::thread::yield_now();
     }
     stop.store(true, SeqCst);
-    // SAFETY: SAVED was written above.
-    set_soft_limit(unsafe { SAVED.rlim_cur });
+    restore_address_space();
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(failed.load(SeqCst), 0, "{}", ERRS[1]);
     assert!(

@@ -103,3 +103,63 @@ pub fn expect_abort(test: &str, env: &str, case: &str, expect: &str) -> String {
     );
     line
 }
+
+// ---------------------------------------------------------------------------------------
+// Address-space limits (`RLIMIT_AS`), for children that run the heap out of address
+// space (`faults.rs`, `addrspace.rs`).
+// ---------------------------------------------------------------------------------------
+
+/// The soft `RLIMIT_AS` as it was before `limit_address_space` lowered it.
+static SAVED_AS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// This process's virtual size (`VmSize`), in bytes, from `/proc/self/statm`.
+pub fn vm_size() -> usize {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = s.split_whitespace().next().unwrap().parse().unwrap();
+    pages * 4096
+}
+
+fn set_soft_as_limit(cur: libc::rlim_t) {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reading our own limit into a valid struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) }, 0);
+    rl.rlim_cur = cur;
+    // SAFETY: setting the soft limit at or below the (unchanged) hard limit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
+}
+
+/// Lowers the soft `RLIMIT_AS` to `bytes`, keeping the soft limit it had for
+/// `restore_address_space` and `bail`. Allocates nothing.
+pub fn limit_address_space(bytes: usize) {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reading our own limit into a valid struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) }, 0);
+    SAVED_AS.store(rl.rlim_cur, std::sync::atomic::Ordering::Relaxed);
+    set_soft_as_limit(bytes as libc::rlim_t);
+}
+
+/// Puts back the soft limit `limit_address_space` lowered.
+pub fn restore_address_space() {
+    set_soft_as_limit(SAVED_AS.load(std::sync::atomic::Ordering::Relaxed));
+}
+
+/// Raises the limit back, then panics with `msg` (a `&'static str`: no formatting while
+/// memory is exhausted).
+#[cold]
+pub fn bail(msg: &'static str) -> ! {
+    restore_address_space();
+    panic!("{msg}");
+}
+
+/// `bail(msg)` unless `ok`.
+pub fn ensure(ok: bool, msg: &'static str) {
+    if !ok {
+        bail(msg);
+    }
+}
