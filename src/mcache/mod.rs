@@ -485,9 +485,7 @@ pub(crate) fn alloc_cached(class: usize) -> *mut u8 {
 #[cfg(not(spanheap_loom))]
 #[inline]
 pub(crate) fn alloc<P: Process>(class: usize) -> *mut u8 {
-    let c = tls::cache();
-    // SAFETY: `c` is this thread's cache or the empty one.
-    let p = unsafe { try_alloc(c, class) };
+    let p = alloc_cached(class);
     if !p.is_null() {
         return p;
     }
