@@ -1284,8 +1284,18 @@ fn child_sink_stack_trimmed() {
 
 #[test]
 fn the_thread_cache_budget_bounds_all_free_stacks_together() {
-    let bounded = in_child("child_budget", &[("SPANHEAP_THREAD_CACHE_BUDGET", "64M")]);
-    let unbounded = in_child("child_budget", &[("SPANHEAP_THREAD_CACHE_BUDGET", "4G")]);
+    // Visits trim the stacks of threads idle for the delay: on a loaded machine the
+    // first threads wait at the barrier long enough for that, which would shrink the
+    // control below. A delay longer than the test keeps both runs to the budget alone.
+    let no_visits = ("SPANHEAP_SCAVENGE_DELAY_MS", "600000");
+    let bounded = in_child(
+        "child_budget",
+        &[("SPANHEAP_THREAD_CACHE_BUDGET", "64M"), no_visits],
+    );
+    let unbounded = in_child(
+        "child_budget",
+        &[("SPANHEAP_THREAD_CACHE_BUDGET", "4G"), no_visits],
+    );
     let held = |out: &str| -> u64 {
         let i = out.find("held ").unwrap() + 5;
         out[i..].split_whitespace().next().unwrap().parse().unwrap()
