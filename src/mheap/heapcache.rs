@@ -147,7 +147,7 @@ impl<M: MemSource> MHeap<M> {
     fn refill_chunk_cache(&self, tc: &mut HeapCache) {
         let old = core::mem::replace(&mut tc.prev, tc.chunk);
         let now = clock_ms();
-        let (new, excess) = self.locked.lock().with(|h| {
+        let excess = self.locked.lock().with(|h| {
             if old.base != 0 {
                 h.pages.set_clock(now);
                 h.pages
@@ -158,21 +158,23 @@ impl<M: MemSource> MHeap<M> {
                     .ok()?;
                 h.pages.alloc_chunk_to_cache()
             });
-            (new, self.excess_locked(h))
+            tc.chunk = match new {
+                Some((base, free, scav)) => ChunkCache { base, free, scav },
+                None => ChunkCache::EMPTY,
+            };
+            let (gave, took) = (old.count() as u64, tc.chunk.count() as u64);
+            if gave != took {
+                // Under the lock, with the page allocator's change: an arena the
+                // given-back pages free may be unmapped by the next holder, and no
+                // snapshot may see the arena gone and the pages still cached.
+                self.stats_update(|d| {
+                    d.add(field::PAGE_CACHED, took * PAGE_SIZE as u64);
+                    d.sub(field::PAGE_CACHED, gave * PAGE_SIZE as u64);
+                });
+            }
+            self.excess_locked(h)
         });
         self.freed(excess);
-        let gave = old.count() as u64;
-        tc.chunk = match new {
-            Some((base, free, scav)) => ChunkCache { base, free, scav },
-            None => ChunkCache::EMPTY,
-        };
-        let took = tc.chunk.count() as u64;
-        if gave != took {
-            self.stats_update(|d| {
-                d.add(field::PAGE_CACHED, took * PAGE_SIZE as u64);
-                d.sub(field::PAGE_CACHED, gave * PAGE_SIZE as u64);
-            });
-        }
         self.maybe_scavenge();
     }
 
@@ -298,6 +300,11 @@ impl<M: MemSource> MHeap<M> {
                     unsafe { h.bitsalloc[b].free(p.cast()) };
                 }
             }
+            if pages != 0 {
+                // Under the lock, with the page allocator's change (see
+                // `refill_chunk_cache`).
+                self.stats_update(|d| d.sub(field::PAGE_CACHED, pages * PAGE_SIZE as u64));
+            }
             self.excess_locked(h)
         });
         self.freed(excess);
@@ -306,9 +313,6 @@ impl<M: MemSource> MHeap<M> {
         tc.prev = ChunkCache::EMPTY;
         tc.nspans = 0;
         tc.nbits = [0; crate::pagecache::BITS_BUCKETS];
-        if pages != 0 {
-            self.stats_update(|d| d.sub(field::PAGE_CACHED, pages * PAGE_SIZE as u64));
-        }
     }
 
     /// `free_span` through the calling thread's heap cache: pages that lie in the
