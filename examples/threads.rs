@@ -5,6 +5,7 @@
 //! cargo run --release --example threads                 # 1, 2, 4, .. nproc threads, all allocators
 //! cargo run --release --example threads -- 1 8 16       # chosen thread counts
 //! DEMO_ALLOC=mimalloc cargo run --release --example threads -- 16   # one allocator, raw
+//! THREADS_ONLY=remote cargo run --release --example threads -- 16 64  # one workload
 //! ```
 //!
 //! Three workloads, each run with T threads for a fixed number of operations per
@@ -124,12 +125,21 @@ fn measured(w: &str, t: usize, n: usize, f: fn(u64) -> usize, lines: &mut Vec<St
 }
 
 fn child(threads: &[usize]) {
+    // `THREADS_ONLY=remote` (or `local`, `spans`): run that workload alone; the
+    // others print 0 (for repeated runs of one workload).
+    let only = std::env::var("THREADS_ONLY").ok();
     for &t in threads {
         let mut lines = Vec::new();
-        let l = measured("local", t, t, local, &mut lines);
-        let s = measured("spans", t, t, spans, &mut lines);
+        let mut measure = |w: &str, n: usize, f: fn(u64) -> usize| {
+            if only.as_deref().is_some_and(|o| o != w) {
+                return 0.0;
+            }
+            measured(w, t, n, f, &mut lines)
+        };
+        let l = measure("local", t, local);
+        let s = measure("spans", t, spans);
         // Pairs: t/2 producers each with its consumer (at least one pair).
-        let r = measured("remote", t, (t / 2).max(1), remote_pair, &mut lines);
+        let r = measure("remote", (t / 2).max(1), remote_pair);
         println!("{t} {l:.1} {s:.2} {r:.1}");
         for line in lines {
             println!("{line}");

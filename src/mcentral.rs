@@ -99,6 +99,9 @@ const fn max_spares(npages: usize) -> usize {
     }
 }
 
+/// Spans one drain collects to retire before freeing them to the page heap together.
+const RETIRE_BATCH: usize = 16;
+
 // SAFETY: the pointers are span records of the heap; access is serialised by the lock.
 unsafe impl Send for Lists {}
 
@@ -379,7 +382,10 @@ impl MCentral {
         // toward announcing the span.
         let new = update_rstate(s, |_, low| (live as u32, low));
         // SAFETY: the span is in our lists.
-        unsafe { self.settle_locked(heap, l, s, new, false) };
+        if let Some(s) = unsafe { self.settle_locked(l, s, new, false) } {
+            // SAFETY: settled as retired: no live object, no owner, in no list.
+            unsafe { heap.pages().free_span(s) };
+        }
     }
 
     /// Returns objects of class `class` that a cache flushes from its local free stack
@@ -523,9 +529,12 @@ impl MCentral {
             debug_assert!(h >= u32::from(k) && h != RSTATE_OWNED);
             (h - u32::from(k), low)
         };
-        let early = (!PLACE_FIRST).then(|| update_rstate(s, lower));
         // SAFETY: per the contract.
-        let list = unsafe { private(s) }.list;
+        let p = unsafe { private(s) };
+        // (Whatever its place: a drain that places it again counts afresh.)
+        p.nfree += k;
+        let list = p.list;
+        let early = (!PLACE_FIRST).then(|| update_rstate(s, lower));
         // Whether the span sits in the list its place names: then we settle it; if it
         // was announced meanwhile (PENDING), the drain that takes it from the pending
         // stack does.
@@ -540,7 +549,10 @@ impl MCentral {
         let new = early.unwrap_or_else(|| update_rstate(s, lower));
         if placed {
             // SAFETY: linked in our lists.
-            unsafe { self.settle_locked(heap, l, s, new, false) };
+            if let Some(s) = unsafe { self.settle_locked(l, s, new, false) } {
+                // SAFETY: settled as retired: no live object, no owner, in no list.
+                unsafe { heap.pages().free_span(s) };
+            }
         }
     }
 
@@ -553,23 +565,34 @@ impl MCentral {
         s: NonNull<MSpan>,
         last: bool,
     ) {
+        if self.announce_deferred(s, last) {
+            self.try_drain(heap, class);
+        }
+    }
+
+    /// The first half of `announce`: puts the span on the pending stack unless someone
+    /// else acts on it, without trying to drain. Returns whether it pushed; if so the
+    /// caller must call `try_drain` afterwards (it may announce other spans of the class
+    /// first, so that a run of announcements takes the lock once): the hand-off that
+    /// leaves no announcement behind is "push, then fence and try the lock".
+    pub(crate) fn announce_deferred(&self, s: NonNull<MSpan>, last: bool) -> bool {
         // SAFETY: span records are never unmapped.
         let small = unsafe { &s.as_ref().small };
         // Relaxed: the caller's SeqCst increment already ordered this load after the
         // placement it observed in `rstate`; the CAS below re-checks the value.
         let cur = small.place.load(Ordering::Relaxed);
         if !(cur == place::FULL || (last && cur == place::PARTIAL)) {
-            return;
+            return false;
         }
         if small
             .place
             .compare_exchange(cur, place::PENDING, Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
-            return;
+            return false;
         }
         self.push_pending(s);
-        self.try_drain(heap, class);
+        true
     }
 
     fn push_pending(&self, s: NonNull<MSpan>) {
@@ -586,7 +609,7 @@ impl MCentral {
     }
 
     /// Drains the pending stack if the lock is free; never waits.
-    fn try_drain<H: SpanSource>(&self, heap: &H, class: u8) {
+    pub(crate) fn try_drain<H: SpanSource>(&self, heap: &H, class: u8) {
         /// The hand-off fence. The loom mutant `drain_fence` weakens it (AcqRel orders
         /// no store before a later load) to show that the span-set model catches it.
         #[cfg(not(spanheap_mutant = "drain_fence"))]
@@ -627,6 +650,13 @@ impl MCentral {
     fn drain_locked<H: SpanSource>(&self, heap: &H, class: u8, l: &mut Lists) {
         // Acquire pairs with the pushers' Release.
         let mut cur = self.pending.swap(ptr::null_mut(), Ordering::Acquire);
+        if cur.is_null() {
+            return;
+        }
+        // Spans the drain empties beyond the spares, freed to the page heap together
+        // (one hold of the heap lock for up to `RETIRE_BATCH`, not one each).
+        let mut retired = [NonNull::<MSpan>::dangling(); RETIRE_BATCH];
+        let mut nretired = 0;
         while let Some(s) = NonNull::new(cur) {
             // SAFETY: span records are never unmapped.
             let small = unsafe { &s.as_ref().small };
@@ -656,15 +686,27 @@ impl MCentral {
             unsafe { place_locked(l, s, free) };
             let new = update_rstate(s, |h, low| (h - m as u32, low - m as i64));
             // SAFETY: the span is in our lists.
-            unsafe { self.settle_locked(heap, l, s, new, true) };
+            if let Some(s) = unsafe { self.settle_locked(l, s, new, true) } {
+                if nretired == retired.len() {
+                    // SAFETY: settled as retired: nobody uses these spans.
+                    unsafe { heap.pages().free_spans(&retired) };
+                    nretired = 0;
+                }
+                retired[nretired] = s;
+                nretired += 1;
+            }
         }
+        // SAFETY: as above.
+        unsafe { heap.pages().free_spans(&retired[..nretired]) };
     }
 
     /// After a span was placed in a list and its state word published as `state`:
     /// retire (or keep as a spare) a span whose every object is free, and move a "full"
     /// span that has pending remote frees to the partial list. Every move out of the
     /// list is a CAS from the list's place, so a concurrent announcement (PENDING) wins
-    /// and the next drain handles the span. `remote`: remote frees emptied the span
+    /// and the next drain handles the span. Returns the span if it is to be retired:
+    /// the caller frees it to the page heap (`free_span`). `remote`: remote frees
+    /// emptied the span
     /// (an announcement), so it may join up to `max_spares`; otherwise it is kept only
     /// if there is no spare (a thread that frees its own objects empties spans as it
     /// goes, and one spare caught its oscillation; more held on to pages other classes
@@ -673,14 +715,14 @@ impl MCentral {
     ///
     /// # Safety
     /// `s` is linked in `l` by the caller.
-    unsafe fn settle_locked<H: SpanSource>(
+    #[must_use]
+    unsafe fn settle_locked(
         &self,
-        heap: &H,
         l: &mut Lists,
         s: NonNull<MSpan>,
         state: u64,
         remote: bool,
-    ) {
+    ) -> Option<NonNull<MSpan>> {
         // SAFETY: span records are never unmapped.
         let small = unsafe { &s.as_ref().small };
         // SAFETY: linked in our lists: ours under the lock.
@@ -695,7 +737,7 @@ impl MCentral {
                 .compare_exchange(cur, place::CACHED, Ordering::AcqRel, Ordering::Relaxed)
                 .is_err()
             {
-                return;
+                return None;
             }
             // SAFETY: linked in our lists.
             unsafe { unlink(l, s) };
@@ -707,8 +749,8 @@ impl MCentral {
                 l.spares = s.as_ptr();
                 l.nspares += 1;
             } else {
-                // SAFETY: no live object, no owner, in no list: nobody uses the span.
-                unsafe { heap.pages().free_span(s) };
+                // No live object, no owner, in no list: nobody uses the span.
+                return Some(s);
             }
         } else if low > 0 && cur == place::FULL {
             // (`low` can be transiently negative: a merge that ran ahead of a freer's
@@ -716,6 +758,7 @@ impl MCentral {
             // SAFETY: linked in our lists.
             unsafe { promote_locked(l, s) };
         }
+        None
     }
 }
 
@@ -889,6 +932,8 @@ unsafe fn place_locked(l: &mut Lists, s: NonNull<MSpan>, free: usize) {
         place::FULL
     };
     // SAFETY: per the contract.
+    unsafe { private(s) }.nfree = free as u16;
+    // SAFETY: per the contract.
     unsafe { link(l, s, target) };
     // SAFETY: span records are never unmapped.
     unsafe { s.as_ref() }
@@ -939,9 +984,9 @@ unsafe fn foreign_partial_locked(l: &mut Lists) -> Option<NonNull<MSpan>> {
             // SAFETY: list members' private state is ours under the lock.
             let p = unsafe { private(s) };
             cur = p.next;
-            let nelems = p.nelems as usize;
+            let (nelems, free) = (p.nelems as usize, p.nfree as usize);
             // SAFETY: as above.
-            let free = unsafe { count_free(p) };
+            debug_assert_eq!(free, unsafe { count_free(p) }, "stale free count");
             // SAFETY: in our partial list, under the lock (`p` is not used again).
             if mostly_free(free, nelems) && unsafe { take_partial_locked(l, s) } {
                 return Some(s);

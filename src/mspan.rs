@@ -199,6 +199,11 @@ pub(crate) struct SmallPrivate {
     /// `MCentral::free_unowned` whose count the state word does not show yet, and the
     /// next span that call touched. Zero and null outside it (mcentral lock).
     pub(crate) flushed: u16,
+    /// Free objects by the alloc bitmap while the span is in an mcentral list: set when
+    /// it is placed, raised by direct frees (mcentral lock), so that a refill looking
+    /// for a mostly free span reads one field of a record it walks anyway instead of
+    /// the span's bitmap. Stale while the span is owned, pending or a spare.
+    pub(crate) nfree: u16,
     pub(crate) flush_next: *mut MSpan,
 }
 
@@ -218,6 +223,7 @@ impl SmallPrivate {
         list: NO_LIST,
         dirty: false,
         flushed: 0,
+        nfree: 0,
         flush_next: core::ptr::null_mut(),
     };
 

@@ -43,10 +43,17 @@ pub(crate) const MAX_CHUNK_SPAN_PAGES: usize = 128;
 /// Words of a chunk-cache bitmap.
 const CHUNK_CACHE_WORDS: usize = CHUNK_CACHE_PAGES / 64;
 
-/// Span records a cache holds at most (refilled to half when empty).
+/// Span records a cache holds at most (refilled to `SPAN_RECS_FILL` when empty).
 pub(crate) const SPAN_RECS: usize = 16;
+/// Span records a refill leaves in the cache: most of it, so that a thread whose spans
+/// are retired by others (a producer: its records never come back to it) takes the
+/// heap lock for records once per this many spans, with room left for records that
+/// its own span frees bring back.
+pub(crate) const SPAN_RECS_FILL: usize = SPAN_RECS * 3 / 4;
 /// Bitmap records per size bucket a cache holds at most.
-pub(crate) const BITS_RECS: usize = 4;
+pub(crate) const BITS_RECS: usize = 8;
+/// Bitmap records of a bucket a refill leaves in the cache (as `SPAN_RECS_FILL`).
+pub(crate) const BITS_RECS_FILL: usize = BITS_RECS * 3 / 4;
 /// Number of bitmap record sizes (`mheap::records::BITS_WORDS`).
 pub(crate) const BITS_BUCKETS: usize = 5;
 /// Largest span (pages) kept whole in the large-block cache (512 KiB).

@@ -1,7 +1,7 @@
 //! The mcentral's span sets (`mcentral.rs`, the real code): the partial and full lists
 //! under the mcentral lock, and the lock-free pending stack through which remote frees
 //! announce spans (`announce`, `push_pending`, `try_drain`, `drain_locked`,
-//! `settle_locked`).
+//! `settle_locked`, and the flush's `announce_deferred` with one `try_drain`).
 //!
 //! Size class 12,288 B: two objects per 3-page span, so a span fills and empties in
 //! two operations. Set-up (one thread) allocates four objects through a cache and
@@ -22,10 +22,16 @@
 //! exactly the live spans, see `loom_tests::settled`); after freeing the rest and
 //! releasing the cache, only the spare is left.
 //!
+//! A second variant (`Frees::Batched`) has thread 1 free x0 and y0 through a cache's
+//! remote buffer instead: one flush announces X and Y (two pushes) and tries the lock
+//! once, after the last push, and thread 2 frees x1.
+//!
 //! Mutants it must catch: `drain_fence` (the SeqCst fence of the pending hand-off
 //! weakened to AcqRel: an announcement pushed while the lock is held is left behind),
 //! `pending_push_relaxed` (the pending stack's push Relaxed: the drainer can read a
-//! stale link and lose a span) and `rstate_cas_relaxed` (see `thread_exit.rs`).
+//! stale link and lose a span) and `rstate_cas_relaxed` (see `thread_exit.rs`); the
+//! batched variant `drain_fence` and `batch_no_drain` (the flush's `try_drain` after
+//! its announcements left out: they wait for the next lock holder, who may never come).
 #![cfg(spanheap_loom)]
 
 use std::sync::Arc;
@@ -36,7 +42,18 @@ use spanheap::__private::{class_for_size, objects_per_span, PageHeap};
 const SIZE: usize = 12288;
 const NPAGES: usize = 3;
 
-fn model() {
+/// How thread 1 frees: `Cacheless` frees x0 and x1 one by one as a cache-less thread
+/// (each announcement pushes and tries the lock); `Batched` frees x0 and y0 through a
+/// cache whose remote buffer holds two, so that one flush announces X and Y (two pushes)
+/// and tries the lock once, after both (`remote_free_objs`); thread 2 then frees x1
+/// instead of y0.
+#[derive(Clone, Copy, PartialEq)]
+enum Frees {
+    Cacheless,
+    Batched,
+}
+
+fn model(frees: Frees) {
     let class = class_for_size(SIZE);
     assert_eq!(objects_per_span(class), 2);
     // The thread with a cache has its own statistics writer, as in the process-wide
@@ -60,18 +77,32 @@ fn model() {
     assert_eq!(unsafe { settled(&heap, class, NPAGES, &o) }, full);
 
     let (h, ob) = (heap.clone(), objs.clone());
-    let t1 = spawn(move || {
-        for p in [x0, x1] {
-            ob.freeing(p as *mut u8, 1);
-            // SAFETY: a live object of the class, freed once.
-            unsafe { h.free_cacheless(p as *mut u8, class) };
+    let t1 = spawn(move || match frees {
+        Frees::Cacheless => {
+            for p in [x0, x1] {
+                ob.freeing(p as *mut u8, 1);
+                // SAFETY: a live object of the class, freed once.
+                unsafe { h.free_cacheless(p as *mut u8, class) };
+            }
+        }
+        Frees::Batched => {
+            let mut c = h.new_cache();
+            for p in [x0, y0] {
+                ob.freeing(p as *mut u8, 1);
+                // SAFETY: as above; neither span is this cache's: both go on its remote
+                // buffer, flushed at the second.
+                unsafe { c.free(p as *mut u8, class) };
+            }
+            // Nothing left to give back but the record (the buffer was flushed).
+            c.release();
         }
     });
     let (h, ob) = (heap.clone(), objs.clone());
     let t2 = spawn(move || {
-        ob.freeing(y0 as *mut u8, 2);
+        let p = if frees == Frees::Batched { x1 } else { y0 };
+        ob.freeing(p as *mut u8, 2);
         // SAFETY: as above.
-        unsafe { h.free_cacheless(y0 as *mut u8, class) };
+        unsafe { h.free_cacheless(p as *mut u8, class) };
     });
 
     let mut c = heap.new_cache();
@@ -89,7 +120,8 @@ fn model() {
     assert!(s.spans() <= 3, "{s:?}");
 
     // Free what is live (y1 through the cache-less path, b through the cache), give the
-    // cache back: every span empties; one is kept as the spare.
+    // cache back: every span empties; one is kept as the spare. (Y's last free is a
+    // remote one in both variants: it had one object freed by thread 1 or 2.)
     let live = objs.live();
     assert_eq!(live.len(), 2, "{live:?}");
     objs.freeing(y1 as *mut u8, 4);
@@ -116,6 +148,18 @@ fn announced_spans_are_placed_once() {
             spanheap_mutant = "pending_push_relaxed",
             spanheap_mutant = "rstate_cas_relaxed"
         )),
-        model,
+        || model(Frees::Cacheless),
+    );
+}
+
+#[test]
+fn announcements_of_one_flush_are_drained_once() {
+    check(
+        "span_sets_batched",
+        cfg!(any(
+            spanheap_mutant = "drain_fence",
+            spanheap_mutant = "batch_no_drain"
+        )),
+        || model(Frees::Batched),
     );
 }

@@ -336,13 +336,16 @@ unsafe fn remote_free_objs<M: MemSource>(
 ) {
     let mut run: Option<RemoteRun> = None;
     let mut hint = NO_ARENA;
+    // Whether a run announced a span: then the mcentral's pending stack is drained once,
+    // after the last run, if its lock is free (not once per announcement).
+    let mut pushed = false;
     for p in objs {
         if let Some(s) = NonNull::new(heap.span_of_hinted(p as usize, &mut hint)) {
             if run.as_ref().map_or(true, |r| r.span != s) {
                 if let Some(r) = run.take() {
                     *foreign += r.foreign(owner);
                     // SAFETY: the run's objects were given up by the caller.
-                    unsafe { r.finish(heap, class, counts) };
+                    pushed |= unsafe { r.finish(heap, class, counts) };
                 }
                 run = Some(RemoteRun::new(s));
             }
@@ -354,7 +357,12 @@ unsafe fn remote_free_objs<M: MemSource>(
     if let Some(r) = run {
         *foreign += r.foreign(owner);
         // SAFETY: as above.
-        unsafe { r.finish(heap, class, counts) };
+        pushed |= unsafe { r.finish(heap, class, counts) };
+    }
+    // (The loom mutant `batch_no_drain` leaves this out, to show that the span-set
+    // model's batched variant catches announcements left behind.)
+    if pushed && !cfg!(spanheap_mutant = "batch_no_drain") {
+        heap.central[class].try_drain(heap, class as u8);
     }
 }
 
@@ -457,16 +465,19 @@ impl RemoteRun {
 
     /// Publishes the bits, then counts the frees in the state word and announces the
     /// span when the run freed the first object since it was full (the count crossed
-    /// zero) or its last live object.
+    /// zero) or its last live object. Returns whether it pushed the span on the
+    /// mcentral's pending stack: then the caller must `try_drain` (see
+    /// `MCentral::announce_deferred`).
     ///
     /// # Safety
     /// The run's objects were given up by their user.
+    #[must_use]
     unsafe fn finish<M: MemSource>(
         mut self,
         heap: &Heap<M>,
         class: usize,
         counts: &mut RemoteCounts,
-    ) {
+    ) -> bool {
         self.or_word(class, counts);
         counts.objects += self.count;
         counts.state_rmws += 1;
@@ -483,9 +494,10 @@ impl RemoteRun {
             let first = low <= 0 && low + n > 0;
             if last || first {
                 counts.announces += 1;
-                heap.central[class].announce(heap, class as u8, self.span, last);
+                return heap.central[class].announce_deferred(self.span, last);
             }
         }
+        false
     }
 }
 

@@ -26,8 +26,8 @@ use super::{bits_bucket, clock_ms, MHeap};
 use crate::mspan::{MSpan, Purpose};
 use crate::os::{MemSource, PAGE_SHIFT, PAGE_SIZE};
 use crate::pagecache::{
-    ChunkCache, HeapCache, PageCache, BITS_RECS, MAX_CACHED_SPAN_PAGES, MAX_CHUNK_SPAN_PAGES,
-    SPAN_RECS,
+    ChunkCache, HeapCache, PageCache, BITS_RECS, BITS_RECS_FILL, MAX_CACHED_SPAN_PAGES,
+    MAX_CHUNK_SPAN_PAGES, SPAN_RECS, SPAN_RECS_FILL,
 };
 use crate::sizeclasses::CLASS_TO_NOBJS;
 use crate::stats::field;
@@ -179,7 +179,7 @@ impl<M: MemSource> MHeap<M> {
     }
 
     /// Refills `tc` under the heap lock: a new page block if the current one is empty
-    /// (growing the heap if no page is free), span records up to half the cache, and
+    /// (growing the heap if no page is free), span records up to `SPAN_RECS_FILL`, and
     /// bitmap records of `bucket` likewise. What cannot be had is left empty.
     #[cold]
     fn refill_heap_cache(&self, tc: &mut HeapCache, bucket: Option<usize>) {
@@ -195,7 +195,7 @@ impl<M: MemSource> MHeap<M> {
                     took = u64::from(cache.count_ones());
                 }
             }
-            while tc.nspans < SPAN_RECS / 2 {
+            while tc.nspans < SPAN_RECS_FILL {
                 let Some(s) = self.span_record_locked(h) else {
                     break;
                 };
@@ -203,7 +203,7 @@ impl<M: MemSource> MHeap<M> {
                 tc.nspans += 1;
             }
             if let Some(b) = bucket {
-                while tc.nbits[b] < BITS_RECS / 2 {
+                while tc.nbits[b] < BITS_RECS_FILL {
                     let Some(p) = self.bits_record_bucket_locked(h, b) else {
                         break;
                     };

@@ -89,6 +89,8 @@ mod scavenge;
 /// The largest span, in bytes; larger requests fail with null (2^46 = 64 TiB, half of a
 /// 47-bit user address space).
 pub(crate) const MAX_SPAN_BYTES: usize = 1 << 46;
+/// Spans `free_spans` frees per hold of the heap lock (a bound on the hold).
+const FREE_BATCH: usize = 16;
 /// The largest alignment served; beyond it the address space cannot help.
 pub(crate) const MAX_ALIGN: usize = 1 << 46;
 
@@ -423,6 +425,44 @@ impl<M: MemSource> MHeap<M> {
             self.excess_locked(h)
         });
         self.freed(excess);
+    }
+
+    /// Frees spans allocated by [`alloc_span`](Self::alloc_span) in one hold of the
+    /// heap lock (an mcentral retiring the spans one drain emptied).
+    ///
+    /// The heap lock must not be held.
+    ///
+    /// # Safety
+    /// As for `free_span`, for each span.
+    pub(crate) unsafe fn free_spans(&self, spans: &[NonNull<MSpan>]) {
+        for chunk in spans.chunks(FREE_BATCH) {
+            if let [s] = chunk {
+                // SAFETY: forwarded.
+                unsafe { self.free_span(*s) };
+                continue;
+            }
+            let mut dead = [(0usize, 0usize, None); FREE_BATCH];
+            for (d, s) in dead.iter_mut().zip(chunk) {
+                // SAFETY: forwarded.
+                *d = unsafe { self.unpublish(*s, false) };
+            }
+            let now = clock_ms();
+            let excess = self.locked.lock().with(|h| {
+                h.pages.set_clock(now);
+                for (&(base, npages, bits), s) in dead.iter().zip(chunk) {
+                    if let Some((p, b)) = bits {
+                        // SAFETY: the bitmap record belonged to the span, which is dead.
+                        unsafe { h.bitsalloc[b].free(p.cast()) };
+                    }
+                    h.pages.free(base, npages);
+                    // SAFETY: the span is dead and unreachable except for validating
+                    // readers.
+                    unsafe { h.spanalloc.free(s.as_ptr()) };
+                }
+                self.excess_locked(h)
+            });
+            self.freed(excess);
+        }
     }
 
     /// The lock-free half of freeing a span: unpublish it (the mirror of
