@@ -59,7 +59,7 @@ impl<M: MemSource> MHeap<M> {
             (spanclass != 0).then(|| bits_bucket(CLASS_TO_NOBJS[spanclass as usize] as usize));
         let ready = |tc: &HeapCache| tc.nspans > 0 && bucket.map_or(true, |b| tc.nbits[b] > 0);
         if tc.pages.is_empty() || !ready(tc) {
-            self.refill_heap_cache(tc, bucket);
+            self.refill_heap_cache(tc, bucket, true);
             if !ready(tc) {
                 return self.alloc_span(npages, purpose, spanclass, align);
             }
@@ -97,7 +97,11 @@ impl<M: MemSource> MHeap<M> {
         tc: &mut HeapCache,
     ) -> Option<NonNull<MSpan>> {
         if tc.nspans == 0 {
-            self.refill_heap_cache(tc, None);
+            // Records only: this span's pages come from a chunk, and a page block taken
+            // now would be carved from the lowest free run, which may be the one a
+            // large block freed earlier left for the next (a heap whose blocks were
+            // freed could then not serve as many of the same size again).
+            self.refill_heap_cache(tc, None, false);
             if tc.nspans == 0 {
                 return self.alloc_span(npages, purpose, spanclass, align);
             }
@@ -178,14 +182,15 @@ impl<M: MemSource> MHeap<M> {
         self.maybe_scavenge();
     }
 
-    /// Refills `tc` under the heap lock: a new page block if the current one is empty
-    /// (growing the heap if no page is free), span records up to `SPAN_RECS_FILL`, and
-    /// bitmap records of `bucket` likewise. What cannot be had is left empty.
+    /// Refills `tc` under the heap lock: if `pages`, a new page block if the current
+    /// one is empty (growing the heap if no page is free); span records up to
+    /// `SPAN_RECS_FILL`, and bitmap records of `bucket` likewise. What cannot be had is
+    /// left empty.
     #[cold]
-    fn refill_heap_cache(&self, tc: &mut HeapCache, bucket: Option<usize>) {
+    fn refill_heap_cache(&self, tc: &mut HeapCache, bucket: Option<usize>, pages: bool) {
         let mut took = 0u64;
         self.locked.lock().with(|h| {
-            if tc.pages.is_empty() {
+            if pages && tc.pages.is_empty() {
                 let block = h.pages.alloc_to_cache().or_else(|| {
                     self.grow_locked(h, 1, 1).ok()?;
                     h.pages.alloc_to_cache()

@@ -89,6 +89,20 @@ mod scavenge;
 /// The largest span, in bytes; larger requests fail with null (2^46 = 64 TiB, half of a
 /// 47-bit user address space).
 pub(crate) const MAX_SPAN_BYTES: usize = 1 << 46;
+/// Where the first arena is reserved if that range is free (Go's arena hints do the
+/// same, from 0x00c0 << 32). The page allocator hands out the lowest free pages first,
+/// so it reuses the pages of older arenas before it touches a newer one only if newer
+/// arenas lie above older ones. Left to the kernel, which places mappings top-down, the
+/// first arena ends right below the libraries and thread stacks, the range above it is
+/// taken, and every later arena lands below the last: the newest pages then came
+/// first, and a program whose heap grew once kept its old arena's freed pages
+/// committed and unused while it faulted in new ones (`examples/footprint.rs
+/// pipeline`, docs/benchmarks.md). 640 GiB: far above the brk heap of a non-PIE
+/// binary, below where the kernel puts mappings and PIE binaries, away from Go's
+/// hints (a Go program with C code may preload spanheap), and inside
+/// ThreadSanitizer's low application range; where the range is taken or refused (an
+/// AddressSanitizer shadow gap), the kernel's choice is taken instead.
+const FIRST_ARENA_HINT: usize = 0x00a0 << 32;
 /// Spans `free_spans` frees per hold of the heap lock (a bound on the hold).
 const FREE_BATCH: usize = 16;
 /// The largest alignment served; beyond it the address space cannot help.
@@ -109,8 +123,8 @@ pub(crate) struct Locked {
     spanalloc: FixAlloc<MSpan>,
     /// Small-object bitmap records, one allocator per size in `BITS_WORDS`.
     bitsalloc: [RawFixAlloc; 5],
-    /// Where the next arena reservation is tried first (just past the last one), so
-    /// arenas stay contiguous.
+    /// Where the next arena reservation is tried first: `FIRST_ARENA_HINT`, then just
+    /// past the last one, so that arenas stay contiguous and in ascending order.
     hint: usize,
     /// The record allocators' released bytes as last published to
     /// `Gauges::meta_released`.
@@ -129,7 +143,7 @@ impl Locked {
                 RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[3], 8),
                 RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[4], 8),
             ],
-            hint: 0,
+            hint: FIRST_ARENA_HINT,
             meta_released: 0,
         }
     }
