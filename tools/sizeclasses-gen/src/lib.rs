@@ -14,9 +14,17 @@
 //!   then size/8, then 256), so rounding a request up wastes a bounded fraction
 //!   of it. Neighbouring candidates that would produce exactly the same spans
 //!   (same page count, same objects per span) are merged into the larger one.
-//! * Finally each class grows to the largest multiple of [`LARGE_SIZE_DIV`]
+//! * Then each class grows to the largest multiple of [`LARGE_SIZE_DIV`]
 //!   that still fits the same number of objects into its span: those bytes
 //!   would otherwise be tail waste.
+//! * Finally a class of spans shorter than [`SHORT_TAIL_MAX_PAGES`] pages that
+//!   wastes more than 1/[`SHORT_TAIL_DIV`] of each span at the tail gets the
+//!   shortest span of at most that many pages that wastes no more than that
+//!   (sizes unchanged). Go's rule allows 1/8: a 1,280-byte class wasted 512 B
+//!   of every 8 KiB span (six objects took 1,365 B each), and objects of those
+//!   sizes are common (B-tree nodes, messages). A span of a few pages costs
+//!   nothing more at allocation, and its objects pack as tightly as their size
+//!   allows (`examples/footprint.rs btree`, docs/benchmarks.md "Footprint").
 //!
 //! Class 0 is not a class: it stands for "large object, no class".
 //!
@@ -52,6 +60,11 @@ pub const EXPECTED_NUM_CLASSES: usize = 68;
 /// A class's objects may waste at most `span / TAIL_WASTE_DIV` bytes at the
 /// end of a span.
 pub const TAIL_WASTE_DIV: usize = 8;
+/// Classes of short spans wasting more than `span / SHORT_TAIL_DIV` at the tail get
+/// longer spans (see the module notes).
+pub const SHORT_TAIL_DIV: usize = 32;
+/// The longest span such a class is given.
+pub const SHORT_TAIL_MAX_PAGES: usize = 4;
 /// Upper bound, checked, on the max waste of every class of at least
 /// [`MAX_WASTE_FROM_SIZE`] bytes: at most 1/8 lost to rounding the request up
 /// and at most 1/8 of the rest lost to the span tail, i.e. `1 - (7/8)^2`.
@@ -191,6 +204,18 @@ pub fn make_classes() -> Vec<Class> {
         let grown = (c.span_bytes() / c.objects()) & !(LARGE_SIZE_DIV - 1);
         if grown > c.size {
             c.size = grown;
+        }
+    }
+
+    // Short spans with a long tail: the shortest span of a few pages whose tail
+    // is at most 1/SHORT_TAIL_DIV, if there is one.
+    for c in classes.iter_mut().skip(1) {
+        if c.npages < SHORT_TAIL_MAX_PAGES && c.tail_waste() * SHORT_TAIL_DIV > c.span_bytes() {
+            if let Some(n) = (c.npages + 1..=SHORT_TAIL_MAX_PAGES)
+                .find(|&n| (n * PAGE_SIZE) % c.size * SHORT_TAIL_DIV <= n * PAGE_SIZE)
+            {
+                c.npages = n;
+            }
         }
     }
 
@@ -821,13 +846,32 @@ mod tests {
         3, 5, 7, 2, 9, 7, 5, 8, 3, 10, 7, 4,
     ];
 
+    /// The classes whose spans the short-tail rule lengthens, and their pages.
+    const SHORT_TAIL_NPAGES: [(usize, usize); 7] = [
+        (416, 2),
+        (640, 2),
+        (704, 2),
+        (768, 2),
+        (1280, 3),
+        (1408, 3),
+        (1536, 3),
+    ];
+
     #[test]
-    fn classes_match_go_runtime() {
+    fn classes_match_go_runtime_but_for_short_tails() {
         let classes = make_classes();
         let sizes: Vec<usize> = classes.iter().map(|c| c.size).collect();
-        let npages: Vec<usize> = classes.iter().map(|c| c.npages).collect();
         assert_eq!(sizes, GO_SIZES);
-        assert_eq!(npages, GO_NPAGES);
+        for (i, c) in classes.iter().enumerate() {
+            let want = SHORT_TAIL_NPAGES
+                .iter()
+                .find(|&&(size, _)| size == c.size)
+                .map_or(GO_NPAGES[i], |&(_, n)| n);
+            assert_eq!(c.npages, want, "class {i} ({} B)", c.size);
+            if c.npages <= SHORT_TAIL_MAX_PAGES && c.npages != GO_NPAGES[i] {
+                assert!(c.tail_waste() * SHORT_TAIL_DIV <= c.span_bytes());
+            }
+        }
     }
 
     #[test]
