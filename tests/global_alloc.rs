@@ -261,6 +261,38 @@ fn realloc_grows_in_place_when_the_next_pages_are_free() {
 }
 
 #[test]
+fn realloc_at_the_top_of_the_heap_grows_past_its_end() {
+    let _g = exclusive();
+    // A block larger than the whole heap grown in 64 MiB steps to three times that: it
+    // reaches the top of the heap (arenas ascend), where each growth must grow the heap
+    // right behind it and keep it in place, not copy it. Before, each time it reached
+    // the top it was copied to a new place. Only the first and last page of each size
+    // are touched. (A thread of the test harness could take pages behind the block in
+    // between and cost a move; one is allowed.)
+    let small = spanheap::stats().arena_bytes as usize + (64 << 20);
+    let mut size = small;
+    let mut l = Layout::from_size_align(size, 8).unwrap();
+    let mut p = unsafe { GLOBAL.alloc(l) };
+    assert!(!p.is_null());
+    unsafe { p.write(0x5A) };
+    let mut moves = 0;
+    while size < 3 * small {
+        let new = size + (64 << 20);
+        let q = unsafe { GLOBAL.realloc(p, l, new) };
+        assert!(!q.is_null());
+        unsafe {
+            assert_eq!(q.read(), 0x5A, "bytes lost");
+            q.add(new - 1).write(1);
+        }
+        moves += usize::from(q != p);
+        (p, size) = (q, new);
+        l = Layout::from_size_align(size, 8).unwrap();
+    }
+    unsafe { GLOBAL.dealloc(p, l) };
+    assert!(moves <= 1, "the block moved {moves} times to grow");
+}
+
+#[test]
 fn alloc_zeroed_is_zero_even_over_dirty_memory() {
     let _g = shared();
     for round in 0..50usize {

@@ -563,7 +563,7 @@ impl<M: MemSource> MHeap<M> {
         let n = new_npages - old;
         let end = base + (old << PAGE_SHIFT);
         let scav = self.locked.lock().with(|h| {
-            if h.pages.is_free(end, n) {
+            if h.pages.is_free(end, n) || self.grow_at_top_locked(h, end, n) {
                 Some(h.pages.alloc_range(end, n))
             } else {
                 None
@@ -579,6 +579,29 @@ impl<M: MemSource> MHeap<M> {
         span.npages.store(new_npages, Ordering::Relaxed);
         self.pages_in_use.fetch_add(n, Ordering::Release);
         true
+    }
+
+    /// For a block ending at `end` that needs `n` more pages where the heap ends: if
+    /// every page from `end` to the end of the heap is free and the next arena is to be
+    /// reserved right there (arenas ascend, `FIRST_ARENA_HINT`), grows the heap by what
+    /// is missing, so that the block can grow in place instead of being copied (a
+    /// buffer grown by `realloc` ends up at the top of the heap and stays there).
+    /// Returns whether `[end, end + n pages)` is free now (the growth may land
+    /// elsewhere: then the heap grew for nothing the block can use, and its pages stay
+    /// free for others). Needs the heap lock (`h`).
+    fn grow_at_top_locked(&self, h: &mut Locked, end: usize, n: usize) -> bool {
+        let top = h.hint;
+        let Some(want) = end.checked_add(n << PAGE_SHIFT) else {
+            return false;
+        };
+        if end > top || want <= top {
+            return false;
+        }
+        let have = (top - end) >> PAGE_SHIFT;
+        if have > 0 && !h.pages.is_free(end, have) {
+            return false;
+        }
+        self.grow_locked(h, n - have, 1).is_ok() && h.pages.is_free(end, n)
     }
 
     /// The span-map entry for `addr`, without validation: for pointers the caller knows
