@@ -72,7 +72,7 @@ const _: () = assert!(sizeclasses::MAX_CLASS_ALIGN == os::PAGE_SIZE);
 
 pub use mspan::Purpose;
 pub use scavenger::ScavengerConfig;
-pub use stats::{ClassStats, HeapGauges, LockStats, RemoteFreeStats, Stats, LOCK_KINDS};
+pub use stats::{ClassStats, HeapGauges, LockStats, RemoteFreeStats, Resident, Stats, LOCK_KINDS};
 
 /// The spanheap global allocator (zero-sized; all state is process-wide: `global/mod.rs`).
 ///

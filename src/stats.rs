@@ -57,7 +57,7 @@ use core::fmt;
 use core::ptr;
 
 use crate::mspan::Purpose;
-use crate::sizeclasses::{CLASS_TO_SIZE, NUM_CLASSES};
+use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
 use crate::sync::{
     fence, AtomicPtr, AtomicU32, AtomicU64, LockCount, Mutex, Ordering, Rank, SpinWait,
 };
@@ -352,8 +352,10 @@ pub(crate) mod field {
     pub(crate) const SMALL_ALLOCS: usize = PAGES_IN_USE + 13;
     /// Small-object frees per class: `SMALL_FREES + class`.
     pub(crate) const SMALL_FREES: usize = SMALL_ALLOCS + NUM_CLASSES;
+    /// Live small-object spans per class: `SMALL_SPANS + class`.
+    pub(crate) const SMALL_SPANS: usize = SMALL_FREES + NUM_CLASSES;
     /// Number of counters.
-    pub(crate) const N: usize = SMALL_FREES + NUM_CLASSES;
+    pub(crate) const N: usize = SMALL_SPANS + NUM_CLASSES;
 }
 
 /// The heap's consistent counters.
@@ -385,6 +387,9 @@ pub struct ClassStats {
     pub allocs: u64,
     /// Objects freed so far (cumulative).
     pub frees: u64,
+    /// Live spans of the class (each `span_bytes()` long, holding `objects_per_span()`
+    /// objects).
+    pub spans: u64,
 }
 
 impl ClassStats {
@@ -395,6 +400,86 @@ impl ClassStats {
     /// Bytes occupied by live objects: `live() * size`.
     pub fn live_bytes(&self) -> u64 {
         self.live() * self.size
+    }
+
+    /// The class's index (0 for the "no class" entry, whose size is 0).
+    fn class(&self) -> usize {
+        CLASS_TO_SIZE
+            .iter()
+            .position(|&z| u64::from(z) == self.size)
+            .unwrap_or(0)
+    }
+
+    /// Bytes of one span of the class.
+    pub fn span_bytes(&self) -> u64 {
+        u64::from(CLASS_TO_NPAGES[self.class()]) * crate::os::PAGE_SIZE as u64
+    }
+
+    /// Objects one span of the class holds.
+    pub fn objects_per_span(&self) -> u64 {
+        u64::from(CLASS_TO_NOBJS[self.class()])
+    }
+
+    /// Bytes of the class's live spans: `spans * span_bytes()`.
+    pub fn spans_bytes(&self) -> u64 {
+        self.spans * self.span_bytes()
+    }
+
+    /// Bytes of free object slots in the class's spans: their slots less the live
+    /// objects (objects on threads' free stacks count as live, see above).
+    pub fn free_slot_bytes(&self) -> u64 {
+        (self.spans * self.objects_per_span() * self.size).saturating_sub(self.live_bytes())
+    }
+
+    /// Bytes at the ends of the class's spans too short for one more object.
+    pub fn tail_bytes(&self) -> u64 {
+        self.spans * (self.span_bytes() - self.objects_per_span() * self.size)
+    }
+}
+
+/// Where the memory the heap may hold resident goes ([`Stats::resident`]): every
+/// committed arena byte is in exactly one of the first six parts, and `metadata` is the
+/// allocator's memory outside the arenas. `total()` is what the heap adds to the
+/// process's resident set when every byte it handed out has been written (pages
+/// handed out and never touched are counted but not resident; metadata is address
+/// space, resident where touched): the test `stats::resident_breakdown_matches_rss`
+/// compares it with `/proc/self/smaps_rollup`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resident {
+    /// Live small objects at their class size (rounding included), counting as live
+    /// the objects threads keep on their free stacks (`Stats::free_stack_bytes`
+    /// estimates those) and the unused rest of their current windows.
+    pub small_objects: u64,
+    /// Free object slots in small-object spans: partly used spans' free neighbours of
+    /// live objects, per class in [`ClassStats::free_slot_bytes`].
+    pub small_free_slots: u64,
+    /// The ends of small-object spans too short for one more object.
+    pub small_tails: u64,
+    /// Live large blocks in whole pages, blocks kept in threads' large-block caches
+    /// included.
+    pub large_blocks: u64,
+    /// Free pages not returned to the OS (threads' page caches included, see
+    /// `page_caches`).
+    pub free_pages: u64,
+    /// Of `free_pages`, those in threads' page caches.
+    pub page_caches: u64,
+    /// Arena pages lent to the allocator's own records (span records, span bitmaps,
+    /// thread-cache records), less record chunks returned to the OS.
+    pub records: u64,
+    /// Memory the allocator maps outside the arenas (`Stats::metadata_bytes`).
+    pub metadata: u64,
+}
+
+impl Resident {
+    /// All parts together (`page_caches` is inside `free_pages`).
+    pub fn total(&self) -> u64 {
+        self.small_objects
+            + self.small_free_slots
+            + self.small_tails
+            + self.large_blocks
+            + self.free_pages
+            + self.records
+            + self.metadata
     }
 }
 
@@ -559,7 +644,8 @@ impl RemoteFreeStats {
 ///   and `heap_bytes == pages_in_use * 8 KiB`;
 /// - committed and released bytes make up what the heap holds from the OS:
 ///   `committed_bytes + released_bytes == arena_bytes`, and `inuse_bytes <= committed_bytes`;
-/// - live objects fit in the heap: `small_live_bytes() + large_live_bytes() <= heap_bytes`;
+/// - live objects fit in the heap: `small_live_bytes() + large_live_bytes() <= heap_bytes`,
+///   and so do the small-object spans: `sum of ClassStats::spans_bytes() <= heap_bytes`;
 /// - page caches hold free memory only: `page_cache_bytes <= arena_bytes - inuse_bytes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stats {
@@ -664,6 +750,7 @@ impl Stats {
                 size: CLASS_TO_SIZE[c] as u64,
                 allocs: t[SMALL_ALLOCS + c],
                 frees: t[SMALL_FREES + c],
+                spans: t[SMALL_SPANS + c],
             };
         }
         Stats {
@@ -726,6 +813,23 @@ impl Stats {
         self.large_alloc_bytes.saturating_sub(self.large_free_bytes)
     }
 
+    /// Where the heap's committed bytes and its metadata go (see [`Resident`]).
+    pub fn resident(&self) -> Resident {
+        let sum = |f: fn(&ClassStats) -> u64| self.classes.iter().map(f).sum::<u64>();
+        let small_spans = sum(ClassStats::spans_bytes);
+        let records = self.span_record_bytes + self.span_bitmap_bytes + self.thread_cache_bytes;
+        Resident {
+            small_objects: self.small_live_bytes(),
+            small_free_slots: sum(ClassStats::free_slot_bytes),
+            small_tails: sum(ClassStats::tail_bytes),
+            large_blocks: self.heap_bytes.saturating_sub(small_spans),
+            free_pages: self.free_bytes,
+            page_caches: self.page_cache_bytes.min(self.free_bytes),
+            records: records.saturating_sub(self.metadata_released_bytes),
+            metadata: self.metadata_bytes,
+        }
+    }
+
     /// Checks the invariants listed on [`Stats`]; `Err` names the first one violated.
     pub fn check(&self) -> Result<(), &'static str> {
         // Counters are u64 totals of wrapping deltas: a "negative" one is huge.
@@ -766,6 +870,15 @@ impl Stats {
         }
         if self.small_live_bytes() + self.large_live_bytes() > self.heap_bytes {
             return Err("live objects occupy more than the heap spans in use");
+        }
+        if self.classes.iter().any(|c| c.spans >= NEG) {
+            return Err("a size class has a negative number of spans");
+        }
+        // (Counted in the same sections as the heap bytes, unlike the large-block
+        // counts, which a snapshot may see a section apart from their spans.)
+        let small_spans: u64 = self.classes.iter().map(ClassStats::spans_bytes).sum();
+        if small_spans > self.heap_bytes {
+            return Err("small-object spans occupy more than the heap spans in use");
         }
         if self.page_cache_bytes >= NEG
             || self.page_cache_bytes > self.arena_bytes - self.inuse_bytes
@@ -889,6 +1002,20 @@ impl fmt::Display for Stats {
             Bytes(g.heap_released),
             g.pages_in_use
         )?;
+        let b = self.resident();
+        writeln!(
+            f,
+            "  resident, at most  {:>12}   small objects {}, free slots {}, span tails {}, large blocks {}, free pages {} (page caches {}), records {}, metadata {}",
+            Bytes(b.total()),
+            Bytes(b.small_objects),
+            Bytes(b.small_free_slots),
+            Bytes(b.small_tails),
+            Bytes(b.large_blocks),
+            Bytes(b.free_pages),
+            Bytes(b.page_caches),
+            Bytes(b.records),
+            Bytes(b.metadata)
+        )?;
         let r = &self.remote;
         writeln!(
             f,
@@ -915,22 +1042,24 @@ impl fmt::Display for Stats {
         }
         writeln!(
             f,
-            "  {:>5} {:>6} {:>14} {:>14} {:>12} {:>12}",
-            "class", "size", "allocs", "frees", "live", "live bytes"
+            "  {:>5} {:>6} {:>14} {:>14} {:>12} {:>12} {:>8} {:>12}",
+            "class", "size", "allocs", "frees", "live", "live bytes", "spans", "free slots"
         )?;
         for (c, cs) in self.classes.iter().enumerate().skip(1) {
-            if cs.allocs == 0 && cs.frees == 0 {
+            if cs.allocs == 0 && cs.frees == 0 && cs.spans == 0 {
                 continue;
             }
             writeln!(
                 f,
-                "  {:>5} {:>6} {:>14} {:>14} {:>12} {:>12}",
+                "  {:>5} {:>6} {:>14} {:>14} {:>12} {:>12} {:>8} {:>12}",
                 c,
                 cs.size,
                 cs.allocs,
                 cs.frees,
                 cs.live(),
-                Bytes(cs.live_bytes())
+                Bytes(cs.live_bytes()),
+                cs.spans,
+                Bytes(cs.free_slot_bytes())
             )?;
         }
         Ok(())

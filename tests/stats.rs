@@ -78,6 +78,105 @@ fn in_child(name: &str, report: bool) -> (String, String) {
 }
 
 #[test]
+fn resident_breakdown_matches_rss() {
+    let _g = shared();
+    in_child("child_resident_breakdown", false);
+}
+
+/// The process's resident set (`Rss:` of /proc/self/smaps_rollup), in bytes.
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("Rss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+#[test]
+fn child_resident_breakdown() {
+    if !is_child() {
+        return;
+    }
+    // Small objects of five class sizes (so their class size is the request) and 1 MiB
+    // blocks, every byte written; then every third small object freed.
+    const SIZES: [usize; 5] = [32, 96, 640, 1280, 3072];
+    const N: usize = 50_000;
+    const LARGE: usize = 40;
+    let mut small: Vec<usize> = Vec::with_capacity(N);
+    let mut large: Vec<usize> = Vec::with_capacity(LARGE);
+    spanheap::flush_thread_cache();
+    let (s0, rss0) = (spanheap::stats(), rss_bytes());
+    let r0 = s0.resident();
+    for i in 0..N {
+        small.push(filled(SIZES[i % SIZES.len()], i));
+    }
+    for i in 0..LARGE {
+        large.push(filled(1 << 20, i));
+    }
+    let mut freed = 0;
+    for i in (0..N).step_by(3) {
+        check_and_free(small[i], SIZES[i % SIZES.len()], i);
+        freed += SIZES[i % SIZES.len()] as u64;
+    }
+    // Freed objects on this thread's free stacks go back to their spans.
+    spanheap::flush_thread_cache();
+    let (s1, rss1) = (spanheap::stats(), rss_bytes());
+    let r1 = s1.resident();
+    println!("resident before {r0:?}\nafter {r1:?}\nrss {rss0} -> {rss1}");
+    s1.check().unwrap();
+
+    // The parts of the small-object spans make up those spans, class by class.
+    for c in &s1.classes {
+        assert_eq!(
+            c.live_bytes() + c.free_slot_bytes() + c.tail_bytes(),
+            c.spans_bytes(),
+            "class of {} B",
+            c.size
+        );
+    }
+    // The live objects are the workload's (each at its class size), give or take the
+    // harness's own few allocations.
+    let live: u64 = (0..N)
+        .filter(|i| i % 3 != 0)
+        .map(|i| SIZES[i % SIZES.len()] as u64)
+        .sum();
+    let small_added = r1.small_objects - r0.small_objects;
+    assert!(
+        small_added.abs_diff(live) <= live / 100,
+        "small objects grew by {small_added} B, the workload keeps {live} B"
+    );
+    // What was freed sits in the spans' free slots (none of them emptied: a third of
+    // each is freed).
+    let slots_added = r1.small_free_slots - r0.small_free_slots;
+    assert!(
+        slots_added >= freed * 9 / 10 && slots_added <= freed * 11 / 10 + (1 << 20),
+        "free slots grew by {slots_added} B, {freed} B were freed"
+    );
+    // The 1 MiB blocks (and the two Vecs' buffers, large blocks too).
+    let large_added = r1.large_blocks - r0.large_blocks;
+    assert!(
+        large_added >= (LARGE << 20) as u64 && large_added <= ((LARGE + 2) << 20) as u64,
+        "large blocks grew by {large_added} B"
+    );
+    // And the whole breakdown accounts for what the process's resident set grew by:
+    // every byte handed out was written, so committed pages are resident.
+    let (grew, counted) = (rss1 - rss0, r1.total() - r0.total());
+    assert!(
+        grew.abs_diff(counted) <= grew / 20,
+        "RSS grew by {grew} B, the breakdown by {counted} B"
+    );
+    for (i, &p) in large.iter().enumerate() {
+        check_and_free(p, 1 << 20, i);
+    }
+    for i in (0..N).filter(|i| i % 3 != 0) {
+        check_and_free(small[i], SIZES[i % SIZES.len()], i);
+    }
+}
+
+#[test]
 fn exact_workload_counts_after_threads_exit() {
     let _g = shared();
     in_child("child_exact_workload", false);

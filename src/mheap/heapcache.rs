@@ -414,7 +414,7 @@ impl<M: MemSource> MHeap<M> {
                 };
                 self.commit_run(end, n, scav);
                 let _ = self.arenas.needs_zero(end, n);
-                self.account_alloc(Purpose::Heap, n << PAGE_SHIFT, scav, true);
+                self.account_alloc(Purpose::Heap, 0, n << PAGE_SHIFT, scav, true);
                 self.arenas.set_spans(end, n, s.as_ptr(), 0);
                 span.npages.store(new_npages, Ordering::Relaxed);
                 self.pages_in_use.fetch_add(n, Ordering::Release);

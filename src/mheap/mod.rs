@@ -512,7 +512,7 @@ impl<M: MemSource> MHeap<M> {
             self.arenas.clear_in_use(base);
         }
         span.set_state(SpanState::Dead);
-        self.account_free(info.purpose, npages << PAGE_SHIFT, cached);
+        self.account_free(info.purpose, info.spanclass, npages << PAGE_SHIFT, cached);
         let bits = if info.spanclass != 0 {
             // SAFETY: the caller owns the dead span.
             let p = unsafe { span.small.private_mut() };
@@ -537,7 +537,7 @@ impl<M: MemSource> MHeap<M> {
         // The record stops covering the tail before the tail's pages become free.
         span.npages.store(new_npages, Ordering::Relaxed);
         self.pages_in_use.fetch_sub(n, Ordering::Release);
-        self.account_free(Purpose::Heap, n << PAGE_SHIFT, false);
+        self.account_free(Purpose::Heap, 0, n << PAGE_SHIFT, false);
         let now = clock_ms();
         let excess = self.locked.lock().with(|h| {
             h.pages.set_clock(now);
@@ -574,7 +574,7 @@ impl<M: MemSource> MHeap<M> {
         // Record that these pages are being handed out (their contents do not matter:
         // realloc makes no promise about the new bytes).
         let _ = self.arenas.needs_zero(end, n);
-        self.account_alloc(Purpose::Heap, n << PAGE_SHIFT, scav, false);
+        self.account_alloc(Purpose::Heap, 0, n << PAGE_SHIFT, scav, false);
         self.arenas.set_spans(end, n, s.as_ptr(), 0);
         span.npages.store(new_npages, Ordering::Relaxed);
         self.pages_in_use.fetch_add(n, Ordering::Release);
@@ -988,7 +988,7 @@ impl<M: MemSource> MHeap<M> {
             })
         };
 
-        self.account_alloc(purpose, nbytes, scav, cached);
+        self.account_alloc(purpose, spanclass, nbytes, scav, cached);
 
         // Publication. The span must be completely initialised before this point.
         // (1) Span map: Release pairs with the Acquire in `HeapArena::span_at`.
@@ -1012,7 +1012,14 @@ impl<M: MemSource> MHeap<M> {
     /// Counter updates for `nbytes` taken from idle memory for `purpose`, of which `scav`
     /// bytes had been released (seed 004: the one place for allocation); `cached`: the
     /// pages came from a thread's page cache.
-    fn account_alloc(&self, purpose: Purpose, nbytes: usize, scav: usize, cached: bool) {
+    fn account_alloc(
+        &self,
+        purpose: Purpose,
+        spanclass: u8,
+        nbytes: usize,
+        scav: usize,
+        cached: bool,
+    ) {
         let st = &self.gauges;
         if scav != 0 {
             sub(&st.heap_released, scav);
@@ -1035,6 +1042,9 @@ impl<M: MemSource> MHeap<M> {
             if !purpose.is_manual() {
                 d.add(field::PAGES_IN_USE, n >> PAGE_SHIFT);
             }
+            if spanclass != 0 {
+                d.add(field::SMALL_SPANS + usize::from(spanclass), 1);
+            }
             if cached {
                 d.sub(field::PAGE_CACHED, n);
             }
@@ -1043,7 +1053,7 @@ impl<M: MemSource> MHeap<M> {
 
     /// Counter updates for `nbytes` given back to idle memory by `purpose` (the one place
     /// for free); `cached`: the pages go to a thread's page cache.
-    fn account_free(&self, purpose: Purpose, nbytes: usize, cached: bool) {
+    fn account_free(&self, purpose: Purpose, spanclass: u8, nbytes: usize, cached: bool) {
         let st = &self.gauges;
         if purpose.is_manual() {
             sub(&st.by_purpose[purpose as usize], nbytes);
@@ -1055,6 +1065,9 @@ impl<M: MemSource> MHeap<M> {
             d.sub(field::PURPOSE + purpose as usize, n);
             if !purpose.is_manual() {
                 d.sub(field::PAGES_IN_USE, n >> PAGE_SHIFT);
+            }
+            if spanclass != 0 {
+                d.sub(field::SMALL_SPANS + usize::from(spanclass), 1);
             }
             if cached {
                 d.add(field::PAGE_CACHED, n);
