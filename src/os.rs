@@ -101,11 +101,15 @@ pub unsafe trait MemSource: Sync {
     /// arenas when growth is refused), that nobody uses any more.
     unsafe fn release(&self, ptr: NonNull<u8>, size: usize);
 
-    /// None -> Ready in one step, for the allocator's own metadata.
-    fn alloc_meta(&self, size: usize) -> Result<NonNull<u8>, OsError> {
-        let page = os_page_size()?;
-        let size = size.checked_add(page - 1).ok_or(OsError::TooLarge)? & !(page - 1);
-        let p = self.reserve(size, page, 0)?;
+    /// None -> Prepared in one step: `reserve` then `map` of the whole range (a source
+    /// that can do both in one call overrides it; a failed map releases the range).
+    fn reserve_mapped(
+        &self,
+        size: usize,
+        align: usize,
+        hint: usize,
+    ) -> Result<NonNull<u8>, OsError> {
+        let p = self.reserve(size, align, hint)?;
         // SAFETY: `p` is a fresh reservation of exactly `size` bytes.
         match unsafe { self.map(p, size) } {
             Ok(()) => Ok(p),
@@ -115,6 +119,13 @@ pub unsafe trait MemSource: Sync {
                 Err(e)
             }
         }
+    }
+
+    /// None -> Ready in one step, for the allocator's own metadata.
+    fn alloc_meta(&self, size: usize) -> Result<NonNull<u8>, OsError> {
+        let page = os_page_size()?;
+        let size = size.checked_add(page - 1).ok_or(OsError::TooLarge)? & !(page - 1);
+        self.reserve_mapped(size, page, 0)
     }
 }
 
@@ -177,6 +188,68 @@ unsafe impl MemSource for OsMemory {
         Ok(unsafe { NonNull::new_unchecked(aligned as *mut u8) })
     }
 
+    fn reserve_mapped(
+        &self,
+        size: usize,
+        align: usize,
+        hint: usize,
+    ) -> Result<NonNull<u8>, OsError> {
+        // One `mmap` instead of two where the kernel's placement does: page alignment,
+        // or the hint itself (arenas growing in place). Otherwise reserve, trim to the
+        // alignment, then map. (Start-up makes a handful of these: the first arena and
+        // the metadata mappings.)
+        let page = os_page_size()?;
+        let at_hint = hint != 0
+            && hint % align == 0
+            && hint.checked_add(size).is_some_and(|e| e <= ADDR_LIMIT);
+        if size == 0 || size >= ADDR_LIMIT || !(align <= page || at_hint) {
+            return reserve_then_map(self, size, align, hint);
+        }
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Reserve)
+            || crate::fault_injection::fail(crate::fault_injection::Kind::Map)
+        {
+            return Err(OsError::NoMemory(libc::ENOMEM));
+        }
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | if at_hint {
+                libc::MAP_FIXED_NOREPLACE
+            } else {
+                0
+            };
+        let want = if at_hint { hint } else { 0 };
+        // SAFETY: an anonymous mapping; without MAP_FIXED the kernel picks a free range,
+        // and MAP_FIXED_NOREPLACE fails rather than replace an existing mapping.
+        let p = unsafe {
+            libc::mmap(
+                want as *mut libc::c_void,
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            if at_hint {
+                // Taken (or refused): anywhere else, aligned.
+                return reserve_then_map(self, size, align, 0);
+            }
+            return Err(OsError::NoMemory(errno()));
+        }
+        let addr = p as usize;
+        if (at_hint && addr != hint) || addr % align != 0 || addr + size > ADDR_LIMIT {
+            // Not where it was asked for (pre-4.17 kernels ignore NOREPLACE): give it
+            // back and take the general path.
+            // SAFETY: we just mapped exactly this range.
+            unsafe { munmap(NonNull::new_unchecked(p.cast()), size) };
+            return reserve_then_map(self, size, align, 0);
+        }
+        // SAFETY: a successful mapping is not null.
+        Ok(unsafe { NonNull::new_unchecked(p.cast()) })
+    }
+
     unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
         #[cfg(feature = "fault-injection")]
         if crate::fault_injection::fail(crate::fault_injection::Kind::Map) {
@@ -228,6 +301,26 @@ unsafe impl MemSource for OsMemory {
     unsafe fn release(&self, ptr: NonNull<u8>, size: usize) {
         // SAFETY: the caller guarantees the range is ours and unused.
         unsafe { munmap(ptr, size) };
+    }
+}
+
+/// `reserve` then `map` (the trait's default `reserve_mapped`), for `OsMemory`'s
+/// override to fall back on.
+fn reserve_then_map(
+    m: &OsMemory,
+    size: usize,
+    align: usize,
+    hint: usize,
+) -> Result<NonNull<u8>, OsError> {
+    let p = m.reserve(size, align, hint)?;
+    // SAFETY: `p` is a fresh reservation of exactly `size` bytes.
+    match unsafe { m.map(p, size) } {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            // SAFETY: the whole reservation, never handed out.
+            unsafe { m.release(p, size) };
+            Err(e)
+        }
     }
 }
 
@@ -384,6 +477,40 @@ mod tests {
     fn page_size_supported_here() {
         let p = os_page_size().unwrap();
         assert!(p.is_power_of_two() && p <= PAGE_SIZE);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "tests OsMemory itself: Miri cannot run mmap")]
+    fn reserve_mapped_is_aligned_writable_and_takes_a_free_hint() {
+        let os = OsMemory;
+        // Page alignment (one mmap), a larger one (reserve, trim, map), and a free hint.
+        let a = os.reserve_mapped(3 * PAGE_SIZE, 4096, 0).unwrap();
+        let b = os.reserve_mapped(3 * PAGE_SIZE, 64 << 20, 0).unwrap();
+        assert_eq!(b.as_ptr() as usize % (64 << 20), 0);
+        // A hint just past a reservation we release first is free.
+        let c = os.reserve(128 << 20, 64 << 20, 0).unwrap();
+        let hint = c.as_ptr() as usize + (64 << 20);
+        unsafe { os.release(c, 128 << 20) };
+        let d = os.reserve_mapped(64 << 20, 64 << 20, hint).unwrap();
+        assert_eq!(d.as_ptr() as usize, hint);
+        // A taken hint: placed elsewhere, still aligned.
+        let e = os.reserve_mapped(64 << 20, 64 << 20, hint).unwrap();
+        assert_ne!(e.as_ptr() as usize, hint);
+        assert_eq!(e.as_ptr() as usize % (64 << 20), 0);
+        for (p, size) in [
+            (a, 3 * PAGE_SIZE),
+            (b, 3 * PAGE_SIZE),
+            (d, 64 << 20),
+            (e, 64 << 20),
+        ] {
+            unsafe {
+                let s = core::slice::from_raw_parts_mut(p.as_ptr(), size);
+                assert!(s[..PAGE_SIZE].iter().all(|&x| x == 0) && s[size - 1] == 0);
+                s[0] = 1;
+                s[size - 1] = 1;
+                os.release(p, size);
+            }
+        }
     }
 
     #[test]

@@ -140,8 +140,9 @@ pub(crate) struct Scavenger {
     /// 0: the environment has not been read; 1: being read; 2: read (or not to be).
     env: AtomicU32,
     /// Coarse-clock time (ns) before which no paced pass starts; `u64::MAX` while a
-    /// pass runs (claimed by CAS, so one thread scavenges at a time). Relaxed: it only
-    /// steers who works when; the pages are protected by the heap lock.
+    /// pass runs (claimed by CAS, so one thread scavenges at a time); `NOT_STARTED` in
+    /// the process-wide heap until its first slow path. Relaxed: it only steers who
+    /// works when; the pages are protected by the heap lock.
     pub(crate) next_due: AtomicU64,
     /// The heap's background thread (the process-wide heap's; none for others).
     pub(crate) bg: Background,
@@ -150,6 +151,19 @@ pub(crate) struct Scavenger {
     /// not ask see no extra step.
     #[cfg(spanheap_loom)]
     pub(crate) model_due: core::sync::atomic::AtomicBool,
+}
+
+/// `Scavenger::next_due` of the process-wide heap before its first slow path: that path
+/// only schedules the first pass (a quarter of the delay later). A pass at a process's
+/// first allocation finds nothing to return and no idle thread, and its visit read the
+/// thread's own `/proc` files: two `openat`s and reads at every start of a short-lived
+/// program (issue 27).
+pub(crate) const NOT_STARTED: u64 = 1;
+
+/// How long after a pass that finished its work the next one is due (ns): a quarter of
+/// the delay `delay_ms`, between 10 ms and 1 s.
+pub(crate) fn quiet_wait_ns(delay_ms: u32) -> u64 {
+    (u64::from(delay_ms) * 250_000).clamp(10_000_000, 1_000_000_000)
 }
 
 impl Scavenger {
@@ -163,7 +177,11 @@ impl Scavenger {
                 retain_percent: AtomicU32::new(DEFAULT_RETAIN_PERCENT),
                 background: AtomicU32::new(1),
                 env: AtomicU32::new(if env { 0 } else { 2 }),
-                next_due: AtomicU64::new(0),
+                next_due: AtomicU64::new(if env && !cfg!(spanheap_loom) {
+                    NOT_STARTED
+                } else {
+                    0
+                }),
                 bg,
                 #[cfg(spanheap_loom)]
                 model_due: core::sync::atomic::AtomicBool::new(false),

@@ -30,7 +30,7 @@
 //! weakened to AcqRel: an announcement pushed while the lock is held is left behind),
 //! `pending_push_relaxed` (the pending stack's push Relaxed: the drainer can read a
 //! stale link and lose a span) and `rstate_cas_relaxed` (see `thread_exit.rs`); the
-//! batched variant `drain_fence` and `batch_no_drain` (the flush's `try_drain` after
+//! batched variant the same three and `batch_no_drain` (the flush's `try_drain` after
 //! its announcements left out: they wait for the next lock holder, who may never come).
 #![cfg(spanheap_loom)]
 
@@ -158,6 +158,8 @@ fn announcements_of_one_flush_are_drained_once() {
         "span_sets_batched",
         cfg!(any(
             spanheap_mutant = "drain_fence",
+            spanheap_mutant = "pending_push_relaxed",
+            spanheap_mutant = "rstate_cas_relaxed",
             spanheap_mutant = "batch_no_drain"
         )),
         || model(Frees::Batched),

@@ -292,6 +292,9 @@ mod imp {
         let Some(mut guard) = HEAP.reclaim_lock(force) else {
             return (0, 0);
         };
+        // The calling thread's own record is never idle (it is running this), and
+        // looking at it would read its own `/proc` files.
+        let own = crate::mcache::own_record().unwrap_or(core::ptr::null_mut());
         guard.with(|_| {
             let (mut taken, mut pending) = (0, 0);
             // Acquire: pairs with `open`'s Release.
@@ -312,7 +315,7 @@ mod imp {
                             }
                             continue;
                         }
-                        OPEN => {}
+                        OPEN if c != own => {}
                         _ => continue,
                     }
                     if d.flushed.load(Ordering::Relaxed) != 0 {

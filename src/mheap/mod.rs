@@ -874,16 +874,11 @@ impl<M: MemSource> MHeap<M> {
         let bytes = npages << PAGE_SHIFT;
         let size = bytes.checked_add(ARENA_SIZE - 1).ok_or(OsError::TooLarge)? & !(ARENA_SIZE - 1);
         let align = (align_pages << PAGE_SHIFT).max(ARENA_SIZE);
-        let region = self.mem.reserve(size, align, h.hint)?;
+        // None -> Prepared (one `mmap` where the hint is free). The page allocator then
+        // treats the whole region as free and scavenged, and `alloc_span` commits what
+        // it hands out.
+        let region = self.mem.reserve_mapped(size, align, h.hint)?;
         let base = region.as_ptr() as usize;
-        // Reserved -> Prepared. The page allocator then treats the whole region as free
-        // and scavenged, and `alloc_span` commits what it hands out.
-        // SAFETY: the range is the reservation we just made.
-        if let Err(e) = unsafe { self.mem.map(region, size) } {
-            // SAFETY: the whole, unused reservation.
-            unsafe { self.mem.release(region, size) };
-            return Err(e);
-        }
         let mut meta = 0;
         let result = (|| {
             let mut a = base;

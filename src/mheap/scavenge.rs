@@ -19,7 +19,7 @@ use crate::fixalloc::RawFixAlloc;
 use crate::os::{MemSource, PAGE_SHIFT};
 use crate::pagealloc::ScavPolicy;
 use crate::pagecache::GatedCache;
-use crate::scavenger::{BACKLOG_WAIT, BG_OWNED, PASS_BUDGET_NS, START_BYTES};
+use crate::scavenger::{quiet_wait_ns, BACKLOG_WAIT, BG_OWNED, PASS_BUDGET_NS, START_BYTES};
 use crate::stats::field;
 use crate::sync::{MutexGuard, Ordering};
 
@@ -432,6 +432,12 @@ impl<M: MemSource> MHeap<M> {
         {
             return;
         }
+        if due == crate::scavenger::NOT_STARTED {
+            // The process's first slow path: nothing is due yet.
+            let wait = sc.delay_ms().map_or(1_000_000_000, quiet_wait_ns);
+            sc.next_due.store(now + wait, Ordering::Relaxed);
+            return;
+        }
         // With the thread wanted but not worth starting yet, or if it could not be
         // started, the pass runs from here.
         if sc.background_wanted()
@@ -457,7 +463,7 @@ impl<M: MemSource> MHeap<M> {
                 if more {
                     now + (spent * (BACKLOG_WAIT + 1)).max(1_000_000)
                 } else {
-                    now + (u64::from(delay) * 250_000).clamp(10_000_000, 1_000_000_000)
+                    now + quiet_wait_ns(delay)
                 }
             }
         };
