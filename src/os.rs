@@ -250,6 +250,21 @@ unsafe impl MemSource for OsMemory {
         Ok(unsafe { NonNull::new_unchecked(p.cast()) })
     }
 
+    fn alloc_meta(&self, size: usize) -> Result<NonNull<u8>, OsError> {
+        let page = os_page_size()?;
+        let size = size.checked_add(page - 1).ok_or(OsError::TooLarge)? & !(page - 1);
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Reserve)
+            || crate::fault_injection::fail(crate::fault_injection::Kind::Map)
+        {
+            return Err(OsError::NoMemory(libc::ENOMEM));
+        }
+        match meta_block_carve(size) {
+            Some(p) => Ok(p),
+            None => map_fresh(size),
+        }
+    }
+
     unsafe fn map(&self, ptr: NonNull<u8>, size: usize) -> Result<(), OsError> {
         #[cfg(feature = "fault-injection")]
         if crate::fault_injection::fail(crate::fault_injection::Kind::Map) {
@@ -302,6 +317,97 @@ unsafe impl MemSource for OsMemory {
         // SAFETY: the caller guarantees the range is ours and unused.
         unsafe { munmap(ptr, size) };
     }
+}
+
+/// Size of the block that small metadata requests are carved from.
+///
+/// The first allocation of a process asks for several metadata mappings at once (the
+/// arena index's L2 array, the arena record, the page allocator's chunk bitmaps, the
+/// first thread cache's free stacks: about 2.3 MiB together, see docs/design.md
+/// "Start-up, in order"). One block serves them all with a single `mmap` instead of
+/// one each, and keeps them on neighbouring pages (fewer page-table pages to fill at
+/// start and to free at exit). Its pages are lazily backed like any other mapping:
+/// what no request touched costs no memory.
+const META_BLOCK: usize = 4 << 20;
+/// Requests above this go straight to the OS, so that one big request does not use
+/// up the block the small ones would share.
+const META_BLOCK_MAX_REQUEST: usize = 2 << 20;
+/// The block's address: 0 until first used, [`META_BLOCK_NONE`] if the OS refused it
+/// (then every request maps its own memory). Not part of the concurrent core (an OS
+/// resource of the process, like [`os_page_size`]'s cache); Relaxed throughout: the
+/// block is fresh zero-filled memory that nobody writes before carving it, so the
+/// address is the only thing shared, and each carved range belongs to the thread
+/// whose `compare_exchange` on [`META_USED`] reserved it.
+static META_BASE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+const META_BLOCK_NONE: usize = 1;
+/// Bytes of the block handed out (never more than [`META_BLOCK`]).
+static META_USED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// `size` bytes (a multiple of the OS page size) of zero-filled metadata memory carved
+/// from the shared block, or `None` if the request is too large, the block is full or
+/// the OS refused it; the caller then maps memory of its own. Carved ranges are never
+/// given back (metadata is never unmapped; its pages may be dropped with `madvise`).
+fn meta_block_carve(size: usize) -> Option<NonNull<u8>> {
+    use core::sync::atomic::Ordering::Relaxed;
+    if size > META_BLOCK_MAX_REQUEST {
+        return None;
+    }
+    let mut base = META_BASE.load(Relaxed);
+    if base == 0 {
+        let mine = map_fresh(META_BLOCK).map_or(META_BLOCK_NONE, |p| p.as_ptr() as usize);
+        base = match META_BASE.compare_exchange(0, mine, Relaxed, Relaxed) {
+            Ok(_) => mine,
+            Err(theirs) => {
+                if mine != META_BLOCK_NONE {
+                    // Another thread's block won; ours was never handed out.
+                    // SAFETY: we just mapped exactly this range.
+                    unsafe { munmap(NonNull::new_unchecked(mine as *mut u8), META_BLOCK) };
+                }
+                theirs
+            }
+        };
+    }
+    if base == META_BLOCK_NONE {
+        return None;
+    }
+    let mut used = META_USED.load(Relaxed);
+    loop {
+        if used + size > META_BLOCK {
+            return None;
+        }
+        match META_USED.compare_exchange_weak(used, used + size, Relaxed, Relaxed) {
+            // SAFETY: inside a successful mapping, so not null.
+            Ok(_) => return Some(unsafe { NonNull::new_unchecked((base + used) as *mut u8) }),
+            Err(now) => used = now,
+        }
+    }
+}
+
+/// `size` bytes (page aligned) of fresh zero-filled read-write memory wherever the
+/// kernel puts it, below [`ADDR_LIMIT`].
+fn map_fresh(size: usize) -> Result<NonNull<u8>, OsError> {
+    // SAFETY: an anonymous mapping; without MAP_FIXED the kernel picks a free range.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(OsError::NoMemory(errno()));
+    }
+    // SAFETY: a successful mapping is not null.
+    let p = unsafe { NonNull::new_unchecked(p.cast::<u8>()) };
+    if p.as_ptr() as usize + size > ADDR_LIMIT {
+        // SAFETY: we just mapped exactly this range.
+        unsafe { munmap(p, size) };
+        return Err(OsError::TooLarge);
+    }
+    Ok(p)
 }
 
 /// `reserve` then `map` (the trait's default `reserve_mapped`), for `OsMemory`'s
@@ -364,6 +470,31 @@ unsafe fn munmap(ptr: NonNull<u8>, size: usize) {
 fn errno() -> i32 {
     // SAFETY: __errno_location always returns this thread's errno slot.
     unsafe { *libc::__errno_location() }
+}
+
+/// Touches the word at `p` with a write that changes nothing, so that its page, if
+/// it has not been touched yet, is faulted in once, for writing. Code that reads a
+/// fresh page before writing it (a summary merged with its old value, a bitmap word
+/// or-ed into) otherwise pays two faults: the read maps the shared zero page and the
+/// write then replaces it. Only a hint: it changes no value, and under loom (which
+/// models no page faults) it does nothing.
+///
+/// # Safety
+/// `p` is valid for reads and writes and aligned, and nothing reads or writes the
+/// word concurrently (the caller holds whatever lock protects it).
+#[inline]
+pub(crate) unsafe fn touch_for_write(p: *mut u64) {
+    #[cfg(not(spanheap_loom))]
+    // SAFETY: the caller guarantees `p` is valid, aligned and not accessed
+    // concurrently, so an atomic view of it for this one operation races with
+    // nothing. A compare-exchange of 0 for 0 changes no value; on x86 it is a write
+    // access whatever the value (the compiler turns an or of 0 into a plain load).
+    unsafe {
+        use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let _ = AtomicU64::from_ptr(p).compare_exchange(0, 0, Relaxed, Relaxed);
+    }
+    #[cfg(spanheap_loom)]
+    let _ = p;
 }
 
 /// The OS page size, read once. Errors if it is larger than [`MAX_OS_PAGE_SIZE`]; the
@@ -477,6 +608,49 @@ mod tests {
     fn page_size_supported_here() {
         let p = os_page_size().unwrap();
         assert!(p.is_power_of_two() && p <= PAGE_SIZE);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "tests OsMemory itself: Miri cannot run mmap")]
+    fn small_metadata_shares_one_block_and_large_metadata_does_not() {
+        use core::sync::atomic::Ordering::Relaxed;
+        let os = OsMemory;
+        let small = [PAGE_SIZE, 100, 3 * PAGE_SIZE + 1];
+        let got: Vec<_> = small.iter().map(|&n| os.alloc_meta(n).unwrap()).collect();
+        let big = os.alloc_meta(META_BLOCK_MAX_REQUEST + 1).unwrap();
+        let base = META_BASE.load(Relaxed);
+        assert!(base != 0 && base != META_BLOCK_NONE);
+        assert!(META_USED.load(Relaxed) <= META_BLOCK);
+        let in_block = |p: NonNull<u8>| (base..base + META_BLOCK).contains(&(p.as_ptr() as usize));
+        // Other tests of this binary may carve from the block too, but only a few
+        // pages: these requests fit.
+        assert!(got.iter().all(|&p| in_block(p)), "{got:?} not in {base:#x}");
+        assert!(!in_block(big));
+        let mut ranges: Vec<_> = got
+            .iter()
+            .zip(small)
+            .map(|(p, n)| (p.as_ptr() as usize, n))
+            .collect();
+        ranges.push((big.as_ptr() as usize, META_BLOCK_MAX_REQUEST + 1));
+        for &(a, n) in &ranges {
+            assert_eq!(a % os_page_size().unwrap(), 0);
+            // SAFETY: fresh metadata memory of at least `n` bytes, ours alone.
+            let s = unsafe { core::slice::from_raw_parts_mut(a as *mut u8, n) };
+            assert!(s.iter().all(|&x| x == 0));
+            s.fill(0xa5);
+        }
+        // No two requests overlap (their bytes would have been overwritten).
+        for &(a, n) in &ranges {
+            // SAFETY: as above.
+            let s = unsafe { core::slice::from_raw_parts(a as *const u8, n) };
+            assert!(s.iter().all(|&x| x == 0xa5));
+        }
+        let sorted = {
+            let mut r = ranges.clone();
+            r.sort();
+            r
+        };
+        assert!(sorted.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
     }
 
     #[test]

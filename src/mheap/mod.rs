@@ -883,10 +883,12 @@ impl<M: MemSource> MHeap<M> {
         let result = (|| {
             let mut a = base;
             while a < base + size {
-                meta += self.arenas.ensure_l2_locked(&self.mem, a)?;
+                let fresh_l2 = self.arenas.ensure_l2_locked(&self.mem, a)?;
+                meta += fresh_l2;
                 // An address range can come back to us after a failed growth released
-                // it; its record is still in the index and is reused.
-                if self.arenas.arena_of(a).is_none() {
+                // it; its record is still in the index and is reused. (A fresh L2 array
+                // has no record yet: not reading it saves a page fault at start-up.)
+                if fresh_l2 != 0 || self.arenas.arena_of(a).is_none() {
                     let (rec, n) = HeapArena::new_in(&self.mem)?;
                     meta += n;
                     self.arenas.insert_locked(a, rec);

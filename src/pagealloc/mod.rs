@@ -606,13 +606,31 @@ impl PageAlloc {
 
         // 1. All metadata memory, before any state changes.
         if self.sums.is_null() {
-            let p = mem.reserve(SUMMARY_BYTES, MAP_UNIT, 0)?;
+            // OS page alignment is enough: units are multiples of every OS page
+            // size, and a stricter alignment would cost trimming calls.
+            let p = mem.reserve(SUMMARY_BYTES, crate::os::os_page_size()?, 0)?;
             self.sums = p.as_ptr().cast();
         }
-        // The whole root level, so that searches may read any root entry.
-        self.map_summaries(mem, 0, 0, LEVEL_ENTRIES[0])?;
+        // The whole root level, so that searches may read any root entry, and each
+        // lower level's entries for the new range.
+        let mut ranges = [(0, 0, LEVEL_ENTRIES[0]); LEVELS];
         for (l, &shift) in LEVEL_SHIFT.iter().enumerate().skip(1) {
-            self.map_summaries(mem, l, base >> shift, ((limit - 1) >> shift) + 1)?;
+            ranges[l] = (l, base >> shift, ((limit - 1) >> shift) + 1);
+        }
+        self.map_summaries(mem, &ranges)?;
+        // `update` below reads each of these entries before writing it: touch their
+        // pages for writing first (one fault per fresh page instead of two).
+        let per_page = crate::os::os_page_size()? / 8;
+        for (l, &shift) in LEVEL_SHIFT.iter().enumerate() {
+            let mut i = base >> shift;
+            while i <= (limit - 1) >> shift {
+                if let Some(p) = self.sum_ptr(l, i) {
+                    // SAFETY: a mapped entry of our reservation, 8-aligned; `&mut self`
+                    // excludes every other access.
+                    unsafe { crate::os::touch_for_write(p) };
+                }
+                i = (i / per_page + 1) * per_page;
+            }
         }
         for j in (c0 >> L2_BITS)..=((c1 - 1) >> L2_BITS) {
             if self.l1[j].is_null() {
@@ -632,6 +650,8 @@ impl PageAlloc {
                 continue;
             };
             let k = ci & (L2_ENTRIES - 1);
+            // SAFETY: a word of our L2 array, which `&mut self` makes ours alone.
+            unsafe { crate::os::touch_for_write(&mut l2.grown[k / 64]) };
             if l2.grown[k / 64] >> (k % 64) & 1 != 0 {
                 debug_assert!(false, "chunk {ci:#x} grown twice");
                 continue;
@@ -656,39 +676,50 @@ impl PageAlloc {
     }
 
     /// Maps the units of the summary reservation holding entries `[lo, hi)` of level
-    /// `l` that are not mapped yet. Each unit is mapped at most once.
+    /// `l`, for each `(l, lo, hi)` of `ranges`, that are not mapped yet. Each unit is
+    /// mapped at most once, and neighbouring unmapped units are mapped in one call,
+    /// across levels too (the first growth maps the root and the first level's
+    /// entries, which are neighbours, together).
     fn map_summaries(
         &mut self,
         mem: &dyn MemSource,
-        l: usize,
-        lo: usize,
-        hi: usize,
+        ranges: &[(usize, usize, usize)],
     ) -> Result<(), OsError> {
-        debug_assert!(lo < hi && hi <= LEVEL_ENTRIES[l] && !self.sums.is_null());
-        let first = Self::unit_of(l, lo);
-        let end = (LEVEL_OFFSET[l] + hi * 8).div_ceil(MAP_UNIT);
-        let mut u = first;
-        while u < end {
-            if self.unit_mapped(u) {
-                u += 1;
-                continue;
+        debug_assert!(!self.sums.is_null());
+        // The unmapped units [run.0, run.1) not mapped yet.
+        let mut run = (0, 0);
+        for &(l, lo, hi) in ranges {
+            debug_assert!(lo < hi && hi <= LEVEL_ENTRIES[l]);
+            let end = (LEVEL_OFFSET[l] + hi * 8).div_ceil(MAP_UNIT);
+            for u in Self::unit_of(l, lo)..end {
+                if self.unit_mapped(u) {
+                    continue;
+                }
+                if run.1 != u {
+                    self.map_units(mem, run.0, run.1)?;
+                    run.0 = u;
+                }
+                run.1 = u + 1;
             }
-            let mut v = u + 1;
-            while v < end && !self.unit_mapped(v) {
-                v += 1;
-            }
-            // The units [u, v) are unmapped: map them in one call.
-            let addr = self.sums as usize + u * MAP_UNIT;
-            // SAFETY: `sums` is non-null, so `addr` (inside the reservation) is too.
-            let p = unsafe { NonNull::new_unchecked(addr as *mut u8) };
-            // SAFETY: [addr, addr + (v-u) units) lies inside our summary reservation
-            // (v <= MAP_UNITS), is unit (hence OS page) aligned, and is still only
-            // Reserved: no unit in it was mapped before, so nothing is overwritten.
-            unsafe { mem.map(p, (v - u) * MAP_UNIT)? };
-            for w in u..v {
-                self.mapped[w / 64] |= 1 << (w % 64);
-            }
-            u = v;
+        }
+        self.map_units(mem, run.0, run.1)
+    }
+
+    /// Maps the summary units `[u, v)`, none of which is mapped yet, in one call.
+    fn map_units(&mut self, mem: &dyn MemSource, u: usize, v: usize) -> Result<(), OsError> {
+        if u == v {
+            return Ok(());
+        }
+        debug_assert!(u < v && v <= MAP_UNITS && (u..v).all(|w| !self.unit_mapped(w)));
+        let addr = self.sums as usize + u * MAP_UNIT;
+        // SAFETY: `sums` is non-null, so `addr` (inside the reservation) is too.
+        let p = unsafe { NonNull::new_unchecked(addr as *mut u8) };
+        // SAFETY: [addr, addr + (v-u) units) lies inside our summary reservation
+        // (v <= MAP_UNITS), is unit (hence OS page) aligned, and is still only
+        // Reserved: no unit in it was mapped before, so nothing is overwritten.
+        unsafe { mem.map(p, (v - u) * MAP_UNIT)? };
+        for w in u..v {
+            self.mapped[w / 64] |= 1 << (w % 64);
         }
         Ok(())
     }

@@ -1668,3 +1668,32 @@ fn randomized_against_reference() {
     assert!(rf.pos(BASE - 1).is_none(), "the gap stayed a gap");
     assert!(rf.pos(CHUNK_COUNT - 1).is_some() && rf.pos(1 << 47 >> LOG_CHUNK_SIZE).is_some());
 }
+
+#[test]
+fn neighbouring_summary_units_are_mapped_in_one_call() {
+    // Growth at 640 GiB (where the heap's first arena goes): its level-1 entry lies in
+    // the first unit after the root level, so the root and that unit are mapped by one
+    // call; levels 2 to 4 take one call each.
+    let mem = TrackingMem::new();
+    let mut pa = new_pa();
+    let base = 0xa0_0000_0000;
+    pa.grow(&mem, base, 2 * CHUNK_SIZE).unwrap();
+    let maps = mem.maps.lock().unwrap().clone();
+    let root = maps[0].0;
+    assert_eq!(maps[0].1 - root, LEVEL_OFFSET[1] + MAP_UNIT, "{maps:x?}");
+    assert_eq!(
+        maps.len(),
+        5,
+        "root + L1, L2, L3, L4, the chunks' L2 array: {maps:x?}"
+    );
+    for (l, &(a, e)) in maps[1..4].iter().enumerate() {
+        let entry = root + LEVEL_OFFSET[l + 2] + (base >> LEVEL_SHIFT[l + 2]) * 8;
+        assert!(
+            a <= entry && entry < e && e - a == MAP_UNIT,
+            "level {}: {maps:x?}",
+            l + 2
+        );
+    }
+    pa.check_invariants();
+    assert!(pa.is_free(base, 2 * CHUNK_PAGES));
+}
