@@ -259,7 +259,7 @@ unsafe impl MemSource for OsMemory {
         {
             return Err(OsError::NoMemory(libc::ENOMEM));
         }
-        match meta_block_carve(size) {
+        match META.carve(size) {
             Some(p) => Ok(p),
             None => map_fresh(size),
         }
@@ -332,53 +332,73 @@ const META_BLOCK: usize = 4 << 20;
 /// Requests above this go straight to the OS, so that one big request does not use
 /// up the block the small ones would share.
 const META_BLOCK_MAX_REQUEST: usize = 2 << 20;
-/// The block's address: 0 until first used, [`META_BLOCK_NONE`] if the OS refused it
-/// (then every request maps its own memory). Not part of the concurrent core (an OS
-/// resource of the process, like [`os_page_size`]'s cache); Relaxed throughout: the
-/// block is fresh zero-filled memory that nobody writes before carving it, so the
-/// address is the only thing shared, and each carved range belongs to the thread
-/// whose `compare_exchange` on [`META_USED`] reserved it.
-static META_BASE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
-const META_BLOCK_NONE: usize = 1;
-/// Bytes of the block handed out (never more than [`META_BLOCK`]).
-static META_USED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+/// A block that metadata requests are carved from (see [`META_BLOCK`]). Not part of
+/// the concurrent core (an OS resource of the process, like [`os_page_size`]'s cache);
+/// Relaxed throughout: the block is fresh zero-filled memory that nobody writes before
+/// carving it, so its address is the only thing shared, and each carved range belongs
+/// to the thread whose `compare_exchange` on `used` reserved it.
+struct MetaBlock {
+    /// The block's address: 0 until first used, [`META_BLOCK_NONE`] if the OS refused
+    /// it (then every request maps its own memory).
+    base: core::sync::atomic::AtomicUsize,
+    /// Bytes of the block handed out (never more than [`META_BLOCK`]).
+    used: core::sync::atomic::AtomicUsize,
+}
 
-/// `size` bytes (a multiple of the OS page size) of zero-filled metadata memory carved
-/// from the shared block, or `None` if the request is too large, the block is full or
-/// the OS refused it; the caller then maps memory of its own. Carved ranges are never
-/// given back (metadata is never unmapped; its pages may be dropped with `madvise`).
-fn meta_block_carve(size: usize) -> Option<NonNull<u8>> {
-    use core::sync::atomic::Ordering::Relaxed;
-    if size > META_BLOCK_MAX_REQUEST {
-        return None;
+const META_BLOCK_NONE: usize = 1;
+
+/// `OsMemory`'s metadata block.
+static META: MetaBlock = MetaBlock::new();
+
+impl MetaBlock {
+    const fn new() -> Self {
+        MetaBlock {
+            base: core::sync::atomic::AtomicUsize::new(0),
+            used: core::sync::atomic::AtomicUsize::new(0),
+        }
     }
-    let mut base = META_BASE.load(Relaxed);
-    if base == 0 {
-        let mine = map_fresh(META_BLOCK).map_or(META_BLOCK_NONE, |p| p.as_ptr() as usize);
-        base = match META_BASE.compare_exchange(0, mine, Relaxed, Relaxed) {
-            Ok(_) => mine,
-            Err(theirs) => {
-                if mine != META_BLOCK_NONE {
-                    // Another thread's block won; ours was never handed out.
-                    // SAFETY: we just mapped exactly this range.
-                    unsafe { munmap(NonNull::new_unchecked(mine as *mut u8), META_BLOCK) };
-                }
-                theirs
-            }
-        };
-    }
-    if base == META_BLOCK_NONE {
-        return None;
-    }
-    let mut used = META_USED.load(Relaxed);
-    loop {
-        if used + size > META_BLOCK {
+
+    /// `size` bytes (a multiple of the OS page size) of zero-filled metadata memory
+    /// carved from the block, or `None` if the request is too large, the block is full
+    /// or the OS refused it; the caller then maps memory of its own. Carved ranges are
+    /// never given back (metadata is never unmapped; its pages may be dropped with
+    /// `madvise`).
+    fn carve(&self, size: usize) -> Option<NonNull<u8>> {
+        use core::sync::atomic::Ordering::Relaxed;
+        if size > META_BLOCK_MAX_REQUEST {
             return None;
         }
-        match META_USED.compare_exchange_weak(used, used + size, Relaxed, Relaxed) {
-            // SAFETY: inside a successful mapping, so not null.
-            Ok(_) => return Some(unsafe { NonNull::new_unchecked((base + used) as *mut u8) }),
-            Err(now) => used = now,
+        let mut base = self.base.load(Relaxed);
+        if base == 0 {
+            let mine = map_fresh(META_BLOCK).map_or(META_BLOCK_NONE, |p| p.as_ptr() as usize);
+            base = match self.base.compare_exchange(0, mine, Relaxed, Relaxed) {
+                Ok(_) => mine,
+                Err(theirs) => {
+                    if mine != META_BLOCK_NONE {
+                        // Another thread's block won; ours was never handed out.
+                        // SAFETY: we just mapped exactly this range.
+                        unsafe { munmap(NonNull::new_unchecked(mine as *mut u8), META_BLOCK) };
+                    }
+                    theirs
+                }
+            };
+        }
+        if base == META_BLOCK_NONE {
+            return None;
+        }
+        let mut used = self.used.load(Relaxed);
+        loop {
+            if used + size > META_BLOCK {
+                return None;
+            }
+            match self
+                .used
+                .compare_exchange_weak(used, used + size, Relaxed, Relaxed)
+            {
+                // SAFETY: inside a successful mapping, so not null.
+                Ok(_) => return Some(unsafe { NonNull::new_unchecked((base + used) as *mut u8) }),
+                Err(now) => used = now,
+            }
         }
     }
 }
@@ -615,23 +635,39 @@ mod tests {
     fn small_metadata_shares_one_block_and_large_metadata_does_not() {
         use core::sync::atomic::Ordering::Relaxed;
         let os = OsMemory;
-        let small = [PAGE_SIZE, 100, 3 * PAGE_SIZE + 1];
-        let got: Vec<_> = small.iter().map(|&n| os.alloc_meta(n).unwrap()).collect();
-        let big = os.alloc_meta(META_BLOCK_MAX_REQUEST + 1).unwrap();
-        let base = META_BASE.load(Relaxed);
+        // `OsMemory` carves from the process's block, which other tests of this binary
+        // may have used up: the carving is tested on a block of its own, the request
+        // path through `alloc_meta` for what it must always give.
+        let block = MetaBlock::new();
+        let small = [PAGE_SIZE, 4096, 3 * PAGE_SIZE];
+        let got: Vec<_> = small.iter().map(|&n| block.carve(n).unwrap()).collect();
+        let base = block.base.load(Relaxed);
         assert!(base != 0 && base != META_BLOCK_NONE);
-        assert!(META_USED.load(Relaxed) <= META_BLOCK);
+        assert_eq!(block.used.load(Relaxed), small.iter().sum::<usize>());
+        // Carved in order, back to back.
+        let mut at = base;
+        for (&p, &n) in got.iter().zip(&small) {
+            assert_eq!(p.as_ptr() as usize, at);
+            at += n;
+        }
+        // Too large for the block, and a block that is full: the caller maps its own.
+        assert!(block.carve(META_BLOCK_MAX_REQUEST + PAGE_SIZE).is_none());
+        while block.carve(META_BLOCK_MAX_REQUEST).is_some() {}
+        assert!(block.used.load(Relaxed) <= META_BLOCK);
+        assert!(block
+            .carve(META_BLOCK - block.used.load(Relaxed) + PAGE_SIZE)
+            .is_none());
+        let big = os.alloc_meta(META_BLOCK_MAX_REQUEST + 1).unwrap();
+        let odd = os.alloc_meta(100).unwrap();
         let in_block = |p: NonNull<u8>| (base..base + META_BLOCK).contains(&(p.as_ptr() as usize));
-        // Other tests of this binary may carve from the block too, but only a few
-        // pages: these requests fit.
-        assert!(got.iter().all(|&p| in_block(p)), "{got:?} not in {base:#x}");
-        assert!(!in_block(big));
+        assert!(!in_block(big) && !in_block(odd));
         let mut ranges: Vec<_> = got
             .iter()
             .zip(small)
             .map(|(p, n)| (p.as_ptr() as usize, n))
             .collect();
         ranges.push((big.as_ptr() as usize, META_BLOCK_MAX_REQUEST + 1));
+        ranges.push((odd.as_ptr() as usize, 100));
         for &(a, n) in &ranges {
             assert_eq!(a % os_page_size().unwrap(), 0);
             // SAFETY: fresh metadata memory of at least `n` bytes, ours alone.
