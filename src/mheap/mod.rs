@@ -71,6 +71,8 @@ use crate::mspan::{
 };
 use crate::os::{MemSource, OsError, PAGE_SHIFT};
 use crate::pagealloc::PageAlloc;
+#[cfg(not(spanheap_loom))]
+use crate::pagealloc::{FixedSummary, ROOT_REGION_SHIFT};
 use crate::pagecache::GatedCache;
 use crate::scavenger::Scavenger;
 use crate::sizeclasses::{CLASS_TO_NOBJS, CLASS_TO_SIZE};
@@ -133,8 +135,12 @@ pub(crate) struct Locked {
 
 impl Locked {
     const fn new() -> Self {
+        Self::with_pages(PageAlloc::new())
+    }
+
+    const fn with_pages(pages: PageAlloc) -> Self {
         Locked {
-            pages: PageAlloc::new(),
+            pages,
             spanalloc: FixAlloc::new(),
             bitsalloc: [
                 RawFixAlloc::new(BITS_MAPS * 8 * BITS_WORDS[0], 8),
@@ -304,6 +310,14 @@ impl<M: MemSource> MHeap<M> {
     ) -> Self {
         let mut h = Self::with_writer(mem, writer);
         h.scavenger = Scavenger::new(true, bg);
+        // The page allocator's root summaries, region table and the summary block of
+        // the first arenas' region are in `.bss`: no `mmap` for them at start-up.
+        static FIXED_SUMMARY: FixedSummary = FixedSummary::new();
+        // SAFETY: zero-initialised and static; this function builds the process-wide
+        // heap, once (the `HEAP` static), so no other page allocator uses the storage.
+        let pages =
+            unsafe { PageAlloc::with_fixed(&FIXED_SUMMARY, FIRST_ARENA_HINT >> ROOT_REGION_SHIFT) };
+        h.locked = Mutex::new(Locked::with_pages(pages), crate::lockrank::HEAP);
         h
     }
     #[cfg(spanheap_loom)]

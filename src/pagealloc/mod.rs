@@ -46,12 +46,18 @@
 //!   `end` (free pages at its end). A leaf entry covers one chunk; a root entry covers
 //!   16 GiB = 2^21 pages. Each level is one flat array indexed by address, so the
 //!   children of entry `i` are entries `8i .. 8i+8` of the next level, 64 bytes in one
-//!   cache line. The five arrays (585 MiB of address space in all, mostly for the leaf
-//!   level) are reserved once, on the first [`grow`](PageAlloc::grow), and only the OS
-//!   pages that hold entries covering grown address space are mapped; a bitmap of
-//!   mapped 8 KiB units records which, because mapping a unit a second time would
-//!   replace it with zeros. The whole root level (128 KiB) is mapped at once, so a
-//!   search may read any root entry.
+//!   cache line. The root level is one array of 2^14 entries (128 KiB), so that a
+//!   search may read any root entry. Below it the tree is stored by *region*, the
+//!   16 GiB a root entry covers: one block per region holds that region's entries of
+//!   the four lower levels (8 + 64 + 512 + 4,096 entries, 37 KiB), made the first time
+//!   a chunk of the region is grown, never freed, and found through a table of 2^14
+//!   block pointers. Root array, table and blocks come from
+//!   [`MemSource::alloc_meta`] (lazily backed: a block's pages are touched only as its
+//!   entries are written), except in the process-wide heap, where the root array, the
+//!   table and the block of the first arenas' region are a [`FixedSummary`] in `.bss`.
+//!   (Go reserves the five levels as flat arrays, 585 MiB of address space, and maps
+//!   pieces of them; spanheap did too. Blocks cost no reservation, which a process
+//!   under `RLIMIT_AS` would pay from its first allocation, and no `mmap` at start-up.)
 //!
 //! * **Packing.** `start`, `max` and `end` get 21 bits each. A value of 2^21 (all pages
 //!   of a root entry free) does not fit, and only arises when the root entry is
@@ -92,8 +98,8 @@
 //! 3. `search_addr <= address of the first free page` of the heap.
 //! 4. A scavenged bit is only set on a free page of a grown chunk.
 //! 5. `free` and `scav` equal the number of free pages and of scavenged pages.
-//! 6. Every summary entry that covers a grown chunk lies in a mapped unit, as does the
-//!    whole root level; a unit is mapped at most once.
+//! 6. The root array exists once anything was grown, and the block of every region
+//!    with a grown chunk exists; a region's block is made at most once.
 //! 7. A chunk with free pages that are not scavenged has its dirty mark set.
 
 mod bits;
@@ -101,9 +107,9 @@ mod scav;
 #[cfg(test)]
 mod tests;
 
-use core::ptr::{self, NonNull};
+use core::ptr;
 
-use crate::os::{MemSource, OsError, ADDR_LIMIT, MAX_OS_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE};
+use crate::os::{MemSource, OsError, ADDR_LIMIT, PAGE_SHIFT, PAGE_SIZE};
 
 use bits::Chunk;
 pub(crate) use scav::ScavPolicy;
@@ -140,19 +146,56 @@ const LEVEL_BITS: [u32; LEVELS] = [14, 3, 3, 3, 3];
 const LEVEL_SHIFT: [u32; LEVELS] = level_shifts();
 /// Entries in each level's array.
 const LEVEL_ENTRIES: [usize; LEVELS] = level_entries();
-/// Byte offset of each level's array inside the summary reservation.
-const LEVEL_OFFSET: [usize; LEVELS] = level_offsets();
-/// Bytes of the whole summary reservation (585 MiB).
-const SUMMARY_BYTES: usize = LEVEL_OFFSET[LEAF] + LEVEL_ENTRIES[LEAF] * 8;
-/// Granularity at which summary memory is mapped and tracked. A multiple of every
-/// supported OS page size.
-const MAP_UNIT: usize = MAX_OS_PAGE_SIZE;
-/// Units in the summary reservation.
-const MAP_UNITS: usize = SUMMARY_BYTES / MAP_UNIT;
-/// Words of the bitmap of mapped units.
-const MAP_WORDS: usize = MAP_UNITS.div_ceil(64);
 /// Words of the bitmap of nonzero root entries.
 const ROOT_WORDS: usize = LEVEL_ENTRIES[0] / 64;
+/// log2 of the address space one root entry covers (16 GiB): the region of an
+/// address is `address >> ROOT_REGION_SHIFT`.
+pub(crate) const ROOT_REGION_SHIFT: u32 = LEVEL_SHIFT[0];
+/// Entries of the root level.
+const ROOT_ENTRIES: usize = LEVEL_ENTRIES[0];
+/// Word offset of each lower level's entries in a region's block (index 0 unused): 8
+/// entries of level 1, then 64 of level 2, 512 of level 3 and 4,096 leaves.
+const REGION_OFFSET: [usize; LEVELS] = region_offsets();
+/// Words of a region's block (37 KiB).
+const REGION_WORDS: usize = REGION_OFFSET[LEAF] + (1 << (3 * LEAF));
+
+const fn region_offsets() -> [usize; LEVELS] {
+    let mut o = [0; LEVELS];
+    let mut l = 2;
+    while l < LEVELS {
+        o[l] = o[l - 1] + (1 << (3 * (l - 1)));
+        l += 1;
+    }
+    o
+}
+
+/// Zero-initialised storage for a page allocator's root array, its table of region
+/// blocks and one region's block, so that a heap living in that region obtains no
+/// summary memory at all: the process-wide heap's, whose first arenas go to
+/// `mheap::FIRST_ARENA_HINT` (region 40). A static of this type is in `.bss`: pages the
+/// kernel maps zero-filled with the program, touched only as entries are written.
+/// (Start-up: summary memory cost four `mmap`s and a 585 MiB reservation in every
+/// process, docs/design.md.)
+#[repr(C, align(64))]
+pub(crate) struct FixedSummary {
+    root: core::cell::UnsafeCell<[u64; ROOT_ENTRIES]>,
+    table: core::cell::UnsafeCell<[*mut u64; ROOT_ENTRIES]>,
+    block: core::cell::UnsafeCell<[u64; REGION_WORDS]>,
+}
+
+// SAFETY: the storage is only reached through the one `PageAlloc` built on it
+// (`PageAlloc::with_fixed`'s contract), under whatever protects that `PageAlloc`.
+unsafe impl Sync for FixedSummary {}
+
+impl FixedSummary {
+    pub(crate) const fn new() -> Self {
+        FixedSummary {
+            root: core::cell::UnsafeCell::new([0; ROOT_ENTRIES]),
+            table: core::cell::UnsafeCell::new([ptr::null_mut(); ROOT_ENTRIES]),
+            block: core::cell::UnsafeCell::new([0; REGION_WORDS]),
+        }
+    }
+}
 
 const fn level_shifts() -> [u32; LEVELS] {
     let mut s = [0; LEVELS];
@@ -175,27 +218,16 @@ const fn level_entries() -> [usize; LEVELS] {
     e
 }
 
-const fn level_offsets() -> [usize; LEVELS] {
-    let mut o = [0; LEVELS];
-    let mut l = 1;
-    while l < LEVELS {
-        o[l] = o[l - 1] + LEVEL_ENTRIES[l - 1] * 8;
-        l += 1;
-    }
-    o
-}
-
 const _: () = {
     assert!(LEVEL_SHIFT[0] + LEVEL_BITS[0] == 48 && ADDR_LIMIT == 1 << 48);
     assert!(LEVEL_ENTRIES[0] == 1 << LEVEL_BITS[0] && LEVEL_ENTRIES[LEAF] == CHUNK_COUNT);
     // Every level below the root has 8 children per parent (`merge` takes 8).
     assert!(LEVEL_BITS[1] == 3 && LEVEL_BITS[2] == 3 && LEVEL_BITS[3] == 3);
     assert!(LEVEL_BITS[4] == 3);
-    // Units never straddle two levels, and a block of 8 sibling entries (64 bytes)
-    // never straddles two units.
-    assert!(LEVEL_OFFSET[1] % MAP_UNIT == 0 && LEVEL_OFFSET[2] % MAP_UNIT == 0);
-    assert!(LEVEL_OFFSET[3] % MAP_UNIT == 0 && LEVEL_OFFSET[4] % MAP_UNIT == 0);
-    assert!(SUMMARY_BYTES % MAP_UNIT == 0 && MAP_UNIT % 64 == 0);
+    // A region's entries of each level start 64-byte aligned in its block, so that
+    // 8 siblings are one cache line.
+    assert!(REGION_OFFSET[2] % 8 == 0 && REGION_OFFSET[3] % 8 == 0);
+    assert!(REGION_OFFSET[4] % 8 == 0 && REGION_WORDS * 8 % 64 == 0);
     assert!(CHUNK_PAGES == 64 * CHUNK_WORDS);
 };
 
@@ -368,12 +400,16 @@ pub(crate) struct PageAlloc {
     /// The chunk map's first level: L2 arrays by `chunk index >> L2_BITS`; null where
     /// no chunk of that 32 GiB has been grown.
     l1: [*mut L2; L1_ENTRIES],
-    /// Start of the summary reservation, holding the level arrays at [`LEVEL_OFFSET`];
-    /// null before the first grow.
-    sums: *mut u64,
-    /// Bit `u` set: unit `u` (of [`MAP_UNIT`] bytes) of the summary reservation is
-    /// mapped (readable, writable, zero where never written).
-    mapped: [u64; MAP_WORDS],
+    /// The root level's [`ROOT_ENTRIES`] summaries; null before the first grow.
+    root: *mut u64,
+    /// Table of [`ROOT_ENTRIES`] region blocks (each [`REGION_WORDS`] summaries of the
+    /// lower levels, or null where no chunk of the region was ever grown); null before
+    /// the first grow.
+    regions: *mut *mut u64,
+    /// A zero-filled block to use for region `fixed_region` when it is first needed
+    /// (a [`FixedSummary`]'s), or null.
+    fixed_block: *mut u64,
+    fixed_region: usize,
     /// Bit `i` set: root entry `i` is nonzero (has a free page). Lets a search skip
     /// the empty root entries in a few word operations.
     root_free: [u64; ROOT_WORDS],
@@ -411,8 +447,10 @@ impl PageAlloc {
     pub(crate) const fn new() -> Self {
         PageAlloc {
             l1: [ptr::null_mut(); L1_ENTRIES],
-            sums: ptr::null_mut(),
-            mapped: [0; MAP_WORDS],
+            root: ptr::null_mut(),
+            regions: ptr::null_mut(),
+            fixed_block: ptr::null_mut(),
+            fixed_region: 0,
             root_free: [0; ROOT_WORDS],
             search_addr: ADDR_LIMIT,
             end_chunk: 0,
@@ -423,6 +461,21 @@ impl PageAlloc {
             clock: 0,
             scav_cursor: 0,
         }
+    }
+
+    /// An empty page allocator whose root array, region table and block of region
+    /// `region` are `storage` (no summary memory obtained while the heap stays there).
+    ///
+    /// # Safety
+    /// `storage` is zero-filled, used by this `PageAlloc` alone, and lives as long as
+    /// it (a static).
+    pub(crate) const unsafe fn with_fixed(storage: &'static FixedSummary, region: usize) -> Self {
+        let mut pa = Self::new();
+        pa.root = storage.root.get().cast::<u64>();
+        pa.regions = storage.table.get().cast::<*mut u64>();
+        pa.fixed_block = storage.block.get().cast::<u64>();
+        pa.fixed_region = region;
+        pa
     }
 
     /// Free pages in the heap.
@@ -480,70 +533,79 @@ impl PageAlloc {
         Some(&mut l2.chunks[k])
     }
 
-    /// The unit of the summary reservation holding entry `i` of level `l`.
+    /// The block of region `r` (null if none was made).
     #[inline]
-    fn unit_of(l: usize, i: usize) -> usize {
-        (LEVEL_OFFSET[l] + i * 8) / MAP_UNIT
+    fn region_block(&self, r: usize) -> *mut u64 {
+        if self.regions.is_null() || r >= ROOT_ENTRIES {
+            return ptr::null_mut();
+        }
+        // SAFETY: `regions` holds ROOT_ENTRIES pointers (obtained in `grow` or given to
+        // `with_fixed`), owned by `self`.
+        unsafe { *self.regions.add(r) }
     }
 
-    #[inline]
-    fn unit_mapped(&self, u: usize) -> bool {
-        self.mapped[u / 64] >> (u % 64) & 1 != 0
-    }
-
-    /// A pointer to entry `i` of level `l` if that entry exists and is mapped.
+    /// A pointer to entry `i` of level `l` if that entry exists and its storage does.
     #[inline]
     fn sum_ptr(&self, l: usize, i: usize) -> Option<*mut u64> {
-        if self.sums.is_null() || i >= LEVEL_ENTRIES[l] || !self.unit_mapped(Self::unit_of(l, i)) {
+        if i >= LEVEL_ENTRIES[l] {
             return None;
         }
-        // SAFETY: `LEVEL_OFFSET[l] / 8 + i` is inside the `SUMMARY_BYTES` reservation
-        // that `sums` starts (i < LEVEL_ENTRIES[l]).
-        Some(unsafe { self.sums.add(LEVEL_OFFSET[l] / 8 + i) })
+        if l == 0 {
+            // SAFETY: the root array holds ROOT_ENTRIES words and i < ROOT_ENTRIES.
+            return (!self.root.is_null()).then(|| unsafe { self.root.add(i) });
+        }
+        let b = self.region_block(i >> (3 * l));
+        // SAFETY: a block holds REGION_WORDS words; the offset is below
+        // REGION_OFFSET[l] + 8^l <= REGION_WORDS.
+        (!b.is_null()).then(|| unsafe { b.add(REGION_OFFSET[l] + (i & ((1 << (3 * l)) - 1))) })
     }
 
-    /// Entry `i` of level `l`. Only mapped entries are ever read (invariant 6); an
-    /// unmapped one reads as "no free pages".
+    /// Entry `i` of level `l`. Only entries with storage are ever read (invariant 6);
+    /// one without reads as "no free pages".
     #[inline]
     fn sum(&self, l: usize, i: usize) -> Sum {
         match self.sum_ptr(l, i) {
-            // SAFETY: the entry is in a mapped unit of our reservation, 8-aligned
-            // (the reservation is unit aligned), and only accessed under `&self`.
+            // SAFETY: an entry of our root array or of a region block, 8-aligned, only
+            // accessed under `&self`.
             Some(p) => Sum(unsafe { p.read() }),
             None => {
-                debug_assert!(false, "read of an unmapped summary ({l}, {i})");
+                debug_assert!(false, "read of a summary without storage ({l}, {i})");
                 Sum::EMPTY
             }
         }
     }
 
     /// The 8 sibling entries `first..first + 8` of level `l` (`first` a multiple of 8),
-    /// with one mapping check: a block of siblings is 64 bytes and never straddles a
-    /// mapping unit. An unmapped block reads as "no free pages".
+    /// with one storage check: siblings share their parent's region, so they are 64
+    /// contiguous bytes of one block (or of the root array). Without storage they read
+    /// as "no free pages".
     #[inline]
     fn sum_block(&self, l: usize, first: usize) -> [Sum; 8] {
         debug_assert!(first % 8 == 0);
         match self.sum_ptr(l, first) {
-            // SAFETY: the block lies in the same mapped unit as its first entry (units
-            // are multiples of 64 bytes and blocks are 64-byte aligned), inside the
-            // level (level sizes are multiples of 8 entries), and `&self` excludes
-            // writers.
+            // SAFETY: the 8 siblings lie in the same storage as the first (same region
+            // block, or the root array), contiguous and inside it (a region holds a
+            // multiple of 8 entries of each level), and `&self` excludes writers.
             Some(p) => unsafe { p.cast::<[u64; 8]>().read() }.map(Sum),
             None => {
-                debug_assert!(false, "read of an unmapped summary block ({l}, {first})");
+                debug_assert!(
+                    false,
+                    "read of a summary block without storage ({l}, {first})"
+                );
                 [Sum::EMPTY; 8]
             }
         }
     }
 
-    /// Writes entry `i` of level `l` (which must be mapped; otherwise nothing happens).
+    /// Writes entry `i` of level `l` (which must have storage; otherwise nothing
+    /// happens).
     #[inline]
     fn set_sum(&mut self, l: usize, i: usize, s: Sum) {
         match self.sum_ptr(l, i) {
             // SAFETY: as in `sum`; `&mut self` makes this the only access.
             Some(p) => unsafe { p.write(s.0) },
             None => {
-                debug_assert!(false, "write of an unmapped summary ({l}, {i})");
+                debug_assert!(false, "write of a summary without storage ({l}, {i})");
                 return;
             }
         }
@@ -604,20 +666,26 @@ impl PageAlloc {
         };
         let (c0, c1) = (base >> LOG_CHUNK_SIZE, limit >> LOG_CHUNK_SIZE);
 
-        // 1. All metadata memory, before any state changes.
-        if self.sums.is_null() {
-            // OS page alignment is enough: units are multiples of every OS page
-            // size, and a stricter alignment would cost trimming calls.
-            let p = mem.reserve(SUMMARY_BYTES, crate::os::os_page_size()?, 0)?;
-            self.sums = p.as_ptr().cast();
+        // 1. All metadata memory, before any state changes: the root array and the
+        // region table (the first time), the block of each region of the new range.
+        if self.root.is_null() {
+            self.root = mem.alloc_meta(ROOT_ENTRIES * 8)?.as_ptr().cast();
         }
-        // The whole root level, so that searches may read any root entry, and each
-        // lower level's entries for the new range.
-        let mut ranges = [(0, 0, LEVEL_ENTRIES[0]); LEVELS];
-        for (l, &shift) in LEVEL_SHIFT.iter().enumerate().skip(1) {
-            ranges[l] = (l, base >> shift, ((limit - 1) >> shift) + 1);
+        if self.regions.is_null() {
+            self.regions = mem.alloc_meta(ROOT_ENTRIES * 8)?.as_ptr().cast();
         }
-        self.map_summaries(mem, &ranges)?;
+        for r in base >> ROOT_REGION_SHIFT..=(limit - 1) >> ROOT_REGION_SHIFT {
+            if !self.region_block(r).is_null() {
+                continue;
+            }
+            let b = if r == self.fixed_region && !self.fixed_block.is_null() {
+                core::mem::replace(&mut self.fixed_block, ptr::null_mut())
+            } else {
+                mem.alloc_meta(REGION_WORDS * 8)?.as_ptr().cast()
+            };
+            // SAFETY: r < ROOT_ENTRIES (limit <= ADDR_LIMIT), and the table is ours.
+            unsafe { *self.regions.add(r) = b };
+        }
         // `update` below reads each of these entries before writing it: touch their
         // pages for writing first (one fault per fresh page instead of two).
         let per_page = crate::os::os_page_size()? / 8;
@@ -625,8 +693,8 @@ impl PageAlloc {
             let mut i = base >> shift;
             while i <= (limit - 1) >> shift {
                 if let Some(p) = self.sum_ptr(l, i) {
-                    // SAFETY: a mapped entry of our reservation, 8-aligned; `&mut self`
-                    // excludes every other access.
+                    // SAFETY: an entry with storage, 8-aligned; `&mut self` excludes
+                    // every other access.
                     unsafe { crate::os::touch_for_write(p) };
                 }
                 i = (i / per_page + 1) * per_page;
@@ -672,55 +740,6 @@ impl PageAlloc {
             self.search_addr = base;
         }
         self.update(c0, c1, None);
-        Ok(())
-    }
-
-    /// Maps the units of the summary reservation holding entries `[lo, hi)` of level
-    /// `l`, for each `(l, lo, hi)` of `ranges`, that are not mapped yet. Each unit is
-    /// mapped at most once, and neighbouring unmapped units are mapped in one call,
-    /// across levels too (the first growth maps the root and the first level's
-    /// entries, which are neighbours, together).
-    fn map_summaries(
-        &mut self,
-        mem: &dyn MemSource,
-        ranges: &[(usize, usize, usize)],
-    ) -> Result<(), OsError> {
-        debug_assert!(!self.sums.is_null());
-        // The unmapped units [run.0, run.1) not mapped yet.
-        let mut run = (0, 0);
-        for &(l, lo, hi) in ranges {
-            debug_assert!(lo < hi && hi <= LEVEL_ENTRIES[l]);
-            let end = (LEVEL_OFFSET[l] + hi * 8).div_ceil(MAP_UNIT);
-            for u in Self::unit_of(l, lo)..end {
-                if self.unit_mapped(u) {
-                    continue;
-                }
-                if run.1 != u {
-                    self.map_units(mem, run.0, run.1)?;
-                    run.0 = u;
-                }
-                run.1 = u + 1;
-            }
-        }
-        self.map_units(mem, run.0, run.1)
-    }
-
-    /// Maps the summary units `[u, v)`, none of which is mapped yet, in one call.
-    fn map_units(&mut self, mem: &dyn MemSource, u: usize, v: usize) -> Result<(), OsError> {
-        if u == v {
-            return Ok(());
-        }
-        debug_assert!(u < v && v <= MAP_UNITS && (u..v).all(|w| !self.unit_mapped(w)));
-        let addr = self.sums as usize + u * MAP_UNIT;
-        // SAFETY: `sums` is non-null, so `addr` (inside the reservation) is too.
-        let p = unsafe { NonNull::new_unchecked(addr as *mut u8) };
-        // SAFETY: [addr, addr + (v-u) units) lies inside our summary reservation
-        // (v <= MAP_UNITS), is unit (hence OS page) aligned, and is still only
-        // Reserved: no unit in it was mapped before, so nothing is overwritten.
-        unsafe { mem.map(p, (v - u) * MAP_UNIT)? };
-        for w in u..v {
-            self.mapped[w / 64] |= 1 << (w % 64);
-        }
         Ok(())
     }
 

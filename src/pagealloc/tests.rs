@@ -13,6 +13,7 @@ extern crate std;
 use super::bits::{highest_run, next_bit};
 use super::*;
 use crate::os::TestMem;
+use core::ptr::NonNull;
 use std::boxed::Box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -51,8 +52,11 @@ impl PageAlloc {
         v
     }
 
-    fn mapped_units(&self) -> usize {
-        self.mapped.iter().map(|w| w.count_ones() as usize).sum()
+    /// Regions whose block of lower-level summaries exists.
+    fn region_blocks(&self) -> Vec<usize> {
+        (0..ROOT_ENTRIES)
+            .filter(|&r| !self.region_block(r).is_null())
+            .collect()
     }
 
     /// Recomputes everything derivable and compares: invariants 1-6 of the module doc.
@@ -107,9 +111,10 @@ impl PageAlloc {
         if grown.is_empty() {
             return;
         }
-        for u in 0..Self::unit_of(1, 0) {
-            assert!(self.unit_mapped(u), "root level unit {u} unmapped");
-        }
+        assert!(
+            !self.root.is_null() && !self.regions.is_null(),
+            "no root array"
+        );
         for i in 0..LEVEL_ENTRIES[0] {
             let bit = self.root_free[i / 64] >> (i % 64) & 1 != 0;
             assert_eq!(bit, !self.sum(0, i).is_empty(), "root_free bit {i}");
@@ -132,8 +137,8 @@ impl PageAlloc {
             idx.dedup();
             for i in idx {
                 assert!(
-                    self.unit_mapped(Self::unit_of(l, i)),
-                    "summary ({l}, {i:#x}) unmapped"
+                    self.sum_ptr(l, i).is_some(),
+                    "summary ({l}, {i:#x}) has no storage"
                 );
                 let s = self.sum(l, i);
                 let ancestor = if l == 0 {
@@ -1063,44 +1068,46 @@ fn top_of_the_address_space() {
 // -- summary memory -------------------------------------------------------------------
 
 #[test]
-fn summary_units_are_mapped_once_and_kept() {
+fn region_blocks_are_made_once_and_kept() {
+    let region = |ci: usize| (ci << LOG_CHUNK_SIZE) >> ROOT_REGION_SHIFT;
     let mem = TrackingMem::new();
     let mut pa = new_pa();
     pa.grow(&mem, addr(BASE, 0), CHUNK_SIZE).unwrap();
     assert_eq!(pa.alloc(10), Some((addr(BASE, 0), 10 * PAGE_SIZE)));
-    // The root level (16 units) and one unit of each other level.
-    assert_eq!(pa.mapped_units(), 16 + 4);
-    // A neighbour shares every unit: nothing new is mapped, nothing is zeroed.
+    // The root array, the region table, the chunks' L2 array and one region block.
+    assert_eq!(mem.maps.lock().unwrap().len(), 4);
+    assert_eq!(pa.region_blocks(), [region(BASE)]);
+    // A neighbour shares the block: nothing new is made, nothing is zeroed.
     pa.grow(&mem, addr(BASE + 1, 0), CHUNK_SIZE).unwrap();
-    assert_eq!(pa.mapped_units(), 20);
+    assert_eq!(mem.maps.lock().unwrap().len(), 4);
     assert_eq!(
         pa.sum(LEAF, BASE).start(),
         0,
         "the old leaf summary survived"
     );
     pa.check_invariants();
-    // A leaf unit holds 1024 chunks; BASE is aligned to every unit.
+    // A region holds 4,096 chunks (16 GiB); BASE is a region's first chunk.
     pa.grow(&mem, addr(BASE + 1024, 0), CHUNK_SIZE).unwrap();
-    assert_eq!(pa.mapped_units(), 21);
+    assert_eq!(pa.region_blocks(), [region(BASE)]);
     pa.grow(&mem, addr(BASE - 1, 0), CHUNK_SIZE).unwrap();
-    assert_eq!(pa.mapped_units(), 25);
-    // Far away (just below 2^47), then a region over several leaf units, then one
-    // that fills the gap between two others.
+    assert_eq!(pa.region_blocks(), [region(BASE - 1), region(BASE)]);
+    // Far away (just below 2^47), then a range over several regions, then one that
+    // fills the gap between two others.
     pa.grow(&mem, (1 << 47) - CHUNK_SIZE, 2 * CHUNK_SIZE)
         .unwrap();
+    let far = ((1 << 47) - CHUNK_SIZE) >> ROOT_REGION_SHIFT;
     assert_eq!(
-        pa.mapped_units(),
-        25 + 8,
-        "2^47 is a unit boundary in each of the 4 lower levels"
+        pa.region_blocks(),
+        [region(BASE - 1), region(BASE), far, far + 1]
     );
-    pa.grow(&mem, addr(2 * BASE, 0), 3000 * CHUNK_SIZE).unwrap();
+    pa.grow(&mem, addr(2 * BASE, 0), 9000 * CHUNK_SIZE).unwrap();
     assert_eq!(
-        pa.mapped_units(),
-        33 + 3 + 1 + 1 + 1,
-        "3000 chunks span 3 leaf units"
+        pa.region_blocks().len(),
+        4 + 3,
+        "9000 chunks from a region's start span 3 regions"
     );
     pa.grow(&mem, addr(BASE + 2, 0), 1022 * CHUNK_SIZE).unwrap();
-    assert_eq!(pa.mapped_units(), 39);
+    assert_eq!(pa.region_blocks().len(), 7);
     pa.check_invariants();
     assert_eq!(
         pa.alloc(1022 * 512 + 510 + 512),
@@ -1191,7 +1198,8 @@ fn failed_grow_changes_nothing() {
         mem.fail_in(k);
         let far = 0x7000_0000_0000;
         match pa.grow(&mem, far, CHUNK_SIZE) {
-            Ok(()) => assert!(k >= 6),
+            // Its region's block and the chunks' L2 array: two calls each.
+            Ok(()) => assert!(k >= 4),
             Err(_) => {
                 failures += 1;
                 assert_eq!((pa.free_pages(), pa.scavenged_pages()), (24, 24));
@@ -1204,7 +1212,7 @@ fn failed_grow_changes_nothing() {
         assert_eq!(pa.alloc(25), Some((far, 25 * PAGE_SIZE)));
         pa.check_invariants();
     }
-    assert_eq!(failures, 8 + 6);
+    assert_eq!(failures, 8 + 4);
 }
 
 #[test]
@@ -1669,31 +1677,120 @@ fn randomized_against_reference() {
     assert!(rf.pos(CHUNK_COUNT - 1).is_some() && rf.pos(1 << 47 >> LOG_CHUNK_SIZE).is_some());
 }
 
+/// A page allocator on fixed storage for region `region`, and the storage (leaked: it
+/// must outlive the allocator, as the process-wide heap's static does).
+fn new_fixed_pa(region: usize) -> (Box<PageAlloc>, &'static FixedSummary) {
+    let storage: &'static FixedSummary = Box::leak(Box::new(FixedSummary::new()));
+    // SAFETY: fresh, zero-filled, leaked storage that only this allocator uses.
+    (
+        Box::new(unsafe { PageAlloc::with_fixed(storage, region) }),
+        storage,
+    )
+}
+
 #[test]
-fn neighbouring_summary_units_are_mapped_in_one_call() {
-    // Growth at 640 GiB (where the heap's first arena goes): its level-1 entry lies in
-    // the first unit after the root level, so the root and that unit are mapped by one
-    // call; levels 2 to 4 take one call each.
+fn fixed_summaries_need_no_memory_in_their_region() {
+    // Region 40 is the 16 GiB from 640 GiB, where the heap's first arena goes.
+    let region = 40;
+    let base = region << ROOT_REGION_SHIFT;
     let mem = TrackingMem::new();
-    let mut pa = new_pa();
-    let base = 0xa0_0000_0000;
-    pa.grow(&mem, base, 2 * CHUNK_SIZE).unwrap();
-    let maps = mem.maps.lock().unwrap().clone();
-    let root = maps[0].0;
-    assert_eq!(maps[0].1 - root, LEVEL_OFFSET[1] + MAP_UNIT, "{maps:x?}");
-    assert_eq!(
-        maps.len(),
-        5,
-        "root + L1, L2, L3, L4, the chunks' L2 array: {maps:x?}"
-    );
-    for (l, &(a, e)) in maps[1..4].iter().enumerate() {
-        let entry = root + LEVEL_OFFSET[l + 2] + (base >> LEVEL_SHIFT[l + 2]) * 8;
-        assert!(
-            a <= entry && entry < e && e - a == MAP_UNIT,
-            "level {}: {maps:x?}",
-            l + 2
-        );
-    }
+    let (mut pa, storage) = new_fixed_pa(region);
+    pa.grow(&mem, base, 16 * CHUNK_SIZE).unwrap();
+    // Only the chunks' L2 array was mapped (by `alloc_meta`): no summary memory.
+    assert_eq!(mem.maps.lock().unwrap().len(), 1);
+    assert!(pa.fixed_block.is_null(), "the fixed block is in use");
     pa.check_invariants();
-    assert!(pa.is_free(base, 2 * CHUNK_PAGES));
+    assert_eq!(pa.alloc(CHUNK_PAGES + 1).map(|r| r.0), Some(base));
+    pa.check_invariants();
+    // Growth past the region's end makes the next region's block (one mapping).
+    let top = (region + 1) << ROOT_REGION_SHIFT;
+    pa.grow(&mem, top - 2 * CHUNK_SIZE, 4 * CHUNK_SIZE).unwrap();
+    assert_eq!(mem.maps.lock().unwrap().len(), 2);
+    assert_eq!(pa.region_blocks(), [region, region + 1]);
+    pa.check_invariants();
+    // Entries of the region are read and written in the fixed storage, the others in
+    // the new block (the root entries all in the fixed root array).
+    let fixed = storage as *const FixedSummary as usize;
+    let fixed = fixed..fixed + core::mem::size_of::<FixedSummary>();
+    for (l, &shift) in LEVEL_SHIFT.iter().enumerate() {
+        let inside = pa.sum_ptr(l, (top - 1) >> shift).unwrap() as usize;
+        let outside = pa.sum_ptr(l, top >> shift).unwrap() as usize;
+        assert!(fixed.contains(&inside), "level {l}");
+        assert_eq!(fixed.contains(&outside), l == 0, "level {l}");
+    }
+    // A run across the region's end is found through both storages (once the lower
+    // part, which first fit prefers, is full).
+    let rest = 16 * CHUNK_PAGES - (CHUNK_PAGES + 1);
+    assert_eq!(
+        pa.alloc(rest).map(|r| r.0),
+        Some(base + (CHUNK_PAGES + 1) * PAGE_SIZE)
+    );
+    assert_eq!(
+        pa.alloc(4 * CHUNK_PAGES).map(|r| r.0),
+        Some(top - 2 * CHUNK_SIZE)
+    );
+    pa.check_invariants();
+}
+
+#[test]
+fn fixed_and_obtained_summaries_give_the_same_answers() {
+    // The same operations on a page allocator with fixed storage for region 40 and on
+    // one that obtains all of its summary memory: every answer agrees, and both keep
+    // their invariants. The heap straddles the region's end, so searches cross from
+    // the fixed block to an obtained one.
+    let region = 40;
+    let (bottom, top) = (
+        region << ROOT_REGION_SHIFT,
+        (region + 1) << ROOT_REGION_SHIFT,
+    );
+    let (mut a, _) = new_fixed_pa(region);
+    let mut b = new_pa();
+    // Ranges at several places of the region, so that entries at both ends and in the
+    // middle of every level's part of the storage are used.
+    for (base, size) in [
+        (bottom, 4 * CHUNK_SIZE),
+        (bottom + (768 << 20), 4 * CHUNK_SIZE),
+        (bottom + (8 << 30) + (3 << 28), 4 * CHUNK_SIZE),
+        (top - 8 * CHUNK_SIZE, 8 * CHUNK_SIZE),
+        (top, 8 * CHUNK_SIZE),
+        (top - 64 * CHUNK_SIZE, 4 * CHUNK_SIZE),
+    ] {
+        a.grow(&TestMem, base, size).unwrap();
+        b.grow(&TestMem, base, size).unwrap();
+    }
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut live: Vec<(usize, usize)> = Vec::new();
+    for step in 0..3000 {
+        if next() % 3 != 0 || live.is_empty() {
+            let n = match next() % 10 {
+                0 => 1 + (next() % (3 * CHUNK_PAGES as u64)) as usize,
+                _ => 1 + (next() % 64) as usize,
+            };
+            let (x, y) = (a.alloc(n), b.alloc(n));
+            assert_eq!(x, y, "step {step}: alloc({n})");
+            if let Some((p, _)) = x {
+                live.push((p, n));
+            }
+        } else {
+            let (p, n) = live.swap_remove((next() % live.len() as u64) as usize);
+            a.free(p, n);
+            b.free(p, n);
+        }
+        assert_eq!(
+            (a.free_pages(), a.scavenged_pages()),
+            (b.free_pages(), b.scavenged_pages())
+        );
+        if step % 500 == 0 {
+            a.check_invariants();
+            b.check_invariants();
+        }
+    }
+    a.check_invariants();
+    b.check_invariants();
 }
