@@ -256,15 +256,38 @@ pub(crate) unsafe fn realloc<M: MemSource>(
             q = alloc(heap, new_size, align, false, None);
         }
     }
-    if !q.is_null() {
+    if q.is_null() {
+        return q;
+    }
+    // A big block moves by its page tables (`mremap`), not by copying its bytes.
+    let moved = match (NonNull::new(p), NonNull::new(q)) {
+        // SAFETY: both blocks are live, page aligned, distinct (hence not overlapping:
+        // spans never do) and ours; `q`'s contents are not needed.
+        (Some(src), Some(dst)) if old_pages >= MOVE_MIN_PAGES => unsafe {
+            heap.mem().move_pages(src, dst, old_pages << PAGE_SHIFT)
+        },
+        _ => None,
+    };
+    match moved {
         // SAFETY: both blocks are live, distinct, and at least this long.
-        unsafe {
+        None => unsafe {
             ptr::copy_nonoverlapping(p, q, old_size.min(new_size));
             dealloc(heap, p, tc);
-        }
+        },
+        // The old block's pages are fresh (zero, unbacked) memory again.
+        // SAFETY: a live block, freed once.
+        Some(true) => unsafe { dealloc(heap, p, tc) },
+        // The old block's range could not be mapped again (the OS refused a mapping):
+        // its span stays allocated for good, so that nobody is handed the hole.
+        Some(false) => {}
     }
     q
 }
+
+/// Blocks of at least this many pages (4 MiB) move by `mremap` when a realloc cannot
+/// grow them in place; smaller ones are copied (two system calls cost about as much as
+/// copying a few hundred KiB, and each move can leave the kernel's mappings split).
+const MOVE_MIN_PAGES: usize = (4 << 20) >> PAGE_SHIFT;
 
 /// The process-wide entry points behind `SpanHeap` (small objects through the thread
 /// caches, large ones through the functions above).
@@ -732,6 +755,54 @@ mod tests {
 
     fn heap() -> &'static MHeap<TestMem> {
         Box::leak(Box::new(MHeap::new(TestMem)))
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "moves pages with mremap")]
+    fn a_big_block_that_cannot_grow_in_place_moves_its_pages() {
+        let h = heap();
+        let (mib, page) = (1usize << 20, 4096);
+        let a = alloc(h, 16 * mib, 8, false, None);
+        // A neighbour right behind it, so that `a` cannot grow in place.
+        let b = alloc(h, mib, 8, false, None);
+        assert_eq!(
+            b as usize,
+            a as usize + 16 * mib,
+            "first fit put b elsewhere"
+        );
+        // SAFETY: live blocks of these sizes.
+        unsafe {
+            for off in (0..16 * mib).step_by(page) {
+                a.add(off).write((off / page) as u8 | 1);
+            }
+            b.write_bytes(0x5A, mib);
+        }
+        // SAFETY: `a` is a live block of 16 MiB, alignment 8.
+        let c = unsafe { realloc(h, a, 16 * mib, 8, 48 * mib, None) };
+        assert!(!c.is_null() && c != a);
+        // SAFETY: `c` is live with 48 MiB, `b` with 1 MiB.
+        unsafe {
+            for off in (0..16 * mib).step_by(page) {
+                assert_eq!(c.add(off).read(), (off / page) as u8 | 1, "offset {off}");
+            }
+            c.add(48 * mib - 1).write(7);
+            assert!(core::slice::from_raw_parts(b, mib)
+                .iter()
+                .all(|&x| x == 0x5A));
+        }
+        // The old range was moved, not copied: it is mapped again, free, and reads as
+        // zero (a copy would have left the old bytes there, freed but resident).
+        let old = unsafe { core::slice::from_raw_parts(a, 16 * mib) };
+        assert!(
+            old.iter().step_by(page).all(|&x| x == 0),
+            "the block was copied"
+        );
+        // SAFETY: live blocks, freed once.
+        unsafe {
+            dealloc(h, c, None);
+            dealloc(h, b, None);
+        }
+        assert_eq!(h.counters().heap_inuse, 0);
     }
 
     #[test]

@@ -121,6 +121,21 @@ pub unsafe trait MemSource: Sync {
         }
     }
 
+    /// Moves the pages of `[src, src + len)` to `[dst, dst + len)` without copying their
+    /// bytes (the OS moves the page tables), then makes the source range Prepared again
+    /// (zero-filled, holding no memory). `None`: nothing moved, both ranges unchanged
+    /// (the caller copies); `Some(true)`: moved; `Some(false)`: moved, but the source
+    /// range could not be made usable again and must never be touched (or handed out)
+    /// again. A source that cannot move pages says `None` (the default).
+    ///
+    /// # Safety
+    /// Both ranges are page aligned, do not overlap, and are Ready memory of this
+    /// source that only the caller uses; `dst`'s old contents are discarded.
+    unsafe fn move_pages(&self, src: NonNull<u8>, dst: NonNull<u8>, len: usize) -> Option<bool> {
+        let _ = (src, dst, len);
+        None
+    }
+
     /// None -> Ready in one step, for the allocator's own metadata.
     fn alloc_meta(&self, size: usize) -> Result<NonNull<u8>, OsError> {
         let page = os_page_size()?;
@@ -294,6 +309,44 @@ unsafe impl MemSource for OsMemory {
     unsafe fn commit(&self, _ptr: NonNull<u8>, _size: usize) {
         // Prepared memory is already readable and writable on Linux; the kernel
         // supplies zero pages on first touch.
+    }
+
+    unsafe fn move_pages(&self, src: NonNull<u8>, dst: NonNull<u8>, len: usize) -> Option<bool> {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault_injection::fail(crate::fault_injection::Kind::Map) {
+            return None;
+        }
+        // SAFETY: both ranges are ours and unused by anybody else (caller's contract);
+        // MREMAP_FIXED replaces `dst`'s mapping, whose contents the caller discards. On
+        // failure (EFAULT when the source spans two kernel mappings, ENOMEM past
+        // `vm.max_map_count`) nothing has moved.
+        let r = unsafe {
+            libc::mremap(
+                src.as_ptr().cast(),
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dst.as_ptr().cast::<libc::c_void>(),
+            )
+        };
+        if r != dst.as_ptr().cast() {
+            return None;
+        }
+        // The source range is now unmapped: put fresh memory back so that the heap's
+        // arena has no hole.
+        // SAFETY: the range was ours a moment ago and nothing else can have mapped it:
+        // MAP_FIXED over our own former range.
+        let p = unsafe {
+            libc::mmap(
+                src.as_ptr().cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        Some(p == src.as_ptr().cast())
     }
 
     unsafe fn decommit(&self, ptr: NonNull<u8>, size: usize) -> bool {

@@ -678,6 +678,11 @@ impl<M: MemSource> MHeap<M> {
     }
 
     /// A snapshot of the counters.
+    /// The OS memory source.
+    pub(crate) fn mem(&self) -> &M {
+        &self.mem
+    }
+
     pub(crate) fn counters(&self) -> HeapCounters {
         let st = &self.gauges;
         let pages_in_use = self.pages_in_use.load(Ordering::Acquire) as u64;
