@@ -109,16 +109,7 @@ pub unsafe trait MemSource: Sync {
         align: usize,
         hint: usize,
     ) -> Result<NonNull<u8>, OsError> {
-        let p = self.reserve(size, align, hint)?;
-        // SAFETY: `p` is a fresh reservation of exactly `size` bytes.
-        match unsafe { self.map(p, size) } {
-            Ok(()) => Ok(p),
-            Err(e) => {
-                // SAFETY: the whole reservation, never handed out.
-                unsafe { self.release(p, size) };
-                Err(e)
-            }
-        }
+        reserve_then_map(self, size, align, hint)
     }
 
     /// Moves the pages of `[src, src + len)` to `[dst, dst + len)` without copying their
@@ -226,26 +217,15 @@ unsafe impl MemSource for OsMemory {
         {
             return Err(OsError::NoMemory(libc::ENOMEM));
         }
-        let flags = libc::MAP_PRIVATE
-            | libc::MAP_ANONYMOUS
-            | if at_hint {
-                libc::MAP_FIXED_NOREPLACE
-            } else {
-                0
-            };
-        let want = if at_hint { hint } else { 0 };
-        // SAFETY: an anonymous mapping; without MAP_FIXED the kernel picks a free range,
-        // and MAP_FIXED_NOREPLACE fails rather than replace an existing mapping.
-        let p = unsafe {
-            libc::mmap(
-                want as *mut libc::c_void,
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
+        let flags = if at_hint {
+            libc::MAP_FIXED_NOREPLACE
+        } else {
+            0
         };
+        let want = if at_hint { hint } else { 0 };
+        // SAFETY: without MAP_FIXED the kernel picks a free range, and
+        // MAP_FIXED_NOREPLACE fails rather than replace an existing mapping.
+        let p = unsafe { mmap_rw(want, size, flags) };
         if p == libc::MAP_FAILED {
             if at_hint {
                 // Taken (or refused): anywhere else, aligned.
@@ -290,16 +270,7 @@ unsafe impl MemSource for OsMemory {
         // mapping if the range was written before.
         // SAFETY: the caller guarantees the range is inside our reservation, so
         // MAP_FIXED cannot clobber anybody else's mapping.
-        let p = unsafe {
-            libc::mmap(
-                ptr.as_ptr().cast(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
+        let p = unsafe { mmap_rw(ptr.as_ptr() as usize, size, libc::MAP_FIXED) };
         if p == libc::MAP_FAILED {
             return Err(OsError::NoMemory(errno()));
         }
@@ -336,16 +307,7 @@ unsafe impl MemSource for OsMemory {
         // arena has no hole.
         // SAFETY: the range was ours a moment ago and nothing else can have mapped it:
         // MAP_FIXED over our own former range.
-        let p = unsafe {
-            libc::mmap(
-                src.as_ptr().cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
+        let p = unsafe { mmap_rw(src.as_ptr() as usize, len, libc::MAP_FIXED) };
         Some(p == src.as_ptr().cast())
     }
 
@@ -459,17 +421,8 @@ impl MetaBlock {
 /// `size` bytes (page aligned) of fresh zero-filled read-write memory wherever the
 /// kernel puts it, below [`ADDR_LIMIT`].
 fn map_fresh(size: usize) -> Result<NonNull<u8>, OsError> {
-    // SAFETY: an anonymous mapping; without MAP_FIXED the kernel picks a free range.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
+    // SAFETY: without MAP_FIXED the kernel picks a free range.
+    let p = unsafe { mmap_rw(0, size, 0) };
     if p == libc::MAP_FAILED {
         return Err(OsError::NoMemory(errno()));
     }
@@ -483,10 +436,10 @@ fn map_fresh(size: usize) -> Result<NonNull<u8>, OsError> {
     Ok(p)
 }
 
-/// `reserve` then `map` (the trait's default `reserve_mapped`), for `OsMemory`'s
-/// override to fall back on.
-fn reserve_then_map(
-    m: &OsMemory,
+/// `reserve` then `map` of the whole range, releasing it if the map fails: the trait's
+/// default `reserve_mapped`, and `OsMemory`'s fallback.
+fn reserve_then_map<M: MemSource + ?Sized>(
+    m: &M,
     size: usize,
     align: usize,
     hint: usize,
@@ -500,6 +453,27 @@ fn reserve_then_map(
             unsafe { m.release(p, size) };
             Err(e)
         }
+    }
+}
+
+/// `mmap` of `size` bytes of private anonymous read-write memory at `addr` (0: where
+/// the kernel likes), with `flags` added (MAP_FIXED, MAP_FIXED_NOREPLACE or none).
+/// Returns what `mmap` returns, `MAP_FAILED` included.
+///
+/// # Safety
+/// With MAP_FIXED, `[addr, addr + size)` must be the caller's own range (it is
+/// replaced).
+unsafe fn mmap_rw(addr: usize, size: usize, flags: libc::c_int) -> *mut libc::c_void {
+    // SAFETY: an anonymous mapping; the caller vouches for a MAP_FIXED range.
+    unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
     }
 }
 

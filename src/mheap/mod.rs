@@ -677,12 +677,12 @@ impl<M: MemSource> MHeap<M> {
         self.pages_in_use.load(Ordering::Acquire)
     }
 
-    /// A snapshot of the counters.
     /// The OS memory source.
     pub(crate) fn mem(&self) -> &M {
         &self.mem
     }
 
+    /// A snapshot of the counters.
     pub(crate) fn counters(&self) -> HeapCounters {
         let st = &self.gauges;
         let pages_in_use = self.pages_in_use.load(Ordering::Acquire) as u64;

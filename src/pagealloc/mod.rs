@@ -44,9 +44,9 @@
 //!   address space with three numbers packed into a `u64`: `start` (free pages at the
 //!   beginning of the region), `max` (the longest run of free pages inside it) and
 //!   `end` (free pages at its end). A leaf entry covers one chunk; a root entry covers
-//!   16 GiB = 2^21 pages. Each level is one flat array indexed by address, so the
-//!   children of entry `i` are entries `8i .. 8i+8` of the next level, 64 bytes in one
-//!   cache line. The root level is one array of 2^14 entries (128 KiB), so that a
+//!   16 GiB = 2^21 pages. Entries are numbered by address at each level, so the
+//!   children of entry `i` are entries `8i .. 8i+8` of the next level, stored side by
+//!   side: 64 bytes in one cache line. The root level is one array of 2^14 entries (128 KiB), so that a
 //!   search may read any root entry. Below it the tree is stored by *region*, the
 //!   16 GiB a root entry covers: one block per region holds that region's entries of
 //!   the four lower levels (8 + 64 + 512 + 4,096 entries, 37 KiB), made the first time
@@ -157,13 +157,18 @@ const ROOT_ENTRIES: usize = LEVEL_ENTRIES[0];
 /// entries of level 1, then 64 of level 2, 512 of level 3 and 4,096 leaves.
 const REGION_OFFSET: [usize; LEVELS] = region_offsets();
 /// Words of a region's block (37 KiB).
-const REGION_WORDS: usize = REGION_OFFSET[LEAF] + (1 << (3 * LEAF));
+const REGION_WORDS: usize = REGION_OFFSET[LEAF] + per_region(LEAF);
+
+/// Entries of level `l` (1..LEVELS) under one root entry: 8^l.
+const fn per_region(l: usize) -> usize {
+    1 << (3 * l)
+}
 
 const fn region_offsets() -> [usize; LEVELS] {
     let mut o = [0; LEVELS];
     let mut l = 2;
     while l < LEVELS {
-        o[l] = o[l - 1] + (1 << (3 * (l - 1)));
+        o[l] = o[l - 1] + per_region(l - 1);
         l += 1;
     }
     o
@@ -554,10 +559,10 @@ impl PageAlloc {
             // SAFETY: the root array holds ROOT_ENTRIES words and i < ROOT_ENTRIES.
             return (!self.root.is_null()).then(|| unsafe { self.root.add(i) });
         }
-        let b = self.region_block(i >> (3 * l));
+        let b = self.region_block(i / per_region(l));
         // SAFETY: a block holds REGION_WORDS words; the offset is below
-        // REGION_OFFSET[l] + 8^l <= REGION_WORDS.
-        (!b.is_null()).then(|| unsafe { b.add(REGION_OFFSET[l] + (i & ((1 << (3 * l)) - 1))) })
+        // REGION_OFFSET[l] + per_region(l) <= REGION_WORDS.
+        (!b.is_null()).then(|| unsafe { b.add(REGION_OFFSET[l] + i % per_region(l)) })
     }
 
     /// Entry `i` of level `l`. Only entries with storage are ever read (invariant 6);
@@ -789,8 +794,8 @@ impl PageAlloc {
     /// the range is part of the heap and free (None otherwise, nothing changed).
     /// Returns how many of its pages were scavenged (the rest were free and dirty).
     ///
-    /// The chunk map's L2 arrays and the summary memory stay (mapped units are never
-    /// unmapped), ready for the range, or another, to be grown again.
+    /// The chunk map's L2 arrays and the summary blocks stay (they are never freed),
+    /// ready for the range, or another, to be grown again.
     pub(crate) fn shrink(&mut self, base: usize, size: usize) -> Option<usize> {
         let aligned = base % CHUNK_SIZE == 0 && size % CHUNK_SIZE == 0 && size != 0;
         debug_assert!(aligned, "shrink({base:#x}, {size:#x}) is not chunk aligned");
@@ -822,7 +827,7 @@ impl PageAlloc {
             };
             l2.grown[k / 64] &= !(1 << (k % 64));
             l2.dirty[k / 64] &= !(1 << (k % 64));
-            // The leaf is in a mapped unit: the chunk was grown.
+            // The leaf has storage: the chunk was grown.
             self.set_sum(LEAF, ci, Sum::EMPTY);
         }
         let pages = size >> PAGE_SHIFT;

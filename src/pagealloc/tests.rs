@@ -1758,19 +1758,13 @@ fn fixed_and_obtained_summaries_give_the_same_answers() {
         a.grow(&TestMem, base, size).unwrap();
         b.grow(&TestMem, base, size).unwrap();
     }
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut live: Vec<(usize, usize)> = Vec::new();
     for step in 0..3000 {
-        if next() % 3 != 0 || live.is_empty() {
-            let n = match next() % 10 {
-                0 => 1 + (next() % (3 * CHUNK_PAGES as u64)) as usize,
-                _ => 1 + (next() % 64) as usize,
+        if rng.below(3) != 0 || live.is_empty() {
+            let n = match rng.below(10) {
+                0 => 1 + rng.below(3 * CHUNK_PAGES),
+                _ => 1 + rng.below(64),
             };
             let (x, y) = (a.alloc(n), b.alloc(n));
             assert_eq!(x, y, "step {step}: alloc({n})");
@@ -1778,7 +1772,7 @@ fn fixed_and_obtained_summaries_give_the_same_answers() {
                 live.push((p, n));
             }
         } else {
-            let (p, n) = live.swap_remove((next() % live.len() as u64) as usize);
+            let (p, n) = live.swap_remove(rng.below(live.len()));
             a.free(p, n);
             b.free(p, n);
         }
