@@ -261,6 +261,9 @@ impl HeapArena {
                 PAGES_PER_ARENA / 8,
             );
             init_atomics(ptr::addr_of_mut!((*a).zeroed_base), 1);
+            // `zeroed_base` is read before it is first written: fault its page (with
+            // the in-use bitmap) in for writing now, once, instead of twice.
+            crate::os::touch_for_write(ptr::addr_of_mut!((*a).zeroed_base).cast::<u64>());
         }
         Ok((p, bytes))
     }

@@ -546,6 +546,7 @@ pub(crate) unsafe fn touch_for_write(p: *mut u64) {
 
 /// The OS page size, read once. Errors if it is larger than [`MAX_OS_PAGE_SIZE`]; the
 /// first such error prints one line on stderr.
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 pub fn os_page_size() -> Result<usize, OsError> {
     // Not part of the concurrent core: a racy first read of a constant of the process.
     use core::sync::atomic::{AtomicUsize, Ordering};
@@ -563,6 +564,15 @@ pub fn os_page_size() -> Result<usize, OsError> {
         return Err(OsError::UnsupportedPageSize(p));
     }
     Ok(p)
+}
+
+/// The OS page size: x86-64 Linux has 4 KiB base pages, always, so there is nothing to
+/// ask or to keep (a static read first and written once cost every start-up two page
+/// faults on a page of its own).
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[inline]
+pub fn os_page_size() -> Result<usize, OsError> {
+    Ok(4096)
 }
 
 /// `membarrier` registration: not tried yet, registered, or not available.

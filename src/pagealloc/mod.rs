@@ -46,15 +46,15 @@
 //!   `end` (free pages at its end). A leaf entry covers one chunk; a root entry covers
 //!   16 GiB = 2^21 pages. Entries are numbered by address at each level, so the
 //!   children of entry `i` are entries `8i .. 8i+8` of the next level, stored side by
-//!   side: 64 bytes in one cache line. The root level is one array of 2^14 entries (128 KiB), so that a
-//!   search may read any root entry. Below it the tree is stored by *region*, the
-//!   16 GiB a root entry covers: one block per region holds that region's entries of
-//!   the four lower levels (8 + 64 + 512 + 4,096 entries, 37 KiB), made the first time
-//!   a chunk of the region is grown, never freed, and found through a table of 2^14
-//!   block pointers. Root array, table and blocks come from
-//!   [`MemSource::alloc_meta`] (lazily backed: a block's pages are touched only as its
-//!   entries are written), except in the process-wide heap, where the root array, the
-//!   table and the block of the first arenas' region are a [`FixedSummary`] in `.bss`.
+//!   side: 64 bytes in one cache line. The root level is one array of 2^14 entries, so
+//!   that a search may read any root entry. Below it the tree is stored by *region*,
+//!   the 16 GiB a root entry covers: one block per region holds that region's entries
+//!   of the four lower levels (8 + 64 + 512 + 4,096 entries, 37 KiB), made the first
+//!   time a chunk of the region is grown, never freed, and found through a pointer
+//!   kept beside the region's root entry (256 KiB for both). Root array and blocks
+//!   come from [`MemSource::alloc_meta`] (lazily backed: a block's pages are touched
+//!   only as its entries are written), except in the process-wide heap, where the root
+//!   array and the block of the first arenas' region are a [`FixedSummary`] in `.bss`.
 //!   (Go reserves the five levels as flat arrays, 585 MiB of address space, and maps
 //!   pieces of them; spanheap did too. Blocks cost no reservation, which a process
 //!   under `RLIMIT_AS` would pay from its first allocation, and no `mmap` at start-up.)
@@ -174,8 +174,18 @@ const fn region_offsets() -> [usize; LEVELS] {
     o
 }
 
-/// Zero-initialised storage for a page allocator's root array, its table of region
-/// blocks and one region's block, so that a heap living in that region obtains no
+/// A root-level summary and the block of its region's lower levels (null where no
+/// chunk of the region was ever grown), side by side: the two are used together, and
+/// a heap's first growth then touches one OS page for both instead of one each.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Root {
+    sum: u64,
+    block: *mut u64,
+}
+
+/// Zero-initialised storage for a page allocator's root array (with its region
+/// table) and one region's block, so that a heap living in that region obtains no
 /// summary memory at all: the process-wide heap's, whose first arenas go to
 /// `mheap::FIRST_ARENA_HINT` (region 40). A static of this type is in `.bss`: pages the
 /// kernel maps zero-filled with the program, touched only as entries are written.
@@ -183,8 +193,7 @@ const fn region_offsets() -> [usize; LEVELS] {
 /// process, docs/design.md.)
 #[repr(C, align(64))]
 pub(crate) struct FixedSummary {
-    root: core::cell::UnsafeCell<[u64; ROOT_ENTRIES]>,
-    table: core::cell::UnsafeCell<[*mut u64; ROOT_ENTRIES]>,
+    root: core::cell::UnsafeCell<[Root; ROOT_ENTRIES]>,
     block: core::cell::UnsafeCell<[u64; REGION_WORDS]>,
 }
 
@@ -195,8 +204,12 @@ unsafe impl Sync for FixedSummary {}
 impl FixedSummary {
     pub(crate) const fn new() -> Self {
         FixedSummary {
-            root: core::cell::UnsafeCell::new([0; ROOT_ENTRIES]),
-            table: core::cell::UnsafeCell::new([ptr::null_mut(); ROOT_ENTRIES]),
+            root: core::cell::UnsafeCell::new(
+                [Root {
+                    sum: 0,
+                    block: ptr::null_mut(),
+                }; ROOT_ENTRIES],
+            ),
             block: core::cell::UnsafeCell::new([0; REGION_WORDS]),
         }
     }
@@ -341,8 +354,6 @@ fn merge(kids: &[Sum; 8], log_child_pages: u32) -> Sum {
 /// One second-level array of the chunk map: the chunks of 32 GiB of address space.
 #[repr(C)]
 struct L2 {
-    /// The chunk records; meaningful only for grown chunks.
-    chunks: [Chunk; L2_ENTRIES],
     /// Bit `k` set: chunk `k` of this array has been grown into the heap.
     grown: [u64; L2_ENTRIES / 64],
     /// Bit `k` set: chunk `k` may hold free pages that are not scavenged (set when
@@ -350,6 +361,9 @@ struct L2 {
     /// scavenger's index, so that a pass visits only chunks with work (Go's
     /// `scavengeIndex`).
     dirty: [u64; L2_ENTRIES / 64],
+    /// The chunk records; meaningful only for grown chunks. After the two bitmaps, so
+    /// that growing the heap's first chunks touches one OS page of this array, not two.
+    chunks: [Chunk; L2_ENTRIES],
     /// Clock (milliseconds, wrapping) of the last free into chunk `k`: the scavenger
     /// leaves chunks alone until their pages have stayed free for its delay.
     freed_at: [u32; L2_ENTRIES],
@@ -405,12 +419,9 @@ pub(crate) struct PageAlloc {
     /// The chunk map's first level: L2 arrays by `chunk index >> L2_BITS`; null where
     /// no chunk of that 32 GiB has been grown.
     l1: [*mut L2; L1_ENTRIES],
-    /// The root level's [`ROOT_ENTRIES`] summaries; null before the first grow.
-    root: *mut u64,
-    /// Table of [`ROOT_ENTRIES`] region blocks (each [`REGION_WORDS`] summaries of the
-    /// lower levels, or null where no chunk of the region was ever grown); null before
-    /// the first grow.
-    regions: *mut *mut u64,
+    /// The root level's [`ROOT_ENTRIES`] summaries, each with its region's block
+    /// ([`REGION_WORDS`] summaries of the lower levels); null before the first grow.
+    root: *mut Root,
     /// A zero-filled block to use for region `fixed_region` when it is first needed
     /// (a [`FixedSummary`]'s), or null.
     fixed_block: *mut u64,
@@ -453,7 +464,6 @@ impl PageAlloc {
         PageAlloc {
             l1: [ptr::null_mut(); L1_ENTRIES],
             root: ptr::null_mut(),
-            regions: ptr::null_mut(),
             fixed_block: ptr::null_mut(),
             fixed_region: 0,
             root_free: [0; ROOT_WORDS],
@@ -468,7 +478,7 @@ impl PageAlloc {
         }
     }
 
-    /// An empty page allocator whose root array, region table and block of region
+    /// An empty page allocator whose root array and block of region
     /// `region` are `storage` (no summary memory obtained while the heap stays there).
     ///
     /// # Safety
@@ -476,8 +486,7 @@ impl PageAlloc {
     /// it (a static).
     pub(crate) const unsafe fn with_fixed(storage: &'static FixedSummary, region: usize) -> Self {
         let mut pa = Self::new();
-        pa.root = storage.root.get().cast::<u64>();
-        pa.regions = storage.table.get().cast::<*mut u64>();
+        pa.root = storage.root.get().cast::<Root>();
         pa.fixed_block = storage.block.get().cast::<u64>();
         pa.fixed_region = region;
         pa
@@ -541,12 +550,12 @@ impl PageAlloc {
     /// The block of region `r` (null if none was made).
     #[inline]
     fn region_block(&self, r: usize) -> *mut u64 {
-        if self.regions.is_null() || r >= ROOT_ENTRIES {
+        if self.root.is_null() || r >= ROOT_ENTRIES {
             return ptr::null_mut();
         }
-        // SAFETY: `regions` holds ROOT_ENTRIES pointers (obtained in `grow` or given to
+        // SAFETY: `root` holds ROOT_ENTRIES entries (obtained in `grow` or given to
         // `with_fixed`), owned by `self`.
-        unsafe { *self.regions.add(r) }
+        unsafe { (*self.root.add(r)).block }
     }
 
     /// A pointer to entry `i` of level `l` if that entry exists and its storage does.
@@ -557,7 +566,8 @@ impl PageAlloc {
         }
         if l == 0 {
             // SAFETY: the root array holds ROOT_ENTRIES words and i < ROOT_ENTRIES.
-            return (!self.root.is_null()).then(|| unsafe { self.root.add(i) });
+            return (!self.root.is_null())
+                .then(|| unsafe { ptr::addr_of_mut!((*self.root.add(i)).sum) });
         }
         let b = self.region_block(i / per_region(l));
         // SAFETY: a block holds REGION_WORDS words; the offset is below
@@ -671,15 +681,16 @@ impl PageAlloc {
         };
         let (c0, c1) = (base >> LOG_CHUNK_SIZE, limit >> LOG_CHUNK_SIZE);
 
-        // 1. All metadata memory, before any state changes: the root array and the
-        // region table (the first time), the block of each region of the new range.
+        // 1. All metadata memory, before any state changes: the root array (the first
+        // time), the block of each region of the new range.
         if self.root.is_null() {
-            self.root = mem.alloc_meta(ROOT_ENTRIES * 8)?.as_ptr().cast();
-        }
-        if self.regions.is_null() {
-            self.regions = mem.alloc_meta(ROOT_ENTRIES * 8)?.as_ptr().cast();
+            let bytes = ROOT_ENTRIES * core::mem::size_of::<Root>();
+            self.root = mem.alloc_meta(bytes)?.as_ptr().cast();
         }
         for r in base >> ROOT_REGION_SHIFT..=(limit - 1) >> ROOT_REGION_SHIFT {
+            // SAFETY: r < ROOT_ENTRIES (limit <= ADDR_LIMIT); the root array is ours.
+            // Touched for writing first: a fresh entry is read, then written.
+            unsafe { crate::os::touch_for_write(ptr::addr_of_mut!((*self.root.add(r)).sum)) };
             if !self.region_block(r).is_null() {
                 continue;
             }
@@ -688,8 +699,8 @@ impl PageAlloc {
             } else {
                 mem.alloc_meta(REGION_WORDS * 8)?.as_ptr().cast()
             };
-            // SAFETY: r < ROOT_ENTRIES (limit <= ADDR_LIMIT), and the table is ours.
-            unsafe { *self.regions.add(r) = b };
+            // SAFETY: r < ROOT_ENTRIES (limit <= ADDR_LIMIT), and the array is ours.
+            unsafe { (*self.root.add(r)).block = b };
         }
         // `update` below reads each of these entries before writing it: touch their
         // pages for writing first (one fault per fresh page instead of two).
