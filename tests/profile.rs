@@ -214,8 +214,10 @@ fn realloc_zeroed_and_aligned_blocks_are_followed() {
 }
 
 #[inline(never)]
-fn fork_site(n: usize) -> Vec<Box<[u8; 512]>> {
-    (0..n).map(|_| black_box(Box::new([1u8; 512]))).collect()
+fn fork_site(n: usize) -> Vec<Box<[u8]>> {
+    (0..n)
+        .map(|_| black_box(vec![1u8; 512].into_boxed_slice()))
+        .collect()
 }
 
 /// `fork()` while another thread samples: the child's tables are consistent and
@@ -286,8 +288,11 @@ fn varint(b: &[u8], i: &mut usize) -> u64 {
     }
 }
 
-/// The fields of one message: (field number, varint value or bytes).
-fn fields(b: &[u8]) -> Vec<(u64, Result<u64, &[u8]>)> {
+/// A decoded field: its number and its varint value or bytes.
+type Field<'a> = (u64, Result<u64, &'a [u8]>);
+
+/// The fields of one message.
+fn fields(b: &[u8]) -> Vec<Field<'_>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
@@ -306,13 +311,13 @@ fn fields(b: &[u8]) -> Vec<(u64, Result<u64, &[u8]>)> {
     out
 }
 
-fn num(fs: &[(u64, Result<u64, &[u8]>)], f: u64) -> u64 {
+fn num(fs: &[Field<'_>], f: u64) -> u64 {
     fs.iter()
         .find_map(|(n, v)| (*n == f).then(|| *v.as_ref().unwrap()))
         .unwrap_or(0)
 }
 
-fn packed(fs: &[(u64, Result<u64, &[u8]>)], f: u64) -> Vec<u64> {
+fn packed(fs: &[Field<'_>], f: u64) -> Vec<u64> {
     let mut out = Vec::new();
     for (n, v) in fs {
         if *n == f {
@@ -353,7 +358,7 @@ fn pprof_output_decodes_and_names_the_functions() {
         .map(|(_, v)| String::from_utf8(v.unwrap_err().to_vec()).unwrap())
         .collect();
     assert_eq!(strings[0], "");
-    let sub = |f: u64| -> Vec<Vec<(u64, Result<u64, &[u8]>)>> {
+    let sub = |f: u64| -> Vec<Vec<Field<'_>>> {
         top.iter()
             .filter(|(n, _)| *n == f)
             .map(|(_, v)| fields(v.unwrap_err()))
@@ -510,4 +515,57 @@ fn rate_zero_stops_sampling_and_frees_are_still_counted() {
     let p = profile::snapshot().symbolize();
     assert_eq!(site(&p, "before_off_site").0.inuse_objects, 0);
     check_totals();
+}
+
+#[inline(never)]
+fn go_site_gamma() -> Vec<Vec<u8>> {
+    (0..2000).map(|_| black_box(vec![5u8; 3000])).collect()
+}
+
+/// `go tool pprof -top` (Debian's `golang-go`) reads the gzipped profile and names the
+/// site. Skipped, saying so, where `go` is not installed.
+#[test]
+fn go_tool_pprof_reads_the_profile() {
+    let _g = serial();
+    if std::process::Command::new("go")
+        .arg("version")
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        eprintln!("skipped: no `go` (apt-get install golang-go)");
+        return;
+    }
+    profile::set_rate(8192);
+    let keep = go_site_gamma();
+    let path = std::env::temp_dir().join(format!("spanheap-pprof-{}.pb.gz", std::process::id()));
+    profile::write_file(&path).unwrap();
+    drop(keep);
+    let out = std::process::Command::new("go")
+        .args(["tool", "pprof", "-top", "-sample_index=inuse_space"])
+        .arg(&path)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Type: inuse_space"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("go_site_gamma"))
+        .unwrap_or_else(|| panic!("the site is not in the top list:\n{text}"));
+    // flat, the first column, is the site's in-use estimate: about 5.7 MiB.
+    let flat = line.split_whitespace().next().unwrap();
+    let mib = if let Some(v) = flat.strip_suffix("MB") {
+        v.parse::<f64>().unwrap()
+    } else if let Some(v) = flat.strip_suffix("kB") {
+        v.parse::<f64>().unwrap() / 1024.0
+    } else {
+        panic!("{line}")
+    };
+    assert!((4.5..7.0).contains(&mib), "{line}");
 }

@@ -2,9 +2,9 @@
 //! sampling): `backtrace::resolve` (DWARF through gimli where the binary has debug
 //! information, the symbol table otherwise), inlined calls expanded. The allocator's
 //! own frames (spanheap's, the global-allocator shims, the C entry points of the
-//! preload) are trimmed off the leaf end, and buckets whose stacks are then the same
-//! are merged (a bucket's stack differs by the allocator path it took: through
-//! `realloc`, `alloc_zeroed` ...).
+//! preload) and then those of Rust's `alloc` crate are trimmed off the leaf end, and
+//! buckets whose stacks are then the same are merged (a bucket's stack differs by the
+//! allocator path it took: through `realloc`, `alloc_zeroed` ...).
 
 use std::collections::HashMap;
 
@@ -93,11 +93,13 @@ pub(crate) fn allocator_frame(name: &str) -> bool {
         || ENTRIES.contains(&name.strip_prefix("__rustc::").unwrap_or(name))
 }
 
-/// The standard library's thin wrappers around the global allocator
-/// (`alloc::alloc::alloc`, `Global::alloc_impl`, `exchange_malloc` ...): trimmed too
-/// where they are locations of their own (not inlined into their caller).
-fn alloc_shim(name: &str) -> bool {
-    name.starts_with("alloc::alloc::") || name.starts_with("<alloc::alloc::Global as")
+/// Whether `name` is a function of Rust's `alloc` crate (`alloc::alloc::alloc`,
+/// `RawVec::grow_amortized`, `Vec::with_capacity`, `<u8 as SpecFromElem>::from_elem`,
+/// `String::push` ...): the plumbing between a program and the allocator, trimmed off
+/// the leaf end after the allocator's frames, so that the leaf is the program's own
+/// function (as Go's profiles start at the caller of `make` or `new`).
+fn alloc_crate(name: &str) -> bool {
+    name.starts_with("alloc::") || name.starts_with("<alloc::") || name.contains(" as alloc::")
 }
 
 fn resolve(addr: usize) -> Vec<Frame> {
@@ -122,45 +124,58 @@ fn resolve(addr: usize) -> Vec<Frame> {
 }
 
 pub(crate) fn symbolize(p: &Profile) -> Symbolized {
-    // Each distinct return address once.
-    let mut index: HashMap<usize, usize> = HashMap::new();
+    let mut resolved: HashMap<usize, Vec<Frame>> = HashMap::new();
+    // A location per (return address, frames trimmed off its inner end).
+    let mut index: HashMap<(usize, usize), usize> = HashMap::new();
     let mut locations: Vec<Location> = Vec::new();
     let mut stacks: HashMap<Vec<usize>, (Values, u64, u64, u64)> = HashMap::new();
     for b in &p.buckets {
-        let mut locs: Vec<usize> = b
+        for &ip in &b.stack {
+            resolved.entry(ip).or_insert_with(|| resolve(ip));
+        }
+        // Every frame of the stack, leaf first: (position in the stack, frame index).
+        let frames: Vec<(usize, usize)> = b
             .stack
             .iter()
-            .map(|&ip| {
-                *index.entry(ip).or_insert_with(|| {
+            .enumerate()
+            .flat_map(|(i, ip)| (0..resolved[ip].len()).map(move |k| (i, k)))
+            .collect();
+        let name = |&(i, k): &(usize, usize)| resolved[&b.stack[i]][k].function.as_str();
+        // Trim the sampler's and the allocator's frames off the leaf end (up to the last
+        // allocator frame: the entry point the program called), then the `alloc`
+        // crate's. An entry point inlined into its caller leaves a location cut in two:
+        // its outer part becomes a location of its own.
+        let cut = frames
+            .iter()
+            .rposition(|f| allocator_frame(name(f)))
+            .map_or(0, |i| i + 1);
+        let start = cut
+            + frames[cut..]
+                .iter()
+                .take_while(|f| alloc_crate(name(f)))
+                .count();
+        let mut locs: Vec<usize> = Vec::new();
+        if let Some(&(first, skip)) = frames.get(start) {
+            for (i, &ip) in b.stack.iter().enumerate().skip(first) {
+                let skip = if i == first { skip } else { 0 };
+                let l = *index.entry((ip, skip)).or_insert_with(|| {
                     // backtrace::resolve looks up `ip - 1` itself (inside the call).
                     locations.push(Location {
                         addr: ip.saturating_sub(1),
-                        frames: resolve(ip),
+                        frames: resolved[&ip][skip..].to_vec(),
                     });
                     locations.len() - 1
-                })
-            })
-            .collect();
-        // Trim the sampler's and the allocator's frames off the leaf end: everything up
-        // to the last location with an allocator frame (the entry point the program
-        // called), then the standard library's shims that are locations of their own.
-        let cut = locs
-            .iter()
-            .rposition(|&l| {
-                locations[l]
-                    .frames
-                    .iter()
-                    .any(|f| allocator_frame(&f.function))
-            })
-            .map_or(0, |i| i + 1);
-        let shims = locs[cut..]
-            .iter()
-            .take_while(|&&l| {
-                let f = &locations[l].frames;
-                alloc_shim(&f[f.len() - 1].function)
-            })
-            .count();
-        locs.drain(..cut + shims);
+                });
+                locs.push(l);
+            }
+        }
+        // Unknown frames at the root end (the loader's entry without symbols).
+        while locs
+            .last()
+            .is_some_and(|&l| locations[l].frames.iter().all(|f| f.function == "?"))
+        {
+            locs.pop();
+        }
         let e = stacks.entry(locs).or_default();
         e.0.add(&b.values(p.rate));
         e.1 += b.allocs;

@@ -156,8 +156,8 @@ static OBJECT_HEADS: AtomicPtr<AtomicPtr<Object>> = AtomicPtr::new(ptr::null_mut
 #[inline]
 fn object_slot(addr: usize) -> usize {
     // Fibonacci hashing of the address without its low (alignment) bits.
-    ((addr >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - OBJECT_HASH.trailing_zeros()))
-        as usize
+    (((addr as u64) >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        >> (64 - OBJECT_HASH.trailing_zeros())) as usize
 }
 
 fn stack_hash(stack: &[usize]) -> u64 {
