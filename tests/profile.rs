@@ -569,3 +569,44 @@ fn go_tool_pprof_reads_the_profile() {
     };
     assert!((4.5..7.0).contains(&mib), "{line}");
 }
+
+#[inline(never)]
+fn interval_site(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|_| black_box(vec![4u8; 2000])).collect()
+}
+
+/// `SPANHEAP_PROF_INTERVAL_MS`: the profile file appears while the program runs (the
+/// child checks for it before it exits, so the exit writer cannot have made it).
+#[test]
+fn interval_writes_while_running() {
+    if std::env::var_os("SPANHEAP_PROF_TEST_INTERVAL").is_some() {
+        let path = std::path::PathBuf::from(std::env::var_os("SPANHEAP_PROF_FILE").unwrap());
+        let keep = interval_site(1000);
+        let start = std::time::Instant::now();
+        while !path.exists() {
+            assert!(start.elapsed().as_secs() < 20, "no profile written");
+            drop(black_box(interval_site(100)));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("interval_site"), "{text}");
+        drop(keep);
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("spanheap-prof-int-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "interval_writes_while_running",
+            "--test-threads=1",
+        ])
+        .env("SPANHEAP_PROF_TEST_INTERVAL", "1")
+        .env("SPANHEAP_PROF_RATE", "8K")
+        .env("SPANHEAP_PROF_FILE", &path)
+        .env("SPANHEAP_PROF_INTERVAL_MS", "50")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `SPANHEAP_PROF_RATE=<bytes>[K\|M\|G]` | sample on average one allocation per this many bytes allocated (Go's `MemProfileRate`; [`DEFAULT_RATE`] is 512 KiB; `1`: every allocation) |
 //! | `SPANHEAP_PROF_FILE=<path>` | write the profile there when the process exits (format by extension, see [`Format`]); with no rate set, profiling at [`DEFAULT_RATE`] |
+//! | `SPANHEAP_PROF_INTERVAL_MS=<ms>` | also write it (replacing the file) every this many milliseconds while the program allocates: from the first sampled allocation after the interval, on that thread |
 //!
 //! The same variables work under the `LD_PRELOAD` library.
 //!
@@ -277,6 +278,64 @@ pub fn totals() -> Totals {
 static FILE: crate::sync::AtomicPtr<u8> = crate::sync::AtomicPtr::new(core::ptr::null_mut());
 static FILE_LEN: crate::sync::AtomicUsize = crate::sync::AtomicUsize::new(0);
 
+/// `SPANHEAP_PROF_INTERVAL_MS` in nanoseconds (0: none), and when the next periodic
+/// write is due (a thread claims it by moving it on, with a compare-and-swap).
+static INTERVAL_NS: crate::sync::AtomicU64 = crate::sync::AtomicU64::new(0);
+static NEXT_WRITE_NS: crate::sync::AtomicU64 = crate::sync::AtomicU64::new(0);
+
+/// After a sample is recorded (the thread's sampling is off, it holds no allocator
+/// lock): writes the profile to `SPANHEAP_PROF_FILE` if the interval is due. The file
+/// is written to `<path>.tmp` and renamed over `<path>`, so that a reader never sees a
+/// half-written profile.
+pub(crate) fn periodic_write() {
+    use crate::sync::Ordering::Relaxed;
+    let interval = INTERVAL_NS.load(Relaxed);
+    if interval == 0 {
+        return;
+    }
+    let now = crate::os::coarse_now_ns();
+    let due = NEXT_WRITE_NS.load(Relaxed);
+    if now < due
+        || NEXT_WRITE_NS
+            .compare_exchange(due, now + interval, Relaxed, Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    let Some(path) = file_path() else { return };
+    let r = std::panic::catch_unwind(|| {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        // The format of the final name, not of `.tmp`.
+        let p = snapshot().symbolize();
+        let mut f = io::BufWriter::new(std::fs::File::create(&tmp)?);
+        p.write(&mut f, Format::for_path(path))?;
+        io::Write::flush(&mut f)?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    });
+    if !matches!(r, Ok(Ok(()))) {
+        crate::os::write_stderr(
+            b"spanheap: could not write the heap profile (SPANHEAP_PROF_INTERVAL_MS)\n",
+        );
+    }
+}
+
+/// `SPANHEAP_PROF_FILE` as read at start-up.
+fn file_path() -> Option<&'static Path> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = FILE.load(crate::sync::Ordering::Acquire);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `FILE`/`FILE_LEN` describe a string of the environment, which the
+    // process does not free (`getenv`'s result stays valid unless `setenv` replaces
+    // the variable, and glibc never frees the strings it replaces).
+    let bytes =
+        unsafe { core::slice::from_raw_parts(p, FILE_LEN.load(crate::sync::Ordering::Relaxed)) };
+    Some(Path::new(std::ffi::OsStr::from_bytes(bytes)))
+}
+
 /// Reads `SPANHEAP_PROF_RATE` and `SPANHEAP_PROF_FILE` once per process and turns
 /// profiling on if they ask for it. Called when a thread cache goes live (the first
 /// allocation of the process), without allocating itself (`atexit` may).
@@ -295,6 +354,16 @@ pub(crate) fn init_from_env_once() {
         // SAFETY: registering a handler of the right signature; if it fails there is
         // no profile written at exit.
         unsafe { libc::atexit(write_at_exit) };
+        if let Some(ms) =
+            crate::env::env(c"SPANHEAP_PROF_INTERVAL_MS").and_then(crate::env::parse_u32)
+        {
+            let ns = u64::from(ms) * 1_000_000;
+            NEXT_WRITE_NS.store(
+                crate::os::coarse_now_ns() + ns,
+                crate::sync::Ordering::Relaxed,
+            );
+            INTERVAL_NS.store(ns, crate::sync::Ordering::Relaxed);
+        }
     }
     match (rate, file) {
         (Some(r), _) => set_rate(r),
@@ -304,20 +373,9 @@ pub(crate) fn init_from_env_once() {
 }
 
 extern "C" fn write_at_exit() {
-    let p = FILE.load(crate::sync::Ordering::Acquire);
-    if p.is_null() {
-        return;
-    }
-    // SAFETY: `FILE`/`FILE_LEN` describe a string of the environment, which the
-    // process does not free (`getenv`'s result stays valid unless `setenv` replaces
-    // the variable; the name was read at start-up).
-    let bytes =
-        unsafe { core::slice::from_raw_parts(p, FILE_LEN.load(crate::sync::Ordering::Relaxed)) };
+    let Some(path) = file_path() else { return };
     // Never unwind out of an exit handler.
-    let r = std::panic::catch_unwind(|| {
-        use std::os::unix::ffi::OsStrExt;
-        write_file(std::ffi::OsStr::from_bytes(bytes))
-    });
+    let r = std::panic::catch_unwind(|| write_file(path));
     if !matches!(r, Ok(Ok(()))) {
         crate::os::write_stderr(
             b"spanheap: could not write the heap profile (SPANHEAP_PROF_FILE)\n",

@@ -168,6 +168,7 @@ pub(crate) fn after_alloc(p: *mut u8, size: usize) {
         l.next.set(draw(l, rate));
         l.busy.set(true);
         record(p, size);
+        super::periodic_write();
         l.busy.set(false);
     });
 }
