@@ -10,7 +10,7 @@
 //! class 0, call [`after_alloc`] and [`before_free`]; the other out-of-line paths
 //! (large blocks, over-aligned ones, `realloc`, `alloc_zeroed`, C's `free`) test
 //! [`watching`]. So with profiling off the fast paths run the instructions they ran
-//! before (a relaxed byte load is a plain one), and with it on every request costs an
+//! before (a relaxed 32-bit load is a plain one), and with it on every request costs an
 //! out-of-line call more, a thread-local countdown per allocation and one load (the
 //! negative check of `table::remove`) per free.
 //!
@@ -32,6 +32,9 @@
 //! stack buffer, then takes the profile lock to count it in its bucket. While it walks,
 //! the thread's `busy` flag is set: an allocation the unwinder makes is served but not
 //! sampled (and the recursion stops there).
+//!
+//! The out-of-line paths also add a C `free`'s cost (`malloc::global::free_fast` tests
+//! [`watching`] first: two instructions on the preload's `free`) and `alloc_zeroed`'s.
 
 use core::cell::Cell;
 
@@ -51,8 +54,7 @@ static RATE: AtomicUsize = AtomicUsize::new(0);
 /// Bumped by every `set_rate`, so that threads redraw their countdown.
 static RATE_GEN: AtomicUsize = AtomicUsize::new(0);
 
-/// Allocations sampled, frees of sampled objects seen (the tests' cross-check of the
-/// tables' totals). Relaxed counters.
+/// Allocations sampled (the tests' cross-check of the tables' totals). Relaxed.
 static SAMPLED: AtomicU64 = AtomicU64::new(0);
 
 /// The calling thread's sampling state.
