@@ -4,8 +4,9 @@
 //! ```sh
 //! cargo run --release --example profile                # profile at 512 KiB, write 3 files
 //! cargo run --release --example profile -- off         # the same work, profiling off
+//! cargo run --release --example profile -- nowrite     # profiling on, nothing written
 //! go tool pprof -top target/profile-demo/heap.pb.gz    # or pprof -http=: ...
-//! inferno-flamegraph < target/profile-demo/heap.folded > heap.svg
+//! inferno-flamegraph --countname bytes < target/profile-demo/heap.folded > heap.svg
 //! ```
 //!
 //! What it does (known answers): `load_config` leaks 2 MiB of strings for good;
@@ -13,8 +14,9 @@
 //! drops about 400 MiB in 1-8 KiB buffers (churn: allocated, not in use);
 //! `render_page` grows strings by `realloc` and drops them; four `worker` threads each
 //! keep 4 MiB (`worker_buffer`) and churn. It prints the work's time, the peak RSS, and
-//! the top of the profile, and writes `heap.pb.gz`, `heap.folded` and `heap.txt` to
-//! `target/profile-demo` (or the directory given as the first argument).
+//! the top of the profile, and writes `heap.pb.gz`, `heap.folded` and `heap.txt` (in-use
+//! bytes) and `heap-alloc.folded` (allocated bytes) to `target/profile-demo` (or the
+//! directory given as the first argument).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -92,12 +94,14 @@ fn peak_rss_kib() -> u64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let off = args.iter().any(|a| a == "off");
+    // `nowrite`: profile, but stop after the work (for measuring the sampling alone).
+    let nowrite = args.iter().any(|a| a == "nowrite");
     if !off && spanheap::profile::rate() == 0 {
         spanheap::profile::set_rate(spanheap::profile::DEFAULT_RATE);
     }
     let dir = args
         .iter()
-        .find(|a| *a != "off")
+        .find(|a| *a != "off" && *a != "nowrite")
         .cloned()
         .unwrap_or_else(|| "target/profile-demo".to_string());
     let start = Instant::now();
@@ -127,22 +131,27 @@ fn main() {
         config.len(),
         cache.map.len()
     );
-    if off {
+    if off || nowrite {
         return;
     }
     let p = spanheap::profile::snapshot().symbolize();
     let mut out = std::io::stdout();
-    p.write_top(&mut out, spanheap::profile::SampleType::InuseSpace, 8)
-        .unwrap();
+    // (Errors writing to stdout, a closed pipe, are ignored.)
+    let _ = p.write_top(&mut out, spanheap::profile::SampleType::InuseSpace, 8);
     println!();
-    p.write_top(&mut out, spanheap::profile::SampleType::AllocSpace, 8)
-        .unwrap();
+    let _ = p.write_top(&mut out, spanheap::profile::SampleType::AllocSpace, 8);
     std::fs::create_dir_all(&dir).unwrap();
     for name in ["heap.pb.gz", "heap.folded", "heap.txt"] {
         let path = std::path::Path::new(&dir).join(name);
         spanheap::profile::write_file(&path).unwrap();
         println!("wrote {}", path.display());
     }
+    // The allocated bytes too (churn included), for a second flame graph.
+    let path = std::path::Path::new(&dir).join("heap-alloc.folded");
+    let mut f = std::fs::File::create(&path).unwrap();
+    p.write_collapsed(&mut f, spanheap::profile::SampleType::AllocSpace)
+        .unwrap();
+    println!("wrote {}", path.display());
     let t = spanheap::profile::totals();
     println!(
         "{} samples, {} freed, {} stacks, {} KiB of profile metadata",

@@ -1,14 +1,17 @@
 //! The class tables of the allocation and free fast paths (`malloc.rs`): size -> size
 //! class for common requests (`SIZE_CLASS`, a copy of `sizeclasses::SIZE_TO_CLASS`) and
-//! for C's `malloc` (`MALLOC_CLASS`, with glibc's alignment), as atomics so that the heap
-//! profile can turn the fast paths off without adding an instruction to them.
+//! for C's `malloc` (`MALLOC_CLASS`, with glibc's alignment), and the per-class check of
+//! C's `free` fast path (`FREE_CHECK`, `mcache::free_hinted`), as atomics so that the
+//! heap profile can turn the fast paths off without adding an instruction to them (C's
+//! `free`: one, see `FREE_CHECK`).
 //!
 //! The fast paths load a class from these tables anyway. [`route_to_slow_paths`] sets
 //! every entry to class 0, which no cache ever has objects or a span of: every
 //! allocation then misses the thread cache (its class-0 entry is empty) and every free
 //! misses the span-range test (its class-0 span range is empty), and their slow paths
 //! see class 0 and call the profile's hooks (`malloc::global::common_miss` and
-//! `mcache::dealloc_slow`). Nothing ever sets the entries back: a sampled object may be
+//! `mcache::dealloc_slow`); C's `free` finds no class's span bytes to be inside and
+//! takes the validating path, which calls the free hook. Nothing ever sets the entries back: a sampled object may be
 //! freed at any time after.
 //!
 //! Entries are 32-bit: a relaxed atomic load of one is the same single instruction as a
@@ -18,8 +21,10 @@
 //! uses. Relaxed stores: the profile orders them before its rate
 //! (`profile::sample::set_rate`).
 
-use crate::sizeclasses::{MAX_SMALL_SIZE, SIZE_TO_CLASS, SMALL_SIZE_DIV};
-use crate::sync::{AtomicU32, Ordering};
+use crate::sizeclasses::{
+    CLASS_TO_NPAGES, CLASS_TO_SIZE, MAX_SMALL_SIZE, NUM_CLASSES, SIZE_TO_CLASS, SMALL_SIZE_DIV,
+};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 const N: usize = MAX_SMALL_SIZE / SMALL_SIZE_DIV + 1;
 const _: () = assert!(SIZE_TO_CLASS.len() == N && SMALL_SIZE_DIV == 8);
@@ -56,6 +61,40 @@ pub(crate) static MALLOC_CLASS: [AtomicU32; N] = {
     t
 };
 
+/// Per class, what the check of a block against a span of the class needs, together
+/// so that one table address serves both (`mcache::free_hinted`, `at_object_start`).
+#[cfg_attr(feature = "checked", allow(dead_code))] // `span_bytes`: `free_hinted` only
+pub(crate) struct FreeCheck {
+    /// Bytes of a span of the class; 0 (nothing passes) for class 0, and for every
+    /// class once the heap profile routed the fast paths to the slow ones. (An atomic:
+    /// its load is not folded into the compare, one instruction more on C's `free`.)
+    pub(crate) span_bytes: AtomicU64,
+    /// `ceil(2^64 / size)`: an offset `n` below 2^32 is a multiple of the size iff
+    /// `n * divisible mod 2^64 < divisible` (Lemire, Kaser and Kurz, "Faster remainder
+    /// by direct computation", 2019). Offsets in a span are far below 2^32; a test
+    /// checks every offset of every class.
+    pub(crate) divisible: u64,
+}
+
+/// `FreeCheck` of every class.
+pub(crate) static FREE_CHECK: [FreeCheck; NUM_CLASSES] = {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const Z: FreeCheck = FreeCheck {
+        span_bytes: AtomicU64::new(0),
+        divisible: 0,
+    };
+    let mut t = [Z; NUM_CLASSES];
+    let mut c = 1;
+    while c < NUM_CLASSES {
+        t[c] = FreeCheck {
+            span_bytes: AtomicU64::new((CLASS_TO_NPAGES[c] as u64) << crate::os::PAGE_SHIFT),
+            divisible: u64::MAX / CLASS_TO_SIZE[c] as u64 + 1,
+        };
+        c += 1;
+    }
+    t
+};
+
 /// The fast paths' class of a common request of `size <= MAX_SMALL_SIZE` bytes
 /// (alignment at most 8): `sizeclasses::common_class(size)`, or 0 once routed.
 #[inline(always)]
@@ -76,5 +115,8 @@ pub(crate) fn malloc_class(size: usize) -> usize {
 pub(crate) fn route_to_slow_paths() {
     for e in SIZE_CLASS.iter().chain(MALLOC_CLASS.iter()) {
         e.store(0, Ordering::Relaxed);
+    }
+    for c in &FREE_CHECK {
+        c.span_bytes.store(0, Ordering::Relaxed);
     }
 }

@@ -572,10 +572,6 @@ pub(crate) mod global {
             let _ = p;
             false
         }
-        #[cfg(all(not(feature = "checked"), feature = "profile"))]
-        if prof::watching() {
-            return false; // `free_validated` counts a sampled object's free
-        }
         // SAFETY: forwarded.
         #[cfg(not(feature = "checked"))]
         unsafe {

@@ -8,7 +8,7 @@
 //! sets every entry to class 0, which no thread cache ever has an object or a span of.
 //! Every allocation and free then misses its fast path, and the slow paths, seeing
 //! class 0, call [`after_alloc`] and [`before_free`]; the other out-of-line paths
-//! (large blocks, over-aligned ones, `realloc`, `alloc_zeroed`, C's `free`) test
+//! (large blocks, over-aligned ones, `realloc`, `alloc_zeroed`, C's validated `free`) test
 //! [`watching`]. So with profiling off the fast paths run the instructions they ran
 //! before (a relaxed 32-bit load is a plain one), and with it on every request costs an
 //! out-of-line call more, a thread-local countdown per allocation and one load (the
@@ -33,8 +33,9 @@
 //! the thread's `busy` flag is set: an allocation the unwinder makes is served but not
 //! sampled (and the recursion stops there).
 //!
-//! The out-of-line paths also add a C `free`'s cost (`malloc::global::free_fast` tests
-//! [`watching`] first: two instructions on the preload's `free`) and `alloc_zeroed`'s.
+//! Not quite nothing elsewhere: C's `free` fast path (the preload) loads its per-class
+//! span size as an atomic (one instruction more, `fastclass::FREE_CHECK`), and
+//! `alloc_zeroed` tests [`watching`] (two).
 
 use core::cell::Cell;
 
