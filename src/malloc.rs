@@ -333,12 +333,27 @@ pub(crate) mod global {
     #[inline(never)]
     fn common_miss(class: usize, size: usize) -> *mut u8 {
         if class == 0 {
-            return alloc_uncommon(size, 8);
+            return common_watched(size);
         }
         let p = mcache::alloc_slow::<Process>(class);
         #[cfg(feature = "checked")]
         crate::global::checked::on_alloc(p);
         p
+    }
+
+    /// A common request while the heap profile is on (its class table says 0): the
+    /// object of its class, counted down.
+    #[inline(always)]
+    fn common_watched(size: usize) -> *mut u8 {
+        #[cfg(feature = "profile")]
+        {
+            let p = small(crate::sizeclasses::common_class(size));
+            prof::after_alloc(p, size);
+            p
+        }
+        // Without the profile nothing sets the table to 0.
+        #[cfg(not(feature = "profile"))]
+        alloc_uncommon(size, 8)
     }
 
     /// C's `malloc(size)` if the calling thread's cache has an object of the class

@@ -145,8 +145,10 @@ fn draw(l: &Local, rate: usize) -> usize {
 }
 
 /// After an allocation of `size` bytes at `p` (null: failed) that took an out-of-line
-/// path while profiling is on: counts it down and records it if it is the one sampled.
-#[inline(never)]
+/// path while profiling is on: counts it down, and records it if it is the one sampled
+/// (`sample_slow`). Inlined into the out-of-line paths: the countdown is a dozen
+/// instructions without a stack frame of its own.
+#[inline]
 pub(crate) fn after_alloc(p: *mut u8, size: usize) {
     // Acquire: pairs with `set_rate`'s Release, so that this thread's record happens
     // after the stores that route frees to the hooks.
@@ -158,22 +160,34 @@ pub(crate) fn after_alloc(p: *mut u8, size: usize) {
         if l.busy.get() {
             return;
         }
-        let gen = RATE_GEN.load(Ordering::Relaxed);
-        if l.gen.get() != gen {
-            l.gen.set(gen);
-            l.next.set(draw(l, rate));
-        }
         let next = l.next.get();
+        if rate != 1 && size < next && l.gen.get() == RATE_GEN.load(Ordering::Relaxed) {
+            l.next.set(next - size);
+            return;
+        }
+        sample_slow(l, p, size, rate);
+    });
+}
+
+/// `after_alloc` when the countdown runs out, the rate changed (a new draw first) or
+/// the rate is 1.
+#[cold]
+#[inline(never)]
+fn sample_slow(l: &Local, p: *mut u8, size: usize, rate: usize) {
+    let gen = RATE_GEN.load(Ordering::Relaxed);
+    if l.gen.get() != gen {
+        l.gen.set(gen);
+        let next = draw(l, rate);
         if rate != 1 && size < next {
             l.next.set(next - size);
             return;
         }
-        l.next.set(draw(l, rate));
-        l.busy.set(true);
-        record(p, size);
-        super::periodic_write();
-        l.busy.set(false);
-    });
+    }
+    l.next.set(draw(l, rate));
+    l.busy.set(true);
+    record(p, size);
+    super::periodic_write();
+    l.busy.set(false);
 }
 
 /// Walks the stack and records the sample. Out of line so that the stack buffer is

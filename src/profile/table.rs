@@ -1,7 +1,7 @@
 //! The heap profile's tables: stack buckets (Go's `mProf` buckets, `mprof.go`) and the
 //! map of sampled objects that are still live (where Go keeps a `specialprofile` on the
-//! object's span), both in metadata memory from the OS (`MemSource::alloc_meta`), never
-//! from the global allocator.
+//! object's span), both in memory mapped from the OS for the profile
+//! (`MemSource::reserve_mapped`), never from the global allocator.
 //!
 //! *Buckets.* One per distinct call stack (up to [`MAX_DEPTH`] return addresses, leaf
 //! first), found through a chained hash table of `BUCKET_HASH` heads. A bucket holds its
@@ -22,7 +22,7 @@
 //! written under the lock and read without it by the negative check; see
 //! [`Tables::remove`] for why a relaxed load is enough.
 //!
-//! *Memory.* Taken in `CHUNK`s from `OsMemory::alloc_meta` (lazily backed: pages are
+//! *Memory.* Taken in `CHUNK`s from `OsMemory::reserve_mapped` (lazily backed: pages are
 //! resident only once touched) and carved by bumping; the two head arrays are one
 //! allocation each, made when the first sample is recorded. If the OS refuses memory
 //! the sample is dropped and counted (`Totals::dropped`).
@@ -169,12 +169,20 @@ fn stack_hash(stack: &[usize]) -> u64 {
     h
 }
 
+/// `size` bytes (a multiple of 64 KiB) of zero-filled memory mapped for the profile
+/// alone (`MemSource::reserve_mapped`: not carved from the allocator's shared metadata
+/// block, which the profile would otherwise use up), or None if the OS refuses.
+fn os_memory(size: usize) -> Option<NonNull<u8>> {
+    let page = crate::os::os_page_size().ok()?;
+    OsMemory.reserve_mapped(size, page, 0).ok()
+}
+
 impl Tables {
     /// `size` bytes (a multiple of 8) of zeroed metadata, or None if the OS refuses.
     fn carve(&mut self, size: usize) -> Option<NonNull<u8>> {
         if self.bump_end - self.bump < size {
             let chunk = size.max(CHUNK);
-            let p = OsMemory.alloc_meta(chunk).ok()?;
+            let p = os_memory(chunk)?;
             self.totals.meta_bytes += chunk as u64;
             self.bump = p.as_ptr() as usize;
             self.bump_end = self.bump + chunk;
@@ -189,10 +197,10 @@ impl Tables {
         if !self.objects.is_null() {
             return true;
         }
-        let Ok(b) = OsMemory.alloc_meta(BUCKET_HASH * 8) else {
+        let Some(b) = os_memory(BUCKET_HASH * 8) else {
             return false;
         };
-        let Ok(o) = OsMemory.alloc_meta(OBJECT_HASH * 8) else {
+        let Some(o) = os_memory(OBJECT_HASH * 8) else {
             return false;
         };
         self.totals.meta_bytes += (BUCKET_HASH * 8 + OBJECT_HASH * 8) as u64;
