@@ -47,6 +47,8 @@
 
 mod arena;
 mod env;
+#[cfg(not(spanheap_loom))]
+mod fastclass;
 mod fatal;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;
@@ -62,6 +64,8 @@ mod mspan;
 pub mod os;
 mod pagealloc;
 mod pagecache;
+#[cfg(all(feature = "profile", not(spanheap_loom)))]
+pub mod profile;
 mod scavenger;
 mod sizeclasses;
 mod stats;
@@ -149,7 +153,7 @@ pub fn stats() -> Stats {
     let c = global::HEAP.counters();
     s.metadata_released_bytes = c.meta_released;
     s.span_map_pages_dropped = c.span_map_drops;
-    s.locks = global::HEAP.lock_stats();
+    s.locks = lock_stats();
     s.remote = remote_free_stats();
     s
 }
@@ -166,7 +170,8 @@ pub fn remote_free_stats() -> RemoteFreeStats {
 
 /// How much the allocator's shared locks are used and contended: one row per kind of
 /// lock, in lock order (`reclaim`, `stats reader`, `shared cache`, `mcentral` (the 67
-/// size classes' locks summed), `cache records`, `heap`, `stats nop`; see [`LockStats`]). Cumulative
+/// size classes' locks summed), `cache records`, `heap`, `stats nop`, `profile` (the
+/// heap profile's, feature `profile`); see [`LockStats`]). Cumulative
 /// counts; take two readings and subtract ([`LockStats::since`]) to measure a piece
 /// of work. Cheap: it reads each lock's counters (no lock taken, no allocation).
 /// [`stats()`] reports the same in [`Stats::locks`], and `SPANHEAP_STATS=1` prints it
@@ -184,7 +189,11 @@ pub fn remote_free_stats() -> RemoteFreeStats {
 /// ```
 #[cfg(not(spanheap_loom))]
 pub fn lock_stats() -> [LockStats; LOCK_KINDS] {
-    global::HEAP.lock_stats()
+    #[allow(unused_mut)]
+    let mut t = global::HEAP.lock_stats();
+    #[cfg(feature = "profile")]
+    LockStats::add(&mut t, profile::lock_counts());
+    t
 }
 
 /// What one thread's cache holds (see [`thread_caches`]).

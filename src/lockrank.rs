@@ -32,6 +32,10 @@ pub(crate) const CACHE_RECORDS: Rank = Rank(CENTRAL.0 + NUM_CLASSES as u16 - 1);
 pub(crate) const HEAP: Rank = Rank(CACHE_RECORDS.0 + 1);
 /// `ConsistentStats::nop`: cache-less statistics writers, the reader's flip.
 pub(crate) const STATS_NOP: Rank = Rank(HEAP.0 + 1);
+/// `profile::table::TABLES`: the heap profile's buckets and sampled objects (a leaf:
+/// nothing is allocated or locked under it).
+#[cfg_attr(not(feature = "profile"), allow(dead_code))]
+pub(crate) const PROFILE: Rank = Rank(STATS_NOP.0 + 1);
 
 /// The rank of the mcentral lock of size class `class` (1..NUM_CLASSES): in class
 /// order, so that the fork handler can hold them all.
@@ -49,7 +53,7 @@ pub(crate) struct Entry {
 }
 
 /// The lock order, lowest rank first. `docs/design.md` has the same table.
-pub(crate) const TABLE: [Entry; 7] = [
+pub(crate) const TABLE: [Entry; 8] = [
     Entry {
         first: RECLAIM,
         last: RECLAIM,
@@ -91,6 +95,12 @@ pub(crate) const TABLE: [Entry; 7] = [
         last: STATS_NOP,
         name: "stats nop",
         taken: "statistics sections of cache-less writers, the reader's flip",
+    },
+    Entry {
+        first: PROFILE,
+        last: PROFILE,
+        name: "profile",
+        taken: "a sampled allocation's record, the free of a sampled object, a profile snapshot",
     },
 ];
 
@@ -225,7 +235,8 @@ mod tests {
         assert_eq!(kind(central(NUM_CLASSES - 1)), 3);
         assert_eq!(kind(CACHE_RECORDS), 4);
         assert_eq!(kind(HEAP), 5);
-        assert_eq!(kind(STATS_NOP), TABLE.len() - 1);
+        assert_eq!(kind(STATS_NOP), TABLE.len() - 2);
+        assert_eq!(kind(PROFILE), TABLE.len() - 1);
     }
 
     /// docs/design.md's "Lock order" table lists the same rows as `TABLE`: rank (or

@@ -295,11 +295,12 @@ const MOVE_MIN_PAGES: usize = (4 << 20) >> PAGE_SHIFT;
 pub(crate) mod global {
     use core::ptr;
 
+    use crate::fastclass;
     use crate::global::{Process, HEAP};
     use crate::mcache;
-    use crate::sizeclasses::{
-        class_for_layout, common_class, is_common, MAX_SMALL_SIZE, SIZE_TO_CLASS,
-    };
+    #[cfg(feature = "profile")]
+    use crate::profile::sample as prof;
+    use crate::sizeclasses::{class_for_layout, is_common, MAX_SMALL_SIZE};
 
     /// An object of size class `class` from the calling thread's cache (checked mode
     /// marks it live).
@@ -311,6 +312,50 @@ pub(crate) mod global {
         p
     }
 
+    /// A common request's object (`size` bytes, alignment at most 8): the thread
+    /// cache's fast path with the class from the fast paths' table, which is 0 while
+    /// the heap profile is on (`fastclass.rs`): the class-0 entry of a cache never has
+    /// an object, so that request misses and `common_miss` sees the 0.
+    #[inline(always)]
+    fn common(size: usize) -> *mut u8 {
+        let class = fastclass::size_class(size);
+        let p = mcache::alloc_cached(class);
+        if !p.is_null() {
+            #[cfg(feature = "checked")]
+            crate::global::checked::on_alloc(p);
+            return p;
+        }
+        common_miss(class, size)
+    }
+
+    /// `common` when the thread cache had nothing ready: its slow path, or, for class
+    /// 0, the request as the profile sees it.
+    #[inline(never)]
+    fn common_miss(class: usize, size: usize) -> *mut u8 {
+        if class == 0 {
+            return common_watched(size);
+        }
+        let p = mcache::alloc_slow::<Process>(class);
+        #[cfg(feature = "checked")]
+        crate::global::checked::on_alloc(p);
+        p
+    }
+
+    /// A common request while the heap profile is on (its class table says 0): the
+    /// object of its class, counted down.
+    #[inline(always)]
+    fn common_watched(size: usize) -> *mut u8 {
+        #[cfg(feature = "profile")]
+        {
+            let p = small(crate::sizeclasses::common_class(size));
+            prof::after_alloc(p, size);
+            p
+        }
+        // Without the profile nothing sets the table to 0.
+        #[cfg(not(feature = "profile"))]
+        alloc_uncommon(size, 8)
+    }
+
     /// C's `malloc(size)` if the calling thread's cache has an object of the class
     /// ready (free stack or window), else null. No slow path, no system call. Always
     /// null in checked mode (every allocation then takes the path that marks it live).
@@ -319,50 +364,40 @@ pub(crate) mod global {
         if cfg!(feature = "checked") || size > MAX_SMALL_SIZE {
             return ptr::null_mut();
         }
-        // SAFETY: size <= MAX_SMALL_SIZE, so the index is at most the table's last.
-        let class = unsafe { *MALLOC_CLASS.get_unchecked((size + 7) >> 3) };
-        mcache::alloc_cached(class as usize)
+        // size <= MAX_SMALL_SIZE. Class 0 (the profile is on) misses: the caller's
+        // slow path (`raw::malloc`) takes it.
+        mcache::alloc_cached(fastclass::malloc_class(size))
     }
-
-    /// The size class C's `malloc` uses for each request of up to `MAX_SMALL_SIZE`
-    /// bytes, by `(size + 7) / 8`: glibc's alignment (16 bytes for blocks over 8 bytes,
-    /// so the size is rounded up to 16), one table load where `raw::malloc` rounds and
-    /// then looks up. Every size in `((i - 1) * 8, i * 8]` rounds to the same multiple of
-    /// 16 as `i * 8`, so one entry serves the eight sizes.
-    static MALLOC_CLASS: [u8; MAX_SMALL_SIZE / 8 + 1] = {
-        let mut t = [0u8; MAX_SMALL_SIZE / 8 + 1];
-        let mut i = 0;
-        while i < t.len() {
-            let s = i * 8;
-            let req = if s <= 8 { 8 } else { (s + 15) & !15 };
-            t[i] = SIZE_TO_CLASS[(req + 7) >> 3];
-            i += 1;
-        }
-        t
-    };
 
     /// The class `malloc_cached` takes for a request of `size` bytes (tests).
     #[cfg(test)]
     pub(crate) fn malloc_class(size: usize) -> usize {
-        MALLOC_CLASS[(size + 7) >> 3] as usize
+        fastclass::malloc_class(size)
     }
 
     #[inline]
     pub(crate) fn alloc(size: usize, align: usize) -> *mut u8 {
         if is_common(size, align) {
-            return small(common_class(size));
+            return common(size);
         }
         alloc_uncommon(size, align)
     }
 
-    /// `alloc` of an over-aligned small object or a large block.
+    /// `alloc` of an over-aligned small object or a large block, and of every block
+    /// while the heap profile is on (which then counts it down: `common_miss`).
     #[inline(never)]
     fn alloc_uncommon(size: usize, align: usize) -> *mut u8 {
         let class = class_for_layout(size, align);
-        if class != 0 {
-            return small(class as usize);
+        let p = if class != 0 {
+            small(class as usize)
+        } else {
+            large_alloc(size, align, false)
+        };
+        #[cfg(feature = "profile")]
+        if prof::watching() {
+            prof::after_alloc(p, size);
         }
-        large_alloc(size, align, false)
+        p
     }
 
     /// The large-object paths with the calling thread's heap cache. Out of line so that
@@ -403,6 +438,24 @@ pub(crate) mod global {
 
     #[inline]
     pub(crate) fn alloc_zeroed(size: usize, align: usize) -> *mut u8 {
+        #[cfg(feature = "profile")]
+        if prof::watching() {
+            return zeroed_watched(size, align);
+        }
+        zeroed(size, align)
+    }
+
+    /// `alloc_zeroed` while the heap profile is on.
+    #[cfg(feature = "profile")]
+    #[inline(never)]
+    fn zeroed_watched(size: usize, align: usize) -> *mut u8 {
+        let p = zeroed(size, align);
+        prof::after_alloc(p, size);
+        p
+    }
+
+    #[inline(always)]
+    fn zeroed(size: usize, align: usize) -> *mut u8 {
         let class = class_for_layout(size, align);
         if class == 0 {
             return large_alloc(size, align, true);
@@ -424,19 +477,26 @@ pub(crate) mod global {
             true,
         );
         if is_common(size, align) {
-            // SAFETY: `p` is a live object of this class (foreign pointers are ignored).
-            return unsafe { mcache::dealloc::<Process>(p, common_class(size)) };
+            // SAFETY: `p` is a live object of this class (foreign pointers are ignored);
+            // class 0 (the heap profile is on) goes to `mcache::dealloc_slow`, which
+            // counts a sampled object's free and finds the class from the span.
+            return unsafe { mcache::dealloc::<Process>(p, fastclass::size_class(size)) };
         }
         // SAFETY: forwarded.
         unsafe { dealloc_uncommon(p, size, align) }
     }
 
-    /// `dealloc` of an over-aligned small object or a large block.
+    /// `dealloc` of an over-aligned small object or a large block (a sampled object's
+    /// free is counted first while the heap profile is on).
     ///
     /// # Safety
     /// As for `dealloc`.
     #[inline(never)]
     unsafe fn dealloc_uncommon(p: *mut u8, size: usize, align: usize) {
+        #[cfg(feature = "profile")]
+        if prof::watching() {
+            prof::before_free(p);
+        }
         let class = class_for_layout(size, align);
         if class == 0 {
             // SAFETY: forwarded.
@@ -544,6 +604,10 @@ pub(crate) mod global {
         if !p.is_null() {
             crate::global::checked::on_free(p, None, true);
         }
+        #[cfg(feature = "profile")]
+        if prof::watching() {
+            prof::before_free(p);
+        }
         let Some((s, off)) = HEAP.span_and_offset_of(p as usize) else {
             return not_live("free", p);
         };
@@ -633,7 +697,7 @@ pub(crate) mod global {
                 if new_class == 0 {
                     // SAFETY: large to large: in place when possible; the old size
                     // only bounds the copy.
-                    return unsafe { realloc_large(p, size, align, new_size) };
+                    return unsafe { realloc_large_watched(p, size, align, new_size) };
                 }
                 size
             }
@@ -651,6 +715,28 @@ pub(crate) mod global {
             }
         }
         q
+    }
+
+    /// `realloc_large`, as a free and an allocation for the heap profile while it is on.
+    ///
+    /// # Safety
+    /// As for `realloc_large`.
+    #[inline(always)]
+    unsafe fn realloc_large_watched(
+        p: *mut u8,
+        old_size: usize,
+        align: usize,
+        new_size: usize,
+    ) -> *mut u8 {
+        #[cfg(feature = "profile")]
+        if prof::watching() {
+            // SAFETY: forwarded.
+            return prof::resize(p, new_size, || unsafe {
+                realloc_large(p, old_size, align, new_size)
+            });
+        }
+        // SAFETY: forwarded.
+        unsafe { realloc_large(p, old_size, align, new_size) }
     }
 
     /// A large block resized to a large block, with one retry after
@@ -695,7 +781,7 @@ pub(crate) mod global {
         }
         if old_class == 0 && new_class == 0 {
             // SAFETY: forwarded (large to large: in place when possible).
-            return unsafe { realloc_large(p, old_size, align, new_size) };
+            return unsafe { realloc_large_watched(p, old_size, align, new_size) };
         }
         let q = alloc(new_size, align);
         if !q.is_null() {

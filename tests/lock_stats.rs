@@ -178,7 +178,8 @@ fn contended_never_exceeds_acquisitions() {
             "mcentral",
             "cache records",
             "heap",
-            "stats nop"
+            "stats nop",
+            "profile"
         ]
     );
     let d = kind(&after, "mcentral").since(kind(&before, "mcentral"));

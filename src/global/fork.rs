@@ -4,7 +4,8 @@
 //! A `fork()` copies the address space with only the forking thread. A lock another
 //! thread held at that moment would stay held forever in the child. So the *prepare*
 //! handler takes every allocator lock in rank order (`lockrank::TABLE`: reclaim,
-//! statistics reader, shared cache, every mcentral, heap, statistics `nop`), and both
+//! statistics reader, shared cache, every mcentral, heap, statistics `nop`, the heap
+//! profile's), and both
 //! the *parent* and the *child* handlers release them in reverse order. Between
 //! prepare and the return of `fork()` no other thread can be inside a locked section
 //! of the allocator.
@@ -57,6 +58,9 @@ extern "C" fn prepare() {
     // the heap lock while holding it), and no path waits for a lower-ranked lock while
     // holding a higher one, so this cannot deadlock against a thread inside spanheap.
     HEAP.fork_lock_all();
+    // The heap profile's lock ranks last.
+    #[cfg(feature = "profile")]
+    crate::profile::fork_lock();
 }
 
 /// Releases what `prepare` took, in reverse order.
@@ -65,7 +69,11 @@ extern "C" fn prepare() {
 /// The calling thread ran `prepare` (it holds every lock).
 unsafe fn unlock_all() {
     // SAFETY: the calling thread took every lock in `prepare`.
-    unsafe { HEAP.fork_unlock_all() };
+    unsafe {
+        #[cfg(feature = "profile")]
+        crate::profile::fork_unlock();
+        HEAP.fork_unlock_all();
+    }
 }
 
 extern "C" fn parent() {

@@ -30,8 +30,16 @@ pub(crate) static HEAP: Heap<OsMemory> = Heap::global(
     OsMemory,
     crate::mcache::current_writer,
     bgscavenge::HOOKS,
-    fork::register_once,
+    on_cache_live,
 );
+
+/// Run when a thread cache goes live (`mcache::Heap::on_cache_live`): registers the fork
+/// handlers and reads the heap profile's settings, once per process.
+fn on_cache_live() {
+    fork::register_once();
+    #[cfg(feature = "profile")]
+    crate::profile::init_from_env_once();
+}
 
 /// The thread caches' handle on `HEAP` (`mcache::Process`): the entry points of the
 /// calling thread's cache are instantiated with it.

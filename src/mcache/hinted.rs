@@ -14,40 +14,10 @@
 use core::ptr;
 
 use crate::arena::arena_number;
-use crate::sizeclasses::{CLASS_TO_NPAGES, CLASS_TO_SIZE, NUM_CLASSES};
+use crate::fastclass::FREE_CHECK;
+use crate::sync::Ordering;
 
 use super::{empty_cache, entry, tls, MCache, Process};
-
-/// Per class, what the check of a block against a span of the class needs, together
-/// so that one table address serves both.
-#[derive(Clone, Copy)]
-#[cfg_attr(feature = "checked", allow(dead_code))] // `span_bytes`: `free_hinted` only
-pub(crate) struct FreeCheck {
-    /// Bytes of a span of the class.
-    pub(crate) span_bytes: u64,
-    /// `ceil(2^64 / size)`: an offset `n` below 2^32 is a multiple of the size iff
-    /// `n * divisible mod 2^64 < divisible` (Lemire, Kaser and Kurz, "Faster remainder
-    /// by direct computation", 2019). Offsets in a span are far below 2^32; a test
-    /// checks every offset of every class.
-    pub(crate) divisible: u64,
-}
-
-/// `FreeCheck` of every class (class 0: zero span bytes, so nothing passes).
-pub(crate) static FREE_CHECK: [FreeCheck; NUM_CLASSES] = {
-    let mut t = [FreeCheck {
-        span_bytes: 0,
-        divisible: 0,
-    }; NUM_CLASSES];
-    let mut c = 1;
-    while c < NUM_CLASSES {
-        t[c] = FreeCheck {
-            span_bytes: (CLASS_TO_NPAGES[c] as u64) << crate::os::PAGE_SHIFT,
-            divisible: u64::MAX / CLASS_TO_SIZE[c] as u64 + 1,
-        };
-        c += 1;
-    }
-    t
-};
 
 /// Whether `off`, an offset into a span of class `class`, is an object's start.
 #[inline(always)]
@@ -87,8 +57,9 @@ pub(crate) unsafe fn free_hinted<P: Process>(p: *mut u8) -> bool {
     // SAFETY: as above.
     let check = unsafe { FREE_CHECK.get_unchecked(class) };
     // Inside the current span of `class` (live, owned by us; a class-0 hint has no
-    // span bytes), at an object's start.
-    if off as u64 >= check.span_bytes
+    // span bytes, nor any class while the heap profile is on: `fastclass.rs`), at an
+    // object's start.
+    if off as u64 >= check.span_bytes.load(Ordering::Relaxed)
         || (off as u64).wrapping_mul(check.divisible) >= check.divisible
     {
         return false;

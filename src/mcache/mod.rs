@@ -492,10 +492,12 @@ pub(crate) fn alloc<P: Process>(class: usize) -> *mut u8 {
     alloc_slow::<P>(class)
 }
 
+/// `alloc` after its fast path missed: creates the thread's cache if it has none,
+/// refills the class. (`malloc.rs`'s common requests call it directly.)
 #[cfg(not(spanheap_loom))]
 #[cold]
 #[inline(never)]
-fn alloc_slow<P: Process>(class: usize) -> *mut u8 {
+pub(crate) fn alloc_slow<P: Process>(class: usize) -> *mut u8 {
     let heap = P::heap();
     let c = match tls::state() {
         LIVE => match live_cache() {
@@ -595,6 +597,11 @@ pub(crate) unsafe fn dealloc<P: Process>(p: *mut u8, class: usize) {
 #[cfg(not(spanheap_loom))]
 #[inline(never)]
 unsafe fn dealloc_slow<P: Process>(p: *mut u8, class: usize, c: *mut MCache) {
+    #[cfg(feature = "profile")]
+    if class == 0 {
+        // SAFETY: forwarded.
+        return unsafe { dealloc_unclassed::<P>(p) };
+    }
     if c == empty_cache() {
         // SAFETY: forwarded.
         return unsafe { dealloc_first::<P>(p, class) };
@@ -606,6 +613,29 @@ unsafe fn dealloc_slow<P: Process>(p: *mut u8, class: usize, c: *mut MCache) {
     };
     // SAFETY: forwarded; `c` is this thread's live cache.
     unsafe { free_to(P::heap(), c, p, s, class) }
+}
+
+/// A free of a small object whose class the caller gave as 0: the front end's fast-path
+/// class table says 0 while the heap profile is on (`fastclass.rs`). A sampled object's
+/// free is counted, then the object is freed with its span's class.
+///
+/// # Safety
+/// As for `dealloc` (`p` is a live small object).
+#[cfg(all(not(spanheap_loom), feature = "profile"))]
+#[cold]
+#[inline(never)]
+unsafe fn dealloc_unclassed<P: Process>(p: *mut u8) {
+    crate::profile::sample::before_free(p);
+    let Some(s) = NonNull::new(P::heap().span_of_unchecked(p as usize)) else {
+        return; // not ours
+    };
+    // SAFETY: `p` is a live object, so `s` is its live span, whose info was written
+    // before it was published.
+    let class = unsafe { s.as_ref().info() }.spanclass as usize;
+    if class != 0 {
+        // SAFETY: forwarded, with the object's class.
+        unsafe { dealloc::<P>(p, class) }
+    }
 }
 
 /// A free by a thread still on the empty cache: a thread that frees before it ever
