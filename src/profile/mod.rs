@@ -123,7 +123,7 @@ pub fn scale(count: u64, bytes: u64, rate: usize) -> (u64, u64) {
         return (count, bytes);
     }
     let avg = bytes as f64 / count as f64;
-    let s = 1.0 / (1.0 - (-avg / rate as f64).exp());
+    let s = 1.0 / (1.0 - libm::exp(-avg / rate as f64));
     ((count as f64 * s) as u64, (bytes as f64 * s) as u64)
 }
 

@@ -139,7 +139,7 @@ fn draw(l: &Local, rate: usize) -> usize {
     let r = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
     // (0, 1]: never 0, whose logarithm is -inf.
     let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64;
-    let n = -u.ln() * rate as f64;
+    let n = -libm::log(u) * rate as f64;
     // An f64 to usize cast saturates (and maps NaN to 0).
     (n as usize).max(1)
 }
