@@ -518,3 +518,28 @@ fn heap_profile_of_a_c_program_names_its_functions() {
     assert!((22 << 20..38 << 20).contains(&three), "{three}");
     assert_eq!(bytes("churn"), 0, "freed blocks left in use:\n{text}");
 }
+
+/// The library loads no libm: the heap profile's math (the sampling countdown's log,
+/// the scaling's exp) comes from the `libm` crate, not from the system's `libm.so`,
+/// which every process under the preload would otherwise map at start-up (and every
+/// Rust program with the profile; docs/benchmarks.md, "Start-up").
+#[test]
+fn the_library_loads_no_libm() {
+    let out = Command::new("cat")
+        .arg("/proc/self/maps")
+        .env("LD_PRELOAD", library())
+        .output()
+        .expect("cat");
+    assert!(out.status.success());
+    let maps = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        maps.contains("libspanheap_preload"),
+        "the library is not loaded:\n{maps}"
+    );
+    assert!(
+        !maps
+            .lines()
+            .any(|l| l.contains("/libm.so") || l.contains("/libm-")),
+        "libm is loaded:\n{maps}"
+    );
+}
