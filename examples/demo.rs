@@ -37,6 +37,9 @@ use std::time::{Duration, Instant};
 // The global allocator: one choice per process, made at the first allocation.
 // ---------------------------------------------------------------------------------------
 
+#[path = "common/rss.rs"]
+mod rss;
+use rss::peak_rss_kib;
 #[path = "common/switch.rs"]
 mod switch;
 use switch::{mode, CHOICES, SPANHEAP};
@@ -435,19 +438,6 @@ fn mixed() -> u64 {
             .map(|h| h.join().unwrap())
             .fold(0u64, u64::wrapping_add)
     })
-}
-
-/// Peak resident set size of this process, in KiB.
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|x| x.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------

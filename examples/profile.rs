@@ -25,6 +25,9 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
 
+#[path = "common/rss.rs"]
+mod rss;
+use rss::peak_rss_kib;
 #[path = "common/rng.rs"]
 mod rng;
 use rng::Rng;
@@ -78,17 +81,6 @@ fn worker(seed: u64) -> usize {
         n += handle_request(&mut r);
     }
     n + keep.len()
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn main() {
