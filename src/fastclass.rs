@@ -120,3 +120,9 @@ pub(crate) fn route_to_slow_paths() {
         c.span_bytes.store(0, Ordering::Relaxed);
     }
 }
+
+/// Whether `route_to_slow_paths` ran.
+#[cfg(feature = "profile")]
+pub(crate) fn routed() -> bool {
+    SIZE_CLASS[1].load(Ordering::Relaxed) == 0
+}

@@ -16,28 +16,6 @@ use crate::mheap::{MHeap, MAX_ALIGN, MAX_SPAN_BYTES};
 use crate::mspan::Purpose;
 use crate::os::{MemSource, PAGE_SHIFT, PAGE_SIZE};
 use crate::pagecache::{HeapCache, BIG_MAX_PAGES, LARGE_MAX_PAGES};
-use crate::stats::field;
-
-/// Counts large objects: `freed` pages given up and `allocated` pages taken, in one
-/// statistics section (a resize in place is one free and one allocation). Taken after
-/// the span has the pages and before it gives them back, so a snapshot never counts a
-/// live large object outside the in-use heap bytes.
-///
-/// Out of line (as is `dealloc`) so that the small-object paths of the callers stay
-/// free of the register saves a statistics section needs.
-#[inline(never)]
-fn count_large<M: MemSource>(heap: &MHeap<M>, freed: usize, allocated: usize) {
-    heap.stats_update(|d| {
-        if freed != 0 {
-            d.add(field::LARGE_FREES, 1);
-            d.add(field::LARGE_FREE_BYTES, (freed << PAGE_SHIFT) as u64);
-        }
-        if allocated != 0 {
-            d.add(field::LARGE_ALLOCS, 1);
-            d.add(field::LARGE_ALLOC_BYTES, (allocated << PAGE_SHIFT) as u64);
-        }
-    });
-}
 
 /// Pages needed for `size` bytes (a zero-size request still gets a unique page), or
 /// `None` if the request is larger than any span.
@@ -108,7 +86,7 @@ pub(crate) fn alloc<M: MemSource>(
     let Some(s) = s else {
         return ptr::null_mut();
     };
-    count_large(heap, 0, npages);
+    heap.count_large(0, npages);
     // SAFETY: we just allocated the span; it is ours.
     let span = unsafe { s.as_ref() };
     let p = span.base() as *mut u8;
@@ -138,7 +116,7 @@ fn take_big<M: MemSource>(
             if let Some(old) = other {
                 // SAFETY: the kept block is a live span nobody uses.
                 let old_pages = unsafe { old.as_ref() }.npages();
-                count_large(heap, old_pages, 0);
+                heap.count_large(old_pages, 0);
                 // SAFETY: as above.
                 unsafe { heap.free_span_with(old, tc) };
             }
@@ -147,58 +125,18 @@ fn take_big<M: MemSource>(
     }
 }
 
-/// Frees a block. Pointers that are not live blocks of this heap are ignored (never a
-/// panic in `dealloc`).
+/// Frees a block (`MHeap::free_large`, which the thread caches also reach).
 ///
 /// # Safety
-/// `p` is a live block of this heap (or foreign, see above), not used afterwards.
-#[inline(never)]
+/// As for `MHeap::free_large`.
+#[inline]
 pub(crate) unsafe fn dealloc<M: MemSource>(
     heap: &MHeap<M>,
     p: *mut u8,
     tc: Option<&mut HeapCache>,
 ) {
-    let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) else {
-        return;
-    };
-    // SAFETY: `p` is a live block, so `s` is its live span and the caller gives it up.
-    let npages = unsafe { s.as_ref() }.npages();
-    match tc {
-        Some(tc) => {
-            // A big block of the size the thread keeps taking: keep it for the next.
-            // SAFETY: as above: the block is given up whole.
-            if npages > LARGE_MAX_PAGES && unsafe { tc.keep_big(s, npages) } {
-                return;
-            }
-            // Keep it for the next allocation of its size, evicting the oldest cached
-            // blocks if there is no room (recent sizes are the likely ones).
-            if HeapCache::cacheable(npages) {
-                loop {
-                    // SAFETY: as above: the block is given up whole.
-                    if unsafe { tc.keep_large(s, npages) } {
-                        return;
-                    }
-                    let Some(old) = tc.evict_oldest() else { break };
-                    // SAFETY: an evicted block is a live span nobody uses.
-                    let old_pages = unsafe { old.as_ref() }.npages();
-                    count_large(heap, old_pages, 0);
-                    // SAFETY: as above.
-                    unsafe { heap.free_span_with(old, tc) };
-                }
-            }
-            count_large(heap, npages, 0);
-            // SAFETY: as above.
-            unsafe { heap.free_span_with(s, tc) }
-        }
-        None => {
-            count_large(heap, npages, 0);
-            // SAFETY: as above.
-            unsafe { heap.free_span(s) }
-        }
-    }
-    // The block went back to the heap: a slow path, where a due scavenger pass may
-    // run. (Blocks kept in the thread's large-block cache return above.)
-    heap.maybe_scavenge();
+    // SAFETY: forwarded.
+    unsafe { heap.free_large(p, tc) }
 }
 
 /// Resizes the block at `p` (allocated with `align`, `old_size`) to `new_size` bytes,
@@ -229,14 +167,14 @@ pub(crate) unsafe fn realloc<M: MemSource>(
         return p;
     }
     if new_pages < old_pages {
-        count_large(heap, old_pages, new_pages);
+        heap.count_large(old_pages, new_pages);
         // SAFETY: the caller owns the block; bytes past `new_size` are no longer used.
         unsafe { heap.shrink_span(s, new_pages) };
         return p;
     }
     // SAFETY: as above.
     if unsafe { heap.grow_span_in_place_with(s, new_pages, tc.as_deref_mut()) } {
-        count_large(heap, old_pages, new_pages);
+        heap.count_large(old_pages, new_pages);
         return p;
     }
     // A block that grows by realloc is placed by the page allocator, not carved from
@@ -313,14 +251,17 @@ pub(crate) mod global {
     }
 
     /// A common request's object (`size` bytes, alignment at most 8): the thread
-    /// cache's fast path with the class from the fast paths' table, which is 0 while
-    /// the heap profile is on (`fastclass.rs`): the class-0 entry of a cache never has
-    /// an object, so that request misses and `common_miss` sees the 0.
+    /// cache's fast path with the class from the fast paths' table, counted down for
+    /// the heap profile (`mcache::alloc_cached_counted`). The table says 0 while the
+    /// profile routes the fast paths (`fastclass.rs`): the class-0 entry of a cache
+    /// never has an object, so that request misses and `common_miss` sees the 0.
     #[inline(always)]
     fn common(size: usize) -> *mut u8 {
         let class = fastclass::size_class(size);
-        let p = mcache::alloc_cached(class);
+        let (p, _out) = mcache::alloc_cached_counted(class, size);
         if !p.is_null() {
+            #[cfg(feature = "profile")]
+            let p = if _out { countdown_out(p, size) } else { p };
             #[cfg(feature = "checked")]
             crate::global::checked::on_alloc(p);
             return p;
@@ -328,28 +269,85 @@ pub(crate) mod global {
         common_miss(class, size)
     }
 
-    /// `common` when the thread cache had nothing ready: its slow path, or, for class
-    /// 0, the request as the profile sees it.
+    /// `common` when the thread cache had nothing ready: its slow path (counted down
+    /// too), or, for class 0, the request as the routed profile sees it.
     #[inline(never)]
     fn common_miss(class: usize, size: usize) -> *mut u8 {
         if class == 0 {
             return common_watched(size);
         }
         let p = mcache::alloc_slow::<Process>(class);
+        #[cfg(feature = "profile")]
+        let p = if !p.is_null() && mcache::count_down(size) {
+            countdown_out(p, size)
+        } else {
+            p
+        };
         #[cfg(feature = "checked")]
         crate::global::checked::on_alloc(p);
         p
     }
 
-    /// A common request while the heap profile is on (its class table says 0): the
-    /// object of its class, counted down.
+    /// The thread cache's countdown ran out at `p`, a fresh small object for a request
+    /// of `size` bytes: the profile sets the next countdown and says whether this
+    /// allocation is sampled; if it is, a block of its own replaces `p`. Never null.
+    /// (The class is found from `p`'s span rather than passed: one register less to
+    /// keep live on the fast paths.)
+    ///
+    /// `extern "C"` (it never unwinds) so that C's `malloc`, itself `extern "C"`, calls
+    /// it as a tail call, with no unwinding edge to keep its frame for.
+    #[cfg(feature = "profile")]
+    #[cold]
+    #[inline(never)]
+    extern "C" fn countdown_out(p: *mut u8, size: usize) -> *mut u8 {
+        let (next, sample) = prof::expired(size);
+        mcache::set_countdown(next);
+        if !sample {
+            return p;
+        }
+        let Block::Small { class, .. } = block_of(p) else {
+            return p;
+        };
+        let q = sampled_block(size, 8, class, false);
+        if q.is_null() {
+            return p; // no memory for the block: `p` stays, unsampled
+        }
+        // SAFETY: `p` is the live object of `class` the cache just gave us, unused.
+        unsafe { mcache::dealloc::<Process>(p, class) };
+        q
+    }
+
+    /// A block for a sampled allocation of `size` bytes aligned to `align`, `class`
+    /// being its size class (0: large), recorded in the profile: a large block, of
+    /// the class's size for a small object, so that its free always reaches a span
+    /// lookup that counts it (`profile::sample`, "A sampled small object"). Null if
+    /// memory is exhausted (nothing recorded).
+    #[cfg(feature = "profile")]
+    #[inline(never)]
+    fn sampled_block(size: usize, align: usize, class: usize, zero: bool) -> *mut u8 {
+        let bytes = if class == 0 {
+            size
+        } else {
+            crate::sizeclasses::CLASS_TO_SIZE[class] as usize
+        };
+        let q = large_alloc(bytes, align, zero);
+        if !q.is_null() {
+            prof::record_sample(q, size);
+        }
+        q
+    }
+
+    /// A common request while the profile routes the fast paths (its class table says
+    /// 0): counted down on the out-of-line countdown.
     #[inline(always)]
     fn common_watched(size: usize) -> *mut u8 {
         #[cfg(feature = "profile")]
         {
-            let p = small(crate::sizeclasses::common_class(size));
-            prof::after_alloc(p, size);
-            p
+            let class = crate::sizeclasses::common_class(size);
+            if prof::due(size) {
+                return sampled_block(size, 8, class, false);
+            }
+            small(class)
         }
         // Without the profile nothing sets the table to 0.
         #[cfg(not(feature = "profile"))]
@@ -364,9 +362,22 @@ pub(crate) mod global {
         if cfg!(feature = "checked") || size > MAX_SMALL_SIZE {
             return ptr::null_mut();
         }
-        // size <= MAX_SMALL_SIZE. Class 0 (the profile is on) misses: the caller's
-        // slow path (`raw::malloc`) takes it.
-        mcache::alloc_cached(fastclass::malloc_class(size))
+        // size <= MAX_SMALL_SIZE. Class 0 (the profile routes the fast paths) misses:
+        // the caller's slow path (`raw::malloc`) takes it.
+        let class = fastclass::malloc_class(size);
+        let (p, _out) = mcache::alloc_cached_counted(class, size);
+        #[cfg(feature = "profile")]
+        if _out {
+            let q = countdown_out(p, size);
+            if q.is_null() {
+                // SAFETY: `countdown_out` of an object returns it or another object.
+                // (Said so that the caller's null test folds away and the call is a
+                // tail call: no register saved on the fast path.)
+                unsafe { core::hint::unreachable_unchecked() }
+            }
+            return q;
+        }
+        p
     }
 
     /// The class `malloc_cached` takes for a request of `size` bytes (tests).
@@ -387,17 +398,16 @@ pub(crate) mod global {
     /// while the heap profile is on (which then counts it down: `common_miss`).
     #[inline(never)]
     fn alloc_uncommon(size: usize, align: usize) -> *mut u8 {
-        let class = class_for_layout(size, align);
-        let p = if class != 0 {
-            small(class as usize)
+        let class = class_for_layout(size, align) as usize;
+        #[cfg(feature = "profile")]
+        if prof::watching() && prof::due(size) {
+            return sampled_block(size, align, class, false);
+        }
+        if class != 0 {
+            small(class)
         } else {
             large_alloc(size, align, false)
-        };
-        #[cfg(feature = "profile")]
-        if prof::watching() {
-            prof::after_alloc(p, size);
         }
-        p
     }
 
     /// The large-object paths with the calling thread's heap cache. Out of line so that
@@ -449,9 +459,10 @@ pub(crate) mod global {
     #[cfg(feature = "profile")]
     #[inline(never)]
     fn zeroed_watched(size: usize, align: usize) -> *mut u8 {
-        let p = zeroed(size, align);
-        prof::after_alloc(p, size);
-        p
+        if prof::due(size) {
+            return sampled_block(size, align, class_for_layout(size, align) as usize, true);
+        }
+        zeroed(size, align)
     }
 
     #[inline(always)]
@@ -493,12 +504,12 @@ pub(crate) mod global {
     /// As for `dealloc`.
     #[inline(never)]
     unsafe fn dealloc_uncommon(p: *mut u8, size: usize, align: usize) {
-        #[cfg(feature = "profile")]
-        if prof::watching() {
-            prof::before_free(p);
-        }
         let class = class_for_layout(size, align);
         if class == 0 {
+            #[cfg(feature = "profile")]
+            if prof::watching() {
+                prof::before_free(p);
+            }
             // SAFETY: forwarded.
             return unsafe { large_dealloc(p) };
         }
@@ -604,10 +615,6 @@ pub(crate) mod global {
         if !p.is_null() {
             crate::global::checked::on_free(p, None, true);
         }
-        #[cfg(feature = "profile")]
-        if prof::watching() {
-            prof::before_free(p);
-        }
         let Some((s, off)) = HEAP.span_and_offset_of(p as usize) else {
             return not_live("free", p);
         };
@@ -630,6 +637,11 @@ pub(crate) mod global {
         } else {
             if off != 0 {
                 interior("free", p);
+            }
+            // A large block, or a small object the profile sampled.
+            #[cfg(feature = "profile")]
+            if prof::watching() {
+                prof::before_free(p);
             }
             // SAFETY: a live large block.
             unsafe { large_dealloc(p) }

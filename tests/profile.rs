@@ -20,7 +20,17 @@ static GLOBAL: spanheap::SpanHeap = spanheap::SpanHeap;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if std::env::var_os("SPANHEAP_PROF_TEST_FROM_START").is_some() {
+        assert!(
+            !profile::fast_paths_routed(),
+            "profiled from the start, yet the fast paths are routed"
+        );
+    } else {
+        // Turned on by `set_rate` after this binary's first allocations.
+        assert!(profile::rate() == 0 || profile::fast_paths_routed());
+    }
+    g
 }
 
 /// Summed values of the stacks that have a function whose name ends in `name`.
@@ -624,4 +634,38 @@ fn interval_writes_while_running() {
         .unwrap();
     let _ = std::fs::remove_file(&path);
     assert!(out.status.success(), "{out:?}");
+}
+
+/// The tests of this file again, in a child process profiled from its start
+/// (`SPANHEAP_PROF_RATE`): there the fast paths keep their countdown instead of being
+/// routed through the slow paths (`serial` checks which), so these are the tests of
+/// that mode: sampled small objects get blocks of their own, and their frees, by any
+/// thread and through any path, are still counted.
+#[test]
+fn the_tests_again_with_profiling_from_the_start() {
+    if std::env::var_os("SPANHEAP_PROF_TEST_FROM_START").is_some() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--test-threads=1", "--skip", "environment_turns", "--skip"])
+        .args([
+            "interval_writes",
+            "--skip",
+            "go_tool_pprof",
+            "--skip",
+            "the_tests_again",
+        ])
+        .env("SPANHEAP_PROF_TEST_FROM_START", "1")
+        .env("SPANHEAP_PROF_RATE", "1M")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let passed: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(passed >= 6, "{stdout}");
 }

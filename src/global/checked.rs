@@ -128,6 +128,16 @@ pub(crate) fn on_free(p: *mut u8, layout: Option<Expect>, clear: bool) {
             );
         }
         if let Some(l) = layout {
+            // A small object the heap profile sampled has a large block of its own, of
+            // its class's size (`malloc::global::sampled_block`).
+            #[cfg(feature = "profile")]
+            if crate::profile::sample::watching()
+                && lclass.is_some_and(|c| {
+                    c != 0 && (CLASS_TO_SIZE[c] as usize).div_ceil(PAGE_SIZE) == s.npages()
+                })
+            {
+                return;
+            }
             if lclass != Some(0) || l.size.div_ceil(PAGE_SIZE).max(1) != s.npages() {
                 fault(
                     "dealloc layout does not match the block",

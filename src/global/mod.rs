@@ -38,7 +38,10 @@ pub(crate) static HEAP: Heap<OsMemory> = Heap::global(
 fn on_cache_live() {
     fork::register_once();
     #[cfg(feature = "profile")]
-    crate::profile::init_from_env_once();
+    {
+        crate::profile::sample::register_restart(crate::mcache::set_countdown);
+        crate::profile::init_from_env_once();
+    }
 }
 
 /// The thread caches' handle on `HEAP` (`mcache::Process`): the entry points of the

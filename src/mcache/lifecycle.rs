@@ -176,6 +176,8 @@ pub(super) fn create_cache<P: super::Process>() -> Option<*mut MCache> {
             (*c).registered = true;
         }
     }
+    // SAFETY: as above. The first allocation asks the heap profile for a countdown.
+    unsafe { (*c).sample_left = 0 };
     super::tls::set_cache(c);
     super::door::open(c, first);
     budget::thread_count(1);

@@ -259,6 +259,12 @@ const _: () = assert!(core::mem::size_of::<ClassCache>() == 64);
 #[repr(C)]
 pub(crate) struct MCache {
     classes: [ClassCache; NUM_CLASSES],
+    /// Bytes the thread may still allocate through the fast paths before the heap
+    /// profile's countdown runs out (`alloc_cached_counted`; Go's `mcache.nextSample`):
+    /// then `malloc.rs` asks the profile what comes next (`profile::sample::expired`).
+    /// 0 when the cache goes live, so that its first allocation asks. Owner only; the
+    /// empty cache's is never written (its fast paths never get an object).
+    sample_left: usize,
     /// The arena of this thread's last slow-path free (`dealloc_slow`), so that the
     /// next one in the same arena skips the index walk. Owner only.
     arena_hint: ArenaHint,
@@ -331,6 +337,7 @@ impl MCache {
         pub(crate) fn empty() -> Self {
             MCache {
                 classes: [EMPTY_CLASS; NUM_CLASSES],
+                sample_left: 0,
                 arena_hint: NO_ARENA,
                 remote_since: [0; NUM_CLASSES],
                 nremote: [0; NUM_CLASSES],
@@ -479,6 +486,57 @@ pub(crate) fn alloc_cached(class: usize) -> *mut u8 {
     unsafe { try_alloc(tls::cache(), class) }
 }
 
+/// `alloc_cached` of a request of `size` bytes, counted down for the heap profile:
+/// the object (or null) and whether the thread's countdown ran out with it, in which
+/// case the caller asks the profile (`profile::sample::expired`) and sets the next
+/// countdown (`set_countdown`). The countdown is a subtraction and a branch (Go's
+/// `nextSample`); without the `profile` feature, nothing.
+#[cfg(not(spanheap_loom))]
+#[inline(always)]
+pub(crate) fn alloc_cached_counted(class: usize, size: usize) -> (*mut u8, bool) {
+    let c = tls::cache();
+    // SAFETY: `c` is this thread's cache or the empty one, and only a cache that gave an
+    // object (never the empty one) has its countdown written.
+    unsafe {
+        let p = try_alloc(c, class);
+        if !cfg!(feature = "profile") || p.is_null() {
+            return (p, false);
+        }
+        let (left, out) = (*c).sample_left.overflowing_sub(size);
+        (*c).sample_left = left;
+        (p, out)
+    }
+}
+
+/// Counts down `size` bytes allocated by a slow path of the calling thread's cache
+/// (`alloc_cached_counted`'s countdown): true if it ran out. False for a thread without
+/// a cache (it is not sampled).
+#[cfg(all(not(spanheap_loom), feature = "profile"))]
+#[inline]
+pub(crate) fn count_down(size: usize) -> bool {
+    let c = tls::cache();
+    if c == empty_cache() {
+        return false;
+    }
+    // SAFETY: our live cache's countdown is ours.
+    unsafe {
+        let (left, out) = (*c).sample_left.overflowing_sub(size);
+        (*c).sample_left = left;
+        out
+    }
+}
+
+/// Sets the calling thread's countdown to the profile's next sample (nothing for a
+/// thread without a cache).
+#[cfg(all(not(spanheap_loom), feature = "profile"))]
+pub(crate) fn set_countdown(bytes: usize) {
+    let c = tls::cache();
+    if c != empty_cache() {
+        // SAFETY: as in `count_down`.
+        unsafe { (*c).sample_left = bytes };
+    }
+}
+
 /// Allocates an object of size class `class` (1..NUM_CLASSES) from the calling thread's
 /// cache of the process-wide heap. Null on failure. (Checked mode's `on_alloc` is the
 /// caller's: `malloc.rs`.)
@@ -611,6 +669,12 @@ unsafe fn dealloc_slow<P: Process>(p: *mut u8, class: usize, c: *mut MCache) {
     let Some(s) = NonNull::new(P::heap().span_of_hinted(p as usize, hint)) else {
         return; // not ours
     };
+    #[cfg(feature = "profile")]
+    // SAFETY: `p` is live, so `s` is its live span (info written before publication).
+    if unsafe { s.as_ref().info() }.spanclass == 0 {
+        // SAFETY: forwarded: a sampled object, which is a large block.
+        return unsafe { free_sampled::<P>(p) };
+    }
     // SAFETY: forwarded; `c` is this thread's live cache.
     unsafe { free_to(P::heap(), c, p, s, class) }
 }
@@ -625,17 +689,34 @@ unsafe fn dealloc_slow<P: Process>(p: *mut u8, class: usize, c: *mut MCache) {
 #[cold]
 #[inline(never)]
 unsafe fn dealloc_unclassed<P: Process>(p: *mut u8) {
-    crate::profile::sample::before_free(p);
     let Some(s) = NonNull::new(P::heap().span_of_unchecked(p as usize)) else {
         return; // not ours
     };
     // SAFETY: `p` is a live object, so `s` is its live span, whose info was written
     // before it was published.
     let class = unsafe { s.as_ref().info() }.spanclass as usize;
-    if class != 0 {
-        // SAFETY: forwarded, with the object's class.
-        unsafe { dealloc::<P>(p, class) }
+    if class == 0 {
+        // SAFETY: forwarded: a sampled object, which is a large block.
+        return unsafe { free_sampled::<P>(p) };
     }
+    // SAFETY: forwarded, with the object's class.
+    unsafe { dealloc::<P>(p, class) }
+}
+
+/// The free of a sampled object (`profile::sample`: the heap profile gives every
+/// sampled small object a large block of its own, so that its free, which never
+/// passes a current span's range test, always reaches a span lookup that sees the
+/// large span): counted in its bucket, then freed as the large block it is.
+///
+/// # Safety
+/// `p` is a live large block of the process-wide heap, given up.
+#[cfg(all(not(spanheap_loom), feature = "profile"))]
+#[cold]
+#[inline(never)]
+unsafe fn free_sampled<P: Process>(p: *mut u8) {
+    crate::profile::sample::before_free(p);
+    // SAFETY: forwarded.
+    with_heap_cache::<P, _>(|tc| unsafe { P::heap().pages.free_large(p, tc) })
 }
 
 /// A free by a thread still on the empty cache: a thread that frees before it ever
@@ -651,6 +732,12 @@ unsafe fn dealloc_first<P: Process>(p: *mut u8, class: usize) {
     let Some(s) = NonNull::new(P::heap().span_of_unchecked(p as usize)) else {
         return; // not ours
     };
+    #[cfg(feature = "profile")]
+    // SAFETY: as in `dealloc_slow`.
+    if unsafe { s.as_ref().info() }.spanclass == 0 {
+        // SAFETY: forwarded.
+        return unsafe { free_sampled::<P>(p) };
+    }
     let c = match tls::state() {
         NO_CACHE => create_cache::<P>(),
         // A visitor emptied the slot (`global/idle.rs`).
@@ -855,10 +942,11 @@ unsafe fn refill_span<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize
         // passes for any address). `flush` leaves wide mode when the objects it returns
         // show otherwise.
         // SAFETY: the counters are the owner's; `class < NUM_CLASSES`.
+        // Not while the heap profile is on (`profile::sample`, "Wide mode").
         let wide = unsafe {
             let r = &mut *ptr::addr_of_mut!((*c).remote_since[class]);
             core::mem::take(r) == 0
-        };
+        } && wide_allowed();
         set_span(e, Some(s), wide);
         // A new span for the class: a slow path (a few per thousand objects at most),
         // where the caller runs a due scavenger pass. Window loads from the current
@@ -874,6 +962,15 @@ unsafe fn refill_span<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize
         unsafe { normalize(e, s) };
         old = Some(s);
     }
+}
+
+/// Whether a class taking a span may enter wide mode: not while the heap profile is on.
+#[inline]
+fn wide_allowed() -> bool {
+    #[cfg(all(feature = "profile", not(spanheap_loom)))]
+    return crate::profile::sample::may_go_wide();
+    #[cfg(not(all(feature = "profile", not(spanheap_loom))))]
+    true
 }
 
 /// Whether class `class` of the calling thread's cache is in wide mode (for tests).

@@ -26,8 +26,8 @@ use super::{bits_bucket, clock_ms, MHeap};
 use crate::mspan::{MSpan, Purpose};
 use crate::os::{MemSource, PAGE_SHIFT, PAGE_SIZE};
 use crate::pagecache::{
-    ChunkCache, HeapCache, PageCache, BITS_RECS, BITS_RECS_FILL, MAX_CACHED_SPAN_PAGES,
-    MAX_CHUNK_SPAN_PAGES, SPAN_RECS, SPAN_RECS_FILL,
+    ChunkCache, HeapCache, PageCache, BITS_RECS, BITS_RECS_FILL, LARGE_MAX_PAGES,
+    MAX_CACHED_SPAN_PAGES, MAX_CHUNK_SPAN_PAGES, SPAN_RECS, SPAN_RECS_FILL,
 };
 use crate::sizeclasses::CLASS_TO_NOBJS;
 use crate::stats::field;
@@ -423,5 +423,79 @@ impl<M: MemSource> MHeap<M> {
         }
         // SAFETY: forwarded.
         unsafe { self.grow_span_in_place(s, new_npages) }
+    }
+
+    /// Counts large objects: `freed` pages given up and `allocated` pages taken, in one
+    /// statistics section (a resize in place is one free and one allocation). Taken after
+    /// the span has the pages and before it gives them back, so a snapshot never counts a
+    /// live large object outside the in-use heap bytes.
+    ///
+    /// Out of line (as is `free_large`) so that the small-object paths of the callers stay
+    /// free of the register saves a statistics section needs.
+    #[inline(never)]
+    pub(crate) fn count_large(&self, freed: usize, allocated: usize) {
+        self.stats_update(|d| {
+            if freed != 0 {
+                d.add(field::LARGE_FREES, 1);
+                d.add(field::LARGE_FREE_BYTES, (freed << PAGE_SHIFT) as u64);
+            }
+            if allocated != 0 {
+                d.add(field::LARGE_ALLOCS, 1);
+                d.add(field::LARGE_ALLOC_BYTES, (allocated << PAGE_SHIFT) as u64);
+            }
+        });
+    }
+
+    /// Frees a large block (or a sampled object of the heap profile, which is one):
+    /// kept in the thread's heap cache `tc` when it takes it, else its span goes back to
+    /// the heap. Pointers that are not live blocks of this heap are ignored (never a
+    /// panic in a free).
+    ///
+    /// # Safety
+    /// `p` is a live block of this heap (or foreign, see above), not used afterwards.
+    #[inline(never)]
+    pub(crate) unsafe fn free_large(&self, p: *mut u8, tc: Option<&mut HeapCache>) {
+        let heap = self;
+        let Some(s) = NonNull::new(heap.span_of_unchecked(p as usize)) else {
+            return;
+        };
+        // SAFETY: `p` is a live block, so `s` is its live span and the caller gives it up.
+        let npages = unsafe { s.as_ref() }.npages();
+        match tc {
+            Some(tc) => {
+                // A big block of the size the thread keeps taking: keep it for the next.
+                // SAFETY: as above: the block is given up whole.
+                if npages > LARGE_MAX_PAGES && unsafe { tc.keep_big(s, npages) } {
+                    return;
+                }
+                // Keep it for the next allocation of its size, evicting the oldest cached
+                // blocks if there is no room (recent sizes are the likely ones).
+                if HeapCache::cacheable(npages) {
+                    loop {
+                        // SAFETY: as above: the block is given up whole.
+                        if unsafe { tc.keep_large(s, npages) } {
+                            return;
+                        }
+                        let Some(old) = tc.evict_oldest() else { break };
+                        // SAFETY: an evicted block is a live span nobody uses.
+                        let old_pages = unsafe { old.as_ref() }.npages();
+                        heap.count_large(old_pages, 0);
+                        // SAFETY: as above.
+                        unsafe { heap.free_span_with(old, tc) };
+                    }
+                }
+                heap.count_large(npages, 0);
+                // SAFETY: as above.
+                unsafe { heap.free_span_with(s, tc) }
+            }
+            None => {
+                heap.count_large(npages, 0);
+                // SAFETY: as above.
+                unsafe { heap.free_span(s) }
+            }
+        }
+        // The block went back to the heap: a slow path, where a due scavenger pass may
+        // run. (Blocks kept in the thread's large-block cache return above.)
+        heap.maybe_scavenge();
     }
 }

@@ -1,22 +1,6 @@
 //! Sampling (Go's `MemProfileRate`, `nextSample`, `profilealloc`): which allocations
 //! are recorded, and the hooks the allocation and free paths call.
 //!
-//! # What it costs with profiling off: nothing on the fast paths
-//!
-//! The fast paths of `alloc` and `dealloc` (`malloc.rs`) load a request's size class
-//! from a table; those tables are atomics (`fastclass.rs`), and turning profiling on
-//! sets every entry to class 0, which no thread cache ever has an object or a span of.
-//! Every allocation and free then misses its fast path, and the slow paths, seeing
-//! class 0, call [`after_alloc`] and [`before_free`]; the other out-of-line paths
-//! (large blocks, over-aligned ones, `realloc`, `alloc_zeroed`, C's validated `free`) test
-//! [`watching`]. So with profiling off the fast paths run the instructions they ran
-//! before (a relaxed 32-bit load is a plain one), and with it on every request costs an
-//! out-of-line call more, a thread-local countdown per allocation and one load (the
-//! negative check of `table::remove`) per free.
-//!
-//! The tables and `WATCHING` stay so once profiling was turned on, even if the rate is
-//! set back to 0: sampled objects may still be live, and their frees must be seen.
-//!
 //! # The countdown
 //!
 //! Each thread counts down the bytes it allocates to its next sample, drawn from an
@@ -25,6 +9,45 @@
 //! sampled with probability `1 - exp(-size / rate)`, which the writers undo
 //! ([`scale`](super::scale), Go's `scaleHeapSample`). A rate of 1 samples everything.
 //!
+//! The fast paths' countdown is a field of the thread cache (`MCache::sample_left`,
+//! a subtraction and a branch per allocation, always, as Go's `nextSample`): when it
+//! runs out, [`expired`] says whether this allocation is sampled and what the next
+//! countdown is. While profiling is off it is [`OFF_COUNTDOWN`], so a thread notices a
+//! new rate within that many bytes. The out-of-line paths (large and over-aligned
+//! blocks, `alloc_zeroed`, and every path while the fast paths are routed, below) count
+//! down a second, thread-local countdown ([`due`]); two independent countdowns of the
+//! same rate over disjoint allocations sample every byte at that rate all the same.
+//!
+//! # A sampled small object gets a large block of its own
+//!
+//! A free of a small object takes the fast path when the object lies in the freeing
+//! thread's current span of its class, without looking at anything else; a sampled
+//! object must not, or its free would go uncounted. So a sampled small object is given
+//! a large block (whole pages, at least its class's size; jemalloc's `prof` promotes
+//! sampled objects the same way) instead of the object the fast path had taken, which
+//! goes back to the cache. A large span is never a cache's current span: the free of a
+//! sampled object always misses the fast path, and the slow path's span lookup, seeing
+//! a large span where the caller's size says small, counts the free
+//! ([`before_free`]) and frees the block (`mcache::free_sampled`). That makes in-use
+//! figures exact, at a page or more per live sampled object (about one per `rate` bytes
+//! of live heap).
+//!
+//! # Wide mode, and profiling turned on late
+//!
+//! A class in *wide mode* (`mcache::refill_span`) takes every free on its fast path,
+//! current span or not, and would take a sampled object's too. While profiling is on no
+//! class enters wide mode ([`may_go_wide`]). Turned on before any class did (by
+//! `SPANHEAP_PROF_RATE`, read when the first thread cache goes live), that is all it
+//! takes. Turned on later (`set_rate`), classes of other threads may be wide already,
+//! and their owners cannot be reached; then [`set_rate`] also points the fast paths'
+//! class tables at class 0 (`fastclass.rs`), so that every allocation and free takes
+//! a slow path that finds the class from the span and counts down [`due`]: correct,
+//! and about as slow as routing every call through a slow path is. The two sides meet
+//! in a store-then-load handshake, `SeqCst` on both sides (the store of `WATCHING`
+//! then the load of `WIDE_SEEN` in `set_rate`; the store of `WIDE_SEEN` then the load
+//! of `WATCHING` in `may_go_wide`): one of them sees the other's store, so either the
+//! class stays out of wide mode or the fast paths are routed.
+//!
 //! # Recording
 //!
 //! A sampled allocation walks its stack with the unwinder (`backtrace`'s
@@ -32,10 +55,6 @@
 //! stack buffer, then takes the profile lock to count it in its bucket. While it walks,
 //! the thread's `busy` flag is set: an allocation the unwinder makes is served but not
 //! sampled (and the recursion stops there).
-//!
-//! Not quite nothing elsewhere: C's `free` fast path (the preload) loads its per-class
-//! span size as an atomic (one instruction more, `fastclass::FREE_CHECK`), and
-//! `alloc_zeroed` tests [`watching`] (two).
 
 use core::cell::Cell;
 
@@ -44,8 +63,16 @@ use crate::sync::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use super::table;
 
 /// Set (for good) when profiling is first turned on: the out-of-line paths call the
-/// hooks. Relaxed: see [`set_rate`].
+/// hooks, and no class enters wide mode. SeqCst with `WIDE_SEEN` (module doc); other
+/// loads Relaxed: see [`set_rate`].
 static WATCHING: AtomicU8 = AtomicU8::new(0);
+
+/// Set (for good) when a thread cache's class first enters wide mode ([`may_go_wide`]).
+static WIDE_SEEN: AtomicU8 = AtomicU8::new(0);
+
+/// The fast paths' countdown while profiling is off: how many bytes a thread allocates
+/// before it looks at the rate again.
+pub(crate) const OFF_COUNTDOWN: usize = 4 << 20;
 
 /// The mean bytes between samples; 0: off. A thread that sees a new rate late samples
 /// a few more or fewer allocations at the old one (see `set_rate` for the one ordering
@@ -64,6 +91,8 @@ struct Local {
     next: Cell<usize>,
     /// The `RATE_GEN` that `next` was drawn for.
     gen: Cell<usize>,
+    /// The `RATE_GEN` of the thread cache's countdown (`expired`).
+    fast_gen: Cell<usize>,
     /// xorshift64* state (0: not seeded yet).
     rng: Cell<u64>,
     /// Set while this thread records a sample (or writes a profile): its allocations
@@ -78,6 +107,7 @@ thread_local! {
         Local {
             next: Cell::new(0),
             gen: Cell::new(0),
+            fast_gen: Cell::new(0),
             rng: Cell::new(0),
             busy: Cell::new(false),
         }
@@ -97,17 +127,51 @@ pub(crate) fn rate() -> usize {
 
 /// Sets the sampling rate (0: off).
 ///
-/// `WATCHING` and the fast paths' class tables are stored before `RATE`, with Release
-/// on the rate: a thread that samples has loaded the new rate (Acquire), so its records
-/// happen after those stores, and the free of a recorded object (which happens after
-/// its record) sees them and takes a hooked path.
+/// `WATCHING` and, if some class went wide before, the fast paths' class tables are
+/// stored before `RATE`, with Release on the rate: a thread that samples has loaded
+/// the new rate (Acquire), so its records happen after those stores, and the free of a
+/// recorded object (which happens after its record) sees them and takes a hooked path.
 pub(crate) fn set_rate(rate: usize) {
     if rate != 0 && !watching() {
-        WATCHING.store(1, Ordering::Relaxed);
-        crate::fastclass::route_to_slow_paths();
+        // SeqCst: the handshake with `may_go_wide` (module doc).
+        WATCHING.store(1, Ordering::SeqCst);
+        if WIDE_SEEN.load(Ordering::SeqCst) != 0 {
+            crate::fastclass::route_to_slow_paths();
+        }
     }
     RATE.store(rate, Ordering::Release);
     RATE_GEN.fetch_add(1, Ordering::Relaxed);
+    // The calling thread's countdown starts over at its next allocation.
+    let f = RESTART_OWN.load(Ordering::Acquire);
+    if f != 0 {
+        // SAFETY: the only non-zero value stored is a `fn(usize)` (`register_restart`).
+        let f = unsafe { core::mem::transmute::<usize, fn(usize)>(f) };
+        f(0);
+    }
+}
+
+/// Sets the calling thread cache's countdown (`mcache::set_countdown`, which this
+/// module, below the caches, cannot name): 0 if none registered yet. Release/Acquire:
+/// the function is complete before it is called.
+static RESTART_OWN: AtomicUsize = AtomicUsize::new(0);
+
+/// Registers the thread caches' `set_countdown` (`global::on_cache_live`), for
+/// `set_rate`.
+pub(crate) fn register_restart(f: fn(usize)) {
+    RESTART_OWN.store(f as usize, Ordering::Release);
+}
+
+/// Whether a thread cache's class may enter wide mode now (`mcache::refill_span`):
+/// not while profiling is on (module doc).
+#[inline]
+pub(crate) fn may_go_wide() -> bool {
+    // SeqCst: the handshake with `set_rate` (module doc). The store is made once; a
+    // later caller that finds the flag set loads `WATCHING` after that first store in
+    // the single total order, as `set_rate`'s load of the flag then is too.
+    if WIDE_SEEN.load(Ordering::SeqCst) == 0 {
+        WIDE_SEEN.store(1, Ordering::SeqCst);
+    }
+    WATCHING.load(Ordering::SeqCst) == 0
 }
 
 /// Allocations sampled so far (including ones the tables dropped).
@@ -144,50 +208,102 @@ fn draw(l: &Local, rate: usize) -> usize {
     (n as usize).max(1)
 }
 
-/// After an allocation of `size` bytes at `p` (null: failed) that took an out-of-line
-/// path while profiling is on: counts it down, and records it if it is the one sampled
-/// (`sample_slow`). Inlined into the out-of-line paths: the countdown is a dozen
-/// instructions without a stack frame of its own.
+/// The thread cache's countdown ran out at an allocation of `size` bytes: the next
+/// countdown, and whether this allocation is sampled. A countdown drawn for an earlier
+/// rate (or while off) is redrawn without sampling; a busy thread samples nothing.
+#[cold]
+#[inline(never)]
+pub(crate) fn expired(size: usize) -> (usize, bool) {
+    // Acquire: as in `due`.
+    let rate = RATE.load(Ordering::Acquire);
+    if rate == 0 {
+        return (OFF_COUNTDOWN, false);
+    }
+    LOCAL
+        .try_with(|l| {
+            let gen = RATE_GEN.load(Ordering::Relaxed);
+            if l.busy.get() {
+                return (draw(l, rate), false);
+            }
+            if l.fast_gen.get() != gen {
+                l.fast_gen.set(gen);
+                let next = draw(l, rate);
+                if rate != 1 && size < next {
+                    return (next - size, false);
+                }
+            }
+            // Rate 1: the next allocation runs the countdown out again.
+            (if rate == 1 { 0 } else { draw(l, rate) }, true)
+        })
+        .unwrap_or((OFF_COUNTDOWN, false))
+}
+
+/// Counts down an allocation of `size` bytes on an out-of-line path while profiling is
+/// on: true if it is the one sampled (the caller then allocates the block it records
+/// with [`record_sample`]).
 #[inline]
-pub(crate) fn after_alloc(p: *mut u8, size: usize) {
+pub(crate) fn due(size: usize) -> bool {
     // Acquire: pairs with `set_rate`'s Release, so that this thread's record happens
     // after the stores that route frees to the hooks.
     let rate = RATE.load(Ordering::Acquire);
-    if rate == 0 || p.is_null() {
-        return;
+    if rate == 0 {
+        return false;
     }
-    let _ = LOCAL.try_with(|l| {
-        if l.busy.get() {
-            return;
-        }
-        let next = l.next.get();
-        if rate != 1 && size < next && l.gen.get() == RATE_GEN.load(Ordering::Relaxed) {
-            l.next.set(next - size);
-            return;
-        }
-        sample_slow(l, p, size, rate);
-    });
+    LOCAL
+        .try_with(|l| {
+            if l.busy.get() {
+                return false;
+            }
+            let next = l.next.get();
+            if rate != 1 && size < next && l.gen.get() == RATE_GEN.load(Ordering::Relaxed) {
+                l.next.set(next - size);
+                return false;
+            }
+            due_slow(l, size, rate)
+        })
+        .unwrap_or(false)
 }
 
-/// `after_alloc` when the countdown runs out, the rate changed (a new draw first) or
-/// the rate is 1.
+/// `due` when the countdown runs out, the rate changed (a new draw first) or the rate
+/// is 1.
 #[cold]
 #[inline(never)]
-fn sample_slow(l: &Local, p: *mut u8, size: usize, rate: usize) {
+fn due_slow(l: &Local, size: usize, rate: usize) -> bool {
     let gen = RATE_GEN.load(Ordering::Relaxed);
     if l.gen.get() != gen {
         l.gen.set(gen);
         let next = draw(l, rate);
         if rate != 1 && size < next {
             l.next.set(next - size);
-            return;
+            return false;
         }
     }
     l.next.set(draw(l, rate));
-    l.busy.set(true);
+    true
+}
+
+/// Records the sampled block `p` of `size` bytes (asked for): its stack, walked with
+/// the thread marked busy.
+#[cold]
+#[inline(never)]
+pub(crate) fn record_sample(p: *mut u8, size: usize) {
+    let was = LOCAL.try_with(|l| l.busy.replace(true)).unwrap_or(true);
+    if was {
+        return;
+    }
     record(p, size);
     super::periodic_write();
-    l.busy.set(false);
+    let _ = LOCAL.try_with(|l| l.busy.set(false));
+}
+
+/// A large block of `size` bytes at `p` (null: failed) allocated by a path that does
+/// not give sampled objects a block of their own (a large resize): counted down, and
+/// recorded if sampled.
+#[inline]
+pub(crate) fn after_alloc_large(p: *mut u8, size: usize) {
+    if !p.is_null() && due(size) {
+        record_sample(p, size);
+    }
 }
 
 /// Walks the stack and records the sample. Out of line so that the stack buffer is
@@ -210,8 +326,9 @@ fn record(p: *mut u8, size: usize) {
     table::record(&stack[..n], p as usize, size);
 }
 
-/// Before the block at `p` is freed, on an out-of-line free path while profiling was
-/// on (`watching`): a sampled object's free is counted in its bucket.
+/// Before the large block at `p` is freed while profiling was on (`watching`; every
+/// sampled object is a large block): if it was sampled, its free is counted in its
+/// bucket.
 #[inline(never)]
 pub(crate) fn before_free(p: *mut u8) {
     let _ = table::remove(p as usize);
@@ -230,6 +347,6 @@ pub(crate) fn resize(p: *mut u8, new_size: usize, resize: impl FnOnce() -> *mut 
         }
         return q;
     }
-    after_alloc(q, new_size);
+    after_alloc_large(q, new_size);
     q
 }
