@@ -252,9 +252,7 @@ pub(crate) mod global {
 
     /// A common request's object (`size` bytes, alignment at most 8): the thread
     /// cache's fast path with the class from the fast paths' table, counted down for
-    /// the heap profile (`mcache::alloc_cached_counted`). The table says 0 while the
-    /// profile routes the fast paths (`fastclass.rs`): the class-0 entry of a cache
-    /// never has an object, so that request misses and `common_miss` sees the 0.
+    /// the heap profile (`mcache::alloc_cached_counted`).
     #[inline(always)]
     fn common(size: usize) -> *mut u8 {
         let class = fastclass::size_class(size);
@@ -269,13 +267,11 @@ pub(crate) mod global {
         common_miss(class, size)
     }
 
-    /// `common` when the thread cache had nothing ready: its slow path (counted down
-    /// too), or, for class 0, the request as the routed profile sees it.
+    /// `common` when the thread cache had nothing ready: its slow path, counted down
+    /// too.
     #[inline(never)]
+    #[cfg_attr(not(feature = "profile"), allow(unused_variables))]
     fn common_miss(class: usize, size: usize) -> *mut u8 {
-        if class == 0 {
-            return common_watched(size);
-        }
         let p = mcache::alloc_slow::<Process>(class);
         #[cfg(feature = "profile")]
         let p = if !p.is_null() && mcache::count_down(size) {
@@ -310,7 +306,7 @@ pub(crate) mod global {
         };
         let q = sampled_block(size, 8, class, false);
         if q.is_null() {
-            return p; // no memory for the block: `p` stays, unsampled
+            return p; // no block for it: `p` stays, unsampled
         }
         // SAFETY: `p` is the live object of `class` the cache just gave us, unused.
         unsafe { mcache::dealloc::<Process>(p, class) };
@@ -318,40 +314,26 @@ pub(crate) mod global {
     }
 
     /// A block for a sampled allocation of `size` bytes aligned to `align`, `class`
-    /// being its size class (0: large), recorded in the profile: a large block, of
-    /// the class's size for a small object, so that its free always reaches a span
-    /// lookup that counts it (`profile::sample`, "A sampled small object"). Null if
-    /// memory is exhausted (nothing recorded).
+    /// being its size class (0: large), recorded in the profile: a large block where it
+    /// would be anyway, a block of the profile's own (of the class's size, so that a
+    /// resize within the class stays in place) for a small object, so that its free
+    /// always reaches a slow path that counts it (`profile::sample`, "A sampled small
+    /// object"). Null if there is none (memory exhausted, or the profile's blocks of
+    /// that size full): nothing is recorded, the caller allocates as usual.
     #[cfg(feature = "profile")]
     #[inline(never)]
     fn sampled_block(size: usize, align: usize, class: usize, zero: bool) -> *mut u8 {
-        let bytes = if class == 0 {
-            size
+        let q = if class == 0 {
+            large_alloc(size, align, zero)
         } else {
-            crate::sizeclasses::CLASS_TO_SIZE[class] as usize
+            // The block is aligned to its size, a power of two at or above the class's
+            // size, which is a multiple of `align`.
+            prof::block(crate::sizeclasses::CLASS_TO_SIZE[class] as usize, zero)
         };
-        let q = large_alloc(bytes, align, zero);
         if !q.is_null() {
             prof::record_sample(q, size);
         }
         q
-    }
-
-    /// A common request while the profile routes the fast paths (its class table says
-    /// 0): counted down on the out-of-line countdown.
-    #[inline(always)]
-    fn common_watched(size: usize) -> *mut u8 {
-        #[cfg(feature = "profile")]
-        {
-            let class = crate::sizeclasses::common_class(size);
-            if prof::due(size) {
-                return sampled_block(size, 8, class, false);
-            }
-            small(class)
-        }
-        // Without the profile nothing sets the table to 0.
-        #[cfg(not(feature = "profile"))]
-        alloc_uncommon(size, 8)
     }
 
     /// C's `malloc(size)` if the calling thread's cache has an object of the class
@@ -362,8 +344,7 @@ pub(crate) mod global {
         if cfg!(feature = "checked") || size > MAX_SMALL_SIZE {
             return ptr::null_mut();
         }
-        // size <= MAX_SMALL_SIZE. Class 0 (the profile routes the fast paths) misses:
-        // the caller's slow path (`raw::malloc`) takes it.
+        // size <= MAX_SMALL_SIZE.
         let class = fastclass::malloc_class(size);
         let (p, _out) = mcache::alloc_cached_counted(class, size);
         #[cfg(feature = "profile")]
@@ -394,14 +375,17 @@ pub(crate) mod global {
         alloc_uncommon(size, align)
     }
 
-    /// `alloc` of an over-aligned small object or a large block, and of every block
-    /// while the heap profile is on (which then counts it down: `common_miss`).
+    /// `alloc` of an over-aligned small object or a large block (counted down on the
+    /// out-of-line countdown while the heap profile is on).
     #[inline(never)]
     fn alloc_uncommon(size: usize, align: usize) -> *mut u8 {
         let class = class_for_layout(size, align) as usize;
         #[cfg(feature = "profile")]
         if prof::watching() && prof::due(size) {
-            return sampled_block(size, align, class, false);
+            let q = sampled_block(size, align, class, false);
+            if !q.is_null() {
+                return q;
+            }
         }
         if class != 0 {
             small(class)
@@ -460,7 +444,10 @@ pub(crate) mod global {
     #[inline(never)]
     fn zeroed_watched(size: usize, align: usize) -> *mut u8 {
         if prof::due(size) {
-            return sampled_block(size, align, class_for_layout(size, align) as usize, true);
+            let q = sampled_block(size, align, class_for_layout(size, align) as usize, true);
+            if !q.is_null() {
+                return q;
+            }
         }
         zeroed(size, align)
     }
@@ -488,9 +475,8 @@ pub(crate) mod global {
             true,
         );
         if is_common(size, align) {
-            // SAFETY: `p` is a live object of this class (foreign pointers are ignored);
-            // class 0 (the heap profile is on) goes to `mcache::dealloc_slow`, which
-            // counts a sampled object's free and finds the class from the span.
+            // SAFETY: `p` is a live object of this class (foreign pointers are ignored),
+            // or a sampled one in its own block, which `mcache::dealloc_slow` frees.
             return unsafe { mcache::dealloc::<Process>(p, fastclass::size_class(size)) };
         }
         // SAFETY: forwarded.
@@ -533,6 +519,13 @@ pub(crate) mod global {
             size: usize,
             off: usize,
         },
+        /// A sampled small object in a block of the heap profile's own, of `size`
+        /// bytes, `p` at `off` bytes into it.
+        #[cfg_attr(not(feature = "profile"), allow(dead_code))]
+        Sampled {
+            size: usize,
+            off: usize,
+        },
         Foreign,
     }
 
@@ -540,6 +533,11 @@ pub(crate) mod global {
     #[inline]
     pub(crate) fn block_of(p: *const u8) -> Block {
         let addr = p as usize;
+        #[cfg(feature = "profile")]
+        if crate::profile::blocks::contains(addr) {
+            let (size, off) = crate::profile::blocks::size_and_offset(addr);
+            return Block::Sampled { size, off };
+        }
         let Some(s) = HEAP.span_of(addr) else {
             return Block::Foreign;
         };
@@ -615,6 +613,13 @@ pub(crate) mod global {
         if !p.is_null() {
             crate::global::checked::on_free(p, None, true);
         }
+        #[cfg(feature = "profile")]
+        if crate::profile::blocks::contains(p as usize) {
+            if crate::profile::blocks::size_and_offset(p as usize).1 != 0 {
+                interior("free", p);
+            }
+            return prof::free_block(p);
+        }
         let Some((s, off)) = HEAP.span_and_offset_of(p as usize) else {
             return not_live("free", p);
         };
@@ -680,7 +685,7 @@ pub(crate) mod global {
     pub(crate) fn usable_size(p: *const u8) -> usize {
         match block_of(p) {
             Block::Small { size, off, .. } => size - off,
-            Block::Large { size, .. } => size,
+            Block::Large { size, .. } | Block::Sampled { size, .. } => size,
             Block::Foreign => 0,
         }
     }
@@ -696,9 +701,13 @@ pub(crate) mod global {
         crate::global::checked::on_free(p, None, false);
         let new_class = class_for_layout(new_size, align);
         let old_size = match block_of(p) {
-            Block::Small { off, .. } | Block::Large { off, .. } if off != 0 => {
+            Block::Small { off, .. } | Block::Large { off, .. } | Block::Sampled { off, .. }
+                if off != 0 =>
+            {
                 interior("realloc", p)
             }
+            // A sampled object moves (and so is freed, and counted).
+            Block::Sampled { size, .. } => size,
             Block::Small { class, size, .. } => {
                 if class == new_class as usize {
                     return p;

@@ -66,13 +66,11 @@ pub(super) unsafe fn overflow<M: MemSource>(
 /// Out of line, so that the local-free fast path needs no extra registers.
 ///
 /// # Safety
-/// `e` is entry `class` of this thread's cache `c`; `p` a live object of class `class`,
-/// given up.
+/// `c` is this thread's cache; `p` a live object of class `class`, given up.
 #[inline(never)]
 pub(super) unsafe fn buffer_remote<M: MemSource>(
     heap: &Heap<M>,
     c: *mut MCache,
-    e: &mut ClassCache,
     p: *mut u8,
     class: usize,
 ) {
@@ -82,15 +80,19 @@ pub(super) unsafe fn buffer_remote<M: MemSource>(
         let r = &mut *ptr::addr_of_mut!((*c).remote_since[class]);
         *r = r.saturating_add(1);
     }
-    // SAFETY: per the contract, the object's first word is ours to link through.
-    unsafe { p.cast::<*mut u8>().write(e.remote) };
-    e.remote = p;
+    // SAFETY: the buffer is the owner's; `class < NUM_CLASSES`. Per the contract, the
+    // object's first word is ours to link through.
+    unsafe {
+        let head = &mut *ptr::addr_of_mut!((*c).remote[class]);
+        p.cast::<*mut u8>().write(*head);
+        *head = p;
+    }
     // SAFETY: the counters are the owner's; `class < NUM_CLASSES`.
     let n = unsafe { &mut *ptr::addr_of_mut!((*c).nremote[class]) };
     *n += 1;
     if u32::from(*n) >= REMOTE_LIMIT[class] {
         // SAFETY: forwarded.
-        unsafe { flush_remote(heap, c, e, class) };
+        unsafe { flush_remote(heap, c, class) };
         // A thread that only frees other threads' objects (a consumer, or the thread
         // that drops what a pool of exited workers built) reaches no other slow path:
         // this is where a due scavenger pass runs, or the background thread starts,
@@ -143,15 +145,10 @@ pub(super) unsafe fn pless_free<M: MemSource>(
 /// Returns the whole remote buffer to the objects' spans, after counting the frees.
 ///
 /// # Safety
-/// `e` is entry `class` of cache `c`, which the caller owns.
+/// `c` is a live cache the caller owns; `class < NUM_CLASSES`.
 #[cold]
 #[inline(never)]
-pub(super) unsafe fn flush_remote<M: MemSource>(
-    heap: &Heap<M>,
-    c: *mut MCache,
-    e: &mut ClassCache,
-    class: usize,
-) {
+pub(super) unsafe fn flush_remote<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize) {
     // SAFETY: the counters are the owner's; `class < NUM_CLASSES`.
     let n = u64::from(core::mem::take(unsafe {
         &mut *ptr::addr_of_mut!((*c).nremote[class])
@@ -162,8 +159,11 @@ pub(super) unsafe fn flush_remote<M: MemSource>(
     // SAFETY: `c` is a live cache (caller's contract).
     let _slow = unsafe { Slow::new(c) };
     heap.stats_update(|d| d.add(field::SMALL_FREES + class, n));
-    let p = e.remote;
-    e.remote = ptr::null_mut();
+    // SAFETY: as in `buffer_remote`.
+    let p = core::mem::replace(
+        unsafe { &mut *ptr::addr_of_mut!((*c).remote[class]) },
+        ptr::null_mut(),
+    );
     let mut counts = RemoteCounts::default();
     // SAFETY: the buffer's objects are ours, live from their spans' view, and linked
     // into a null-terminated list. (The owner count is only `flush`'s.)

@@ -15,7 +15,6 @@ use core::ptr;
 
 use crate::arena::arena_number;
 use crate::fastclass::FREE_CHECK;
-use crate::sync::Ordering;
 
 use super::{empty_cache, entry, tls, MCache, Process};
 
@@ -57,9 +56,8 @@ pub(crate) unsafe fn free_hinted<P: Process>(p: *mut u8) -> bool {
     // SAFETY: as above.
     let check = unsafe { FREE_CHECK.get_unchecked(class) };
     // Inside the current span of `class` (live, owned by us; a class-0 hint has no
-    // span bytes, nor any class while the heap profile is on: `fastclass.rs`), at an
-    // object's start.
-    if off as u64 >= check.span_bytes.load(Ordering::Relaxed)
+    // span bytes), at an object's start.
+    if off as u64 >= check.span_bytes
         || (off as u64).wrapping_mul(check.divisible) >= check.divisible
     {
         return false;

@@ -302,7 +302,7 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &Heap<M>, c: *mut MCach
         // SAFETY: `e` is entry `class` of our cache.
         unsafe { flush(heap, c, e, class, 0) };
         // SAFETY: as above.
-        unsafe { flush_remote(heap, c, e, class) };
+        unsafe { flush_remote(heap, c, class) };
         if let Some(s) = current_span(heap, e) {
             // The window's unused objects were counted as allocated when it was
             // loaded: uncount them before the span can retire.
@@ -349,7 +349,7 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
     // SAFETY: the counter is ours; `class < NUM_CLASSES`.
     if unsafe { *ptr::addr_of!((*c).nremote[class]) } != 0 {
         // SAFETY: forwarded.
-        unsafe { flush_remote(heap, c, e, class) };
+        unsafe { flush_remote(heap, c, class) };
         any = true;
     }
     // A stack nothing was taken from since the last visit, or since the class's last

@@ -236,19 +236,18 @@ pub(crate) struct ClassCache {
     /// Free objects of the current window (bit i = object at `window_base + i * elemsize`).
     alloc_cache: u64,
     window_base: usize,
-    /// The current span's memory, `[span_base, span_base + span_len)` (both 0 when
-    /// there is none): a free inside it is local without a span-map lookup. In wide
-    /// mode `span_len` is `usize::MAX`, so that every address but `span_base - 1` is
-    /// "inside". (A length rather than an end: the free path's range test is then one
-    /// subtraction and one compare.)
+    /// The current span's base (0 when there is none; C's `free` fast path checks a
+    /// pointer against it, `free_hinted`).
     span_base: usize,
+    /// The addresses the free fast path takes as local without a span-map lookup,
+    /// `[range_base, range_base + span_len)` (wrapping): the current span's memory, or
+    /// in wide mode every address but the heap profile's sampled blocks (`set_span`);
+    /// both 0 when there is no span. (A length rather than an end: the free path's
+    /// range test is then one subtraction and one compare.)
+    range_base: usize,
     span_len: usize,
     /// Objects taken from `free` since the class's counts were last published.
     pops: u64,
-    /// Remote buffer: objects freed by this thread from spans it does not own, linked
-    /// through their first word, returned to their spans in a batch (`flush_remote`)
-    /// when `REMOTE_LIMIT` is reached. Never reused for allocation.
-    remote: *mut u8,
 }
 
 const _: () = assert!(core::mem::size_of::<ClassCache>() == 64);
@@ -275,6 +274,11 @@ pub(crate) struct MCache {
     remote_since: [u32; NUM_CLASSES],
     /// Per class: objects on the entry's remote buffer. Owner only.
     nremote: [u16; NUM_CLASSES],
+    /// Per class, the remote buffer: objects freed by this thread from spans it does
+    /// not own, linked through their first word, returned to their spans in a batch
+    /// (`flush_remote`) when `REMOTE_LIMIT` is reached. Never reused for allocation.
+    /// Owner only.
+    remote: [*mut u8; NUM_CLASSES],
     /// The thread's page block, chunk, large-block and record caches (span allocation
     /// without the lock), behind the gate that lets the scavenger take them back while
     /// the thread is idle (`GatedCache`). Owner, inside the gate.
@@ -302,9 +306,9 @@ pub(super) const EMPTY_CLASS: ClassCache = ClassCache {
     alloc_cache: 0,
     window_base: 0,
     span_base: 0,
+    range_base: 0,
     span_len: 0,
     pops: 0,
-    remote: ptr::null_mut(),
 };
 
 /// The cache every thread starts with (and returns to at exit): all misses.
@@ -341,6 +345,7 @@ impl MCache {
                 arena_hint: NO_ARENA,
                 remote_since: [0; NUM_CLASSES],
                 nremote: [0; NUM_CLASSES],
+                remote: [ptr::null_mut(); NUM_CLASSES],
                 heap: GatedCache::new(),
                 seq: HeapSeq::new(),
                 registered: false,
@@ -639,7 +644,7 @@ pub(crate) unsafe fn dealloc<P: Process>(p: *mut u8, class: usize) {
         let e = entry(c, class);
         // Wrapping: below `span_base` the difference is huge (and in wide mode
         // `span_len` is usize::MAX, see `set_span`).
-        if (p as usize).wrapping_sub(e.span_base) < e.span_len {
+        if (p as usize).wrapping_sub(e.range_base) < e.span_len {
             push_local(P::heap(), c, e, p, class);
         } else {
             dealloc_slow::<P>(p, class, c);
@@ -656,9 +661,9 @@ pub(crate) unsafe fn dealloc<P: Process>(p: *mut u8, class: usize) {
 #[inline(never)]
 unsafe fn dealloc_slow<P: Process>(p: *mut u8, class: usize, c: *mut MCache) {
     #[cfg(feature = "profile")]
-    if class == 0 {
-        // SAFETY: forwarded.
-        return unsafe { dealloc_unclassed::<P>(p) };
+    if crate::profile::blocks::contains(p as usize) {
+        // A sampled object, in a block of its own (no range test passes it).
+        return crate::profile::sample::free_block(p);
     }
     if c == empty_cache() {
         // SAFETY: forwarded.
@@ -669,54 +674,8 @@ unsafe fn dealloc_slow<P: Process>(p: *mut u8, class: usize, c: *mut MCache) {
     let Some(s) = NonNull::new(P::heap().span_of_hinted(p as usize, hint)) else {
         return; // not ours
     };
-    #[cfg(feature = "profile")]
-    // SAFETY: `p` is live, so `s` is its live span (info written before publication).
-    if unsafe { s.as_ref().info() }.spanclass == 0 {
-        // SAFETY: forwarded: a sampled object, which is a large block.
-        return unsafe { free_sampled::<P>(p) };
-    }
     // SAFETY: forwarded; `c` is this thread's live cache.
     unsafe { free_to(P::heap(), c, p, s, class) }
-}
-
-/// A free of a small object whose class the caller gave as 0: the front end's fast-path
-/// class table says 0 while the heap profile is on (`fastclass.rs`). A sampled object's
-/// free is counted, then the object is freed with its span's class.
-///
-/// # Safety
-/// As for `dealloc` (`p` is a live small object).
-#[cfg(all(not(spanheap_loom), feature = "profile"))]
-#[cold]
-#[inline(never)]
-unsafe fn dealloc_unclassed<P: Process>(p: *mut u8) {
-    let Some(s) = NonNull::new(P::heap().span_of_unchecked(p as usize)) else {
-        return; // not ours
-    };
-    // SAFETY: `p` is a live object, so `s` is its live span, whose info was written
-    // before it was published.
-    let class = unsafe { s.as_ref().info() }.spanclass as usize;
-    if class == 0 {
-        // SAFETY: forwarded: a sampled object, which is a large block.
-        return unsafe { free_sampled::<P>(p) };
-    }
-    // SAFETY: forwarded, with the object's class.
-    unsafe { dealloc::<P>(p, class) }
-}
-
-/// The free of a sampled object (`profile::sample`: the heap profile gives every
-/// sampled small object a large block of its own, so that its free, which never
-/// passes a current span's range test, always reaches a span lookup that sees the
-/// large span): counted in its bucket, then freed as the large block it is.
-///
-/// # Safety
-/// `p` is a live large block of the process-wide heap, given up.
-#[cfg(all(not(spanheap_loom), feature = "profile"))]
-#[cold]
-#[inline(never)]
-unsafe fn free_sampled<P: Process>(p: *mut u8) {
-    crate::profile::sample::before_free(p);
-    // SAFETY: forwarded.
-    with_heap_cache::<P, _>(|tc| unsafe { P::heap().pages.free_large(p, tc) })
 }
 
 /// A free by a thread still on the empty cache: a thread that frees before it ever
@@ -732,12 +691,6 @@ unsafe fn dealloc_first<P: Process>(p: *mut u8, class: usize) {
     let Some(s) = NonNull::new(P::heap().span_of_unchecked(p as usize)) else {
         return; // not ours
     };
-    #[cfg(feature = "profile")]
-    // SAFETY: as in `dealloc_slow`.
-    if unsafe { s.as_ref().info() }.spanclass == 0 {
-        // SAFETY: forwarded.
-        return unsafe { free_sampled::<P>(p) };
-    }
     let c = match tls::state() {
         NO_CACHE => create_cache::<P>(),
         // A visitor emptied the slot (`global/idle.rs`).
@@ -807,7 +760,7 @@ pub(crate) unsafe fn free_to<M: MemSource>(
     unsafe {
         let e = entry(c, class);
         if s.as_ref().small.owner.load(Ordering::Relaxed) != c as usize {
-            return buffer_remote(heap, c, e, p, class);
+            return buffer_remote(heap, c, p, class);
         }
         push_local(heap, c, e, p, class);
     }
@@ -942,11 +895,10 @@ unsafe fn refill_span<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize
         // passes for any address). `flush` leaves wide mode when the objects it returns
         // show otherwise.
         // SAFETY: the counters are the owner's; `class < NUM_CLASSES`.
-        // Not while the heap profile is on (`profile::sample`, "Wide mode").
         let wide = unsafe {
             let r = &mut *ptr::addr_of_mut!((*c).remote_since[class]);
             core::mem::take(r) == 0
-        } && wide_allowed();
+        };
         set_span(e, Some(s), wide);
         // A new span for the class: a slow path (a few per thousand objects at most),
         // where the caller runs a due scavenger pass. Window loads from the current
@@ -964,15 +916,6 @@ unsafe fn refill_span<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class: usize
     }
 }
 
-/// Whether a class taking a span may enter wide mode: not while the heap profile is on.
-#[inline]
-fn wide_allowed() -> bool {
-    #[cfg(all(feature = "profile", not(spanheap_loom)))]
-    return crate::profile::sample::may_go_wide();
-    #[cfg(not(all(feature = "profile", not(spanheap_loom))))]
-    true
-}
-
 /// Whether class `class` of the calling thread's cache is in wide mode (for tests).
 #[cfg(not(spanheap_loom))]
 pub(crate) fn thread_class_wide(class: usize) -> bool {
@@ -987,8 +930,13 @@ pub(crate) fn thread_class_wide(class: usize) -> bool {
 /// Whether entry `e` is in wide mode (see `refill_span`).
 #[inline]
 pub(super) fn is_wide(e: &ClassCache) -> bool {
-    e.span_base != 0 && e.span_len == usize::MAX
+    e.span_base != 0 && e.span_len == WIDE_LEN
 }
+
+/// Wide mode's range (`set_span`): every address but the heap profile's sampled blocks,
+/// `[WIDE_BASE - (2^64 - WIDE_LEN), WIDE_BASE)`, whose frees must reach the slow path.
+const WIDE_BASE: usize = crate::mheap::SAMPLED_BLOCKS_END;
+const WIDE_LEN: usize = 0usize.wrapping_sub(crate::mheap::SAMPLED_BLOCKS_SIZE);
 
 /// The current span of entry `e`, found through the span map (the entry keeps its
 /// address range, which the fast free path tests).
@@ -1008,18 +956,19 @@ pub(super) fn set_span(e: &mut ClassCache, s: Option<NonNull<MSpan>>, wide: bool
             // SAFETY: the cache owns the span; its record is never unmapped.
             let span = unsafe { s.as_ref() };
             e.span_base = span.base();
-            e.span_len = if wide {
+            (e.range_base, e.span_len) = if wide {
                 // The free fast path's range test then passes for every address but
-                // `span_base - 1`.
-                usize::MAX
+                // the sampled blocks' range (below `WIDE_BASE`).
+                (WIDE_BASE, WIDE_LEN)
             } else {
-                span.npages() << crate::os::PAGE_SHIFT
+                (span.base(), span.npages() << crate::os::PAGE_SHIFT)
             };
             // SAFETY: as above.
             e.elemsize = unsafe { private(s) }.elemsize as u16;
         }
         None => {
             e.span_base = 0;
+            e.range_base = 0;
             e.span_len = 0;
         }
     }

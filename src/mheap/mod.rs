@@ -105,6 +105,14 @@ pub(crate) const MAX_SPAN_BYTES: usize = 1 << 46;
 /// ThreadSanitizer's low application range; where the range is taken or refused (an
 /// AddressSanitizer shadow gap), the kernel's choice is taken instead.
 const FIRST_ARENA_HINT: usize = 0x00a0 << 32;
+/// The end of a range of address space right below the first arena that no arena
+/// takes (arenas grow up from `FIRST_ARENA_HINT`, or land where the kernel puts them,
+/// far above): the heap profile keeps its sampled small objects there
+/// (`profile/blocks.rs`), and the thread caches' wide mode takes every address but
+/// this range (`mcache::set_span`).
+pub(crate) const SAMPLED_BLOCKS_END: usize = FIRST_ARENA_HINT;
+/// The size of that range.
+pub(crate) const SAMPLED_BLOCKS_SIZE: usize = 384 << 20;
 /// Spans `free_spans` frees per hold of the heap lock (a bound on the hold).
 const FREE_BATCH: usize = 16;
 /// The largest alignment served; beyond it the address space cannot help.

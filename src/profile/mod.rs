@@ -36,6 +36,7 @@
 //! thread stacks, the allocator's own metadata), and, since a sample is scaled up by
 //! the rate, the exact count of a call site that allocated only a few times.
 
+pub(crate) mod blocks;
 mod pprof;
 pub(crate) mod sample;
 mod symbols;
@@ -55,21 +56,8 @@ pub const DEFAULT_RATE: usize = 512 << 10;
 /// sampling off (objects sampled before are still followed to their frees); 1 samples
 /// every allocation. Takes effect in the calling thread at its next allocation, in
 /// other threads at their next sample (within 4 MiB of allocation if it was 0).
-///
-/// Turned on here rather than by `SPANHEAP_PROF_RATE`, after the program's first
-/// allocations, profiling sends every allocation and free through the allocator's slow
-/// paths (see `sample.rs`, "Wide mode"): correct, but slower than profiling from the
-/// start, which costs only the sampled allocations.
 pub fn set_rate(bytes: usize) {
     sample::set_rate(bytes);
-}
-
-/// Whether profiling was turned on after the program's first allocations, so that it
-/// routes every allocation and free through the slow paths (see [`set_rate`]). For
-/// tests.
-#[doc(hidden)]
-pub fn fast_paths_routed() -> bool {
-    crate::fastclass::routed()
 }
 
 /// The sampling rate in bytes (0: off).

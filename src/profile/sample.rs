@@ -12,41 +12,25 @@
 //! The fast paths' countdown is a field of the thread cache (`MCache::sample_left`,
 //! a subtraction and a branch per allocation, always, as Go's `nextSample`): when it
 //! runs out, [`expired`] says whether this allocation is sampled and what the next
-//! countdown is. While profiling is off it is [`OFF_COUNTDOWN`], so a thread notices a
-//! new rate within that many bytes. The out-of-line paths (large and over-aligned
-//! blocks, `alloc_zeroed`, and every path while the fast paths are routed, below) count
-//! down a second, thread-local countdown ([`due`]); two independent countdowns of the
-//! same rate over disjoint allocations sample every byte at that rate all the same.
+//! countdown is. While profiling is off it is [`OFF_COUNTDOWN`], so another thread
+//! notices a new rate within that many bytes (the calling thread at once: `set_rate`
+//! zeroes its countdown). The out-of-line paths (large and over-aligned blocks,
+//! `alloc_zeroed`) count down a second, thread-local countdown ([`due`]); two
+//! independent countdowns of the same rate over disjoint allocations sample every byte
+//! at that rate all the same.
 //!
-//! # A sampled small object gets a large block of its own
+//! # A sampled small object gets a block of its own
 //!
-//! A free of a small object takes the fast path when the object lies in the freeing
-//! thread's current span of its class, without looking at anything else; a sampled
-//! object must not, or its free would go uncounted. So a sampled small object is given
-//! a large block (whole pages, at least its class's size; jemalloc's `prof` promotes
-//! sampled objects the same way) instead of the object the fast path had taken, which
-//! goes back to the cache. A large span is never a cache's current span: the free of a
-//! sampled object always misses the fast path, and the slow path's span lookup, seeing
-//! a large span where the caller's size says small, counts the free
-//! ([`before_free`]) and frees the block (`mcache::free_sampled`). That makes in-use
-//! figures exact, at a page or more per live sampled object (about one per `rate` bytes
-//! of live heap).
-//!
-//! # Wide mode, and profiling turned on late
-//!
-//! A class in *wide mode* (`mcache::refill_span`) takes every free on its fast path,
-//! current span or not, and would take a sampled object's too. While profiling is on no
-//! class enters wide mode ([`may_go_wide`]). Turned on before any class did (by
-//! `SPANHEAP_PROF_RATE`, read when the first thread cache goes live), that is all it
-//! takes. Turned on later (`set_rate`), classes of other threads may be wide already,
-//! and their owners cannot be reached; then [`set_rate`] also points the fast paths'
-//! class tables at class 0 (`fastclass.rs`), so that every allocation and free takes
-//! a slow path that finds the class from the span and counts down [`due`]: correct,
-//! and about as slow as routing every call through a slow path is. The two sides meet
-//! in a store-then-load handshake, `SeqCst` on both sides (the store of `WATCHING`
-//! then the load of `WIDE_SEEN` in `set_rate`; the store of `WIDE_SEEN` then the load
-//! of `WATCHING` in `may_go_wide`): one of them sees the other's store, so either the
-//! class stays out of wide mode or the fast paths are routed.
+//! A free of a small object takes the fast path when the pointer passes the freeing
+//! thread's range test for its class, without looking at anything else; a sampled
+//! object's free must not, or it would go uncounted. So a sampled small object is given
+//! a block in the profile's own range of address space (`blocks.rs`), which no range
+//! test passes (wide mode's included), instead of the object the fast path had taken,
+//! which goes back to the cache. Its free then always reaches a slow path, which sees
+//! the range with one compare and counts the free ([`free_block`]). That makes in-use
+//! figures exact, at a page or more per live sampled object (about one per `rate`
+//! bytes of live heap). Large blocks are sampled where they are (their frees always
+//! take the large path, which calls [`before_free`]).
 //!
 //! # Recording
 //!
@@ -63,12 +47,8 @@ use crate::sync::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use super::table;
 
 /// Set (for good) when profiling is first turned on: the out-of-line paths call the
-/// hooks, and no class enters wide mode. SeqCst with `WIDE_SEEN` (module doc); other
-/// loads Relaxed: see [`set_rate`].
+/// hooks. Relaxed: see [`set_rate`].
 static WATCHING: AtomicU8 = AtomicU8::new(0);
-
-/// Set (for good) when a thread cache's class first enters wide mode ([`may_go_wide`]).
-static WIDE_SEEN: AtomicU8 = AtomicU8::new(0);
 
 /// The fast paths' countdown while profiling is off: how many bytes a thread allocates
 /// before it looks at the rate again.
@@ -127,17 +107,13 @@ pub(crate) fn rate() -> usize {
 
 /// Sets the sampling rate (0: off).
 ///
-/// `WATCHING` and, if some class went wide before, the fast paths' class tables are
-/// stored before `RATE`, with Release on the rate: a thread that samples has loaded
-/// the new rate (Acquire), so its records happen after those stores, and the free of a
-/// recorded object (which happens after its record) sees them and takes a hooked path.
+/// `WATCHING` is stored before `RATE`, with Release on the rate: a thread that samples
+/// has loaded the new rate (Acquire), so its records happen after that store, and the
+/// free of a recorded large block (which happens after its record) sees it and calls
+/// the hook.
 pub(crate) fn set_rate(rate: usize) {
     if rate != 0 && !watching() {
-        // SeqCst: the handshake with `may_go_wide` (module doc).
-        WATCHING.store(1, Ordering::SeqCst);
-        if WIDE_SEEN.load(Ordering::SeqCst) != 0 {
-            crate::fastclass::route_to_slow_paths();
-        }
+        WATCHING.store(1, Ordering::Relaxed);
     }
     RATE.store(rate, Ordering::Release);
     RATE_GEN.fetch_add(1, Ordering::Relaxed);
@@ -159,19 +135,6 @@ static RESTART_OWN: AtomicUsize = AtomicUsize::new(0);
 /// `set_rate`.
 pub(crate) fn register_restart(f: fn(usize)) {
     RESTART_OWN.store(f as usize, Ordering::Release);
-}
-
-/// Whether a thread cache's class may enter wide mode now (`mcache::refill_span`):
-/// not while profiling is on (module doc).
-#[inline]
-pub(crate) fn may_go_wide() -> bool {
-    // SeqCst: the handshake with `set_rate` (module doc). The store is made once; a
-    // later caller that finds the flag set loads `WATCHING` after that first store in
-    // the single total order, as `set_rate`'s load of the flag then is too.
-    if WIDE_SEEN.load(Ordering::SeqCst) == 0 {
-        WIDE_SEEN.store(1, Ordering::SeqCst);
-    }
-    WATCHING.load(Ordering::SeqCst) == 0
 }
 
 /// Allocations sampled so far (including ones the tables dropped).
@@ -244,7 +207,7 @@ pub(crate) fn expired(size: usize) -> (usize, bool) {
 #[inline]
 pub(crate) fn due(size: usize) -> bool {
     // Acquire: pairs with `set_rate`'s Release, so that this thread's record happens
-    // after the stores that route frees to the hooks.
+    // after the store of `WATCHING`, which sends the frees of large blocks to the hook.
     let rate = RATE.load(Ordering::Acquire);
     if rate == 0 {
         return false;
@@ -326,9 +289,22 @@ fn record(p: *mut u8, size: usize) {
     table::record(&stack[..n], p as usize, size);
 }
 
-/// Before the large block at `p` is freed while profiling was on (`watching`; every
-/// sampled object is a large block): if it was sampled, its free is counted in its
-/// bucket.
+/// A block of its own for a sampled small object of `bytes` bytes (its class's size),
+/// zeroed if `zero`, or null if there is none (`blocks.rs`).
+pub(crate) fn block(bytes: usize, zero: bool) -> *mut u8 {
+    table::alloc_block(bytes, zero)
+}
+
+/// The free of a sampled small object (`blocks::contains(p)`): counted in its bucket,
+/// its block taken back.
+#[cold]
+#[inline(never)]
+pub(crate) fn free_block(p: *mut u8) {
+    table::free_block(p);
+}
+
+/// Before the large block at `p` is freed while profiling was on (`watching`): if it
+/// was sampled, its free is counted in its bucket.
 #[inline(never)]
 pub(crate) fn before_free(p: *mut u8) {
     let _ = table::remove(p as usize);

@@ -101,6 +101,9 @@ pub struct Totals {
     pub buckets: u64,
     /// Bytes of metadata the profile took from the OS.
     pub meta_bytes: u64,
+    /// Bytes of the blocks that hold live sampled small objects (each a page or more
+    /// in the profile's own range; see `profile/blocks.rs`).
+    pub block_bytes: u64,
 }
 
 /// The tables. All fields are protected by `TABLES`'s lock; the object heads' *values*
@@ -120,6 +123,8 @@ pub(crate) struct Tables {
     bump: usize,
     bump_end: usize,
     totals: Totals,
+    /// The sampled small objects' blocks.
+    blocks: super::blocks::Blocks,
 }
 
 // SAFETY: the raw pointers point into metadata memory owned by the tables, reached only
@@ -143,7 +148,9 @@ pub(crate) static TABLES: Mutex<Tables> = Mutex::new(
             dropped: 0,
             buckets: 0,
             meta_bytes: 0,
+            block_bytes: 0,
         },
+        blocks: super::blocks::Blocks::new(),
     },
     crate::lockrank::PROFILE,
 );
@@ -381,6 +388,21 @@ fn remove_slow(addr: usize) -> Option<Removed> {
         .map(|(bucket, size)| Removed { addr, bucket, size })
 }
 
+/// A block for a sampled small object of at least `bytes` bytes, zeroed if `zero`
+/// (`blocks.rs`); null if there is none.
+pub(crate) fn alloc_block(bytes: usize, zero: bool) -> *mut u8 {
+    TABLES.lock().with(|t| t.blocks.alloc(bytes, zero))
+}
+
+/// The free of the sampled object at `p`, which is in the blocks' range: counted in its
+/// bucket, and the block taken back, in one hold of the lock.
+pub(crate) fn free_block(p: *mut u8) {
+    TABLES.lock().with(|t| {
+        let _ = t.remove_locked(p as usize);
+        t.blocks.free(p as usize);
+    });
+}
+
 /// Undoes `remove`: the object is live again, its free uncounted (if the OS refuses
 /// the node, which cannot happen since `remove` just freed one, the free stays counted).
 pub(crate) fn restore(r: Removed) {
@@ -398,7 +420,10 @@ pub(crate) fn restore(r: Removed) {
 
 /// The totals (see [`Totals`]).
 pub(crate) fn totals() -> Totals {
-    TABLES.lock().with(|t| t.totals)
+    TABLES.lock().with(|t| Totals {
+        block_bytes: t.blocks.live_bytes,
+        ..t.totals
+    })
 }
 
 /// One bucket of a snapshot: its stack is `frames[start..start + depth]`.
@@ -436,7 +461,10 @@ pub(crate) fn copy_into(
                 b = (*b).all;
             }
         }
-        Ok(t.totals)
+        Ok(Totals {
+            block_bytes: t.blocks.live_bytes,
+            ..t.totals
+        })
     })
 }
 
