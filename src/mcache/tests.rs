@@ -331,3 +331,27 @@ fn another_caches_span_is_taken_only_when_mostly_free() {
         release_all(h, b);
     }
 }
+
+/// Wide mode's range (`set_span`) takes every address but the heap profile's sampled
+/// blocks, whose frees must reach the slow path that counts them.
+#[test]
+fn wide_range_takes_every_address_but_the_sampled_blocks() {
+    let e = ClassCache {
+        span_base: 0x00a0 << 32,
+        range_base: WIDE_BASE,
+        span_len: WIDE_LEN,
+        ..EMPTY_CLASS
+    };
+    let takes = |p: usize| p.wrapping_sub(e.range_base) < e.span_len;
+    let (end, size) = (
+        crate::mheap::SAMPLED_BLOCKS_END,
+        crate::mheap::SAMPLED_BLOCKS_SIZE,
+    );
+    for p in [0x1000, end, end + (64 << 20), end - size - 16, 0x7fff_ffff_f000] {
+        assert!(takes(p), "{p:#x}");
+    }
+    for p in [end - size, end - 16, end - size / 2] {
+        assert!(!takes(p), "{p:#x}");
+    }
+    assert!(is_wide(&e));
+}
