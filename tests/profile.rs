@@ -657,3 +657,47 @@ fn the_tests_again_with_profiling_from_the_start() {
         .unwrap_or(0);
     assert!(passed >= 6, "{stdout}");
 }
+
+#[inline(never)]
+fn svg_site_delta() -> Vec<Vec<u8>> {
+    black_box((0..2000).map(|_| black_box(vec![3u8; 3000])).collect())
+}
+
+/// `write_file` to a `.svg` path draws a flame graph that names the site in a tooltip;
+/// `xmllint`, where installed, finds it well-formed.
+#[test]
+fn svg_flame_graph_names_the_site() {
+    let _g = serial();
+    profile::set_rate(8192);
+    let keep = svg_site_delta();
+    let path = std::env::temp_dir().join(format!("spanheap-svg-{}.svg", std::process::id()));
+    profile::write_file(&path).unwrap();
+    drop(keep);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.starts_with("<?xml") || text.starts_with("<svg"),
+        "{text}"
+    );
+    assert!(
+        text.split("<title>").skip(1).any(|t| t
+            .split("</title>")
+            .next()
+            .unwrap()
+            .contains("svg_site_delta")),
+        "{text}"
+    );
+    assert!(text.matches("<rect").count() > 1, "{text}");
+    match std::process::Command::new("xmllint")
+        .args(["--noout", "--nonet"])
+        .arg(&path)
+        .output()
+    {
+        Ok(o) => assert!(
+            o.status.success(),
+            "xmllint: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(_) => eprintln!("xmllint not installed: well-formedness not checked by it"),
+    }
+    let _ = std::fs::remove_file(&path);
+}

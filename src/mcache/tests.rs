@@ -347,7 +347,13 @@ fn wide_range_takes_every_address_but_the_sampled_blocks() {
         crate::mheap::SAMPLED_BLOCKS_END,
         crate::mheap::SAMPLED_BLOCKS_SIZE,
     );
-    for p in [0x1000, end, end + (64 << 20), end - size - 16, 0x7fff_ffff_f000] {
+    for p in [
+        0x1000,
+        end,
+        end + (64 << 20),
+        end - size - 16,
+        0x7fff_ffff_f000,
+    ] {
         assert!(takes(p), "{p:#x}");
     }
     for p in [end - size, end - 16, end - size / 2] {

@@ -20,8 +20,8 @@
 //! allocator's locks, with sampling off on the writing thread (`symbols.rs`).
 //!
 //! Outputs: pprof's protobuf, gzipped (`go tool pprof`, `pprof -http`; `pprof.rs`),
-//! collapsed stacks for flame graphs (`inferno-flamegraph`, `flamegraph.pl`), and a
-//! top-N table (`text.rs`).
+//! collapsed stacks for flame graphs (`inferno-flamegraph`, `flamegraph.pl`), a
+//! top-N table (`text.rs`), and a flame graph drawn as SVG (`svg.rs`).
 //!
 //! ```no_run
 //! spanheap::profile::set_rate(spanheap::profile::DEFAULT_RATE);
@@ -39,6 +39,7 @@
 pub(crate) mod blocks;
 mod pprof;
 pub(crate) mod sample;
+mod svg;
 mod symbols;
 mod table;
 mod text;
@@ -226,6 +227,9 @@ pub enum Format {
     Collapsed,
     /// A top-20 table of functions by in-use bytes and by allocated bytes (`*.txt`).
     Top,
+    /// A flame graph of in-use bytes as an SVG image (`*.svg`), drawn by spanheap itself
+    /// ([`Symbolized::write_svg`]).
+    Svg,
 }
 
 impl Format {
@@ -234,6 +238,7 @@ impl Format {
         match path.extension().and_then(|e| e.to_str()) {
             Some("folded" | "collapsed") => Format::Collapsed,
             Some("txt" | "top") => Format::Top,
+            Some("svg") => Format::Svg,
             _ => Format::Pprof,
         }
     }
@@ -250,12 +255,14 @@ impl Symbolized {
                 writeln!(w)?;
                 self.write_top(w, SampleType::AllocSpace, 20)
             }
+            Format::Svg => self.write_svg(w, SampleType::InuseSpace, "Heap profile: in-use bytes"),
         })
     }
 }
 
 /// Takes a snapshot, resolves it and writes it to `path`, in the format its extension
-/// names ([`Format::for_path`]).
+/// names ([`Format::for_path`]): `.pb.gz` (pprof, also the default), `.folded`, `.txt`,
+/// or `.svg` (a flame graph of in-use bytes, ready to open in a browser).
 pub fn write_file(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     sample::unsampled(|| {

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 
-use super::{SampleType, Symbolized};
+use super::{SampleType, Stack, Symbolized};
 
-fn type_name(t: SampleType) -> &'static str {
+pub(super) fn type_name(t: SampleType) -> &'static str {
     match t {
         SampleType::AllocObjects => "alloc_objects",
         SampleType::AllocSpace => "alloc_space",
@@ -15,12 +15,12 @@ fn type_name(t: SampleType) -> &'static str {
     }
 }
 
-fn is_bytes(t: SampleType) -> bool {
+pub(super) fn is_bytes(t: SampleType) -> bool {
     matches!(t, SampleType::AllocSpace | SampleType::InuseSpace)
 }
 
 /// `v` as pprof prints it: bytes in B/kB/MB (binary units), counts plain.
-fn human(v: u64, bytes: bool) -> String {
+pub(super) fn human(v: u64, bytes: bool) -> String {
     if !bytes {
         return v.to_string();
     }
@@ -34,6 +34,21 @@ fn human(v: u64, bytes: bool) -> String {
 }
 
 impl Symbolized {
+    /// The functions of a stack as the outputs for flame graphs name them, root first:
+    /// `?` for one without a name, and `[allocator]` alone for a stack that has no frame
+    /// left once the allocator's are trimmed.
+    pub(super) fn root_to_leaf<'a>(&'a self, s: &'a Stack) -> Vec<&'a str> {
+        let mut names: Vec<&str> = self
+            .functions(s)
+            .map(|n| if n.is_empty() { "?" } else { n })
+            .collect();
+        if names.is_empty() {
+            names.push("[allocator]");
+        }
+        names.reverse();
+        names
+    }
+
     /// Writes one line per stack with a non-zero value of `t`: the functions from the
     /// root to the leaf separated by `;`, a space and the value (Brendan Gregg's
     /// collapsed format, as `inferno-collapse-*` writes it).
@@ -44,16 +59,7 @@ impl Symbolized {
             if v == 0 {
                 continue;
             }
-            let mut names: Vec<&str> = self
-                .functions(s)
-                .map(|n| if n.is_empty() { "?" } else { n })
-                .collect();
-            names.reverse();
-            let key = if names.is_empty() {
-                "[allocator]".to_string()
-            } else {
-                names.join(";").replace([' ', '\n'], "_")
-            };
+            let key = self.root_to_leaf(s).join(";").replace([' ', '\n'], "_");
             *lines.entry(key).or_default() += v;
         }
         let mut lines: Vec<(String, u64)> = lines.into_iter().collect();
