@@ -701,3 +701,56 @@ fn svg_flame_graph_names_the_site() {
     }
     let _ = std::fs::remove_file(&path);
 }
+
+#[inline(never)]
+fn visited_site() -> Vec<Box<[u8]>> {
+    black_box(
+        (0..10)
+            .map(|i| black_box(vec![i as u8; 48].into_boxed_slice()))
+            .collect(),
+    )
+}
+
+/// A thread whose cache an idle visit took back (`release_memory` while it is blocked:
+/// its thread-local slot then holds the empty cache) and which then sets the rate to 1
+/// samples its very next allocation: `set_rate` restarts the countdown on the thread's
+/// record, not only on what its slot holds.
+#[test]
+fn set_rate_restarts_the_countdown_of_a_visited_thread() {
+    let _g = serial();
+    profile::set_rate(1 << 40);
+    let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        // A live cache whose countdown was drawn at 1 TiB.
+        drop(black_box(vec![0u8; 100]));
+        ready_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        profile::set_rate(1);
+        visited_site()
+    });
+    ready.recv().unwrap();
+    let entered = || spanheap::__private::thread_visits().1;
+    let before = entered();
+    let start = std::time::Instant::now();
+    while entered() == before {
+        if start.elapsed().as_secs() >= 10 {
+            eprintln!("no idle visit got in within 10 s (busy machine?): not checked");
+            go.send(()).unwrap();
+            drop(t.join().unwrap());
+            profile::set_rate(4096);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        spanheap::release_memory();
+    }
+    go.send(()).unwrap();
+    let v = t.join().unwrap();
+    let p = profile::snapshot().symbolize();
+    let (s, _) = site(&p, "visited_site");
+    // The ten boxes and the vector that holds them.
+    assert_eq!(s.alloc_objects, 11, "{s:?}");
+    drop(v);
+    profile::set_rate(4096);
+    check_totals();
+}

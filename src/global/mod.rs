@@ -39,7 +39,7 @@ fn on_cache_live() {
     fork::register_once();
     #[cfg(feature = "profile")]
     {
-        crate::profile::sample::register_restart(crate::mcache::set_countdown);
+        crate::profile::sample::register_restart(crate::mcache::restart_countdown);
         crate::profile::init_from_env_once();
     }
 }

@@ -532,13 +532,26 @@ pub(crate) fn count_down(size: usize) -> bool {
 }
 
 /// Sets the calling thread's countdown to the profile's next sample (nothing for a
-/// thread without a cache).
+/// thread without a cache). Called right after its cache gave an object, so the slot
+/// holds the cache.
 #[cfg(all(not(spanheap_loom), feature = "profile"))]
 pub(crate) fn set_countdown(bytes: usize) {
     let c = tls::cache();
     if c != empty_cache() {
         // SAFETY: as in `count_down`.
         unsafe { (*c).sample_left = bytes };
+    }
+}
+
+/// Runs the calling thread's countdown out, so that its next allocation asks the
+/// profile (`profile::set_rate`, outside the allocator). Takes the record back first if
+/// an idle visitor emptied the slot (`live_cache`): a countdown left on the record
+/// would otherwise carry the old rate on.
+#[cfg(all(not(spanheap_loom), feature = "profile"))]
+pub(crate) fn restart_countdown() {
+    if let Some(c) = live_cache() {
+        // SAFETY: our live cache's countdown is ours.
+        unsafe { (*c).sample_left = 0 };
     }
 }
 

@@ -120,20 +120,20 @@ pub(crate) fn set_rate(rate: usize) {
     // The calling thread's countdown starts over at its next allocation.
     let f = RESTART_OWN.load(Ordering::Acquire);
     if f != 0 {
-        // SAFETY: the only non-zero value stored is a `fn(usize)` (`register_restart`).
-        let f = unsafe { core::mem::transmute::<usize, fn(usize)>(f) };
-        f(0);
+        // SAFETY: the only non-zero value stored is a `fn()` (`register_restart`).
+        let f = unsafe { core::mem::transmute::<usize, fn()>(f) };
+        f();
     }
 }
 
-/// Sets the calling thread cache's countdown (`mcache::set_countdown`, which this
-/// module, below the caches, cannot name): 0 if none registered yet. Release/Acquire:
-/// the function is complete before it is called.
+/// Runs the calling thread cache's countdown out (`mcache::restart_countdown`, which
+/// this module, below the caches, cannot name): 0 if none registered yet.
+/// Release/Acquire: the function is complete before it is called.
 static RESTART_OWN: AtomicUsize = AtomicUsize::new(0);
 
-/// Registers the thread caches' `set_countdown` (`global::on_cache_live`), for
+/// Registers the thread caches' `restart_countdown` (`global::on_cache_live`), for
 /// `set_rate`.
-pub(crate) fn register_restart(f: fn(usize)) {
+pub(crate) fn register_restart(f: fn()) {
     RESTART_OWN.store(f as usize, Ordering::Release);
 }
 
