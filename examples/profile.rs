@@ -2,11 +2,11 @@
 //! sites (issue 23's demo):
 //!
 //! ```sh
-//! cargo run --release --example profile                # profile at 512 KiB, write 3 files
+//! cargo run --release --example profile                # profile at 512 KiB, write 6 files
 //! cargo run --release --example profile -- off         # the same work, profiling off
 //! cargo run --release --example profile -- nowrite     # profiling on, nothing written
 //! go tool pprof -top target/profile-demo/heap.pb.gz    # or pprof -http=: ...
-//! inferno-flamegraph --countname bytes < target/profile-demo/heap.folded > heap.svg
+//! firefox target/profile-demo/heap-alloc.svg            # flame graphs drawn by spanheap
 //! ```
 //!
 //! What it does (known answers): `load_config` leaks 2 MiB of strings for good;
@@ -133,7 +133,7 @@ fn main() {
     println!();
     let _ = p.write_top(&mut out, spanheap::profile::SampleType::AllocSpace, 8);
     std::fs::create_dir_all(&dir).unwrap();
-    for name in ["heap.pb.gz", "heap.folded", "heap.txt"] {
+    for name in ["heap.pb.gz", "heap.folded", "heap.txt", "heap.svg"] {
         let path = std::path::Path::new(&dir).join(name);
         spanheap::profile::write_file(&path).unwrap();
         println!("wrote {}", path.display());
@@ -144,12 +144,23 @@ fn main() {
     p.write_collapsed(&mut f, spanheap::profile::SampleType::AllocSpace)
         .unwrap();
     println!("wrote {}", path.display());
+    let path = std::path::Path::new(&dir).join("heap-alloc.svg");
+    let mut f = std::fs::File::create(&path).unwrap();
+    p.write_svg(
+        &mut f,
+        spanheap::profile::SampleType::AllocSpace,
+        "examples/profile.rs: bytes allocated",
+    )
+    .unwrap();
+    println!("wrote {}", path.display());
     let t = spanheap::profile::totals();
     println!(
-        "{} samples, {} freed, {} stacks, {} KiB of profile metadata",
+        "{} samples, {} freed, {} stacks, {} KiB of profile metadata, {} KiB of sampled \
+         objects' blocks in use",
         t.sampled,
         t.freed,
         t.buckets,
-        t.meta_bytes >> 10
+        t.meta_bytes >> 10,
+        t.block_bytes >> 10
     );
 }
