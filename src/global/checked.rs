@@ -47,7 +47,7 @@ unsafe fn live_bit(s: &MSpan, class: usize, p: usize) -> (&AtomicU64, u64) {
 
 /// Marks the small object `p` (just handed out) live.
 pub(crate) fn on_alloc(p: *mut u8) {
-    if p.is_null() {
+    if p.is_null() || sampled_block(p) {
         return;
     }
     let Some(s) = HEAP.span_of(p as usize) else {
@@ -93,6 +93,9 @@ impl Expect {
 /// Validates a free (or the old block of a realloc, `clear` false) of `p`; for a small
 /// object with `clear`, clears its live bit. Aborts on any fault.
 pub(crate) fn on_free(p: *mut u8, layout: Option<Expect>, clear: bool) {
+    if sampled_block(p) {
+        return;
+    }
     let addr = p as usize;
     let raw = HEAP.span_of_unchecked(addr);
     let Some(s) = HEAP.span_of(addr) else {
@@ -128,16 +131,6 @@ pub(crate) fn on_free(p: *mut u8, layout: Option<Expect>, clear: bool) {
             );
         }
         if let Some(l) = layout {
-            // A small object the heap profile sampled has a large block of its own, of
-            // its class's size (`malloc::global::sampled_block`).
-            #[cfg(feature = "profile")]
-            if crate::profile::sample::watching()
-                && lclass.is_some_and(|c| {
-                    c != 0 && (CLASS_TO_SIZE[c] as usize).div_ceil(PAGE_SIZE) == s.npages()
-                })
-            {
-                return;
-            }
             if lclass != Some(0) || l.size.div_ceil(PAGE_SIZE).max(1) != s.npages() {
                 fault(
                     "dealloc layout does not match the block",
@@ -223,5 +216,17 @@ fn fault(what: &str, addr: usize, detail: Option<Detail>) -> ! {
     match detail {
         Some(d) => crate::fatal::fatal(format_args!("{what} at {addr:#x}{d}")),
         None => crate::fatal::fatal(format_args!("{what} at {addr:#x}")),
+    }
+}
+
+/// Whether `p` is in the heap profile's sampled blocks (`profile/blocks.rs`), outside
+/// the heap's spans: not tracked here (the profile's own free list takes a block back).
+fn sampled_block(p: *mut u8) -> bool {
+    #[cfg(feature = "profile")]
+    return crate::profile::blocks::contains(p as usize);
+    #[cfg(not(feature = "profile"))]
+    {
+        let _ = p;
+        false
     }
 }
