@@ -167,8 +167,12 @@ fn reserve() -> bool {
 mod tests {
     use super::*;
 
+    /// The tests map the one fixed range: one at a time.
+    static RANGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn blocks_are_reused_by_size_and_their_size_follows_from_the_address() {
+        let _g = RANGE.lock().unwrap_or_else(|e| e.into_inner());
         let mut b = Blocks::new();
         let p = b.alloc(100, false);
         if p.is_null() {
@@ -200,5 +204,32 @@ mod tests {
         b.free(r as usize);
         assert_eq!(b.live_bytes, 16);
         b.release();
+    }
+
+    /// Address space taken by someone else: no block, every time, and no crash.
+    #[test]
+    fn a_taken_range_gives_no_blocks() {
+        let _g = RANGE.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: an anonymous mapping that replaces nothing (NOREPLACE).
+        let p = unsafe {
+            libc::mmap(
+                (BASE + PART_SIZE) as *mut libc::c_void,
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize != BASE + PART_SIZE {
+            eprintln!("could not take a page of the range first; skipped");
+            return;
+        }
+        let mut b = Blocks::new();
+        assert!(b.alloc(16, false).is_null());
+        assert!(b.alloc(4096, true).is_null());
+        assert_eq!(b.state, 2);
+        // SAFETY: our page.
+        unsafe { libc::munmap(p, 4096) };
     }
 }
