@@ -519,10 +519,9 @@ pub(crate) fn alloc_cached_counted(class: usize, size: usize) -> (*mut u8, bool)
 #[cfg(all(not(spanheap_loom), feature = "profile"))]
 #[inline]
 pub(crate) fn count_down(size: usize) -> bool {
-    let c = tls::cache();
-    if c == empty_cache() {
+    let Some(c) = live_cache() else {
         return false;
-    }
+    };
     // SAFETY: our live cache's countdown is ours.
     unsafe {
         let (left, out) = (*c).sample_left.overflowing_sub(size);
@@ -532,12 +531,12 @@ pub(crate) fn count_down(size: usize) -> bool {
 }
 
 /// Sets the calling thread's countdown to the profile's next sample (nothing for a
-/// thread without a cache). Called right after its cache gave an object, so the slot
-/// holds the cache.
+/// thread without a cache). Through `live_cache`, not the slot alone: a visit that was
+/// abandoned leaves the slot empty while the owner runs on (`global/idle.rs`), and the
+/// countdown, which ran out by wrapping, must not stay wrapped on the record.
 #[cfg(all(not(spanheap_loom), feature = "profile"))]
 pub(crate) fn set_countdown(bytes: usize) {
-    let c = tls::cache();
-    if c != empty_cache() {
+    if let Some(c) = live_cache() {
         // SAFETY: as in `count_down`.
         unsafe { (*c).sample_left = bytes };
     }
