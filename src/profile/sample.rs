@@ -52,7 +52,7 @@ static WATCHING: AtomicU8 = AtomicU8::new(0);
 
 /// The fast paths' countdown while profiling is off: how many bytes a thread allocates
 /// before it looks at the rate again.
-pub(crate) const OFF_COUNTDOWN: usize = 4 << 20;
+const OFF_COUNTDOWN: usize = 4 << 20;
 
 /// The mean bytes between samples; 0: off. A thread that sees a new rate late samples
 /// a few more or fewer allocations at the old one (see `set_rate` for the one ordering
@@ -263,7 +263,7 @@ pub(crate) fn record_sample(p: *mut u8, size: usize) {
 /// not give sampled objects a block of their own (a large resize): counted down, and
 /// recorded if sampled.
 #[inline]
-pub(crate) fn after_alloc_large(p: *mut u8, size: usize) {
+fn after_alloc_large(p: *mut u8, size: usize) {
     if !p.is_null() && due(size) {
         record_sample(p, size);
     }
