@@ -240,42 +240,29 @@ pub(crate) mod global {
     use crate::profile::sample as prof;
     use crate::sizeclasses::{class_for_layout, is_common, MAX_SMALL_SIZE};
 
-    /// An object of size class `class` from the calling thread's cache (checked mode
-    /// marks it live).
-    #[inline]
-    fn small(class: usize) -> *mut u8 {
-        let p = mcache::alloc::<Process>(class);
-        #[cfg(feature = "checked")]
-        crate::global::checked::on_alloc(p);
-        p
-    }
-
     /// A common request's object (`size` bytes, alignment at most 8): the thread
     /// cache's fast path with the class from the fast paths' table, counted down for
     /// the heap profile (`mcache::alloc_cached_counted`).
     #[inline(always)]
     fn common(size: usize) -> *mut u8 {
         let class = fastclass::size_class(size);
-        let (p, _out) = mcache::alloc_cached_counted(class, size);
+        let p = mcache::alloc_cached_then(class, |p| countdown_out(p));
         if !p.is_null() {
-            #[cfg(feature = "profile")]
-            let p = if _out { countdown_out(p, size) } else { p };
             #[cfg(feature = "checked")]
             crate::global::checked::on_alloc(p);
             return p;
         }
-        common_miss(class, size)
+        common_miss(class)
     }
 
     /// `common` when the thread cache had nothing ready: its slow path, counted down
     /// too.
     #[inline(never)]
-    #[cfg_attr(not(feature = "profile"), allow(unused_variables))]
-    fn common_miss(class: usize, size: usize) -> *mut u8 {
+    fn common_miss(class: usize) -> *mut u8 {
         let p = mcache::alloc_slow::<Process>(class);
         #[cfg(feature = "profile")]
-        let p = if !p.is_null() && mcache::count_down(size) {
-            countdown_out(p, size)
+        let p = if !p.is_null() && mcache::countdown_ran_out(class) {
+            countdown_out(p)
         } else {
             p
         };
@@ -284,29 +271,39 @@ pub(crate) mod global {
         p
     }
 
-    /// The thread cache's countdown ran out at `p`, a fresh small object for a request
-    /// of `size` bytes: the profile sets the next countdown and says whether this
-    /// allocation is sampled; if it is, a block of its own replaces `p`. Never null.
-    /// (The class is found from `p`'s span rather than passed: one register less to
-    /// keep live on the fast paths.)
+    /// The thread cache's countdown of `p`'s class ran out at `p`, a fresh small object:
+    /// the profile sets the next countdown and says whether this allocation is
+    /// sampled; if it is, a block of its own replaces `p` (`sampled_instead`). Never
+    /// null. (The class is found from `p`'s span rather than passed: one register less
+    /// to keep live on the fast paths.)
     ///
     /// `extern "C"` (it never unwinds) so that C's `malloc`, itself `extern "C"`, calls
-    /// it as a tail call, with no unwinding edge to keep its frame for.
+    /// it as a tail call, with no unwinding edge to keep its frame for. Without the
+    /// `profile` feature the fast paths never call it.
+    #[cold]
+    #[inline(never)]
+    extern "C" fn countdown_out(p: *mut u8) -> *mut u8 {
+        #[cfg(feature = "profile")]
+        if let Block::Small { class, .. } = block_of(p) {
+            if mcache::next_countdown(class) {
+                return sampled_instead(p, class, false);
+            }
+        }
+        p
+    }
+
+    /// The sampled small object `p` of class `class`, replaced by a block of its own
+    /// (zeroed if `zero`), recorded at the class's size (the size the countdown counts
+    /// in, `mcache/tick.rs`); `p` goes back to the cache. `p` itself if there is no
+    /// block for it: then it stays, unsampled.
     #[cfg(feature = "profile")]
     #[cold]
     #[inline(never)]
-    extern "C" fn countdown_out(p: *mut u8, size: usize) -> *mut u8 {
-        let (next, sample) = prof::expired(size);
-        mcache::set_countdown(next);
-        if !sample {
-            return p;
-        }
-        let Block::Small { class, .. } = block_of(p) else {
-            return p;
-        };
-        let q = sampled_block(size, 8, class, false);
+    fn sampled_instead(p: *mut u8, class: usize, zero: bool) -> *mut u8 {
+        let size = crate::sizeclasses::CLASS_TO_SIZE[class] as usize;
+        let q = sampled_block(size, 8, class, zero);
         if q.is_null() {
-            return p; // no block for it: `p` stays, unsampled
+            return p;
         }
         // SAFETY: `p` is the live object of `class` the cache just gave us, unused.
         unsafe { mcache::dealloc::<Process>(p, class) };
@@ -346,19 +343,7 @@ pub(crate) mod global {
         }
         // size <= MAX_SMALL_SIZE.
         let class = fastclass::malloc_class(size);
-        let (p, _out) = mcache::alloc_cached_counted(class, size);
-        #[cfg(feature = "profile")]
-        if _out {
-            let q = countdown_out(p, size);
-            if q.is_null() {
-                // SAFETY: `countdown_out` of an object returns it or another object.
-                // (Said so that the caller's null test folds away and the call is a
-                // tail call: no register saved on the fast path.)
-                unsafe { core::hint::unreachable_unchecked() }
-            }
-            return q;
-        }
-        p
+        mcache::alloc_cached_then(class, |p| countdown_out(p))
     }
 
     /// The class `malloc_cached` takes for a request of `size` bytes (tests).
@@ -380,18 +365,28 @@ pub(crate) mod global {
     #[inline(never)]
     fn alloc_uncommon(size: usize, align: usize) -> *mut u8 {
         let class = class_for_layout(size, align) as usize;
+        if class != 0 {
+            let p = mcache::alloc::<Process>(class);
+            // The class's countdown (an object of a class aligned beyond 8 is aligned
+            // in the profile's block too: see `sampled_block`).
+            #[cfg(feature = "profile")]
+            let p = if prof::watching() && !p.is_null() && mcache::countdown_ran_out(class) {
+                countdown_out(p)
+            } else {
+                p
+            };
+            #[cfg(feature = "checked")]
+            crate::global::checked::on_alloc(p);
+            return p;
+        }
         #[cfg(feature = "profile")]
         if prof::watching() && prof::due(size) {
-            let q = sampled_block(size, align, class, false);
+            let q = sampled_block(size, align, 0, false);
             if !q.is_null() {
                 return q;
             }
         }
-        if class != 0 {
-            small(class)
-        } else {
-            large_alloc(size, align, false)
-        }
+        large_alloc(size, align, false)
     }
 
     /// The large-object paths with the calling thread's heap cache. Out of line so that
@@ -443,13 +438,23 @@ pub(crate) mod global {
     #[cfg(feature = "profile")]
     #[inline(never)]
     fn zeroed_watched(size: usize, align: usize) -> *mut u8 {
-        if prof::due(size) {
-            let q = sampled_block(size, align, class_for_layout(size, align) as usize, true);
-            if !q.is_null() {
-                return q;
+        let class = class_for_layout(size, align) as usize;
+        if class == 0 {
+            if prof::due(size) {
+                let q = sampled_block(size, align, 0, true);
+                if !q.is_null() {
+                    return q;
+                }
             }
+            return large_alloc(size, align, true);
         }
-        zeroed(size, align)
+        let mut p = mcache::alloc_zeroed::<Process>(class, size);
+        if !p.is_null() && mcache::countdown_ran_out(class) && mcache::next_countdown(class) {
+            p = sampled_instead(p, class, true);
+        }
+        #[cfg(feature = "checked")]
+        crate::global::checked::on_alloc(p);
+        p
     }
 
     #[inline(always)]

@@ -83,10 +83,10 @@ use crate::sizeclasses::NUM_CLASSES;
 #[cfg(not(spanheap_loom))]
 const QUIET_BYTES: u64 = 256 << 10;
 
-/// A pop count as `Door::pops_seen` keeps it (never `NOT_SEEN`).
+/// A class's tick as `Door::tick_seen` keeps it (never `NOT_SEEN`).
 #[cfg(not(spanheap_loom))]
-fn pops_key(pops: u64) -> u32 {
-    pops as u32 & (NOT_SEEN >> 1)
+fn tick_key(tick: u64) -> u32 {
+    tick as u32 & (NOT_SEEN >> 1)
 }
 
 #[cfg(not(spanheap_loom))]
@@ -438,7 +438,7 @@ mod imp {
         for l in &door(c).low {
             l.store(0, Ordering::Relaxed);
         }
-        for p in &door(c).pops_seen {
+        for p in &door(c).tick_seen {
             p.store(NOT_SEEN, Ordering::Relaxed);
         }
     }
@@ -456,12 +456,12 @@ mod imp {
         let (mut any, mut held) = (false, 0u64);
         for class in 1..NUM_CLASSES {
             let low = u32::from(d.low[class].load(Ordering::Relaxed));
-            let seen = d.pops_seen[class].load(Ordering::Relaxed);
-            let unused = |pops: u64| pops_key(pops) == seen;
+            let seen = d.tick_seen[class].load(Ordering::Relaxed);
+            let unused = |tick: u64| tick_key(tick) == seen;
             // SAFETY: the record is ours (caller's contract).
-            let (left, went, pops) =
+            let (left, went, tick) =
                 unsafe { crate::mcache::trim_class(&HEAP, c, class, low, unused) };
-            d.pops_seen[class].store(pops_key(pops), Ordering::Relaxed);
+            d.tick_seen[class].store(tick_key(tick), Ordering::Relaxed);
             any |= went;
             held += u64::from(left) * u64::from(crate::sizeclasses::CLASS_TO_SIZE[class]);
             d.low[class].store(left.min(u32::from(u16::MAX)) as u16, Ordering::Relaxed);

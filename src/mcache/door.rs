@@ -23,7 +23,7 @@ pub(crate) const EXITED: u8 = 3;
 /// In a fork child, a record of a thread that was not copied.
 pub(crate) const ORPHAN: u8 = 4;
 
-/// `Door::pops_seen` before a visit has seen the class.
+/// `Door::tick_seen` before a visit has seen the class.
 pub(crate) const NOT_SEEN: u32 = u32::MAX;
 
 /// The door of one cache record (see `global/idle.rs`'s documentation).
@@ -54,10 +54,10 @@ pub(crate) struct Door {
     pub(crate) flushed: AtomicU8,
     /// Per class, the free stack's depth after the last visit (reclaim lock).
     pub(crate) low: [AtomicU16; NUM_CLASSES],
-    /// Per class, the stack's pop count (`ClassCache::pops`, truncated) after the last
-    /// visit, or `NOT_SEEN`: the same count at the next visit means no allocation took
-    /// from the stack in between (reclaim lock).
-    pub(crate) pops_seen: [AtomicU32; NUM_CLASSES],
+    /// Per class, the entry's `tick` (truncated) after the last visit, or `NOT_SEEN`:
+    /// the same tick at the next visit means no allocation of the class in between, so
+    /// none took from the stack (reclaim lock).
+    pub(crate) tick_seen: [AtomicU32; NUM_CLASSES],
     /// Per class, the free stack's depth as of the class's last slow path (or visit):
     /// for the statistics' estimate of what threads hold. Written by the owner (or a
     /// visitor holding the door), read by anyone (Relaxed: an estimate).
@@ -89,7 +89,7 @@ impl Door {
             visited_at: AtomicU32::new(0),
             flushed: AtomicU8::new(0),
             low: [const { AtomicU16::new(0) }; NUM_CLASSES],
-            pops_seen: [const { AtomicU32::new(NOT_SEEN) }; NUM_CLASSES],
+            tick_seen: [const { AtomicU32::new(NOT_SEEN) }; NUM_CLASSES],
             depth: [const { AtomicU16::new(0) }; NUM_CLASSES],
             held: AtomicU64::new(u64::MAX),
             next: AtomicPtr::new(core::ptr::null_mut()),

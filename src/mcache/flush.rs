@@ -255,7 +255,8 @@ pub(super) unsafe fn flush<M: MemSource>(
     let _slow = unsafe { Slow::new(c) };
     // Count first: the objects leave the stack before their spans see them free.
     let n = e.nfree.saturating_sub(keep) as u64;
-    let pops = core::mem::take(&mut e.pops);
+    // SAFETY: `e` is entry `class` of our cache `c`.
+    let pops = unsafe { super::tick::take_pops(c, e, class) };
     if n | pops != 0 {
         heap.stats_update(|d| {
             d.add(field::SMALL_ALLOCS + class, pops);

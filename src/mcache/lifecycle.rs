@@ -177,7 +177,6 @@ pub(super) fn create_cache<P: super::Process>() -> Option<*mut MCache> {
         }
     }
     // SAFETY: as above. The first allocation asks the heap profile for a countdown.
-    unsafe { (*c).sample_left = 0 };
     super::tls::set_cache(c);
     super::door::open(c, first);
     budget::thread_count(1);
@@ -243,8 +242,7 @@ pub(crate) fn publish_counts<P: super::Process>() {
     heap.stats_update(|d| {
         for class in 1..NUM_CLASSES {
             // SAFETY: our live cache's entries are ours.
-            let e = unsafe { entry(c, class) };
-            let pops = core::mem::take(&mut e.pops);
+            let pops = unsafe { super::tick::take_pops(c, entry(c, class), class) };
             if pops != 0 {
                 d.add(field::SMALL_ALLOCS + class, pops);
                 d.add(field::SMALL_FREES + class, pops);
@@ -310,6 +308,8 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &Heap<M>, c: *mut MCach
             if unused != 0 {
                 heap.stats_update(|d| d.sub(field::SMALL_ALLOCS + class, unused));
             }
+            // SAFETY: `e` is entry `class` of our cache `c`.
+            unsafe { super::tick::window_dropped(c, e, class) };
             // SAFETY: we own the span.
             unsafe {
                 normalize(e, s);
@@ -317,9 +317,11 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &Heap<M>, c: *mut MCach
             }
         }
         // The stack's storage stays with the record.
+        // The tick stays: it is the profile's countdown too.
         *e = ClassCache {
             stack: e.stack,
             limit: e.limit,
+            tick: e.tick,
             ..EMPTY_CLASS
         };
         // SAFETY: `c` is a live cache; its door is used atomically.
@@ -330,9 +332,9 @@ pub(crate) unsafe fn release_classes<M: MemSource>(heap: &Heap<M>, c: *mut MCach
 /// A visitor's trim of class `class` of record `c` (`global/idle.rs`): the remote buffer goes
 /// back, and of the objects on the free stack, three quarters of `min(low, depth)` (the
 /// low-water estimate), taken from the bottom (the longest unused); or all of them if
-/// no allocation took from the stack since the class's last slow path (its pop count
-/// is zero) or, as `unused(pops)` says, since the last visit. Returns the depth left,
-/// whether anything went back, and the pop count after the trim.
+/// no allocation took from the stack since the class's last slow path (no pops are
+/// pending) or, as `unused(tick)` says of the entry's tick, since the last visit.
+/// Returns the depth left, whether anything went back, and the tick.
 ///
 /// # Safety
 /// The caller holds the door of the live cache `c`; `class < NUM_CLASSES`.
@@ -353,11 +355,13 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
         any = true;
     }
     // A stack nothing was taken from since the last visit, or since the class's last
-    // slow path (which publishes and resets `pops`; the objects on the stack were all
+    // slow path (which publishes the pops; the objects on the stack were all
     // pushed since, and an allocation would have popped one), is a sink of frees: what
     // it holds would stay until the thread exits, pinning its spans' pages (the
     // leftover of a burst of frees). All of it goes. Otherwise the low-water rule.
-    let k = if e.pops == 0 || unused(e.pops) {
+    // SAFETY: `e` is entry `class` of `c`, whose door the caller holds.
+    let pops = unsafe { super::tick::pending_pops(c, e, class) };
+    let k = if pops == 0 || unused(e.tick) {
         e.nfree
     } else {
         let n = low.min(e.nfree);
@@ -382,7 +386,7 @@ pub(crate) unsafe fn trim_class<M: MemSource>(
         };
         any = true;
     }
-    (e.nfree, any, e.pops)
+    (e.nfree, any, e.tick)
 }
 
 /// Whether this thread has a live cache (otherwise it allocates from the shared one).

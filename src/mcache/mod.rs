@@ -91,6 +91,7 @@ mod lifecycle;
 mod shared;
 #[cfg(all(test, not(spanheap_loom)))]
 mod tests;
+mod tick;
 #[cfg(not(spanheap_loom))]
 pub(crate) mod tls;
 
@@ -130,6 +131,10 @@ pub(crate) use lifecycle::{
 #[cfg(not(spanheap_loom))]
 pub(crate) use shared::with_heap_cache;
 pub(crate) use shared::SharedCache;
+#[cfg(not(spanheap_loom))]
+pub(crate) use tick::alloc_cached_then;
+#[cfg(all(not(spanheap_loom), feature = "profile"))]
+pub(crate) use tick::{countdown_ran_out, next_countdown, restart_countdown};
 
 // What the unit tests (`use super::*`) name from the other rooms.
 #[cfg(all(test, not(spanheap_loom)))]
@@ -246,8 +251,12 @@ pub(crate) struct ClassCache {
     /// range test is then one subtraction and one compare.)
     range_base: usize,
     span_len: usize,
-    /// Objects taken from `free` since the class's counts were last published.
-    pops: u64,
+    /// Counts every object the fast path takes (free stack or window), wrapping: the
+    /// one counter the allocation fast path writes. Two readers (`tick.rs`): the
+    /// statistics derive from it the stack pops not yet published (with
+    /// `MCache::tick_mark`), and the heap profile uses it as the class's countdown to
+    /// its next sample, set to `-n` so that it turns non-negative at the `n`th object.
+    tick: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<ClassCache>() == 64);
@@ -258,12 +267,13 @@ const _: () = assert!(core::mem::size_of::<ClassCache>() == 64);
 #[repr(C)]
 pub(crate) struct MCache {
     classes: [ClassCache; NUM_CLASSES],
-    /// Bytes the thread may still allocate through the fast paths before the heap
-    /// profile's countdown runs out (`alloc_cached_counted`; Go's `mcache.nextSample`):
-    /// then `malloc.rs` asks the profile what comes next (`profile::sample::expired`).
-    /// 0 when the cache goes live, so that its first allocation asks. Owner only; the
-    /// empty cache's is never written (its fast paths never get an object).
-    sample_left: usize,
+    /// Per class: the entry's `tick` as of the last publication of its counts, offset
+    /// so that `tick - tick_mark + (objects in the window)` is the number of stack pops
+    /// not yet published (`tick.rs`). Owner only.
+    tick_mark: [u64; NUM_CLASSES],
+    /// Per class: the heap profile's rate generation the class's countdown was drawn
+    /// for (`profile::sample::expired`). Owner only.
+    sample_gen: [u32; NUM_CLASSES],
     /// The arena of this thread's last slow-path free (`dealloc_slow`), so that the
     /// next one in the same arena skips the index walk. Owner only.
     arena_hint: ArenaHint,
@@ -308,7 +318,9 @@ pub(super) const EMPTY_CLASS: ClassCache = ClassCache {
     span_base: 0,
     range_base: 0,
     span_len: 0,
-    pops: 0,
+    // One object from the end of its countdown: a fresh record's first allocation of
+    // the class asks the profile for the countdown (`tick.rs`).
+    tick: u64::MAX,
 };
 
 /// The cache every thread starts with (and returns to at exit): all misses.
@@ -341,7 +353,8 @@ impl MCache {
         pub(crate) fn empty() -> Self {
             MCache {
                 classes: [EMPTY_CLASS; NUM_CLASSES],
-                sample_left: 0,
+                tick_mark: [EMPTY_CLASS.tick; NUM_CLASSES],
+                sample_gen: [0; NUM_CLASSES],
                 arena_hint: NO_ARENA,
                 remote_since: [0; NUM_CLASSES],
                 nremote: [0; NUM_CLASSES],
@@ -401,35 +414,66 @@ pub(super) unsafe fn entry<'a>(c: *mut MCache, class: usize) -> &'a mut ClassCac
 /// `c` is this thread's cache, the empty cache, or the shared cache with its lock held.
 #[inline(always)]
 pub(super) unsafe fn try_alloc(c: *mut MCache, class: usize) -> *mut u8 {
+    // SAFETY: forwarded.
+    unsafe { take_then(c, class, false, |p| p) }
+}
+
+/// `try_alloc`; with `look`, an object that runs the class's heap-profile countdown out
+/// (its `tick` turns non-negative, `tick.rs`) goes through `out`, whose result is
+/// returned instead. (The test sits in each branch, right after the increment, so that
+/// it is the increment's own flags: `inc` and `jns`.)
+///
+/// # Safety
+/// As for `try_alloc`; `out` never returns null.
+#[inline(always)]
+pub(super) unsafe fn take_then(
+    c: *mut MCache,
+    class: usize,
+    look: bool,
+    out: impl FnOnce(*mut u8) -> *mut u8,
+) -> *mut u8 {
     // SAFETY: `class < NUM_CLASSES` (from the size-class functions); the entry is ours.
     // Writes happen only when the entry had something to give, which the empty cache
     // never has. Slots below `nfree` hold pushed objects: never null (`dealloc` is
-    // never given null; `free_to` callers pass live objects).
+    // never given null; `free_to` callers pass live objects); a window object's
+    // address is its span's base or above. (Telling the compiler so spares the
+    // caller's null test on these paths.)
     unsafe {
         let e = ptr::addr_of_mut!((*c).classes)
             .cast::<ClassCache>()
             .add(class);
+        // The countdown's test, in each branch (see above).
+        let done = |p: *mut u8, t: u64| {
+            if p.is_null() {
+                core::hint::unreachable_unchecked();
+            }
+            if look && tick::ran_out(t) {
+                let q = out(p);
+                if q.is_null() {
+                    core::hint::unreachable_unchecked();
+                }
+                return q;
+            }
+            p
+        };
         let n = (*e).nfree;
         if n != 0 {
             let n = n - 1;
             (*e).nfree = n;
-            (*e).pops += 1;
-            // The stack holds `nfree` objects below its top, none of them null (telling
-            // the compiler so spares the caller's null test on this path).
-            let p = (*e).stack.add(n as usize).read();
-            if p.is_null() {
-                core::hint::unreachable_unchecked();
-            }
-            return p;
+            let t = (*e).tick.wrapping_add(1);
+            (*e).tick = t;
+            return done((*e).stack.add(n as usize).read(), t);
         }
         let ac = (*e).alloc_cache;
         if ac != 0 {
             (*e).alloc_cache = ac & (ac - 1);
-            return ((*e).window_base + ac.trailing_zeros() as usize * (*e).elemsize as usize)
-                as *mut u8;
+            let t = (*e).tick.wrapping_add(1);
+            (*e).tick = t;
+            let p = (*e).window_base + ac.trailing_zeros() as usize * (*e).elemsize as usize;
+            return done(p as *mut u8, t);
         }
+        ptr::null_mut()
     }
-    ptr::null_mut()
 }
 
 /// Allocates an object of class `class` from cache `c` of `heap`, refilling it if
@@ -489,69 +533,6 @@ pub(crate) trait Process: 'static {
 pub(crate) fn alloc_cached(class: usize) -> *mut u8 {
     // SAFETY: `tls::cache()` is this thread's cache or the empty one.
     unsafe { try_alloc(tls::cache(), class) }
-}
-
-/// `alloc_cached` of a request of `size` bytes, counted down for the heap profile:
-/// the object (or null) and whether the thread's countdown ran out with it, in which
-/// case the caller asks the profile (`profile::sample::expired`) and sets the next
-/// countdown (`set_countdown`). The countdown is a subtraction and a branch (Go's
-/// `nextSample`); without the `profile` feature, nothing.
-#[cfg(not(spanheap_loom))]
-#[inline(always)]
-pub(crate) fn alloc_cached_counted(class: usize, size: usize) -> (*mut u8, bool) {
-    let c = tls::cache();
-    // SAFETY: `c` is this thread's cache or the empty one, and only a cache that gave an
-    // object (never the empty one) has its countdown written.
-    unsafe {
-        let p = try_alloc(c, class);
-        if !cfg!(feature = "profile") || p.is_null() {
-            return (p, false);
-        }
-        let (left, out) = (*c).sample_left.overflowing_sub(size);
-        (*c).sample_left = left;
-        (p, out)
-    }
-}
-
-/// Counts down `size` bytes allocated by a slow path of the calling thread's cache
-/// (`alloc_cached_counted`'s countdown): true if it ran out. False for a thread without
-/// a cache (it is not sampled).
-#[cfg(all(not(spanheap_loom), feature = "profile"))]
-#[inline]
-pub(crate) fn count_down(size: usize) -> bool {
-    let Some(c) = live_cache() else {
-        return false;
-    };
-    // SAFETY: our live cache's countdown is ours.
-    unsafe {
-        let (left, out) = (*c).sample_left.overflowing_sub(size);
-        (*c).sample_left = left;
-        out
-    }
-}
-
-/// Sets the calling thread's countdown to the profile's next sample (nothing for a
-/// thread without a cache). Through `live_cache`, not the slot alone: a visit that was
-/// abandoned leaves the slot empty while the owner runs on (`global/idle.rs`), and the
-/// countdown, which ran out by wrapping, must not stay wrapped on the record.
-#[cfg(all(not(spanheap_loom), feature = "profile"))]
-pub(crate) fn set_countdown(bytes: usize) {
-    if let Some(c) = live_cache() {
-        // SAFETY: as in `count_down`.
-        unsafe { (*c).sample_left = bytes };
-    }
-}
-
-/// Runs the calling thread's countdown out, so that its next allocation asks the
-/// profile (`profile::set_rate`, outside the allocator). Takes the record back first if
-/// an idle visitor emptied the slot (`live_cache`): a countdown left on the record
-/// would otherwise carry the old rate on.
-#[cfg(all(not(spanheap_loom), feature = "profile"))]
-pub(crate) fn restart_countdown() {
-    if let Some(c) = live_cache() {
-        // SAFETY: our live cache's countdown is ours.
-        unsafe { (*c).sample_left = 0 };
-    }
 }
 
 /// Allocates an object of size class `class` (1..NUM_CLASSES) from the calling thread's
@@ -798,9 +779,13 @@ pub(super) unsafe fn refill<M: MemSource>(heap: &Heap<M>, c: *mut MCache, class:
     let e = unsafe { entry(c, class) };
     // SAFETY: `c` is a live cache; its door is used atomically.
     unsafe { (*c).door.publish_depth(class, e.nfree) };
-    let pops = core::mem::take(&mut e.pops);
     // The window is empty on entry, so whatever it holds now was just loaded.
     let window = e.alloc_cache.count_ones() as u64;
+    // SAFETY: our cache; `class < NUM_CLASSES`.
+    let pops = unsafe {
+        tick::window_loaded(c, class, window);
+        tick::take_pops(c, e, class)
+    };
     if pops | window != 0 {
         heap.stats_update(|d| {
             d.add(field::SMALL_ALLOCS + class, window + pops);

@@ -9,16 +9,18 @@
 //! sampled with probability `1 - exp(-size / rate)`, which the writers undo
 //! ([`scale`](super::scale), Go's `scaleHeapSample`). A rate of 1 samples everything.
 //!
-//! The fast paths' countdown is a field of the thread cache (`MCache::sample_left`,
-//! a subtraction and a branch per allocation, always, as Go's `nextSample`): when it
-//! runs out, [`expired`] says whether this allocation is sampled and what the next
-//! countdown is. While profiling is off it is [`OFF_COUNTDOWN`], so another thread
-//! notices a new rate within that many bytes (the calling thread at once: `set_rate`
-//! zeroes its countdown). The out-of-line paths (large and over-aligned blocks,
-//! `alloc_zeroed`) count down a second, thread-local countdown ([`due`]); two
-//! independent countdowns of the same rate over disjoint allocations sample every byte
-//! at that rate all the same.
-//!
+//! The fast paths count down per size class, in objects (`mcache/tick.rs`: the class
+//! entry's `tick`, the counter the fast path increments anyway, set to `-n` for a
+//! countdown of `n` objects, so the test is `inc` and `jns`): when it runs out,
+//! [`expired`] says whether this object is sampled and what the next countdown is, an
+//! exponential draw in bytes counted in objects of the class's size. Independent
+//! countdowns of one rate per class still sample every byte at that rate; an object is
+//! sampled with the probability of its class's size, which is the size recorded (as Go
+//! records it). While profiling is off a countdown is [`OFF_COUNTDOWN`] worth of
+//! objects, so another thread notices a new rate within that much allocation of a
+//! class (the calling thread at once: `set_rate` runs its countdowns out). Large blocks
+//! count down a second, thread-local countdown in bytes ([`due`]).
+
 //! # A sampled small object gets a block of its own
 //!
 //! A free of a small object takes the fast path when the pointer passes the freeing
@@ -51,7 +53,7 @@ use super::table;
 static WATCHING: AtomicU8 = AtomicU8::new(0);
 
 /// The fast paths' countdown while profiling is off: how many bytes a thread allocates
-/// before it looks at the rate again.
+/// of one class before it looks at the rate again.
 const OFF_COUNTDOWN: usize = 4 << 20;
 
 /// The mean bytes between samples; 0: off. A thread that sees a new rate late samples
@@ -71,8 +73,6 @@ struct Local {
     next: Cell<usize>,
     /// The `RATE_GEN` that `next` was drawn for.
     gen: Cell<usize>,
-    /// The `RATE_GEN` of the thread cache's countdown (`expired`).
-    fast_gen: Cell<usize>,
     /// xorshift64* state (0: not seeded yet).
     rng: Cell<u64>,
     /// Set while this thread records a sample (or writes a profile): its allocations
@@ -87,7 +87,6 @@ thread_local! {
         Local {
             next: Cell::new(0),
             gen: Cell::new(0),
-            fast_gen: Cell::new(0),
             rng: Cell::new(0),
             busy: Cell::new(false),
         }
@@ -117,7 +116,7 @@ pub(crate) fn set_rate(rate: usize) {
     }
     RATE.store(rate, Ordering::Release);
     RATE_GEN.fetch_add(1, Ordering::Relaxed);
-    // The calling thread's countdown starts over at its next allocation.
+    // The calling thread's countdowns start over at its next allocation of each class.
     let f = RESTART_OWN.load(Ordering::Acquire);
     if f != 0 {
         // SAFETY: the only non-zero value stored is a `fn()` (`register_restart`).
@@ -126,7 +125,7 @@ pub(crate) fn set_rate(rate: usize) {
     }
 }
 
-/// Runs the calling thread cache's countdown out (`mcache::restart_countdown`, which
+/// Runs the calling thread cache's countdowns out (`mcache::restart_countdown`, which
 /// this module, below the caches, cannot name): 0 if none registered yet.
 /// Release/Acquire: the function is complete before it is called.
 static RESTART_OWN: AtomicUsize = AtomicUsize::new(0);
@@ -171,37 +170,48 @@ fn draw(l: &Local, rate: usize) -> usize {
     (n as usize).max(1)
 }
 
-/// The thread cache's countdown ran out at an allocation of `size` bytes: the next
-/// countdown, and whether this allocation is sampled. A countdown drawn for an earlier
-/// rate (or while off) is redrawn without sampling; a busy thread samples nothing.
+/// A thread cache's countdown of a size class of `size`-byte objects ran out
+/// (`mcache/tick.rs`): the next countdown in objects (at least 1, below 2^63) and
+/// whether the object that ran it out is sampled. `gen` is the rate generation the
+/// countdown was drawn for, which this updates: a countdown drawn for an earlier rate
+/// (or while off) is redrawn, counting this object in, before it may sample. A busy
+/// thread samples nothing.
 #[cold]
 #[inline(never)]
-pub(crate) fn expired(size: usize) -> (usize, bool) {
+pub(crate) fn expired(size: usize, gen: &mut u32) -> (u64, bool) {
     // Acquire: as in `due`.
     let rate = RATE.load(Ordering::Acquire);
     if rate == 0 {
-        return (OFF_COUNTDOWN, false);
+        return (objects(OFF_COUNTDOWN, size), false);
+    }
+    // Rate 1: every object is sampled.
+    if rate == 1 {
+        return (1, LOCAL.try_with(|l| !l.busy.get()).unwrap_or(false));
     }
     LOCAL
         .try_with(|l| {
-            let gen = RATE_GEN.load(Ordering::Relaxed);
-            if l.busy.get() {
-                return (draw(l, rate), false);
-            }
-            if l.fast_gen.get() != gen {
-                l.fast_gen.set(gen);
-                let next = draw(l, rate);
-                if rate != 1 && size < next {
-                    return (next - size, false);
+            let now = RATE_GEN.load(Ordering::Relaxed) as u32;
+            if *gen != now {
+                *gen = now;
+                // The draw's byte falls in the `k`th object from this one: this is the
+                // first.
+                let k = objects(draw(l, rate), size);
+                if k > 1 {
+                    return (k - 1, false);
                 }
             }
-            // Rate 1: the next allocation runs the countdown out again.
-            (if rate == 1 { 0 } else { draw(l, rate) }, true)
+            (objects(draw(l, rate), size), !l.busy.get())
         })
-        .unwrap_or((OFF_COUNTDOWN, false))
+        .unwrap_or((objects(OFF_COUNTDOWN, size), false))
 }
 
-/// Counts down an allocation of `size` bytes on an out-of-line path while profiling is
+/// The objects of `size` bytes up to and including the one that holds byte `bytes`
+/// (from 1) of their run: the countdown in objects of a draw in bytes.
+fn objects(bytes: usize, size: usize) -> u64 {
+    (bytes.div_ceil(size.max(1)) as u64).clamp(1, 1 << 62)
+}
+
+/// Counts down a large block of `size` bytes while profiling is
 /// on: true if it is the one sampled (the caller then allocates the block it records
 /// with [`record_sample`]).
 #[inline]
