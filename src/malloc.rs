@@ -242,7 +242,7 @@ pub(crate) mod global {
 
     /// A common request's object (`size` bytes, alignment at most 8): the thread
     /// cache's fast path with the class from the fast paths' table, counted down for
-    /// the heap profile (`mcache::alloc_cached_counted`).
+    /// the heap profile (`mcache::alloc_cached_then`).
     #[inline(always)]
     fn common(size: usize) -> *mut u8 {
         let class = fastclass::size_class(size);

@@ -13,6 +13,8 @@
 //! - `lifecycle`: the thread's cache state, cache creation (the pthread key), thread
 //!   exit, releasing and trimming a record, and the `Slow` guard visitors respect;
 //! - `shared`: the one locked cache of threads without their own;
+//! - `tick`: the fast path's counter, read as the statistics' stack pops and as the
+//!   heap profile's per-class countdown;
 //! - `tests`: unit tests of the cache logic.
 //!
 //! The free fast path (`dealloc`, `free_to`, `push_local`, and `dealloc`'s own slow
@@ -61,8 +63,9 @@
 //!
 //! Statistics (`stats.rs`) are written at refill and flush granularity: a window's
 //! objects count as allocated when it is loaded (the unused rest is subtracted when the
-//! span is given back); an object reused from the local free list is counted in the
-//! plain per-class `pops` (the one statistics cost on the fast path) and published at
+//! span is given back); an object reused from the local free list is counted through
+//! the entry's plain `tick`, which every fast-path take increments (the one counter
+//! on the fast path, also the heap profile's countdown: `tick.rs`), and published at
 //! the next refill or flush as one allocation and one free; an object counts as freed
 //! when it goes back to its span, in a write section that precedes the remote free. So
 //! every snapshot counts an object as live while its span holds it allocated, and a
