@@ -1,5 +1,5 @@
 //! Consistent heap statistics (Go's `consistentHeapStats`, seed 002) and the public
-//! [`stats()`] snapshot.
+//! [`stats()`](crate::stats()) snapshot.
 //!
 //! # The protocol
 //!

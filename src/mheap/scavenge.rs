@@ -367,7 +367,7 @@ impl<M: MemSource> MHeap<M> {
     /// of peak heap for good (Go's does). One `madvise` of one OS page per 4 MiB chunk
     /// returned, made with the lock held because that is what keeps every allocator off
     /// the chunk's pages, and so off its entries, while the page is dropped (see
-    /// [`ArenaIndex::chunk_span_map`]). If the OS refuses, the entries stay as they were.
+    /// [`ArenaIndex::chunk_span_map`](crate::arena::ArenaIndex::chunk_span_map)). If the OS refuses, the entries stay as they were.
     fn drop_span_map_locked(&self, base: usize) {
         #[cfg(not(spanheap_loom))]
         {

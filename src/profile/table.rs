@@ -10,7 +10,7 @@
 //! as it has allocating call stacks that were sampled.
 //!
 //! *Sampled objects.* `OBJECT_HASH` chains of `(address, size, bucket)` nodes. A free
-//! first loads the chain head of its address's hash without the lock ([`Tables::remove`]):
+//! first loads the chain head of its address's hash without the lock ([`remove`]):
 //! null means "not sampled", which is the answer for almost every free; otherwise it
 //! takes the lock and looks. Nodes come from a free list, so a program that samples and
 //! frees forever uses a constant amount of memory.
@@ -20,7 +20,7 @@
 //! from any allocation or free path that holds no allocator lock, which they never do
 //! at the points where the profile hooks run). The object chain heads are atomics,
 //! written under the lock and read without it by the negative check; see
-//! [`Tables::remove`] for why a relaxed load is enough.
+//! [`remove`] for why a relaxed load is enough.
 //!
 //! *Memory.* Taken in `CHUNK`s from `OsMemory::reserve_mapped` (lazily backed: pages are
 //! resident only once touched) and carved by bumping; the two head arrays are one
