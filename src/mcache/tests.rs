@@ -361,3 +361,54 @@ fn wide_range_takes_every_address_but_the_sampled_blocks() {
     }
     assert!(is_wide(&e));
 }
+
+/// The tick counts every take, from the stack or the window; the stack pops derived
+/// from it (`tick.rs`) count only the stack's, through window loads, a countdown being
+/// set and a window dropped unused, and the countdown runs out at the take it names.
+#[test]
+fn the_tick_yields_the_stack_pops_and_the_countdown() {
+    let h = test_heap();
+    let c = MCache::leaked();
+    let class = 5;
+    let pending = || unsafe { tick::pending_pops(c, entry(c, class), class) };
+    // Ten objects from the first window (its load published nothing): no pops.
+    let objs: Vec<*mut u8> = (0..10)
+        .map(|_| unsafe { alloc_from(h, c, class) })
+        .collect();
+    assert_eq!(pending(), 0);
+    // Four freed to the stack, three taken back: three pops.
+    free_all(h, c, class, &objs[..4]);
+    let back: Vec<*mut u8> = (0..3).map(|_| unsafe { alloc_from(h, c, class) }).collect();
+    assert_eq!(pending(), 3);
+    // A countdown of five takes leaves the pops alone; the fifth take runs it out.
+    #[cfg(feature = "profile")]
+    {
+        unsafe { tick::set_tick(c, class, 5u64.wrapping_neg()) };
+        assert_eq!(pending(), 3);
+        let outs: Vec<bool> = (0..6)
+            .map(|_| {
+                let mut out = false;
+                let p = unsafe {
+                    take_then(c, class, true, |p| {
+                        out = true;
+                        p
+                    })
+                };
+                assert!(!p.is_null());
+                out
+            })
+            .collect();
+        // The first take pops the stack's last object, the others come from the
+        // window; a countdown not reset stays run out.
+        assert_eq!(outs, [false, false, false, false, true, true]);
+        assert_eq!(pending(), 4);
+    }
+    // Publishing takes the pops; dropping the window's unused objects keeps it at 0.
+    let want = pending();
+    assert_eq!(want, if cfg!(feature = "profile") { 4 } else { 3 });
+    assert_eq!(unsafe { tick::take_pops(c, entry(c, class), class) }, want);
+    assert_eq!(pending(), 0);
+    unsafe { release_classes(h, c) };
+    assert_eq!(pending(), 0);
+    let _ = back;
+}

@@ -97,7 +97,7 @@ pub(super) unsafe fn take_pops(c: *mut MCache, e: &ClassCache, class: usize) -> 
 /// # Safety
 /// As for `window_loaded`.
 #[cfg(feature = "profile")]
-unsafe fn set_tick(c: *mut MCache, class: usize, t: u64) {
+pub(super) unsafe fn set_tick(c: *mut MCache, class: usize, t: u64) {
     // SAFETY: per the contract.
     unsafe {
         let e = entry(c, class);
