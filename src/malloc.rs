@@ -261,11 +261,7 @@ pub(crate) mod global {
     fn common_miss(class: usize) -> *mut u8 {
         let p = mcache::alloc_slow::<Process>(class);
         #[cfg(feature = "profile")]
-        let p = if !p.is_null() && mcache::countdown_ran_out(class) {
-            countdown_out(p)
-        } else {
-            p
-        };
+        let p = counted_slow(p, class, false);
         #[cfg(feature = "checked")]
         crate::global::checked::on_alloc(p);
         p
@@ -288,6 +284,17 @@ pub(crate) mod global {
             if mcache::next_countdown(class) {
                 return sampled_instead(p, class, false);
             }
+        }
+        p
+    }
+
+    /// `p` (null, or a fresh object of class `class` (zeroed if `zero`) that a slow path
+    /// took), or the block that replaces it if it ran the class's countdown out and is
+    /// sampled. The slow paths' `countdown_out`, with the class they already know.
+    #[cfg(feature = "profile")]
+    fn counted_slow(p: *mut u8, class: usize, zero: bool) -> *mut u8 {
+        if !p.is_null() && mcache::sample_due(class) {
+            return sampled_instead(p, class, zero);
         }
         p
     }
@@ -370,8 +377,8 @@ pub(crate) mod global {
             // The class's countdown (an object of a class aligned beyond 8 is aligned
             // in the profile's block too: see `sampled_block`).
             #[cfg(feature = "profile")]
-            let p = if prof::watching() && !p.is_null() && mcache::countdown_ran_out(class) {
-                countdown_out(p)
+            let p = if prof::watching() {
+                counted_slow(p, class, false)
             } else {
                 p
             };
@@ -448,10 +455,7 @@ pub(crate) mod global {
             }
             return large_alloc(size, align, true);
         }
-        let mut p = mcache::alloc_zeroed::<Process>(class, size);
-        if !p.is_null() && mcache::countdown_ran_out(class) && mcache::next_countdown(class) {
-            p = sampled_instead(p, class, true);
-        }
+        let p = counted_slow(mcache::alloc_zeroed::<Process>(class, size), class, true);
         #[cfg(feature = "checked")]
         crate::global::checked::on_alloc(p);
         p

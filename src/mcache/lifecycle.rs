@@ -176,7 +176,8 @@ pub(super) fn create_cache<P: super::Process>() -> Option<*mut MCache> {
             (*c).registered = true;
         }
     }
-    // SAFETY: as above. The first allocation asks the heap profile for a countdown.
+    // The heap profile's countdowns are the entries' ticks (`tick.rs`): a new record's
+    // first allocation of each class asks for one; a reused record's carry on.
     super::tls::set_cache(c);
     super::door::open(c, first);
     budget::thread_count(1);

@@ -137,7 +137,7 @@ pub(crate) use shared::SharedCache;
 #[cfg(not(spanheap_loom))]
 pub(crate) use tick::alloc_cached_then;
 #[cfg(all(not(spanheap_loom), feature = "profile"))]
-pub(crate) use tick::{countdown_ran_out, next_countdown, restart_countdown};
+pub(crate) use tick::{next_countdown, restart_countdown, sample_due};
 
 // What the unit tests (`use super::*`) name from the other rooms.
 #[cfg(all(test, not(spanheap_loom)))]

@@ -130,14 +130,19 @@ mod process {
         unsafe { take_then(tls::cache(), class, cfg!(feature = "profile"), out) }
     }
 
-    /// Whether class `class`'s countdown has run out on the calling thread's cache (for
-    /// the slow paths, after they took an object). False for a thread without a cache.
+    /// For the slow paths, after they took an object of class `class`: if the class's
+    /// countdown on the calling thread's cache has run out, sets the next one and says
+    /// whether that object is sampled (`next_countdown`); false otherwise, and for a
+    /// thread without a cache.
     #[cfg(feature = "profile")]
-    pub(crate) fn countdown_ran_out(class: usize) -> bool {
+    pub(crate) fn sample_due(class: usize) -> bool {
         match live_cache() {
             // SAFETY: our live cache's entry is ours.
-            Some(c) => super::ran_out(unsafe { entry(c, class) }.tick),
-            None => false,
+            Some(c) if super::ran_out(unsafe { entry(c, class) }.tick) => {
+                // SAFETY: as above.
+                unsafe { redraw(c, class) }
+            }
+            _ => false,
         }
     }
 
@@ -149,11 +154,21 @@ mod process {
     #[cfg(feature = "profile")]
     #[cold]
     pub(crate) fn next_countdown(class: usize) -> bool {
-        let Some(c) = live_cache() else {
-            return false;
-        };
+        match live_cache() {
+            // SAFETY: our live cache.
+            Some(c) => unsafe { redraw(c, class) },
+            None => false,
+        }
+    }
+
+    /// `next_countdown` on cache `c`.
+    ///
+    /// # Safety
+    /// `c` is the calling thread's live cache; `class < NUM_CLASSES`.
+    #[cfg(feature = "profile")]
+    unsafe fn redraw(c: *mut super::MCache, class: usize) -> bool {
         let size = crate::sizeclasses::CLASS_TO_SIZE[class] as usize;
-        // SAFETY: our live cache's fields are ours; `class < NUM_CLASSES`.
+        // SAFETY: our live cache's fields are ours (the caller's contract).
         unsafe {
             let (n, sampled) = crate::profile::sample::expired(size, &mut (*c).sample_gen[class]);
             // `n >= 1`: the tick turns non-negative at the `n`th object from now.
