@@ -25,6 +25,18 @@
 //!   sizes are common (B-tree nodes, messages). A span of a few pages costs
 //!   nothing more at allocation, and its objects pack as tightly as their size
 //!   allows (`examples/footprint.rs btree`, docs/benchmarks.md "Footprint").
+//! * Last, the spans of classes up to [`MIN_SPAN_UP_TO`] bytes that hold fewer than
+//!   256 objects are made at least [`MIN_SPAN_PAGES`] pages long (the smallest
+//!   multiple of the span that is, so at most 1,020 objects; its
+//!   tail, a multiple of the shorter span's remainder at most, stays within the
+//!   rules above). A span is the unit that goes through the class's mcentral: each
+//!   one a thread fills and another empties costs lock acquisitions and
+//!   announcements, so a span of a page served 7-170 objects per cycle where 4
+//!   pages serve 28-682. Objects of these sizes are the ones programs pass between
+//!   threads (messages, boxed tasks); in `examples/threads.rs` `remote` the mcentral
+//!   lock went from 52 to 19 acquisitions per 1,000 operations (docs/benchmarks.md,
+//!   "Longer spans"). A longer span costs nothing at allocation (a window is 64
+//!   objects whatever the span), and its unused end is not touched.
 //!
 //! Class 0 is not a class: it stands for "large object, no class".
 //!
@@ -65,6 +77,14 @@ pub const TAIL_WASTE_DIV: usize = 8;
 pub const SHORT_TAIL_DIV: usize = 32;
 /// The longest span such a class is given.
 pub const SHORT_TAIL_MAX_PAGES: usize = 4;
+/// Spans of classes up to [`MIN_SPAN_UP_TO`] bytes are at least this many pages
+/// (see the module notes).
+pub const MIN_SPAN_PAGES: usize = 4;
+/// See [`MIN_SPAN_PAGES`].
+pub const MIN_SPAN_UP_TO: usize = 1152;
+/// The most objects a span may have: the allocator keeps its bitmap records in
+/// buckets of up to 16 words (`pagecache::BITS_BUCKETS`).
+pub const MAX_SPAN_OBJECTS: usize = 1024;
 /// Upper bound, checked, on the max waste of every class of at least
 /// [`MAX_WASTE_FROM_SIZE`] bytes: at most 1/8 lost to rounding the request up
 /// and at most 1/8 of the rest lost to the span tail, i.e. `1 - (7/8)^2`.
@@ -219,6 +239,14 @@ pub fn make_classes() -> Vec<Class> {
         }
     }
 
+    // Short spans of small objects: at least MIN_SPAN_PAGES pages, in whole
+    // multiples of the span chosen above.
+    for c in classes.iter_mut().skip(1) {
+        if c.size <= MIN_SPAN_UP_TO && c.npages < MIN_SPAN_PAGES && c.objects() < 256 {
+            c.npages *= MIN_SPAN_PAGES.div_ceil(c.npages);
+        }
+    }
+
     assert_eq!(
         classes.len(),
         EXPECTED_NUM_CLASSES,
@@ -325,6 +353,13 @@ pub fn check(classes: &[Class]) -> Stats {
         "class 0 must be the large-object placeholder"
     );
     assert!(classes.len() <= 256, "class indices must fit in u8");
+    for (i, c) in classes.iter().enumerate().skip(1) {
+        assert!(
+            c.objects() <= MAX_SPAN_OBJECTS,
+            "class {i}: {} objects per span, more than {MAX_SPAN_OBJECTS}",
+            c.objects()
+        );
+    }
     assert_eq!(
         classes[1].size, SMALL_SIZE_DIV,
         "the first class holds 8 bytes"
@@ -858,7 +893,7 @@ mod tests {
     ];
 
     #[test]
-    fn classes_match_go_runtime_but_for_short_tails() {
+    fn classes_match_go_runtime_but_for_short_tails_and_minimum_spans() {
         let classes = make_classes();
         let sizes: Vec<usize> = classes.iter().map(|c| c.size).collect();
         assert_eq!(sizes, GO_SIZES);
@@ -867,6 +902,19 @@ mod tests {
                 .iter()
                 .find(|&&(size, _)| size == c.size)
                 .map_or(GO_NPAGES[i], |&(_, n)| n);
+            let go_objects = want * PAGE_SIZE / c.size.max(1);
+            if i > 0 && c.size <= MIN_SPAN_UP_TO && want < MIN_SPAN_PAGES && go_objects < 256 {
+                // The minimum span: a multiple of the span the rules above chose.
+                assert!(
+                    c.npages >= MIN_SPAN_PAGES && c.npages % want == 0,
+                    "class {i}"
+                );
+                assert!(
+                    c.npages < 2 * MIN_SPAN_PAGES,
+                    "class {i}: longer than needed"
+                );
+                continue;
+            }
             assert_eq!(c.npages, want, "class {i} ({} B)", c.size);
             if c.npages <= SHORT_TAIL_MAX_PAGES && c.npages != GO_NPAGES[i] {
                 assert!(c.tail_waste() * SHORT_TAIL_DIV <= c.span_bytes());
