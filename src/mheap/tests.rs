@@ -4,7 +4,7 @@ use super::records::SPAN_CHUNK_PAGES;
 use super::*;
 use crate::os::{TestMem, PAGE_SIZE};
 use crate::pagecache::HeapCache;
-use crate::sizeclasses::NUM_CLASSES;
+use crate::sizeclasses::{CLASS_TO_NPAGES, NUM_CLASSES};
 
 fn new_heap() -> &'static MHeap<TestMem> {
     Box::leak(Box::new(MHeap::new(TestMem)))
@@ -667,6 +667,70 @@ fn page_cache_reuses_a_freed_span_without_the_lock() {
     h.flush_heap_cache(&mut tc);
     check_counters(h, &[]);
     assert_eq!(checked_stats(h).page_cache_bytes, 0);
+}
+
+#[test]
+fn a_scattered_page_block_is_traded_for_one_with_a_run() {
+    let h = new_heap();
+    let mut tc = HeapCache::new();
+    // Fill the thread's block with one-page spans, then give every other one back
+    // into it: 32 free pages, no two in a row.
+    let spans: Vec<_> = (0..64)
+        .map(|_| h.alloc_span_with(1, Purpose::Heap, 0, 1, &mut tc).unwrap())
+        .collect();
+    let old = tc.pages.base;
+    assert!(spans
+        .iter()
+        .all(|s| tc.pages.contains(unsafe { s.as_ref() }.base(), 1)));
+    let mut kept = Vec::new();
+    for (i, s) in spans.into_iter().enumerate() {
+        if i % 2 == 0 {
+            unsafe { h.free_span_with(s, &mut tc) };
+        } else {
+            kept.push(s);
+        }
+    }
+    assert_eq!(tc.pages.cache.count_ones(), 32);
+    // A large block of two pages does not trade the block: it is allocated outside it.
+    let big = h.alloc_span_with(2, Purpose::Heap, 0, 1, &mut tc).unwrap();
+    assert_eq!(tc.pages.base, old);
+    assert!(!tc.pages.contains(unsafe { big.as_ref() }.base(), 2));
+    // A small-object span of several pages: the scattered block is traded for one
+    // that can serve it, so that the thread's next spans need no lock either.
+    let class = (1..NUM_CLASSES).find(|&c| CLASS_TO_NPAGES[c] > 1).unwrap();
+    let n = usize::from(CLASS_TO_NPAGES[class]);
+    let s = h
+        .alloc_span_with(n, Purpose::Heap, class as u8, 1, &mut tc)
+        .unwrap();
+    let base = unsafe { s.as_ref() }.base();
+    assert_ne!(tc.pages.base, old, "a new block");
+    assert!(
+        tc.pages.contains(base, n),
+        "the span came from the new block"
+    );
+    assert_eq!(
+        checked_stats(h).page_cache_bytes as usize,
+        tc.pages.cache.count_ones() as usize * PAGE_SIZE
+    );
+    // The old block's free pages went back to the page allocator, which hands them out.
+    let one = h.alloc_span(1, Purpose::Heap, 0, 1).unwrap();
+    assert_eq!(
+        unsafe { one.as_ref() }.base(),
+        old,
+        "first fit finds the old block's pages"
+    );
+    unsafe {
+        h.free_span(one);
+        h.free_span(big);
+        h.free_span_with(s, &mut tc);
+        for s in kept {
+            h.free_span_with(s, &mut tc);
+        }
+    }
+    h.flush_heap_cache(&mut tc);
+    check_counters(h, &[]);
+    assert_eq!(checked_stats(h).page_cache_bytes, 0);
+    assert_eq!(h.counters().heap_inuse, 0);
 }
 
 #[test]

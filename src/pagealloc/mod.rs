@@ -1186,6 +1186,31 @@ impl PageAlloc {
     pub(crate) fn alloc_to_cache(&mut self) -> Option<(usize, u64, u64)> {
         let first = self.find_and_learn(1)?;
         let base = first & !(64 * PAGE_SIZE - 1);
+        let got = self.take_block(base)?;
+        // `first` was the lowest free page, and the whole block is now allocated.
+        self.search_addr = self.search_addr.max(base + 64 * PAGE_SIZE);
+        Some(got)
+    }
+
+    /// `alloc_to_cache`, but the block is the one that holds the first free run of
+    /// `npages` pages (`1 <= npages <= 64`), so that the cache can serve a span of that
+    /// length. None if there is no such run, or if the first one crosses a block
+    /// boundary (the caller then allocates its span outside the cache).
+    pub(crate) fn alloc_to_cache_with_run(&mut self, npages: usize) -> Option<(usize, u64, u64)> {
+        debug_assert!((1..=64).contains(&npages));
+        let first = self.find_and_learn(npages)?;
+        let base = first & !(64 * PAGE_SIZE - 1);
+        if first + npages * PAGE_SIZE > base + 64 * PAGE_SIZE {
+            return None;
+        }
+        // Pages below `first` may be free (runs too short): the hint stays where the
+        // search left it.
+        self.take_block(base)
+    }
+
+    /// Allocates every free page of the 64-page aligned block at `base` (in the heap)
+    /// to a page cache: see `alloc_to_cache`. The caller keeps the search hint right.
+    fn take_block(&mut self, base: usize) -> Option<(usize, u64, u64)> {
         let ci = base >> LOG_CHUNK_SIZE;
         let w = (base & (CHUNK_SIZE - 1)) / PAGE_SIZE / 64;
         let ch = self.chunk_mut(ci)?;
@@ -1195,8 +1220,6 @@ impl PageAlloc {
         ch.scav[w] &= !pages;
         self.free -= pages.count_ones() as usize;
         self.scav -= scav.count_ones() as usize;
-        // `first` was the lowest free page, and the whole block is now allocated.
-        self.search_addr = self.search_addr.max(base + 64 * PAGE_SIZE);
         self.update(ci, ci + 1, None);
         Some((base, pages, scav))
     }

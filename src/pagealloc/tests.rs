@@ -993,6 +993,41 @@ fn page_cache_blocks_are_taken_and_given_back() {
     pa.check_invariants();
 }
 
+#[test]
+fn a_block_with_a_run_is_the_first_that_holds_one() {
+    let mut pa = new_pa();
+    pa.grow(&TestMem, addr(BASE, 0), CHUNK_SIZE).unwrap();
+    // Block 0: every other page free (no run of 2). Pages 126..130 free but for 130,
+    // so the first run of 4 (126..130) crosses from block 1 into block 2. Pages from
+    // 131 on were never used (still scavenged).
+    assert_eq!(pa.alloc_range(addr(BASE, 0), 131), 131 * PAGE_SIZE);
+    for i in (0..64).step_by(2) {
+        pa.free(addr(BASE, i), 1);
+    }
+    pa.free(addr(BASE, 126), 4);
+    pa.check_invariants();
+    let free0 = pa.free_pages();
+    // The first run of 4 crosses a block boundary: no block is taken.
+    assert_eq!(pa.alloc_to_cache_with_run(4), None);
+    assert_eq!(pa.free_pages(), free0, "nothing taken");
+    // Shorten it: now the first run of 4 is block 2's, from page 131.
+    pa.alloc_range(addr(BASE, 127), 1);
+    let (base, pages, scav) = pa.alloc_to_cache_with_run(4).unwrap();
+    assert_eq!(base, addr(BASE, 128));
+    assert_eq!(pages, !0b100u64, "pages 128, 129 and 131..192");
+    assert_eq!(scav, !0b111u64, "the pages never used");
+    pa.check_invariants();
+    // Block 0's single pages are still free and still found first.
+    assert_eq!(pa.alloc(1), Some((addr(BASE, 0), 0)));
+    let (b0, p0, s0) = pa.alloc_to_cache_with_run(1).unwrap();
+    assert_eq!((b0, p0.count_ones(), s0), (addr(BASE, 0), 31, 0));
+    pa.free_from_cache(b0, p0, s0);
+    pa.free_from_cache(base, pages, scav);
+    pa.check_invariants();
+    assert_eq!(pa.alloc(2), Some((addr(BASE, 128), 0)));
+    pa.check_invariants();
+}
+
 // -- extremes -----------------------------------------------------------------------
 
 #[test]
