@@ -34,8 +34,8 @@
 //!   announcements, so a span of a page served 7-170 objects per cycle where 4
 //!   pages serve 28-682. Objects of these sizes are the ones programs pass between
 //!   threads (messages, boxed tasks); in `examples/threads.rs` `remote` the mcentral
-//!   lock went from 52 to 19 acquisitions per 1,000 operations (docs/benchmarks.md,
-//!   "Longer spans"). A longer span costs nothing at allocation (a window is 64
+//!   lock went from 52 to 22 acquisitions per 1,000 operations at 16 and 64
+//!   threads (docs/benchmarks.md, "Fourteenth session: longer spans"). A longer span costs nothing at allocation (a window is 64
 //!   objects whatever the span), and its unused end is not touched.
 //!
 //! Class 0 is not a class: it stands for "large object, no class".
