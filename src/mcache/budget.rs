@@ -1,8 +1,7 @@
 //! How many freed objects a thread cache may keep, and where it keeps them.
 //!
 //! Holds the per-class free-stack limits (`FREE_LIMIT`, from the tuning constants in
-//! `mod.rs`), the layout of a record's stack storage (`STACK_OFFSET`, `REMOTE_OFFSET`,
-//! `STACK_BYTES`,
+//! `mod.rs`), the layout of a record's stack storage (`STACK_OFFSET`, `STACK_BYTES`,
 //! `STACK_MAP_BYTES`, `MCache::set_stacks`), and the budget of all threads' free stacks
 //! together: its process-wide state (`budget::get`/`set`, the thread count and the
 //! generation), the limits scaled to a thread's share (`scaled_limits`), and how a
@@ -75,25 +74,10 @@ const STACK_OFFSET: [usize; NUM_CLASSES + 1] = {
 // `stack_base` relies on it: class 1's stack starts the storage.
 const _: () = assert!(STACK_OFFSET[1] == 0);
 
-/// Where each class's remote buffer starts in a cache's stack storage, in slots, after
-/// every free stack: class `c` has `remote_limit(c)` slots; entry `NUM_CLASSES` is the
-/// end of the storage.
-const REMOTE_OFFSET: [usize; NUM_CLASSES + 1] = {
-    let mut t = [0usize; NUM_CLASSES + 1];
-    t[1] = STACK_OFFSET[NUM_CLASSES];
-    let mut c = 1;
-    while c < NUM_CLASSES {
-        t[c + 1] = t[c] + super::flush::remote_limit(c) as usize;
-        c += 1;
-    }
-    t
-};
-
-/// Bytes of stack storage a cache needs: the free stacks, then the remote buffers
-/// (about 680 KiB of address space; only the slots a thread's deepest stacks and
-/// fullest buffers reach are ever touched, so resident memory follows use: 8 bytes per
-/// object a thread keeps freed).
-pub(crate) const STACK_BYTES: usize = REMOTE_OFFSET[NUM_CLASSES] * core::mem::size_of::<*mut u8>();
+/// Bytes of stack storage a cache needs (about 640 KiB of address space; only the
+/// slots a thread's deepest stacks reach are ever touched, so resident memory follows
+/// use: 8 bytes per object a thread keeps freed).
+pub(crate) const STACK_BYTES: usize = STACK_OFFSET[NUM_CLASSES] * core::mem::size_of::<*mut u8>();
 
 /// Bytes of the mapping that holds a cache record's stacks (`STACK_BYTES` in whole
 /// pages).
@@ -114,11 +98,6 @@ impl MCache {
             e.stack = unsafe { base.add(off) };
             e.limit = limit as u16;
         }
-        for (class, r) in self.remote.iter_mut().enumerate().skip(1) {
-            debug_assert!(self.nremote[class] == 0);
-            // SAFETY: REMOTE_OFFSET[class] + remote_limit(class) <= the storage's slots.
-            *r = unsafe { base.add(REMOTE_OFFSET[class]) };
-        }
     }
 
     /// Whether the stacks have storage (`set_stacks` ran).
@@ -137,7 +116,7 @@ impl MCache {
     /// outside the process-wide heap.
     pub(crate) fn leaked() -> *mut MCache {
         let c = Box::into_raw(Box::new(MCache::empty()));
-        let slots = REMOTE_OFFSET[NUM_CLASSES];
+        let slots = STACK_OFFSET[NUM_CLASSES];
         let stacks = Box::leak(vec![ptr::null_mut::<u8>(); slots].into_boxed_slice());
         // SAFETY: fresh, unused, `slots` pointer slots (STACK_BYTES).
         unsafe { (*c).set_stacks(stacks.as_mut_ptr()) };

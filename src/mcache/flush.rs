@@ -65,15 +65,8 @@ pub(super) unsafe fn overflow<M: MemSource>(
 /// Puts an object of a span this cache does not own on the class's remote buffer.
 /// Out of line, so that the local-free fast path needs no extra registers.
 ///
-/// The buffer is an array of pointers in the record's stack storage (jemalloc's tcache
-/// bins keep freed objects the same way): the freed object itself is not touched. A
-/// list linked through the objects cost a write to each one, and on this path the
-/// object's cache line is usually another core's, the thread that wrote it (a message
-/// passed to a consumer).
-///
 /// # Safety
-/// `c` is this thread's cache (with its stack storage); `p` a live object of class
-/// `class`, given up.
+/// `c` is this thread's cache; `p` a live object of class `class`, given up.
 #[inline(never)]
 pub(super) unsafe fn buffer_remote<M: MemSource>(
     heap: &Heap<M>,
@@ -87,11 +80,15 @@ pub(super) unsafe fn buffer_remote<M: MemSource>(
         let r = &mut *ptr::addr_of_mut!((*c).remote_since[class]);
         *r = r.saturating_add(1);
     }
-    // SAFETY: the counters and the buffer are the owner's; `class < NUM_CLASSES`.
+    // SAFETY: the buffer is the owner's; `class < NUM_CLASSES`. Per the contract, the
+    // object's first word is ours to link through.
+    unsafe {
+        let head = &mut *ptr::addr_of_mut!((*c).remote[class]);
+        p.cast::<*mut u8>().write(*head);
+        *head = p;
+    }
+    // SAFETY: the counters are the owner's; `class < NUM_CLASSES`.
     let n = unsafe { &mut *ptr::addr_of_mut!((*c).nremote[class]) };
-    // SAFETY: the buffer has `REMOTE_LIMIT[class]` slots and `*n` is below that: it is
-    // flushed (emptied) as soon as it reaches it.
-    unsafe { (*c).remote[class].add(usize::from(*n)).write(p) };
     *n += 1;
     if u32::from(*n) >= REMOTE_LIMIT[class] {
         // SAFETY: forwarded.
@@ -104,29 +101,21 @@ pub(super) unsafe fn buffer_remote<M: MemSource>(
     }
 }
 
-/// How many objects class `class`'s remote buffer collects before it is returned to
-/// the spans: `REMOTE_LIMIT_BYTES` worth, at least `MIN_REMOTE_LIMIT` and at most
-/// `MAX_REMOTE_LIMIT` (0 for class 0). Also the buffer's slots (`budget::REMOTE_OFFSET`).
-pub(super) const fn remote_limit(class: usize) -> u32 {
-    if class == 0 {
-        return 0;
-    }
-    let n = REMOTE_LIMIT_BYTES / CLASS_TO_SIZE[class] as u32;
-    if n < MIN_REMOTE_LIMIT {
-        MIN_REMOTE_LIMIT
-    } else if n > MAX_REMOTE_LIMIT {
-        MAX_REMOTE_LIMIT
-    } else {
-        n
-    }
-}
-
-/// `remote_limit` of every class.
+/// How many objects a class's remote buffer collects before it is returned to the
+/// spans: `REMOTE_LIMIT_BYTES` worth, at least `MIN_REMOTE_LIMIT` and at most
+/// `MAX_REMOTE_LIMIT`.
 static REMOTE_LIMIT: [u32; NUM_CLASSES] = {
     let mut t = [0u32; NUM_CLASSES];
     let mut c = 1;
     while c < NUM_CLASSES {
-        t[c] = remote_limit(c);
+        let n = REMOTE_LIMIT_BYTES / CLASS_TO_SIZE[c] as u32;
+        t[c] = if n < MIN_REMOTE_LIMIT {
+            MIN_REMOTE_LIMIT
+        } else if n > MAX_REMOTE_LIMIT {
+            MAX_REMOTE_LIMIT
+        } else {
+            n
+        };
         c += 1;
     }
     t
@@ -170,14 +159,15 @@ pub(super) unsafe fn flush_remote<M: MemSource>(heap: &Heap<M>, c: *mut MCache, 
     // SAFETY: `c` is a live cache (caller's contract).
     let _slow = unsafe { Slow::new(c) };
     heap.stats_update(|d| d.add(field::SMALL_FREES + class, n));
+    // SAFETY: as in `buffer_remote`.
+    let p = core::mem::replace(
+        unsafe { &mut *ptr::addr_of_mut!((*c).remote[class]) },
+        ptr::null_mut(),
+    );
     let mut counts = RemoteCounts::default();
-    // SAFETY: the buffer's first `n` slots hold objects that are ours, live from their
-    // spans' view (`buffer_remote`); nothing writes the buffer until this returns. (The
-    // owner count is only `flush`'s.)
-    unsafe {
-        let objs = core::slice::from_raw_parts((*c).remote[class], n as usize);
-        remote_free_objs(heap, objs.iter().copied(), class, 0, &mut 0, &mut counts);
-    }
+    // SAFETY: the buffer's objects are ours, live from their spans' view, and linked
+    // into a null-terminated list. (The owner count is only `flush`'s.)
+    unsafe { remote_free_objs(heap, LinkedObjs(p), class, 0, &mut 0, &mut counts) };
     // SAFETY: `c` is a live cache, ours (or its visitor's).
     unsafe { counts.record(c) };
 }
@@ -218,6 +208,26 @@ impl RemoteCounts {
         }
         #[cfg(spanheap_loom)]
         let _ = c;
+    }
+}
+
+/// The objects of a null-terminated list linked through their first word (the remote
+/// buffer), each read just before it is handed out.
+struct LinkedObjs(*mut u8);
+
+impl Iterator for LinkedObjs {
+    type Item = *mut u8;
+    #[inline]
+    fn next(&mut self) -> Option<*mut u8> {
+        let p = self.0;
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: the list's creator (`buffer_remote`) linked each object to the next.
+        self.0 = unsafe { p.cast::<*mut u8>().read() };
+        // The next object is likely cold: start loading it while this one is handled.
+        prefetch(self.0);
+        Some(p)
     }
 }
 
@@ -355,6 +365,19 @@ unsafe fn remote_free_objs<M: MemSource>(
     if pushed && !cfg!(spanheap_mutant = "batch_no_drain") {
         heap.central[class].try_drain(heap, class as u8);
     }
+}
+
+/// Asks the CPU to start loading the cache line at `p` (a no-op on targets without a
+/// stable prefetch intrinsic). A hint only: any address, null included, is fine.
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and changes no memory, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The ordering of a remote free's bitmap OR (single or in a run): Release, paired with

@@ -287,11 +287,11 @@ pub(crate) struct MCache {
     remote_since: [u32; NUM_CLASSES],
     /// Per class: objects on the entry's remote buffer. Owner only.
     nremote: [u16; NUM_CLASSES],
-    /// Per class, the remote buffer: an array of `REMOTE_LIMIT[class]` slots in the
-    /// record's stack storage (`MCache::set_stacks`; null before) for objects freed by
-    /// this thread from spans it does not own, returned to their spans in a batch
-    /// (`flush_remote`) when it is full. Never reused for allocation. Owner only.
-    remote: [*mut *mut u8; NUM_CLASSES],
+    /// Per class, the remote buffer: objects freed by this thread from spans it does
+    /// not own, linked through their first word, returned to their spans in a batch
+    /// (`flush_remote`) when `REMOTE_LIMIT` is reached. Never reused for allocation.
+    /// Owner only.
+    remote: [*mut u8; NUM_CLASSES],
     /// The thread's page block, chunk, large-block and record caches (span allocation
     /// without the lock), behind the gate that lets the scavenger take them back while
     /// the thread is idle (`GatedCache`). Owner, inside the gate.

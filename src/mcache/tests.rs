@@ -113,54 +113,6 @@ fn a_local_free_leaves_the_object_alone() {
 }
 
 #[test]
-fn a_remote_free_leaves_the_object_alone() {
-    // Cache B frees objects of cache A's span: they wait in B's remote buffer, an
-    // array of pointers, and nothing is written into them (a list linked through the
-    // objects would overwrite each one's first word); when the buffer is full they go
-    // back to the span's remote bitmap, each exactly once.
-    let h = test_heap();
-    let (a, b) = (MCache::leaked(), MCache::leaked());
-    let class = 5;
-    let size = CLASS_TO_SIZE[class] as usize;
-    let limit = flush::remote_limit(class) as usize;
-    let objs: Vec<*mut u8> = (0..limit)
-        .map(|_| unsafe { alloc_from(h, a, class) })
-        .collect();
-    for &p in &objs {
-        unsafe { p.write_bytes(0x5A, size) };
-    }
-    free_all(h, b, class, &objs[..limit - 1]);
-    assert_eq!(unsafe { (*b).nremote[class] } as usize, limit - 1);
-    for &p in &objs[..limit - 1] {
-        // SAFETY: the objects are still heap memory of ours (in B's buffer).
-        let bytes = unsafe { core::slice::from_raw_parts(p, size) };
-        assert!(
-            bytes.iter().all(|&x| x == 0x5A),
-            "the remote free wrote into {p:?}"
-        );
-    }
-    // The last one fills the buffer: all of them go to the span's remote bitmap.
-    free_all(h, b, class, &objs[limit - 1..]);
-    assert_eq!(unsafe { (*b).nremote[class] }, 0);
-    let s = NonNull::new(h.span_of_unchecked(objs[0] as usize)).unwrap();
-    let bits = unsafe { s.as_ref().info().bits };
-    let base = unsafe { s.as_ref() }.base();
-    let mut want = vec![0u64; (CLASS_TO_NOBJS[class] as usize).div_ceil(64)];
-    for &p in &objs {
-        let i = (p as usize - base) / size;
-        want[i / 64] |= 1 << (i % 64);
-    }
-    for (w, &m) in want.iter().enumerate() {
-        let got = unsafe { &*bits.cast::<crate::sync::AtomicU64>().add(w) }.load(Ordering::Relaxed);
-        assert_eq!(got, m, "remote word {w}");
-    }
-    unsafe {
-        release_all(h, b);
-        release_all(h, a);
-    }
-}
-
-#[test]
 fn an_exhausted_span_is_exchanged_for_a_partial_one_in_one_step() {
     // A cache whose span is exhausted gives it back and takes the next in one hold
     // of the mcentral lock (`exchange_span`): the old span must land in the full
