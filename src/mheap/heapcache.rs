@@ -22,7 +22,7 @@
 
 use core::ptr::{self, NonNull};
 
-use super::{bits_bucket, clock_ms, MHeap};
+use super::{bits_bucket, clock_ms, Locked, MHeap};
 use crate::mspan::{MSpan, Purpose};
 use crate::os::{MemSource, PAGE_SHIFT, PAGE_SIZE};
 use crate::pagecache::{
@@ -176,16 +176,7 @@ impl<M: MemSource> MHeap<M> {
                 Some((base, free, scav)) => ChunkCache { base, free, scav },
                 None => ChunkCache::EMPTY,
             };
-            let (gave, took) = (old.count() as u64, tc.chunk.count() as u64);
-            if gave != took {
-                // Under the lock, with the page allocator's change: an arena the
-                // given-back pages free may be unmapped by the next holder, and no
-                // snapshot may see the arena gone and the pages still cached.
-                self.stats_update(|d| {
-                    d.add(field::PAGE_CACHED, took * PAGE_SIZE as u64);
-                    d.sub(field::PAGE_CACHED, gave * PAGE_SIZE as u64);
-                });
-            }
+            self.count_traded_pages_locked(h, old.count(), tc.chunk.count());
             self.excess_locked(h)
         });
         self.freed(excess);
@@ -214,21 +205,25 @@ impl<M: MemSource> MHeap<M> {
             if let Some((base, cache, scav)) = h.pages.alloc_to_cache_with_run(npages) {
                 tc.pages = PageCache { base, cache, scav };
             }
-            let (gave, took) = (
-                u64::from(old.cache.count_ones()),
-                u64::from(tc.pages.cache.count_ones()),
-            );
-            if gave != took {
-                // Under the lock, with the page allocator's change (see
-                // `refill_chunk_cache`).
-                self.stats_update(|d| {
-                    d.add(field::PAGE_CACHED, took * PAGE_SIZE as u64);
-                    d.sub(field::PAGE_CACHED, gave * PAGE_SIZE as u64);
-                });
-            }
+            let (gave, took) = (old.cache.count_ones(), tc.pages.cache.count_ones());
+            self.count_traded_pages_locked(h, gave as usize, took as usize);
             self.excess_locked(h)
         });
         self.freed(excess);
+    }
+
+    /// Counts a cache that gave `gave` pages back to the page allocator and took `took`
+    /// in the same hold of the heap lock (`h`) in `page_cache_bytes`. Under the lock,
+    /// with the page allocator's change: an arena the given-back pages free may be
+    /// unmapped by the next holder, and no snapshot may see the arena gone and the
+    /// pages still cached.
+    fn count_traded_pages_locked(&self, _h: &mut Locked, gave: usize, took: usize) {
+        if gave != took {
+            self.stats_update(|d| {
+                d.add(field::PAGE_CACHED, (took * PAGE_SIZE) as u64);
+                d.sub(field::PAGE_CACHED, (gave * PAGE_SIZE) as u64);
+            });
+        }
     }
 
     /// Refills `tc` under the heap lock: if `pages`, a new page block if the current

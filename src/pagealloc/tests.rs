@@ -997,9 +997,9 @@ fn page_cache_blocks_are_taken_and_given_back() {
 fn a_block_with_a_run_is_the_first_that_holds_one() {
     let mut pa = new_pa();
     pa.grow(&TestMem, addr(BASE, 0), CHUNK_SIZE).unwrap();
-    // Block 0: every other page free (no run of 2). Pages 126..130 free but for 130,
-    // so the first run of 4 (126..130) crosses from block 1 into block 2. Pages from
-    // 131 on were never used (still scavenged).
+    // Block 0: every other page free (no run of 2). Pages 126..=129 free and 130
+    // used, so the first run of 4 (126..=129) crosses from block 1 into block 2.
+    // Pages from 131 on were never used (still scavenged).
     assert_eq!(pa.alloc_range(addr(BASE, 0), 131), 131 * PAGE_SIZE);
     for i in (0..64).step_by(2) {
         pa.free(addr(BASE, i), 1);

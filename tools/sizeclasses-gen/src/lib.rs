@@ -35,8 +35,9 @@
 //!   pages serve 28-682. Objects of these sizes are the ones programs pass between
 //!   threads (messages, boxed tasks); in `examples/threads.rs` `remote` the mcentral
 //!   lock went from 52 to 22 acquisitions per 1,000 operations at 16 and 64
-//!   threads (docs/benchmarks.md, "Fourteenth session: longer spans"). A longer span costs nothing at allocation (a window is 64
-//!   objects whatever the span), and its unused end is not touched.
+//!   threads (docs/benchmarks.md, "Fourteenth session (2026-12-08): longer spans,
+//!   merged, and traded page blocks"). A longer span costs nothing at allocation (a
+//!   window is 64 objects whatever the span), and its unused end is not touched.
 //!
 //! Class 0 is not a class: it stands for "large object, no class".
 //!
